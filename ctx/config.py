@@ -1,0 +1,226 @@
+"""The config schema: defaults for every section and `validate()` with clear errors.
+
+Configs are ml_collections `ConfigDict`s (the JAX ecosystem's convention); the model
+converts its section into a frozen, hashable `ModelConfig` so Flax modules can hold it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import ml_collections
+
+COMPRESSIONS = ("conv", "max", "mean", "dilated_conv", "most_used")
+COMPRESSION_LOSSES = ("attention", "autoencoder", "none")
+LAYER_NORMS = ("pre", "post")
+DTYPES = ("float32", "bfloat16")
+REMAT_POLICIES = ("none", "full", "dots")
+LEARNED_COMPRESSIONS = ("conv", "dilated_conv")
+
+
+class ConfigError(ValueError):
+    """An impossible or unknown configuration; the message names the fields and the fix."""
+
+
+def model_config(**overrides: Any) -> ml_collections.ConfigDict:
+    """The model section with its defaults (a tiny Compressive Transformer)."""
+    cfg = ml_collections.ConfigDict(
+        dict(
+            vocab_size=256,
+            n_layers=2,
+            d_model=64,
+            n_heads=4,
+            d_ff=256,
+            dropout=0.0,
+            segment_length=16,  # n_s
+            memory_length=16,  # n_m
+            compressed_length=16,  # n_cm
+            compression_rate=2,  # c
+            compression="conv",
+            compression_loss="attention",
+            layer_norm="pre",
+            dtype="float32",
+            # Dilations of the 'dilated_conv' stack (kernel 2, causal padding, then the
+            # strided conv of 'conv').
+            dilation_rates=(1, 2, 4),
+            # Rematerialisation of each layer in the backward pass: 'none', 'full' or 'dots'
+            # (save only matmul outputs).
+            remat="none",
+        )
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Immutable, validated copy of `config.model` that Flax modules carry as a field."""
+
+    vocab_size: int
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_ff: int
+    dropout: float
+    segment_length: int
+    memory_length: int
+    compressed_length: int
+    compression_rate: int
+    compression: str
+    compression_loss: str
+    layer_norm: str
+    dtype: str
+    dilation_rates: tuple[int, ...]
+    remat: str
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "ModelConfig":
+        if isinstance(cfg, ModelConfig):
+            return cfg
+        validate_model(cfg)
+        values = {f.name: _get(cfg, f.name) for f in dataclasses.fields(cls)}
+        values["dilation_rates"] = tuple(int(r) for r in values["dilation_rates"])
+        return cls(**values)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def compresses(self) -> bool:
+        """Whether evicted memories are compressed at all (n_cm > 0)."""
+        return self.compressed_length > 0
+
+    @property
+    def slots_per_segment(self) -> int:
+        """Compressed slots produced from the n_s memories evicted by one segment."""
+        return self.segment_length // self.compression_rate
+
+    @property
+    def has_compression_params(self) -> bool:
+        return self.compresses and self.compression in LEARNED_COMPRESSIONS
+
+
+def _get(cfg: Any, name: str) -> Any:
+    if isinstance(cfg, Mapping):
+        return cfg[name]
+    return getattr(cfg, name)
+
+
+def _fields(cfg: Any) -> set[str]:
+    if isinstance(cfg, Mapping) or isinstance(cfg, ml_collections.ConfigDict):
+        return set(cfg.keys())
+    return {f.name for f in dataclasses.fields(cfg)}
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate_model(cfg: Any) -> None:
+    """Reject impossible model configurations with one message naming fields and fix."""
+    expected = {f.name for f in dataclasses.fields(ModelConfig)}
+    present = _fields(cfg)
+    unknown = sorted(present - expected)
+    missing = sorted(expected - present)
+    _require(not unknown, f"config.model has unknown field(s) {unknown}; known fields: {sorted(expected)}")
+    _require(not missing, f"config.model is missing field(s) {missing}; start from ctx.config.model_config()")
+    g = lambda name: _get(cfg, name)  # noqa: E731
+    for name in ("vocab_size", "n_layers", "d_model", "n_heads", "d_ff", "segment_length",
+                 "memory_length", "compressed_length", "compression_rate"):
+        value = g(name)
+        _require(isinstance(value, int) and not isinstance(value, bool),
+                 f"model.{name} must be an integer, got {value!r}")
+        _require(value >= 0, f"model.{name} must not be negative, got {value}")
+    for name in ("n_layers", "d_model", "n_heads", "d_ff", "segment_length", "compression_rate"):
+        _require(g(name) > 0, f"model.{name} must be positive, got 0")
+    _require(g("vocab_size") >= 2, f"model.vocab_size must be at least 2, got {g('vocab_size')}")
+    _require(g("d_model") % g("n_heads") == 0,
+             f"model.d_model ({g('d_model')}) must be divisible by model.n_heads ({g('n_heads')}); "
+             "change one of them")
+    _require(g("d_model") % 2 == 0,
+             f"model.d_model ({g('d_model')}) must be even (sinusoid position tables pair sin/cos)")
+    _require(isinstance(g("dropout"), (int, float)) and 0.0 <= g("dropout") < 1.0,
+             f"model.dropout must be in [0, 1), got {g('dropout')!r}")
+    for name, allowed in (("compression", COMPRESSIONS), ("compression_loss", COMPRESSION_LOSSES),
+                          ("layer_norm", LAYER_NORMS), ("dtype", DTYPES), ("remat", REMAT_POLICIES)):
+        _require(g(name) in allowed, f"model.{name}={g(name)!r} is unknown; choose one of {list(allowed)}")
+    rates = g("dilation_rates")
+    _require(all(isinstance(r, int) and r > 0 for r in rates),
+             f"model.dilation_rates must be positive integers, got {rates!r}")
+    if g("compressed_length") > 0:
+        _require(g("segment_length") % g("compression_rate") == 0,
+                 f"model.segment_length ({g('segment_length')}) must be a multiple of "
+                 f"model.compression_rate ({g('compression_rate')}): each segment evicts "
+                 "segment_length memories that are compressed in groups of compression_rate")
+        _require(g("compression_loss") != "autoencoder" or g("compression") in LEARNED_COMPRESSIONS,
+                 f"model.compression_loss='autoencoder' needs a learned compression "
+                 f"({list(LEARNED_COMPRESSIONS)}), got model.compression={g('compression')!r}; "
+                 "use compression_loss='none' or 'attention' for parameter-free compression")
+        _require(g("compression_loss") != "none" or g("compression") not in LEARNED_COMPRESSIONS,
+                 f"model.compression={g('compression')!r} with model.compression_loss='none' would "
+                 "never be trained (compressed memories carry no gradient); use 'attention' or "
+                 "'autoencoder', or a parameter-free compression ('max', 'mean', 'most_used')")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every section with its defaults; experiments/*.py start from this."""
+    cfg = ml_collections.ConfigDict()
+    cfg.seed = 0
+    cfg.model = model_config()
+    cfg.train = ml_collections.ConfigDict(
+        dict(
+            num_steps=1000,  # total training segments of the run, restored ones included
+            batch_size=8,  # global B: parallel streams
+            segments_per_call=8,  # K: segments scanned inside one jitted call
+            checkpoint_every=500,
+            max_checkpoints_to_keep=2,
+            eval_every=500,  # 0 = validate only at the end
+            eval_segments=0,  # 0 = the whole validation split
+            log_every=1,
+            # Adam with linear warmup (init_lr -> peak_lr) then cosine decay to end_lr.
+            peak_lr=3e-4,
+            init_lr=1e-6,
+            end_lr=1e-6,
+            warmup_steps=4000,
+            decay_steps=100_000,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=0.0,
+            grad_clip=0.1,
+            # Paper: accumulate gradients over 4 segments once 60k steps are done.
+            accumulate_after=60_000,
+            accumulate_every=4,
+            # The compression network's own optimizer branch.
+            compress_peak_lr=3e-4,
+            compress_grad_clip=0.1,
+        )
+    )
+    cfg.data = ml_collections.ConfigDict(
+        dict(dataset="demo", path="", tokenizer="bytes", validation_fraction=0.1, shuffle=True)
+    )
+    cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    return cfg
+
+
+def validate(cfg: Any) -> None:
+    """Validate a whole config (or just its model section) and raise ConfigError if wrong."""
+    if "model" not in _fields(cfg):
+        validate_model(cfg)
+        return
+    validate_model(cfg.model)
+    train = cfg.train
+    for name in ("num_steps", "batch_size", "segments_per_call", "checkpoint_every",
+                 "max_checkpoints_to_keep", "eval_every", "eval_segments", "log_every",
+                 "warmup_steps", "decay_steps", "accumulate_after", "accumulate_every"):
+        value = train[name]
+        _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                 f"train.{name} must be a non-negative integer, got {value!r}")
+    for name in ("batch_size", "segments_per_call", "accumulate_every", "checkpoint_every",
+                 "max_checkpoints_to_keep", "log_every"):
+        _require(train[name] > 0, f"train.{name} must be positive, got {train[name]}")
+    _require(cfg.mesh.data == -1 or cfg.mesh.data > 0,
+             f"mesh.data must be -1 (all remaining devices) or positive, got {cfg.mesh.data}")
+    _require(cfg.mesh.fsdp > 0, f"mesh.fsdp must be positive, got {cfg.mesh.fsdp}")

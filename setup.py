@@ -1,0 +1,23 @@
+"""ctx: a JAX/Flax Compressive Transformer (Rae et al., 2019) for TPU pods and GPUs."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+requirements = [
+    line.split("#")[0].strip()
+    for line in Path(__file__).with_name("requirements.txt").read_text().splitlines()
+    if line.split("#")[0].strip() and not line.startswith("pytest")
+]
+
+setup(
+    name="ctx",
+    version="0.1.0",
+    description="Compressive Transformer in JAX/Flax: faithful to Rae et al. 2019, sharded, resumable",
+    long_description=Path(__file__).with_name("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["ctx", "ctx.*", "experiments", "experiments.*"]),
+    python_requires=">=3.11",
+    install_requires=requirements,
+    extras_require={"test": ["pytest>=8.0"]},
+    license="Apache-2.0",
+)

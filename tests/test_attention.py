@@ -1,0 +1,61 @@
+"""The vectorised relative attention against a brute-force loop over (query, key) pairs."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ctx.attention import RelativeAttention, attention_mask, relative_shift
+from ctx.config import ModelConfig
+from tests import reference
+from tests.helpers import tiny_model_config
+
+
+def test_relative_shift_matches_explicit_indexing():
+    N, P = 3, 7
+    raw = np.arange(N * P, dtype=np.float32).reshape(N, P)  # column k: distance P-1-k
+    shifted = np.asarray(relative_shift(jnp.asarray(raw)))
+    M = P - N
+    for i in range(N):
+        for j in range(M + i + 1):  # past and present keys only
+            distance = M + i - j
+            assert shifted[i, j] == raw[i, P - 1 - distance]
+
+
+@pytest.mark.parametrize("C, M", [(3, 5), (0, 5), (0, 0), (4, 0), (6, 2)])
+def test_attention_matches_brute_force(C, M):
+    N, B = 4, 2
+    cfg = ModelConfig.from_config(tiny_model_config(segment_length=N, memory_length=M, compressed_length=C))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(B, N, cfg.d_model)).astype(np.float32)
+    mem = rng.normal(size=(B, M, cfg.d_model)).astype(np.float32)
+    cmem = rng.normal(size=(B, C, cfg.d_model)).astype(np.float32)
+    # Row 0 fully valid; row 1 has only its newest slots valid (as after a recent reset).
+    mem_mask = np.stack([np.ones(M, bool), np.arange(M) >= M - 1])
+    cmem_mask = np.stack([np.ones(C, bool), np.arange(C) >= C - 2])
+    module = RelativeAttention(cfg)
+    mask = attention_mask(jnp.asarray(mem_mask), jnp.asarray(cmem_mask), N)
+    variables = module.init(jax.random.key(1), x, mem, cmem, mask)
+    # Non-zero biases so that u, v and the compressed-memory v all matter.
+    params = jax.tree.map(lambda p: p + 0.1 * rng.normal(size=p.shape).astype(np.float32), variables["params"])
+    out, probs, _ = module.apply({"params": params}, x, mem, cmem, mask)
+    p = reference._to_numpy(params)
+    for b in range(B):
+        ref_out, ref_probs = reference.attention(p, x[b], mem[b], cmem[b], mem_mask[b], cmem_mask[b])
+        np.testing.assert_allclose(np.asarray(probs[b]), ref_probs, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(out[b]), ref_out, rtol=1e-4, atol=1e-5)
+    # Invalid memory gets exactly zero attention.
+    assert float(jnp.abs(probs[1, :, :, :C][..., ~cmem_mask[1]]).max(initial=0.0)) == 0.0
+    assert float(jnp.abs(probs[1, :, :, C:C + M][..., ~mem_mask[1]]).max(initial=0.0)) == 0.0
+
+
+def test_attention_mask_hand_computed():
+    mem_mask = jnp.array([[False, True]])
+    cmem_mask = jnp.array([[True]])
+    mask = np.asarray(attention_mask(mem_mask, cmem_mask, 3))[0, 0]
+    expected = np.array([
+        # cmem, mem0, mem1, x0, x1, x2
+        [1, 0, 1, 1, 0, 0],
+        [1, 0, 1, 1, 1, 0],
+        [1, 0, 1, 1, 1, 1],
+    ], bool)
+    np.testing.assert_array_equal(mask, expected)

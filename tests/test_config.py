@@ -1,0 +1,75 @@
+import pytest
+
+import ctx
+from ctx.config import ConfigError, ModelConfig, validate
+from experiments import demo
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(segment_length=6, compression_rate=4), r"segment_length \(6\) must be a multiple of model.compression_rate \(4\)"),
+    (dict(d_model=30, n_heads=4), r"d_model \(30\) must be divisible by model.n_heads \(4\)"),
+    (dict(memory_length=-1), r"model.memory_length must not be negative"),
+    (dict(n_layers=0), r"model.n_layers must be positive"),
+    (dict(segment_length=0), r"model.segment_length must be positive"),
+    (dict(compression_rate=0), r"model.compression_rate must be positive"),
+    (dict(compression="zip"), r"model.compression='zip' is unknown; choose one of"),
+    (dict(compression_loss="l1"), r"model.compression_loss='l1' is unknown"),
+    (dict(layer_norm="sandwich"), r"model.layer_norm='sandwich' is unknown"),
+    (dict(dtype="float16"), r"model.dtype='float16' is unknown"),
+    (dict(remat="some"), r"model.remat='some' is unknown"),
+    (dict(vocab_size=1), r"model.vocab_size must be at least 2"),
+    (dict(dropout=1.0), r"model.dropout must be in \[0, 1\)"),
+    (dict(compression="max", compression_loss="autoencoder"), r"'autoencoder' needs a learned compression"),
+    (dict(compression="conv", compression_loss="none"), r"would never be trained"),
+])
+def test_model_config_errors_name_the_fields(overrides, message):
+    cfg = ctx.model_config(**overrides)
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg)
+    with pytest.raises(ConfigError, match=message):  # the model validates too
+        ModelConfig.from_config(cfg)
+
+
+def test_d_model_must_be_even():
+    with pytest.raises(ConfigError, match=r"d_model \(9\) must be even"):
+        validate(ctx.model_config(d_model=9, n_heads=3))
+
+
+def test_wrong_types_are_named():
+    # ConfigDict refuses type changes itself; plain mappings are checked by validate.
+    cfg = dict(ctx.model_config().to_dict(), n_heads=2.5)
+    with pytest.raises(ConfigError, match=r"model.n_heads must be an integer, got 2.5"):
+        validate(cfg)
+
+
+def test_unknown_and_missing_fields():
+    cfg = ctx.model_config()
+    cfg.unlock()
+    cfg.n_layer = 3
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) \['n_layer'\]"):
+        validate(cfg)
+
+
+def test_transformer_xl_ignores_compression_rate_divisibility():
+    # Without compressed memory nothing is compressed, so n_s need not divide by c.
+    validate(ctx.model_config(compressed_length=0, segment_length=6, compression_rate=4))
+
+
+def test_full_config_sections_are_checked():
+    cfg = demo.get_config()
+    validate(cfg)
+    cfg.train.batch_size = 0
+    with pytest.raises(ConfigError, match=r"train.batch_size must be positive"):
+        validate(cfg)
+    cfg = demo.get_config()
+    cfg.train.num_steps = -3
+    with pytest.raises(ConfigError, match=r"train.num_steps must be a non-negative integer"):
+        validate(cfg)
+
+
+def test_demo_variants():
+    assert demo.get_config("txl").model.compressed_length == 0
+    ct, txl = demo.get_config("ct").model, demo.get_config("txl").model
+    assert txl.memory_length == ct.memory_length + ct.compressed_length  # same attention length
+    with pytest.raises(ValueError, match="unknown variant"):
+        demo.get_config("nope")
