@@ -177,8 +177,6 @@ def default_config() -> ml_collections.ConfigDict:
             checkpoint_every=500,
             max_checkpoints_to_keep=2,
             eval_every=500,  # 0 = validate only at the end
-            eval_segments=0,  # 0 = the whole validation split
-            log_every=1,
             # Adam with linear warmup (init_lr -> peak_lr) then cosine decay to end_lr.
             peak_lr=3e-4,
             init_lr=1e-6,
@@ -199,8 +197,16 @@ def default_config() -> ml_collections.ConfigDict:
         )
     )
     cfg.data = ml_collections.ConfigDict(
-        dict(dataset="demo", path="", tokenizer="bytes", validation_fraction=0.1, shuffle=True)
+        dict(dataset="demo",  # 'demo' | 'pg19' | 'enwik8' | 'wt103'
+             path="",  # where the source lives: a local folder/file or a gs:// URL
+             tokenizer="bytes",  # 'bytes' or the path of a SentencePiece .model
+             cache_dir="",  # tokenized splits and prepared TFDS files; "" = ~/.cache/ctx
+             validation_fraction=0.1,  # demo only: share of topics held out
+             piece_bytes=1_000_000,  # enwik8 only: bytes per document piece
+             shuffle=True)
     )
+    # Validation/evaluation: 0 = the training values.
+    cfg.eval = ml_collections.ConfigDict(dict(batch_size=0, segments_per_call=0))
     cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
     return cfg
 
@@ -213,13 +219,13 @@ def validate(cfg: Any) -> None:
     validate_model(cfg.model)
     train = cfg.train
     for name in ("num_steps", "batch_size", "segments_per_call", "checkpoint_every",
-                 "max_checkpoints_to_keep", "eval_every", "eval_segments", "log_every",
+                 "max_checkpoints_to_keep", "eval_every",
                  "warmup_steps", "decay_steps", "accumulate_after", "accumulate_every"):
         value = train[name]
         _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
                  f"train.{name} must be a non-negative integer, got {value!r}")
     for name in ("batch_size", "segments_per_call", "accumulate_every", "checkpoint_every",
-                 "max_checkpoints_to_keep", "log_every"):
+                 "max_checkpoints_to_keep"):
         _require(train[name] > 0, f"train.{name} must be positive, got {train[name]}")
     _require(cfg.mesh.data == -1 or cfg.mesh.data > 0,
              f"mesh.data must be -1 (all remaining devices) or positive, got {cfg.mesh.data}")

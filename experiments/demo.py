@@ -2,6 +2,9 @@
 
     python -m ctx.train --config=experiments/demo.py --workdir=runs/demo
 
+Corpus: the 79 topics of the CPython docs shipped as `pydoc_data.topics` (0.46 MB of English
+prose and code; every 10th topic held out). Model: 2 layers, d_model 128, bytes, n_s = n_m =
+n_cm = 32, c = 2, conv + attention-reconstruction loss.
 Variants: `:txl` (n_cm = 0 with the same attention length), `:vanilla` (no memory).
 """
 from ctx.config import default_config
@@ -19,6 +22,15 @@ def get_config(variant: str = "ct"):
     m.memory_length = 32
     m.compressed_length = 32
     m.compression_rate = 2
+    t = cfg.train
+    t.num_steps = 3000
+    t.batch_size = 16
+    t.segments_per_call = 25
+    t.checkpoint_every = 500
+    t.eval_every = 1000
+    t.peak_lr = t.compress_peak_lr = 1e-3
+    t.warmup_steps = 200
+    t.decay_steps = 3000
     if variant == "txl":
         m.memory_length, m.compressed_length = 64, 0
     elif variant == "vanilla":
@@ -27,26 +39,3 @@ def get_config(variant: str = "ct"):
         raise ValueError(f"unknown variant {variant!r} of experiments/demo.py; choose ct, txl or vanilla")
     return cfg
 
-
-if __name__ == "__main__":  # python -m experiments.demo: build the model and run a few segments
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    import ctx
-
-    cfg = get_config().model
-    model = ctx.CompressiveTransformer(cfg)
-    memory = ctx.init_memory(cfg, batch_size=2)
-    text = np.frombuffer(" ".join(["The compressive transformer keeps a memory."] * 20).encode(), np.uint8)
-    segments = jnp.asarray(text[: 4 * cfg.segment_length * 2].reshape(2, 4, cfg.segment_length).transpose(1, 0, 2),
-                           jnp.int32)
-    variables = jax.jit(model.init)(jax.random.key(0), segments[0], memory)
-    n_params = sum(x.size for x in jax.tree.leaves(variables))
-    apply = jax.jit(model.apply)
-    for i, tokens in enumerate(segments):
-        logits, memory, aux = apply(variables, tokens, memory)
-        print(f"segment {i}: logits {logits.shape}, compression loss {float(aux['compression_loss']):.4f}, "
-              f"valid memory {int(memory.mem_mask[0].sum())}/{cfg.memory_length}, "
-              f"valid compressed {int(memory.cmem_mask[0].sum())}/{cfg.compressed_length}")
-    print(f"{n_params:,} parameters")

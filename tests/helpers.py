@@ -40,3 +40,28 @@ def run_segments(model, variables, memory, tokens_BT, reset_first=None):
 
     memory, logits = jax.jit(lambda m, s: jax.lax.scan(step, m, s))(memory, segments)
     return logits.transpose(1, 0, 2, 3).reshape(B, T, -1), memory
+
+
+def tiny_train_config(**train_overrides):
+    """The demo config shrunk to seconds: tiny model, short run, 2 validation documents."""
+    from experiments import demo
+
+    cfg = demo.get_config()
+    m = cfg.model
+    m.n_layers, m.d_model, m.n_heads, m.d_ff = 2, 32, 2, 64
+    m.segment_length = m.memory_length = m.compressed_length = 8
+    t = cfg.train
+    t.num_steps, t.batch_size, t.segments_per_call = 8, 8, 4
+    t.checkpoint_every, t.eval_every = 4, 0
+    t.warmup_steps, t.decay_steps = 4, 100
+    cfg.data.validation_fraction = 0.03
+    cfg.train.update(train_overrides)
+    return cfg
+
+
+def read_metrics(workdir):
+    import json
+    import os
+
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]

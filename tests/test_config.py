@@ -73,3 +73,15 @@ def test_demo_variants():
     assert txl.memory_length == ct.memory_length + ct.compressed_length  # same attention length
     with pytest.raises(ValueError, match="unknown variant"):
         demo.get_config("nope")
+
+
+@pytest.mark.parametrize("task", ["pg19", "enwik8", "wt103"])
+def test_paper_configs_validate_and_txl_keeps_attention_length(task):
+    import importlib
+    module = importlib.import_module(f"experiments.{task}")
+    ct, txl = module.get_config(), module.get_config("txl")
+    validate(ct)
+    validate(txl)
+    assert txl.model.compressed_length == 0
+    assert txl.model.memory_length == ct.model.memory_length + ct.model.compressed_length
+    assert ct.train.peak_lr == 3e-4 and ct.train.grad_clip == 0.1 and ct.train.accumulate_every == 4

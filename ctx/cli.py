@@ -1,0 +1,41 @@
+"""What the `python -m ctx.*` entry points share: config flags and one-line errors.
+
+Bad input (an unknown config key, a missing file, an impossible size) ends with one line
+on stderr naming what is wrong and exit status 2, not a traceback; `--verbose` shows it.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from absl import flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+
+
+def define_config_flags() -> None:
+    config_flags.DEFINE_config_file("config", None, "experiments/<task>.py[:variant], overridable "
+                                    "with --config.<section>.<field>=value", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, TensorBoard events.")
+    flags.DEFINE_bool("verbose", False, "Show full tracebacks for errors.")
+
+
+def run_main(main: Callable[[], None], needs_config: bool = True) -> None:
+    """Parse flags and run `main`; user errors become one line and exit status 2."""
+    try:
+        FLAGS(sys.argv)
+        if needs_config and FLAGS.config is None:
+            raise ValueError("--config is required, e.g. --config=experiments/demo.py")
+        main()
+    except (ValueError, TypeError, KeyError, AttributeError, FileNotFoundError, NotADirectoryError,
+            flags.Error) as error:
+        if "--verbose" in sys.argv or "--verbose=true" in sys.argv:
+            raise
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return " ".join(line.strip() for line in text) if text else type(error).__name__

@@ -1,0 +1,1 @@
+"""Data: tokenizers, document sources and the segment streams that feed the model."""

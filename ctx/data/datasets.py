@@ -1,0 +1,109 @@
+"""Load a split of the configured dataset as a TokenizedCorpus.
+
+`config.data.dataset`: 'demo' (the CPython docs, offline), 'pg19' (the bucket's layout, local
+or gs://), 'enwik8' (the raw 100M-byte file; the standard 90M / 5M / 5M split, cut into
+pieces of `data.piece_bytes` bytes that act as documents) or 'wt103' (a folder with
+wiki.{train,valid,test}.tokens, one document per article). Splits other than the demo's are
+tokenized once per tokenizer into `data.cache_dir` and memory-mapped afterwards.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from typing import Any, Iterator
+
+from ctx.data.demo_corpus import demo_documents
+from ctx.data.source import Document, TokenizedCorpus
+from ctx.data.tokenizer import load_tokenizer
+
+DATASETS = ("demo", "pg19", "enwik8", "wt103")
+SPLITS = ("train", "validation", "test")
+ENWIK8_SPLITS = {"train": (0, 90_000_000), "validation": (90_000_000, 95_000_000),
+                 "test": (95_000_000, 100_000_000)}
+WT103_FILES = {"train": "wiki.train.tokens", "validation": "wiki.valid.tokens", "test": "wiki.test.tokens"}
+_WT103_TITLE = re.compile(r"^ = [^=].* = $")
+
+
+def cache_dir(data_cfg: Any) -> str:
+    return data_cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "ctx")
+
+
+def check_data_config(data_cfg: Any, split: str) -> None:
+    """Errors a user can fix, found before anything is read or written."""
+    if data_cfg.dataset not in DATASETS:
+        raise ValueError(f"data.dataset={data_cfg.dataset!r} is unknown; choose one of {list(DATASETS)}")
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} does not exist; choose one of {list(SPLITS)}")
+    if data_cfg.dataset != "demo" and not data_cfg.path:
+        raise ValueError(f"data.path is empty; set --config.data.path to the {data_cfg.dataset} files")
+    if data_cfg.dataset in ("enwik8", "wt103") and not os.path.exists(data_cfg.path):
+        raise FileNotFoundError(f"data.path={data_cfg.path} does not exist")
+
+
+def load_corpus(data_cfg: Any, split: str, progress: bool = False) -> TokenizedCorpus:
+    check_data_config(data_cfg, split)
+    tokenizer = load_tokenizer(data_cfg.tokenizer)
+    if data_cfg.dataset == "demo":
+        return TokenizedCorpus.from_documents(demo_documents(split, data_cfg.validation_fraction), tokenizer)
+    documents = {"pg19": lambda: _pg19_documents(data_cfg, split),
+                 "enwik8": lambda: _enwik8_documents(data_cfg.path, split, data_cfg.piece_bytes),
+                 "wt103": lambda: _wt103_documents(data_cfg.path, split)}[data_cfg.dataset]
+    if data_cfg.dataset == "pg19":  # prepare (and check the split) before naming the cache
+        _pg19_source(data_cfg, split)
+    key = hashlib.sha256(f"{os.path.abspath(data_cfg.path) if '://' not in data_cfg.path else data_cfg.path}|"
+                         f"{data_cfg.get('piece_bytes', 0)}".encode()).hexdigest()[:12]
+    path = os.path.join(cache_dir(data_cfg), "tokens", f"{data_cfg.dataset}-{key}-{split}-{tokenizer.fingerprint}")
+    return TokenizedCorpus.cached(path, documents, tokenizer, progress)
+
+
+def _pg19_source(data_cfg: Any, split: str):
+    from ctx.data import pg19
+
+    return pg19.load_split(data_cfg.path, split, cache_dir(data_cfg))
+
+
+def _pg19_documents(data_cfg: Any, split: str) -> Iterator[Document]:
+    source = _pg19_source(data_cfg, split)
+    books = sorted((int(ex["book_id"]), i) for i, ex in enumerate(_iterate(source)))
+    for book_id, i in books:  # in book-id order, whatever order TFDS stored them in
+        text = source[i]["book_text"]
+        yield Document(str(book_id), text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text)
+
+
+def _iterate(source):
+    for i in range(len(source)):
+        yield source[i]
+
+
+def _enwik8_documents(path: str, split: str, piece_bytes: int) -> Iterator[Document]:
+    if os.path.isdir(path):
+        path = os.path.join(path, "enwik8")
+    size = os.path.getsize(path)
+    start, end = ENWIK8_SPLITS[split]
+    if size < end:
+        raise ValueError(f"{path} has {size:,} bytes; enwik8 has 100,000,000 (first 90M train, "
+                         "next 5M validation, last 5M test)")
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(end - start)
+    for i in range(0, len(data), piece_bytes):
+        # enwik8 is modelled as raw bytes: surrogateescape keeps every byte, valid UTF-8 or not.
+        yield Document(f"{split}-{i}", data[i:i + piece_bytes].decode("utf-8", "surrogateescape"))
+
+
+def _wt103_documents(folder: str, split: str) -> Iterator[Document]:
+    path = os.path.join(folder, WT103_FILES[split])
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist (WikiText-103 has {', '.join(WT103_FILES.values())})")
+    article, title = [], None
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if _WT103_TITLE.match(line.rstrip("\n")):
+                if title is not None:  # lines before the first title belong to the first article
+                    yield Document(title, "".join(article))
+                    article = []
+                title = line.strip(" =\n")
+            article.append(line)
+    if article:
+        yield Document(title or "0", "".join(article))

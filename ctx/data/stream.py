@@ -1,0 +1,110 @@
+"""B parallel streams of segments: each row walks its own documents contiguously.
+
+A segment is tokens/targets/weights [B, n_s] plus reset [B] (true where the row starts a
+new document). The training stream is infinite, shuffled per epoch and resumable from a
+small JSON state; the evaluation stream visits every document exactly once.
+
+Row r's k-th document is entry r + B*k of the infinite sequence of epochs (each a seeded
+permutation of the corpus), so the batches depend only on the seed and the global batch
+size, never on how many processes produce the rows.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ctx.data.source import TokenizedCorpus
+
+Chunk = dict[str, np.ndarray]
+
+
+class TrainStream:
+    """Infinite training segments for the global rows `rows` (default: all of them)."""
+
+    def __init__(self, corpus: TokenizedCorpus, batch_size: int, segment_length: int, seed: int,
+                 shuffle: bool = True, rows: Sequence[int] | None = None) -> None:
+        self.corpus, self.batch_size, self.segment_length = corpus, batch_size, segment_length
+        self.seed, self.shuffle = seed, shuffle
+        self.rows = list(range(batch_size) if rows is None else rows)
+        self.docs_done = [0] * batch_size  # per global row: documents finished
+        self.next_segment = [0] * batch_size  # per global row: next segment of its document
+        self._orders: dict[int, np.ndarray] = {}
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            n = len(self.corpus)
+            self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(n)
+                            if self.shuffle else np.arange(n)}
+        return self._orders[epoch]
+
+    def document_of(self, row: int) -> int:
+        g = row + self.batch_size * self.docs_done[row]
+        return int(self._order(g // len(self.corpus))[g % len(self.corpus)])
+
+    def state(self) -> dict:
+        """JSON-serialisable position of every row (saved in checkpoints)."""
+        return {"docs_done": list(self.docs_done), "next_segment": list(self.next_segment),
+                "seed": self.seed, "batch_size": self.batch_size, "shuffle": self.shuffle}
+
+    def restore(self, state: dict) -> None:
+        if state["batch_size"] != self.batch_size or state["seed"] != self.seed:
+            raise ValueError(f"the saved data position is for batch_size={state['batch_size']}, "
+                             f"seed={state['seed']}; this run has batch_size={self.batch_size}, "
+                             f"seed={self.seed}: resume with the same train.batch_size and seed")
+        self.docs_done, self.next_segment = list(state["docs_done"]), list(state["next_segment"])
+
+    def next_chunk(self, num_segments: int) -> Chunk:
+        """[K, B_local, n_s] tokens/targets/weights and [K, B_local] reset."""
+        K, B, n_s = num_segments, len(self.rows), self.segment_length
+        chunk = {"tokens": np.zeros((K, B, n_s), np.int32), "targets": np.zeros((K, B, n_s), np.int32),
+                 "weights": np.zeros((K, B, n_s), np.float32), "reset": np.zeros((K, B), bool)}
+        for k in range(K):
+            for b, row in enumerate(self.rows):
+                doc, j = self.document_of(row), self.next_segment[row]
+                chunk["tokens"][k, b], chunk["targets"][k, b], chunk["weights"][k, b] = \
+                    self.corpus.segment(doc, j, n_s)
+                chunk["reset"][k, b] = j == 0
+                if j + 1 == self.corpus.num_segments(doc, n_s):
+                    self.docs_done[row], self.next_segment[row] = self.docs_done[row] + 1, 0
+                else:
+                    self.next_segment[row] = j + 1
+        return chunk
+
+
+def eval_chunks(corpus: TokenizedCorpus, batch_size: int, segment_length: int, chunk_size: int,
+                rows: Sequence[int] | None = None) -> Iterator[Chunk]:
+    """Every document exactly once, from empty memory: row r takes documents r, r+B, ...
+
+    Rows that run out get empty segments (weight 0, reset). Besides the training keys each
+    chunk has `document` (index in the corpus, -1 on padding) and `position` (index of the
+    target token within its document) [K, B_local, n_s].
+    """
+    rows = list(range(batch_size) if rows is None else rows)
+    n_s = segment_length
+    plans = []  # per global row: list of (doc, segment index)
+    for row in range(batch_size):
+        plans.append([(doc, j) for doc in range(row, len(corpus), batch_size)
+                      for j in range(corpus.num_segments(doc, n_s))])
+    total = max(len(plan) for plan in plans)
+    for start in range(0, total, chunk_size):
+        K, B = chunk_size, len(rows)
+        chunk = {"tokens": np.zeros((K, B, n_s), np.int32), "targets": np.zeros((K, B, n_s), np.int32),
+                 "weights": np.zeros((K, B, n_s), np.float32), "reset": np.ones((K, B), bool),
+                 "document": np.full((K, B, n_s), -1, np.int32), "position": np.zeros((K, B, n_s), np.int32)}
+        for k in range(K):
+            for b, row in enumerate(rows):
+                if start + k >= len(plans[row]):
+                    continue
+                doc, j = plans[row][start + k]
+                chunk["tokens"][k, b], chunk["targets"][k, b], chunk["weights"][k, b] = corpus.segment(doc, j, n_s)
+                chunk["reset"][k, b] = j == 0
+                chunk["document"][k, b] = np.where(chunk["weights"][k, b] > 0, doc, -1)
+                chunk["position"][k, b] = j * n_s + np.arange(n_s)
+        yield chunk
+
+
+def num_eval_chunks(corpus: TokenizedCorpus, batch_size: int, segment_length: int, chunk_size: int) -> int:
+    longest = max(sum(corpus.num_segments(doc, segment_length) for doc in range(row, len(corpus), batch_size))
+                  for row in range(batch_size))
+    return -(-longest // chunk_size)

@@ -1,0 +1,245 @@
+"""Evaluation: stream every document of a split through the model with memory.
+
+    python -m ctx.evaluate --config=experiments/pg19.py --workdir=RUN --split=test \
+        [--step=N] [--config.model.compressed_length=2048] [--output=report.json]
+
+Each document starts from empty memory; B documents run in parallel (row r takes
+documents r, r+B, ...); the last segment of each is padded and masked, so no document is
+dropped or counted twice whatever B, the device count or the host count. Memory lengths
+and the batch may differ from training (parameter shapes do not depend on them).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from ctx import losses
+from ctx.data.source import TokenizedCorpus
+from ctx.data.stream import eval_chunks, num_eval_chunks
+from ctx.memory import Memory, init_memory
+from ctx.sharding import batch_sharding, global_batch_array, process_rows, replicated, to_host
+
+EVAL_KEYS = ("tokens", "targets", "weights", "reset")
+# PAPER.md 8: word counts of the full PG-19 splits, the denominators of the paper's metric.
+PG19_WORDS = {"validation": (50, 3_007_061), "test": (100, 6_966_499)}
+
+
+def memory_shardings(mesh) -> Memory:
+    """Memory rows (axis 1 of mem/cmem, axis 0 of the masks) follow the batch."""
+    return Memory(mem=batch_sharding(mesh, 1, 4), cmem=batch_sharding(mesh, 1, 4),
+                  mem_mask=batch_sharding(mesh, 0, 2), cmem_mask=batch_sharding(mesh, 0, 2))
+
+
+def make_eval_chunk_fn(model):
+    """jit(params, memory, chunk) -> (memory, nll [K,B,n_s]) with a scan over K segments."""
+
+    def segment(params, memory, batch):
+        logits, memory, _ = model.apply({"params": params}, batch["tokens"], memory, reset=batch["reset"])
+        return memory, losses.token_nll(logits, batch["targets"]) * batch["weights"]
+
+    def chunk_fn(params, memory, chunk):
+        return jax.lax.scan(lambda m, b: segment(params, m, b), memory, chunk)
+
+    return jax.jit(chunk_fn, donate_argnums=(1,))
+
+
+def device_chunk(mesh, chunk: dict[str, np.ndarray], keys=EVAL_KEYS) -> dict[str, jax.Array]:
+    return {k: global_batch_array(mesh, chunk[k], batch_axis=1) for k in keys}
+
+
+def position_buckets(max_position: int) -> list[tuple[int, int]]:
+    """Log-spaced buckets of token position: [0,1), [1,2), [2,4), [4,8), ..."""
+    edges = [0, 1]
+    while edges[-1] < max_position:
+        edges.append(edges[-1] * 2)
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def evaluate_corpus(model, params, corpus: TokenizedCorpus, mesh, batch_size: int, chunk_size: int,
+                    progress: bool = False) -> dict[str, Any]:
+    """Sums over the whole split: NLL (nats), tokens, bytes, words, per document and by position."""
+    cfg = model.model_config
+    n_docs = len(corpus)
+    lengths = np.diff(corpus.offsets)
+    doc_nll = np.zeros(n_docs, np.float64)
+    doc_tokens = np.zeros(n_docs, np.int64)
+    buckets = position_buckets(int(lengths.max()))
+    edges = np.array([b[0] for b in buckets])
+    bucket_nll, bucket_count = np.zeros(len(buckets)), np.zeros(len(buckets), np.int64)
+    memory = jax.device_put(init_memory(cfg, batch_size), memory_shardings(mesh))
+    if mesh.shape["fsdp"] == 1:
+        params = jax.device_put(params, replicated(mesh))
+    chunk_fn = make_eval_chunk_fn(model)
+    rows = process_rows(batch_size)
+    bar = _progress(n_docs, progress)
+    start = time.perf_counter()
+    for chunk in eval_chunks(corpus, batch_size, cfg.segment_length, chunk_size):
+        local = {k: chunk[k][:, rows.start:rows.stop] for k in EVAL_KEYS}
+        memory, nll = chunk_fn(params, memory, device_chunk(mesh, local))
+        nll = to_host(nll).astype(np.float64)
+        scored = chunk["document"] >= 0
+        np.add.at(doc_nll, chunk["document"][scored], nll[scored])
+        np.add.at(doc_tokens, chunk["document"][scored], 1)
+        bucket = np.searchsorted(edges, chunk["position"][scored], side="right") - 1
+        np.add.at(bucket_nll, bucket, nll[scored])
+        np.add.at(bucket_count, bucket, 1)
+        if bar is not None:
+            bar.n = int(np.count_nonzero(doc_tokens == lengths))
+            bar.set_postfix(tokens_per_sec=f"{doc_tokens.sum() / (time.perf_counter() - start):,.0f}")
+            bar.refresh()
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - start
+    total_nll, tokens = float(doc_nll.sum()), int(doc_tokens.sum())
+    n_bytes = int(np.sum(corpus.num_bytes))
+    return {
+        "documents": n_docs,
+        "tokens": tokens,
+        "bytes": n_bytes,
+        "words": int(np.sum(corpus.num_words)),
+        "total_nll": total_nll,
+        "token_perplexity": math.exp(total_nll / tokens),
+        "bits_per_token": total_nll / tokens / math.log(2),
+        "bits_per_byte": total_nll / math.log(2) / n_bytes,
+        "tokens_per_sec": tokens / seconds,
+        "seconds": seconds,
+        "by_position": [{"start": s, "end": e, "mean_nll": float(bucket_nll[i] / bucket_count[i]),
+                         "count": int(bucket_count[i])} for i, (s, e) in enumerate(buckets) if bucket_count[i]],
+        "per_document": [{"id": corpus.ids[i], "tokens": int(doc_tokens[i]), "words": int(corpus.num_words[i]),
+                          "nll": float(doc_nll[i])} for i in range(n_docs)],
+    }
+
+
+def word_level(result: dict[str, Any], dataset: str, split: str) -> dict[str, Any]:
+    """Word-level perplexity: official PG-19 counts for a full PG-19 split, else whitespace words."""
+    official = PG19_WORDS.get(split) if dataset == "pg19" else None
+    if official and result["documents"] == official[0]:
+        words, source = official[1], "pg19-official"
+    else:
+        words, source = result["words"], "whitespace"
+    return {"word_perplexity": math.exp(result["total_nll"] / max(words, 1)), "word_count_source": source,
+            "word_count_used": words}
+
+
+def resolve_tokenizer(config: ml_collections.ConfigDict, workdir: str, recorded: str | None) -> None:
+    """Use the run's own tokenizer copy when the configured one is not what it trained with."""
+    from ctx.data.tokenizer import load_tokenizer
+
+    copy = os.path.join(workdir, "tokenizer.model")
+    if recorded in (None, "bytes") or not os.path.isfile(copy):
+        return
+    configured = None
+    try:
+        configured = load_tokenizer(config.data.tokenizer).fingerprint
+    except (ValueError, FileNotFoundError):
+        pass
+    if configured != recorded and load_tokenizer(copy).fingerprint == recorded:
+        config.data.tokenizer = copy
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: str,
+                        step: int | None = None, progress: bool = False) -> dict[str, Any]:
+    """Restore checkpoint `step` (default: latest) of the run in workdir and evaluate a split."""
+    from ctx.checkpoint import Checkpointer
+    from ctx.config import ModelConfig, validate
+    from ctx.data.datasets import check_data_config, load_corpus
+    from ctx.model import CompressiveTransformer
+    from ctx.sharding import check_batch_fits, make_mesh, param_sharding
+    from ctx.train import check_resumable, check_vocab
+
+    validate(config)
+    check_data_config(config.data, split)
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    if "://" not in workdir and not os.path.isdir(checkpoint_dir):
+        raise FileNotFoundError(f"--workdir={workdir} has no checkpoints/ folder; train first or fix the path")
+    checkpointer = Checkpointer(checkpoint_dir, max_to_keep=1000)
+    steps = checkpointer.all_steps()
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise ValueError(f"--step={step} is not in {checkpoint_dir} (steps: {steps})")
+    check_resumable(checkpointer.restore_config(step), config)
+    resolve_tokenizer(config, workdir, checkpointer.restore_data(step).get("tokenizer"))
+    corpus = load_corpus(config.data, split, progress=progress and jax.process_index() == 0)
+    check_vocab(corpus.tokenizer, config)
+    mesh = make_mesh(config.mesh)
+    batch_size = config.eval.batch_size or config.train.batch_size
+    check_batch_fits(batch_size, mesh)
+    model = CompressiveTransformer(ModelConfig.from_config(config.model))
+    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jax.numpy.zeros(
+        (1, config.model.segment_length), jax.numpy.int32), init_memory(config.model, 1))["params"])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=param_sharding(
+        mesh, tuple(x.shape))), abstract)
+    params = checkpointer.restore_params(step, abstract)
+    checkpointer.close()
+    result = evaluate_corpus(model, params, corpus, mesh, batch_size,
+                             config.eval.segments_per_call or config.train.segments_per_call, progress)
+    return {"split": split, "step": step, "num_devices": mesh.size, "dataset": config.data.dataset,
+            "tokenizer": config.data.tokenizer, **result, **word_level(result, config.data.dataset, split),
+            "model": config.model.to_dict()}
+
+
+def format_report(report: dict[str, Any]) -> str:
+    rows = [("split", report["split"]), ("step", report["step"]), ("documents", report["documents"]),
+            ("tokens scored", f"{report['tokens']:,}"), ("words", f"{report['words']:,}"),
+            ("total NLL (nats)", f"{report['total_nll']:,.1f}"),
+            ("token perplexity", f"{report['token_perplexity']:.3f}"),
+            (f"word perplexity ({report['word_count_source']})", f"{report['word_perplexity']:.3f}"),
+            ("bits per byte", f"{report['bits_per_byte']:.4f}"), ("tokens/s", f"{report['tokens_per_sec']:,.0f}"),
+            ("devices", report["num_devices"])]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    lines.append("loss by position: " + ", ".join(f"[{b['start']},{b['end']}) {b['mean_nll']:.3f}"
+                                                 for b in report["by_position"]))
+    return "\n".join(lines)
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="evaluate", unit="doc")
+
+
+def main() -> None:
+    from ctx.cli import FLAGS
+    from ctx.plots import plot_loss_by_position
+
+    if not FLAGS.workdir:
+        raise ValueError("--workdir is required (the training run to evaluate)")
+    if FLAGS.output and not os.path.isdir(os.path.dirname(os.path.abspath(FLAGS.output))):
+        raise FileNotFoundError(f"--output={FLAGS.output}: its folder does not exist")
+    report = evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.split,
+                                 None if FLAGS.step < 0 else FLAGS.step, progress=True)
+    if jax.process_index() != 0:
+        return
+    print(format_report(report))
+    if FLAGS.output:
+        with open(FLAGS.output, "w") as f:
+            json.dump(report, f, indent=1)
+        plot = os.path.splitext(FLAGS.output)[0] + ".png"
+        others = [json.load(open(p)) for p in FLAGS.compare]
+        plot_loss_by_position([report] + others, plot)
+        print(f"wrote {FLAGS.output} and {plot}")
+
+
+if __name__ == "__main__":
+    from absl import flags
+
+    from ctx.cli import define_config_flags, run_main
+
+    define_config_flags()
+    flags.DEFINE_string("split", "test", "Split to evaluate: train, validation or test.")
+    flags.DEFINE_integer("step", -1, "Checkpoint step (default: the latest).")
+    flags.DEFINE_string("output", None, "Write the JSON report here (and the loss-by-position plot beside it).")
+    flags.DEFINE_multi_string("compare", [], "Other report JSONs to overlay on the plot (e.g. a TXL run).")
+    run_main(main)

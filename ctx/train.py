@@ -1,0 +1,268 @@
+"""Training: a jitted, device-sharded lax.scan over segments, checkpoints and resume.
+
+    python -m ctx.train --config=experiments/demo.py --workdir=runs/demo
+
+One jitted call runs K segments; the carry is (TrainState, Memory, rng) and every segment is
+one optimizer step (truncated back-propagation: the memory entering a segment is constant).
+`train_and_evaluate(config, workdir)` is the importable loop that notebooks and pods share.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from ctx import losses
+from ctx.checkpoint import Checkpointer
+from ctx.config import ModelConfig, validate
+from ctx.data.datasets import load_corpus
+from ctx.data.stream import TrainStream
+from ctx.evaluate import device_chunk, evaluate_corpus, memory_shardings
+from ctx.memory import Memory, init_memory
+from ctx.metrics import MetricWriter
+from ctx.model import CompressiveTransformer
+from ctx.optim import learning_rate, make_optimizer
+from ctx.sharding import check_batch_fits, make_mesh, param_sharding, process_rows, replicated
+
+# Model fields that shape parameters: a checkpoint only restores into the same values.
+PARAMETER_FIELDS = ("vocab_size", "n_layers", "d_model", "n_heads", "d_ff", "compression",
+                    "compression_rate", "dilation_rates", "layer_norm")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+class Trainer:
+    """The compiled pieces of one run: model, optimizer, mesh, shardings, the chunk step."""
+
+    def __init__(self, config: ml_collections.ConfigDict, mesh=None) -> None:
+        self.config = config
+        self.model_config = ModelConfig.from_config(config.model)
+        self.model = CompressiveTransformer(self.model_config)
+        self.tx = make_optimizer(config.train)
+        self.mesh = mesh or make_mesh(config.mesh)
+        check_batch_fits(config.train.batch_size, self.mesh)
+        self.memory_sharding = memory_shardings(self.mesh)
+        abstract = jax.eval_shape(self._init_state, jax.random.PRNGKey(0))
+        self.state_sharding = jax.tree.map(lambda x: param_sharding(self.mesh, tuple(x.shape)), abstract)
+        self.init_state = jax.jit(self._init_state, out_shardings=self.state_sharding)
+        self.train_chunk = jax.jit(
+            self._train_chunk, donate_argnums=(0, 1, 2),
+            out_shardings=(self.state_sharding, self.memory_sharding, replicated(self.mesh), replicated(self.mesh)))
+
+    def _init_state(self, rng: jax.Array) -> TrainState:
+        cfg = self.model_config
+        tokens = jnp.zeros((1, cfg.segment_length), jnp.int32)
+        params = self.model.init(rng, tokens, init_memory(cfg, 1))["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
+
+    def init_memory(self) -> Memory:
+        return jax.device_put(init_memory(self.model_config, self.config.train.batch_size), self.memory_sharding)
+
+    def abstract_checkpoint(self) -> dict[str, Any]:
+        """Shapes and shardings of the checkpointed device state, for restoring anywhere."""
+        def with_sharding(tree, shardings):
+            return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+        state = jax.eval_shape(self._init_state, jax.random.PRNGKey(0))
+        memory = jax.eval_shape(lambda: init_memory(self.model_config, self.config.train.batch_size))
+        rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated(self.mesh))
+        return {"train_state": with_sharding(state, self.state_sharding),
+                "memory": with_sharding(memory, self.memory_sharding), "rng": rng}
+
+    def _segment_step(self, carry, batch):
+        state, memory, rng = carry
+        rng, dropout_rng = jax.random.split(rng)
+
+        def loss_fn(params):
+            logits, new_memory, aux = self.model.apply(
+                {"params": params}, batch["tokens"], memory, reset=batch["reset"], deterministic=False,
+                rngs={"dropout": dropout_rng})
+            lm_loss = losses.weighted_mean_nll(logits, batch["targets"], batch["weights"])
+            # The two losses reach disjoint parameters, so their sum trains each on its own.
+            return lm_loss + aux["compression_loss"], (lm_loss, new_memory, aux)
+
+        grads, (lm_loss, new_memory, aux) = jax.grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        mass = aux["attention_mass"].mean(axis=0)
+        metrics = {
+            "loss": lm_loss,
+            "compression_loss": aux["compression_loss"],
+            "grad_norm": optax.tree.norm(grads),
+            "learning_rate": learning_rate(self.config.train, self.config.train.peak_lr)(
+                opt_state.gradient_step),
+            "target_tokens": batch["weights"].sum(),
+            "attention_mass_compressed": mass[0],
+            "attention_mass_memory": mass[1],
+            "attention_mass_segment": mass[2],
+        }
+        return (TrainState(step=state.step + 1, params=params, opt_state=opt_state), new_memory, rng), metrics
+
+    def _train_chunk(self, state: TrainState, memory: Memory, rng: jax.Array, chunk: dict[str, jax.Array]):
+        (state, memory, rng), metrics = jax.lax.scan(self._segment_step, (state, memory, rng), chunk)
+        return state, memory, rng, metrics
+
+
+def check_vocab(tokenizer, config: ml_collections.ConfigDict) -> None:
+    if tokenizer.vocab_size != config.model.vocab_size:
+        raise ValueError(f"the tokenizer ({config.data.tokenizer}) has {tokenizer.vocab_size} tokens but "
+                         f"model.vocab_size={config.model.vocab_size}; set --config.model.vocab_size="
+                         f"{tokenizer.vocab_size} or use the matching tokenizer")
+
+
+def check_resumable(saved: dict, config: ml_collections.ConfigDict) -> None:
+    """A checkpoint restores only into a model whose parameter shapes are the same."""
+    differing = [f"model.{f}: checkpoint {saved['model'][f]!r}, config {config.model[f]!r}"
+                 for f in PARAMETER_FIELDS
+                 if f in saved["model"] and _plain(saved["model"][f]) != _plain(config.model[f])]
+    if differing:
+        raise ValueError("the checkpoint's model differs in fields that shape parameters: "
+                         + "; ".join(differing) + ". Use the checkpoint's values or a new --workdir")
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def _chunk_length(step: int, config) -> int:
+    """Chunks end exactly at checkpoint, validation and final steps."""
+    train = config.train
+    boundaries = [train.num_steps, (step // train.checkpoint_every + 1) * train.checkpoint_every]
+    if train.eval_every:
+        boundaries.append((step // train.eval_every + 1) * train.eval_every)
+    return min([train.segments_per_call] + [b - step for b in boundaries if b > step])
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Train to config.train.num_steps (resuming from workdir), validating on the way.
+
+    Everything that can be wrong with the input is checked before workdir is touched.
+    Returns the last training metrics and the final validation result.
+    """
+    validate(config)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"--workdir={workdir} exists and is not a directory")
+    trainer = Trainer(config)
+    is_main = jax.process_index() == 0
+    train_corpus = load_corpus(config.data, "train", progress=is_main)
+    valid_corpus = load_corpus(config.data, "validation", progress=is_main)
+    tokenizer = train_corpus.tokenizer
+    check_vocab(tokenizer, config)
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    if os.path.isdir(checkpoint_dir):
+        probe = Checkpointer(checkpoint_dir, config.train.max_checkpoints_to_keep)
+        if probe.latest_step() is not None:
+            check_resumable(probe.restore_config(probe.latest_step()), config)
+        probe.close()
+
+    os.makedirs(workdir, exist_ok=True)
+    if is_main and hasattr(tokenizer, "path") and not os.path.exists(os.path.join(workdir, "tokenizer.model")):
+        shutil.copyfile(tokenizer.path, os.path.join(workdir, "tokenizer.model"))  # evaluation finds it here
+    checkpointer = Checkpointer(checkpoint_dir, config.train.max_checkpoints_to_keep)
+    writer = MetricWriter(workdir, enabled=is_main)
+    stream = TrainStream(train_corpus, config.train.batch_size, trainer.model_config.segment_length,
+                         seed=config.seed, shuffle=config.data.shuffle, rows=process_rows(config.train.batch_size))
+    latest = checkpointer.latest_step()
+    if latest is None:
+        state = trainer.init_state(jax.random.PRNGKey(config.seed))
+        memory, rng = trainer.init_memory(), jax.device_put(jax.random.PRNGKey(config.seed + 1), replicated(trainer.mesh))
+        step = 0
+    else:
+        restored, data_state, _ = checkpointer.restore(latest, trainer.abstract_checkpoint())
+        state, memory, rng = restored["train_state"], restored["memory"], restored["rng"]
+        if data_state.get("tokenizer", tokenizer.fingerprint) != tokenizer.fingerprint:
+            raise ValueError(f"the run in {workdir} was trained with tokenizer {data_state['tokenizer']}, "
+                             f"but data.tokenizer={config.data.tokenizer} is {tokenizer.fingerprint}; "
+                             f"use the run's copy, {os.path.join(workdir, 'tokenizer.model')}")
+        stream.restore(data_state)
+        step = latest
+        if is_main:
+            print(f"Resumed from {checkpoint_dir} at step {step}", flush=True)
+
+    eval_batch = config.eval.batch_size or config.train.batch_size
+    eval_chunk = config.eval.segments_per_call or config.train.segments_per_call
+    config_json = config.to_dict()
+    tokens_per_segment = config.train.batch_size * trainer.model_config.segment_length
+    bar = _progress(config.train.num_steps, step, is_main)
+    last, validation = {}, None
+    try:
+        while step < config.train.num_steps:
+            k = _chunk_length(step, config)
+            start = time.perf_counter()
+            chunk = device_chunk(trainer.mesh, stream.next_chunk(k))
+            state, memory, rng, metrics = trainer.train_chunk(state, memory, rng, chunk)
+            metrics = jax.device_get(metrics)
+            seconds = time.perf_counter() - start
+            for i in range(k):
+                row = {"step": step + i + 1, **{key: float(v[i]) for key, v in metrics.items()},
+                       "tokens_per_sec": tokens_per_segment * k / seconds, "num_devices": trainer.mesh.size}
+                if not all(math.isfinite(row[q]) for q in ("loss", "compression_loss", "grad_norm")):
+                    bad = [q for q in ("loss", "compression_loss", "grad_norm") if not math.isfinite(row[q])]
+                    raise FloatingPointError(f"non-finite {', '.join(bad)} at step {row['step']}; "
+                                             f"the last good checkpoint ({checkpointer.latest_step()}) is kept")
+                writer.write(row)
+                last = row
+            step += k
+            if bar is not None:
+                bar.update(k)
+                bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_sec']:,.0f}")
+            if step % config.train.checkpoint_every == 0 or step == config.train.num_steps:
+                checkpointer.save(step, {"train_state": state, "memory": memory, "rng": rng},
+                                  {**stream.state(), "tokenizer": tokenizer.fingerprint}, config_json)
+            if (config.train.eval_every and step % config.train.eval_every == 0) or step == config.train.num_steps:
+                validation = evaluate_corpus(trainer.model, state.params, valid_corpus, trainer.mesh,
+                                             eval_batch, eval_chunk)
+                writer.write({"step": step, "split": "validation", "loss": validation["total_nll"] / validation["tokens"],
+                              **{key: validation[key] for key in ("token_perplexity", "bits_per_token",
+                                                                  "bits_per_byte", "tokens")}})
+            writer.flush()
+    finally:
+        if bar is not None:
+            bar.close()
+        checkpointer.close()
+        writer.close()
+    if validation is None and is_main:  # already at num_steps: report on the restored state
+        validation = evaluate_corpus(trainer.model, state.params, valid_corpus, trainer.mesh, eval_batch, eval_chunk)
+    return {"train": last, "validation": validation, "step": step,
+            "unigram_bits_per_token": valid_corpus.unigram_bits_per_token()}
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="seg")
+
+
+def main() -> None:
+    from ctx.cli import FLAGS
+
+    if not FLAGS.workdir:
+        raise ValueError("--workdir is required (where checkpoints and metrics go)")
+    result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    if jax.process_index() == 0 and result["validation"]:
+        v = result["validation"]
+        print(f"step {result['step']}: validation {v['bits_per_byte']:.3f} bits/byte, "
+              f"token perplexity {v['token_perplexity']:.2f} over {v['documents']} documents "
+              f"(unigram baseline {result['unigram_bits_per_token']:.3f} bits/token)", flush=True)
+
+
+if __name__ == "__main__":
+    from ctx.cli import define_config_flags, run_main
+
+    define_config_flags()
+    run_main(main)

@@ -1,0 +1,137 @@
+"""Evaluation: exact against a naive per-document loop, invariant to batch and devices."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ctx
+from ctx import evaluate, losses, train
+from ctx.data.datasets import load_corpus
+from tests.helpers import read_metrics, tiny_train_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("eval") / "run")
+    train.train_and_evaluate(tiny_train_config(num_steps=4), workdir)
+    return workdir
+
+
+def naive_document_nll(config, params, corpus):
+    """One document at a time, batch 1, a Python loop over segments."""
+    model = ctx.CompressiveTransformer(config.model)
+    n_s = config.model.segment_length
+    apply = jax.jit(model.apply)
+    totals = []
+    for d in range(len(corpus)):
+        memory, total = ctx.init_memory(config.model, 1), 0.0
+        for j in range(corpus.num_segments(d, n_s)):
+            inputs, targets, weights = corpus.segment(d, j, n_s)
+            logits, memory, _ = apply({"params": params}, jnp.asarray(inputs[None]), memory)
+            total += float((losses.token_nll(logits, jnp.asarray(targets[None])) * weights).sum())
+        totals.append(total)
+    return np.array(totals)
+
+
+def test_report_matches_training_validation_and_naive_loop(trained_run):
+    cfg = tiny_train_config(num_steps=4)
+    report = evaluate.evaluate_checkpoint(cfg, trained_run, "validation")
+    for key in ("split", "documents", "tokens", "words", "total_nll", "token_perplexity", "word_perplexity",
+                "word_count_source", "bits_per_byte", "by_position", "per_document", "tokens_per_sec", "step",
+                "num_devices", "model"):
+        assert key in report, key
+    assert report["step"] == 4 and report["word_count_source"] == "whitespace"
+    validation = [r for r in read_metrics(trained_run) if r.get("split") == "validation"][-1]
+    assert report["bits_per_byte"] == pytest.approx(validation["bits_per_byte"], rel=1e-6)
+    corpus = load_corpus(cfg.data, "validation")
+    assert report["tokens"] == len(corpus.flat) == sum(d["tokens"] for d in report["per_document"])
+    assert sum(b["count"] for b in report["by_position"]) == report["tokens"]
+    from ctx.checkpoint import Checkpointer
+    ckpt = Checkpointer(os.path.join(trained_run, "checkpoints"), 10)
+    state, _, _ = ckpt.restore(4, train.Trainer(cfg).abstract_checkpoint())
+    ckpt.close()
+    naive = naive_document_nll(cfg, state["train_state"].params, corpus)
+    per_doc = np.array([d["nll"] for d in report["per_document"]])
+    tokens = np.array([d["tokens"] for d in report["per_document"]])
+    assert np.abs(per_doc - naive).max() / tokens.min() < 1e-5  # nats per token
+    assert report["word_perplexity"] == pytest.approx(np.exp(report["total_nll"] / report["words"]))
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_any_batch_size_gives_the_same_totals(trained_run, batch_size):
+    base = evaluate.evaluate_checkpoint(tiny_train_config(num_steps=4), trained_run, "validation")
+    cfg = tiny_train_config(num_steps=4)
+    cfg.eval.batch_size, cfg.eval.segments_per_call = batch_size, 5
+    report = evaluate.evaluate_checkpoint(cfg, trained_run, "validation")
+    assert report["tokens"] == base["tokens"] and report["documents"] == base["documents"]
+    assert report["total_nll"] == pytest.approx(base["total_nll"], rel=1e-5)
+
+
+def test_memory_lengths_can_grow_at_evaluation_but_shapes_cannot_change(trained_run):
+    cfg = tiny_train_config(num_steps=4)
+    cfg.model.compressed_length, cfg.model.memory_length = 32, 16
+    report = evaluate.evaluate_checkpoint(cfg, trained_run, "validation")
+    assert report["model"]["compressed_length"] == 32 and np.isfinite(report["total_nll"])
+    cfg = tiny_train_config(num_steps=4)
+    cfg.model.d_ff = 128
+    with pytest.raises(ValueError, match=r"model.d_ff: checkpoint 64, config 128"):
+        evaluate.evaluate_checkpoint(cfg, trained_run, "validation")
+    with pytest.raises(ValueError, match=r"--step=3 is not in"):
+        evaluate.evaluate_checkpoint(tiny_train_config(num_steps=4), trained_run, "validation", step=3)
+
+
+EVAL_8 = """
+import json, sys, jax
+from ctx import evaluate
+from tests.helpers import tiny_train_config
+assert jax.device_count() == 8
+report = evaluate.evaluate_checkpoint(tiny_train_config(num_steps=4), sys.argv[1], "validation")
+print(json.dumps({"total_nll": report["total_nll"], "tokens": report["tokens"], "devices": report["num_devices"]}))
+"""
+
+
+def test_eight_devices_give_the_same_report(trained_run):
+    base = evaluate.evaluate_checkpoint(tiny_train_config(num_steps=4), trained_run, "validation")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, "-c", EVAL_8, trained_run], env=env, capture_output=True, text=True,
+                         cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["devices"] == 8 and got["tokens"] == base["tokens"]
+    assert got["total_nll"] == pytest.approx(base["total_nll"], rel=1e-5)
+
+
+def test_word_level_uses_official_pg19_counts_only_for_full_splits():
+    result = {"total_nll": 1000.0, "documents": 100, "words": 500}
+    official = evaluate.word_level(result, "pg19", "test")
+    assert official["word_count_source"] == "pg19-official" and official["word_count_used"] == 6_966_499
+    assert evaluate.word_level({**result, "documents": 3}, "pg19", "test")["word_count_source"] == "whitespace"
+    assert evaluate.word_level(result, "demo", "test")["word_perplexity"] == pytest.approx(np.exp(2.0))
+
+
+def test_cli_writes_report_and_overlay_plot(trained_run, tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    base = [sys.executable, "-m", "ctx.evaluate", "--config=experiments/demo.py", "--config.train.num_steps=4",
+            "--config.model.n_layers=2", "--config.model.d_model=32", "--config.model.n_heads=2",
+            "--config.model.d_ff=64", "--config.model.segment_length=8", "--config.model.memory_length=8",
+            "--config.model.compressed_length=8", "--config.data.validation_fraction=0.03",
+            f"--workdir={trained_run}", "--split=validation"]
+    out = subprocess.run(base + [f"--output={tmp_path / 'a.json'}"], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "word perplexity (whitespace)" in out.stdout
+    report = json.loads((tmp_path / "a.json").read_text())
+    assert report["split"] == "validation" and (tmp_path / "a.png").stat().st_size > 1000
+    out = subprocess.run(base + [f"--output={tmp_path / 'b.json'}", f"--compare={tmp_path / 'a.json'}"], env=env,
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and (tmp_path / "b.png").exists()
+    for args, message in [(["--split=dev"], "split 'dev' does not exist"),
+                          ([f"--workdir={tmp_path / 'none'}"], "has no checkpoints/ folder")]:
+        out = subprocess.run(base + args, env=env, capture_output=True, text=True, cwd=ROOT)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
