@@ -98,6 +98,41 @@ class RelativeAttention(nn.Module):
         r_PHK = jnp.einsum("pd,dhk->phk", table_PD, self._cast(kernel))
         return relative_shift(jnp.einsum("bnhk,phk->bhnp", qv_BNHK, r_PHK))
 
+    def position_tables(self, n_mem: int, n_cmem: int) -> tuple[jax.Array, jax.Array | None]:
+        """Projected sinusoid tables (distances descending) for memory+segment and cmem+segment;
+        sampling computes them once per segment instead of once per token."""
+        N = self.cfg.segment_length
+
+        def table(kernel, P):
+            table_PD = sinusoid_table(jnp.arange(P - 1, -1, -1), self.cfg.d_model).astype(self.cfg.dtype)
+            return jnp.einsum("pd,dhk->phk", table_PD, self._cast(kernel))
+
+        return table(self.pos_kernel, n_mem + N), table(self.cmem_pos_kernel, n_cmem + N) if n_cmem else None
+
+    def decode(self, x_B1D: jax.Array, k_BTHK: jax.Array, v_BTHK: jax.Array, r_PHK: jax.Array,
+               rc_PHK: jax.Array | None, mask_B1T: jax.Array, position: jax.Array, n_cmem: int, n_mem: int):
+        """One query at segment offset `position` against cached keys/values of
+        [cmem; mem; segment so far]. Returns (output [B,1,d], updated k and v caches)."""
+        C, M, N = n_cmem, n_mem, self.cfg.segment_length
+        x_B1D = x_B1D.astype(self.cfg.dtype)
+        q_B1HK = self.queries(x_B1D)
+        k_new, v_new = self.keys_values(x_B1D)
+        k_BTHK = jax.lax.dynamic_update_slice_in_dim(k_BTHK, k_new.astype(k_BTHK.dtype), C + M + position, axis=1)
+        v_BTHK = jax.lax.dynamic_update_slice_in_dim(v_BTHK, v_new.astype(v_BTHK.dtype), C + M + position, axis=1)
+        content_BH1T = jnp.einsum("bnhk,bthk->bhnt", q_B1HK + self._cast(self.u_bias), k_BTHK)
+        # Key j of [mem; segment] is at distance M + position - j: column N-1-position+j of
+        # the descending table (the relative shift, for one row).
+        columns = N - 1 - position + jnp.arange(M + N)
+        raw = jnp.einsum("bnhk,phk->bhnp", q_B1HK + self._cast(self.v_bias), r_PHK)
+        position_BH1T = jnp.take(raw, jnp.clip(columns, 0, M + N - 1), axis=-1)
+        if C:
+            raw_c = jnp.einsum("bnhk,phk->bhnp", q_B1HK + self._cast(self.cmem_v_bias), rc_PHK)
+            cmem_position = jnp.take(raw_c, jnp.clip(N - 1 - position + jnp.arange(C), 0, C + N - 1), axis=-1)
+            position_BH1T = jnp.concatenate([cmem_position, position_BH1T], axis=-1)
+        logits = jnp.where(mask_B1T[:, None], (content_BH1T + position_BH1T).astype(jnp.float32), NEG_INF)
+        probs = jax.nn.softmax(logits, axis=-1).astype(self.cfg.dtype)
+        return self.out(jnp.einsum("bhnt,bthk->bnhk", probs, v_BTHK)), k_BTHK, v_BTHK
+
     def __call__(self, x_BND: jax.Array, mem_BMD: jax.Array, cmem_BCD: jax.Array,
                  mask_B1NT: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Returns (output [B,N,d], attention probabilities [B,H,N,T], scaled queries)."""

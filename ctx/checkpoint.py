@@ -12,6 +12,10 @@ from typing import Any
 import orbax.checkpoint as ocp
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that exists but cannot be read."""
+
+
 class Checkpointer:
     def __init__(self, directory: str, max_to_keep: int) -> None:
         directory = os.fspath(directory)
@@ -39,6 +43,42 @@ class Checkpointer:
             config=ocp.args.JsonRestore()))
         return restored.state, restored.data, restored.config
 
+    def restore_latest(self, abstract_state: Any, fallback: bool = False) -> tuple[int, Any, dict] | None:
+        """(step, state, data) of the newest readable checkpoint, or None if there is none.
+
+        A half-written step (an interrupted async save) is never listed: orbax commits a
+        step by renaming its folder. A committed step that cannot be read is an error naming
+        it, unless `fallback`, which moves on to the previous step. Never a silent fresh start.
+        """
+        steps = sorted(self.all_steps(), reverse=True)
+        for i, step in enumerate(steps):
+            try:
+                state, data, _ = self.restore(step, abstract_state)
+                return step, state, data
+            except Exception as error:  # orbax/tensorstore raise many types for damaged files
+                reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}"
+                older = steps[i + 1] if i + 1 < len(steps) else None
+                if not fallback or older is None:
+                    hint = (f"set --config.train.on_corrupt_checkpoint=previous to resume from step {older}"
+                            if older is not None else "no older checkpoint is left to fall back to")
+                    raise CheckpointError(f"checkpoint {step} in {self.directory}/{step} cannot be read ({reason}); "
+                                          f"{hint}") from None
+                self._set_aside(step)
+                print(f"warning: checkpoint {step} cannot be read ({reason}); moved it to "
+                      f"{self.directory}/corrupt-{step} and trying step {older}", flush=True)
+        return None
+
+    def _set_aside(self, step: int) -> None:
+        """Rename a damaged step out of orbax's sight (kept for inspection, never deleted)."""
+        from etils import epath
+
+        source = epath.Path(self.directory) / str(step)
+        target = epath.Path(self.directory) / f"corrupt-{step}"
+        if target.exists():
+            target = epath.Path(self.directory) / f"corrupt-{step}-{len(list(epath.Path(self.directory).iterdir()))}"
+        source.rename(target)
+        self.manager.reload()
+
     def restore_params(self, step: int, abstract_params: Any) -> Any:
         """Only the parameters of checkpoint `step`, onto the shardings in `abstract_params`."""
         target = {"train_state": {"params": abstract_params}}
@@ -50,7 +90,11 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
 
     def restore_config(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+        except Exception as error:
+            raise CheckpointError(f"the config saved with checkpoint {step} in {self.directory}/{step} cannot be "
+                                  f"read ({type(error).__name__}); the checkpoint is damaged") from None
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -14,6 +14,17 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from ctx.checkpoint import CheckpointError
+    from ctx.run_guard import WorkdirLocked
+
+    return (ValueError, TypeError, KeyError, AttributeError, OSError, flags.Error, FloatingPointError,
+            CheckpointError, WorkdirLocked)
+
+
+USER_ERRORS = _user_errors()
+
+
 def define_config_flags() -> None:
     config_flags.DEFINE_config_file("config", None, "experiments/<task>.py[:variant], overridable "
                                     "with --config.<section>.<field>=value", lock_config=True)
@@ -28,12 +39,13 @@ def run_main(main: Callable[[], None], needs_config: bool = True) -> None:
         if needs_config and FLAGS.config is None:
             raise ValueError("--config is required, e.g. --config=experiments/demo.py")
         main()
-    except (ValueError, TypeError, KeyError, AttributeError, FileNotFoundError, NotADirectoryError,
-            flags.Error) as error:
+    except Exception as error:  # noqa: BLE001 - every failure of a CLI ends as one line
         if "--verbose" in sys.argv or "--verbose=true" in sys.argv:
             raise
-        print(f"error: {_one_line(error)}", file=sys.stderr)
-        sys.exit(2)
+        user_error = isinstance(error, USER_ERRORS)
+        prefix = "error" if user_error else f"error ({type(error).__name__}; --verbose shows the traceback)"
+        print(f"{prefix}: {_one_line(error)}", file=sys.stderr)
+        sys.exit(2 if user_error else 1)
 
 
 def _one_line(error: BaseException) -> str:

@@ -176,6 +176,9 @@ def default_config() -> ml_collections.ConfigDict:
             segments_per_call=8,  # K: segments scanned inside one jitted call
             checkpoint_every=500,
             max_checkpoints_to_keep=2,
+            # A committed checkpoint that cannot be read: 'error' (stop and say which) or
+            # 'previous' (resume from the newest older one that reads).
+            on_corrupt_checkpoint="error",
             eval_every=500,  # 0 = validate only at the end
             # Adam with linear warmup (init_lr -> peak_lr) then cosine decay to end_lr.
             peak_lr=3e-4,
@@ -227,6 +230,8 @@ def validate(cfg: Any) -> None:
     for name in ("batch_size", "segments_per_call", "accumulate_every", "checkpoint_every",
                  "max_checkpoints_to_keep"):
         _require(train[name] > 0, f"train.{name} must be positive, got {train[name]}")
+    _require(train.on_corrupt_checkpoint in ("error", "previous"),
+             f"train.on_corrupt_checkpoint={train.on_corrupt_checkpoint!r} is unknown; choose 'error' or 'previous'")
     _require(cfg.mesh.data == -1 or cfg.mesh.data > 0,
              f"mesh.data must be -1 (all remaining devices) or positive, got {cfg.mesh.data}")
     _require(cfg.mesh.fsdp > 0, f"mesh.fsdp must be positive, got {cfg.mesh.fsdp}")

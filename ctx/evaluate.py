@@ -22,7 +22,7 @@ import numpy as np
 
 from ctx import losses
 from ctx.data.source import TokenizedCorpus
-from ctx.data.stream import eval_chunks, num_eval_chunks
+from ctx.data.stream import eval_chunks
 from ctx.memory import Memory, init_memory
 from ctx.sharding import batch_sharding, global_batch_array, process_rows, replicated, to_host
 
@@ -128,58 +128,20 @@ def word_level(result: dict[str, Any], dataset: str, split: str) -> dict[str, An
             "word_count_used": words}
 
 
-def resolve_tokenizer(config: ml_collections.ConfigDict, workdir: str, recorded: str | None) -> None:
-    """Use the run's own tokenizer copy when the configured one is not what it trained with."""
-    from ctx.data.tokenizer import load_tokenizer
-
-    copy = os.path.join(workdir, "tokenizer.model")
-    if recorded in (None, "bytes") or not os.path.isfile(copy):
-        return
-    configured = None
-    try:
-        configured = load_tokenizer(config.data.tokenizer).fingerprint
-    except (ValueError, FileNotFoundError):
-        pass
-    if configured != recorded and load_tokenizer(copy).fingerprint == recorded:
-        config.data.tokenizer = copy
-
-
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: str,
                         step: int | None = None, progress: bool = False) -> dict[str, Any]:
     """Restore checkpoint `step` (default: latest) of the run in workdir and evaluate a split."""
-    from ctx.checkpoint import Checkpointer
-    from ctx.config import ModelConfig, validate
     from ctx.data.datasets import check_data_config, load_corpus
-    from ctx.model import CompressiveTransformer
-    from ctx.sharding import check_batch_fits, make_mesh, param_sharding
-    from ctx.train import check_resumable, check_vocab
+    from ctx.restore import restore_for_inference
+    from ctx.sharding import check_batch_fits, make_mesh
 
-    validate(config)
     check_data_config(config.data, split)
-    checkpoint_dir = os.path.join(workdir, "checkpoints")
-    if "://" not in workdir and not os.path.isdir(checkpoint_dir):
-        raise FileNotFoundError(f"--workdir={workdir} has no checkpoints/ folder; train first or fix the path")
-    checkpointer = Checkpointer(checkpoint_dir, max_to_keep=1000)
-    steps = checkpointer.all_steps()
-    if not steps:
-        raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        raise ValueError(f"--step={step} is not in {checkpoint_dir} (steps: {steps})")
-    check_resumable(checkpointer.restore_config(step), config)
-    resolve_tokenizer(config, workdir, checkpointer.restore_data(step).get("tokenizer"))
-    corpus = load_corpus(config.data, split, progress=progress and jax.process_index() == 0)
-    check_vocab(corpus.tokenizer, config)
     mesh = make_mesh(config.mesh)
     batch_size = config.eval.batch_size or config.train.batch_size
     check_batch_fits(batch_size, mesh)
-    model = CompressiveTransformer(ModelConfig.from_config(config.model))
-    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jax.numpy.zeros(
-        (1, config.model.segment_length), jax.numpy.int32), init_memory(config.model, 1))["params"])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=param_sharding(
-        mesh, tuple(x.shape))), abstract)
-    params = checkpointer.restore_params(step, abstract)
-    checkpointer.close()
+    restored = restore_for_inference(config, workdir, step, mesh)
+    model, params, step = restored.model, restored.params, restored.step
+    corpus = load_corpus(config.data, split, progress=progress and jax.process_index() == 0)
     result = evaluate_corpus(model, params, corpus, mesh, batch_size,
                              config.eval.segments_per_call or config.train.segments_per_call, progress)
     return {"split": split, "step": step, "num_devices": mesh.size, "dataset": config.data.dataset,

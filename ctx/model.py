@@ -9,6 +9,7 @@ from functools import partial
 from typing import Any
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -29,6 +30,7 @@ class Block(nn.Module):
 
     cfg: ModelConfig
     deterministic: bool = True
+    mode: str = "segment"  # or 'prefill' / 'decode' (sampling with cached keys and values)
 
     def _compress(self, attention: RelativeAttention, evicted_BND: jax.Array, q_BNHK: jax.Array,
                   probs_BHNT: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -51,8 +53,11 @@ class Block(nn.Module):
         return jax.lax.stop_gradient(compressed_BKD), loss
 
     @nn.compact
-    def __call__(self, x_BND: jax.Array, mem_BMD: jax.Array, cmem_BCD: jax.Array,
-                 mask_B1NT: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    def __call__(self, x_BND: jax.Array, *inputs: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        """mode 'segment': (x, mem, cmem, mask) -> x, (mem, cmem, compression loss, attention mass).
+        mode 'prefill': (_, mem, cmem) -> _, (keys, values, position tables) for sampling.
+        mode 'decode': (x [B,1,d], keys, values, tables..., mask, position) -> x, (keys, values).
+        """
         cfg = self.cfg
         dropout = partial(nn.Dropout(cfg.dropout), deterministic=self.deterministic)
         ln_attention = nn.LayerNorm(dtype=cfg.dtype, name="ln_attention")
@@ -63,17 +68,32 @@ class Block(nn.Module):
             y_BNF = jax.nn.relu(nn.Dense(cfg.d_ff, dtype=cfg.dtype, name="mlp_in")(y_BND))
             return nn.Dense(cfg.d_model, dtype=cfg.dtype, name="mlp_out")(dropout(y_BNF))
 
-        if cfg.layer_norm == "pre":
-            attention_in_BND = ln_attention(x_BND)
-            out_BND, probs_BHNT, q_BNHK = attention(attention_in_BND, mem_BMD, cmem_BCD, mask_B1NT)
-            x_BND = x_BND + dropout(out_BND)
-            x_BND = x_BND + dropout(mlp(ln_mlp(x_BND)))
-        else:  # post-LN, the paper's Algorithm 1
-            attention_in_BND = x_BND
-            out_BND, probs_BHNT, q_BNHK = attention(attention_in_BND, mem_BMD, cmem_BCD, mask_B1NT)
-            x_BND = ln_attention(x_BND + dropout(out_BND))
-            x_BND = ln_mlp(x_BND + dropout(mlp(x_BND)))
+        def residual(x, attend):
+            """The layer around an attention call; returns (x, attention input, attend's output)."""
+            if cfg.layer_norm == "pre":
+                attention_in = ln_attention(x)
+                out, *extra = attend(attention_in)
+                x = x + dropout(out)
+                return x + dropout(mlp(ln_mlp(x))), attention_in, extra
+            out, *extra = attend(x)  # post-LN, the paper's Algorithm 1: attention sees the residual
+            y = ln_attention(x + dropout(out))
+            return ln_mlp(y + dropout(mlp(y))), x, extra
 
+        if self.mode == "prefill":
+            mem_BMD, cmem_BCD = inputs
+            k, v = attention.keys_values(jnp.concatenate([cmem_BCD, mem_BMD], axis=1).astype(cfg.dtype))
+            r, rc = attention.position_tables(cfg.memory_length, cfg.compressed_length)
+            rc = jnp.zeros((0,) + r.shape[1:], r.dtype) if rc is None else rc
+            return x_BND, (k, v, r, rc)
+        if self.mode == "decode":
+            k, v, r, rc, mask_B1T, position = inputs
+            x_BND, _, (k, v) = residual(x_BND, lambda a: attention.decode(
+                a, k, v, r, rc, mask_B1T, position, cfg.compressed_length, cfg.memory_length))
+            return x_BND, (k, v)
+
+        mem_BMD, cmem_BCD, mask_B1NT = inputs
+        x_BND, attention_in_BND, (probs_BHNT, q_BNHK) = residual(
+            x_BND, lambda a: attention(a, mem_BMD, cmem_BCD, mask_B1NT))
         new_mem_BMD, evicted_BND = fifo_update(mem_BMD, jax.lax.stop_gradient(attention_in_BND))
         new_cmem_BCD, loss = cmem_BCD, jnp.zeros((), jnp.float32)
         if cfg.compresses:
@@ -81,6 +101,7 @@ class Block(nn.Module):
             new_cmem_BCD = append_compressed(cmem_BCD, compressed_BKD)
         C, M = cmem_BCD.shape[1], mem_BMD.shape[1]
         mass_BHNT = jax.lax.stop_gradient(probs_BHNT)
+        self.sow("intermediates", "attention_probs", mass_BHNT)
         attention_mass = jnp.stack([mass_BHNT[..., :C].sum(-1).mean(), mass_BHNT[..., C:C + M].sum(-1).mean(),
                                     mass_BHNT[..., C + M:].sum(-1).mean()])
         return x_BND, (new_mem_BMD, new_cmem_BCD, loss, attention_mass)
@@ -95,29 +116,46 @@ class CompressiveTransformer(nn.Module):
     def model_config(self) -> ModelConfig:
         return ModelConfig.from_config(self.config)
 
+    def _layers(self, cfg: ModelConfig, deterministic: bool, mode: str, in_axes: tuple) -> nn.Module:
+        block = Block
+        if cfg.remat != "none" and mode == "segment":
+            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        return nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
+                       split_rngs={"params": True, "dropout": True}, in_axes=in_axes,
+                       length=cfg.n_layers)(cfg, deterministic, mode, name="layers")
+
+    def _embed(self, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
+        embed = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=nn.initializers.normal(1.0), name="embed")
+        return embed(tokens).astype(cfg.dtype)
+
+    def _logits(self, cfg: ModelConfig, x_BND: jax.Array) -> jax.Array:
+        if cfg.layer_norm == "pre":
+            x_BND = nn.LayerNorm(dtype=cfg.dtype, name="ln_final")(x_BND)
+        return nn.Dense(cfg.vocab_size, dtype=cfg.dtype, name="logits")(x_BND).astype(jnp.float32)
+
     @nn.compact
-    def __call__(self, tokens_BN: jax.Array, memory: Memory, reset: jax.Array | None = None,
-                 deterministic: bool = True) -> tuple[jax.Array, Memory, dict[str, jax.Array]]:
+    def __call__(self, tokens_BN: jax.Array | None, memory: Memory, reset: jax.Array | None = None,
+                 deterministic: bool = True, *, cache: "DecodeCache | None" = None, prefill: bool = False):
+        """One segment: (logits [B,n_s,V], next memory, aux).
+
+        For sampling (ctx.sample): `prefill=True` returns a DecodeCache of the memory's keys and
+        values; with `cache`, `tokens_BN` is one token per row [B,1] at offset `cache.position`
+        of the current segment, and the result is (logits [B,1,V], updated cache).
+        """
         cfg = self.model_config
+        if prefill:
+            return self._prefill(cfg, memory)
+        if cache is not None:
+            return self._decode(cfg, tokens_BN, cache)
         if tokens_BN.ndim != 2 or tokens_BN.shape[1] != cfg.segment_length:
             raise ValueError(f"tokens must be int [batch, segment_length={cfg.segment_length}], "
                              f"got shape {tokens_BN.shape}")
         memory = reset_rows(memory, reset)
-        embed = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=nn.initializers.normal(1.0), name="embed")
-        x_BND = embed(tokens_BN).astype(cfg.dtype)
-        x_BND = nn.Dropout(cfg.dropout)(x_BND, deterministic=deterministic)
+        x_BND = nn.Dropout(cfg.dropout)(self._embed(cfg, tokens_BN), deterministic=deterministic)
         mask_B1NT = attention_mask(memory.mem_mask, memory.cmem_mask, cfg.segment_length)
-
-        block = Block
-        if cfg.remat != "none":
-            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                         in_axes=(0, 0, nn.broadcast), length=cfg.n_layers)(cfg, deterministic, name="layers")
+        layers = self._layers(cfg, deterministic, "segment", (0, 0, nn.broadcast))
         x_BND, (mem, cmem, compression_losses, attention_mass) = layers(x_BND, memory.mem, memory.cmem, mask_B1NT)
-
-        if cfg.layer_norm == "pre":
-            x_BND = nn.LayerNorm(dtype=cfg.dtype, name="ln_final")(x_BND)
-        logits_BNV = nn.Dense(cfg.vocab_size, dtype=cfg.dtype, name="logits")(x_BND).astype(jnp.float32)
+        logits_BNV = self._logits(cfg, x_BND)
         mem_mask, cmem_mask = update_masks(memory, cfg)
         new_memory = Memory(mem=mem, cmem=cmem, mem_mask=mem_mask, cmem_mask=cmem_mask)
         aux = {
@@ -126,3 +164,34 @@ class CompressiveTransformer(nn.Module):
             "attention_mass": attention_mass,  # [L, 3]: mass on (cmem, mem, segment)
         }
         return logits_BNV, jax.lax.stop_gradient(new_memory), aux
+
+    def _prefill(self, cfg: ModelConfig, memory: Memory) -> "DecodeCache":
+        layers = self._layers(cfg, True, "prefill", (0, 0))
+        _, (k, v, r, rc) = layers(jnp.zeros(()), memory.mem, memory.cmem)
+        B, N = memory.batch_size, cfg.segment_length
+        pad = jnp.zeros(k.shape[:2] + (N,) + k.shape[3:], k.dtype)
+        return DecodeCache(k=jnp.concatenate([k, pad], axis=2), v=jnp.concatenate([v, pad], axis=2), r=r, rc=rc,
+                           memory_mask=jnp.concatenate([memory.cmem_mask, memory.mem_mask], axis=1),
+                           position=jnp.zeros((), jnp.int32))
+
+    def _decode(self, cfg: ModelConfig, token_B1: jax.Array, cache: "DecodeCache"):
+        N = cfg.segment_length
+        segment_mask = jnp.broadcast_to(jnp.arange(N) <= cache.position, (cache.memory_mask.shape[0], N))
+        mask_B1T = jnp.concatenate([cache.memory_mask, segment_mask], axis=1)[:, None]
+        layers = self._layers(cfg, True, "decode", (0, 0, 0, 0, nn.broadcast, nn.broadcast))
+        x_B1D, (k, v) = layers(self._embed(cfg, token_B1), cache.k, cache.v, cache.r, cache.rc, mask_B1T,
+                               cache.position)
+        return self._logits(cfg, x_B1D), cache.replace(k=k, v=v, position=cache.position + 1)
+
+
+@flax.struct.dataclass
+class DecodeCache:
+    """Per-layer keys/values of [cmem; mem; current segment] and projected position tables,
+    so sampling computes each token once instead of re-running its segment."""
+
+    k: jax.Array  # [L, B, n_cm + n_m + n_s, H, K]
+    v: jax.Array
+    r: jax.Array  # [L, n_m + n_s, H, K]
+    rc: jax.Array  # [L, n_cm + n_s, H, K] (empty without compressed memory)
+    memory_mask: jax.Array  # [B, n_cm + n_m]
+    position: jax.Array  # offset of the next token in the current segment

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import signal
+import sys
 import time
 from typing import Any
 
@@ -25,12 +27,14 @@ from ctx import losses
 from ctx.checkpoint import Checkpointer
 from ctx.config import ModelConfig, validate
 from ctx.data.datasets import load_corpus
+from ctx.data.prefetch import ChunkPrefetcher
 from ctx.data.stream import TrainStream
 from ctx.evaluate import device_chunk, evaluate_corpus, memory_shardings
 from ctx.memory import Memory, init_memory
 from ctx.metrics import MetricWriter
 from ctx.model import CompressiveTransformer
 from ctx.optim import learning_rate, make_optimizer
+from ctx.run_guard import StopRequest, WorkdirLock, fault_injection
 from ctx.sharding import check_batch_fits, make_mesh, param_sharding, process_rows, replicated
 
 # Model fields that shape parameters: a checkpoint only restores into the same values.
@@ -149,7 +153,9 @@ def _chunk_length(step: int, config) -> int:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Train to config.train.num_steps (resuming from workdir), validating on the way.
 
-    Everything that can be wrong with the input is checked before workdir is touched.
+    Everything that can be wrong with the input is checked before workdir is touched. On
+    SIGTERM the current chunk finishes, a checkpoint is written and the result says
+    `preempted`; non-finite losses or gradients stop the run without saving that state.
     Returns the last training metrics and the final validation result.
     """
     validate(config)
@@ -169,59 +175,83 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         probe.close()
 
     os.makedirs(workdir, exist_ok=True)
+    lock = WorkdirLock(workdir) if is_main else None
+    stop = StopRequest()
+    try:
+        return _run(config, workdir, trainer, train_corpus, valid_corpus, stop)
+    finally:
+        stop.restore()
+        if lock is not None:
+            lock.release()
+
+
+def _run(config, workdir, trainer, train_corpus, valid_corpus, stop: StopRequest) -> dict[str, Any]:
+    is_main = jax.process_index() == 0
+    tokenizer = train_corpus.tokenizer
     if is_main and hasattr(tokenizer, "path") and not os.path.exists(os.path.join(workdir, "tokenizer.model")):
         shutil.copyfile(tokenizer.path, os.path.join(workdir, "tokenizer.model"))  # evaluation finds it here
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
     checkpointer = Checkpointer(checkpoint_dir, config.train.max_checkpoints_to_keep)
     writer = MetricWriter(workdir, enabled=is_main)
     stream = TrainStream(train_corpus, config.train.batch_size, trainer.model_config.segment_length,
                          seed=config.seed, shuffle=config.data.shuffle, rows=process_rows(config.train.batch_size))
-    latest = checkpointer.latest_step()
-    if latest is None:
+    restored = checkpointer.restore_latest(trainer.abstract_checkpoint(),
+                                           fallback=config.train.on_corrupt_checkpoint == "previous")
+    if restored is None:
         state = trainer.init_state(jax.random.PRNGKey(config.seed))
         memory, rng = trainer.init_memory(), jax.device_put(jax.random.PRNGKey(config.seed + 1), replicated(trainer.mesh))
         step = 0
     else:
-        restored, data_state, _ = checkpointer.restore(latest, trainer.abstract_checkpoint())
-        state, memory, rng = restored["train_state"], restored["memory"], restored["rng"]
+        step, device_state, data_state = restored
+        state, memory, rng = device_state["train_state"], device_state["memory"], device_state["rng"]
         if data_state.get("tokenizer", tokenizer.fingerprint) != tokenizer.fingerprint:
             raise ValueError(f"the run in {workdir} was trained with tokenizer {data_state['tokenizer']}, "
                              f"but data.tokenizer={config.data.tokenizer} is {tokenizer.fingerprint}; "
                              f"use the run's copy, {os.path.join(workdir, 'tokenizer.model')}")
         stream.restore(data_state)
-        step = latest
         if is_main:
-            print(f"Resumed from {checkpoint_dir} at step {step}", flush=True)
+            print(f"Resumed from checkpoint {step} in {checkpoint_dir}", flush=True)
 
     eval_batch = config.eval.batch_size or config.train.batch_size
     eval_chunk = config.eval.segments_per_call or config.train.segments_per_call
     config_json = config.to_dict()
     tokens_per_segment = config.train.batch_size * trainer.model_config.segment_length
     bar = _progress(config.train.num_steps, step, is_main)
-    last, validation = {}, None
+    last, validation, preempted, saved_step = {}, None, False, step
+    chunks = ChunkPrefetcher(stream, step, config.train.num_steps, lambda s: _chunk_length(s, config))
+
+    def save(data_state):
+        checkpointer.save(step, {"train_state": state, "memory": memory, "rng": rng},
+                          {**data_state, "tokenizer": tokenizer.fingerprint}, config_json)
+        if fault_injection() == f"kill_during_save:{step}":
+            os.kill(os.getpid(), signal.SIGKILL)
+
     try:
         while step < config.train.num_steps:
-            k = _chunk_length(step, config)
             start = time.perf_counter()
-            chunk = device_chunk(trainer.mesh, stream.next_chunk(k))
+            k, host_chunk, data_state = next(chunks)
+            chunk = device_chunk(trainer.mesh, host_chunk)
             state, memory, rng, metrics = trainer.train_chunk(state, memory, rng, chunk)
             metrics = jax.device_get(metrics)
             seconds = time.perf_counter() - start
             for i in range(k):
                 row = {"step": step + i + 1, **{key: float(v[i]) for key, v in metrics.items()},
                        "tokens_per_sec": tokens_per_segment * k / seconds, "num_devices": trainer.mesh.size}
-                if not all(math.isfinite(row[q]) for q in ("loss", "compression_loss", "grad_norm")):
-                    bad = [q for q in ("loss", "compression_loss", "grad_norm") if not math.isfinite(row[q])]
-                    raise FloatingPointError(f"non-finite {', '.join(bad)} at step {row['step']}; "
-                                             f"the last good checkpoint ({checkpointer.latest_step()}) is kept")
+                bad = [q for q in ("loss", "compression_loss", "grad_norm") if not math.isfinite(row[q])]
+                if bad:
+                    checkpointer.wait()
+                    raise FloatingPointError(
+                        f"non-finite {', '.join(bad)} at step {row['step']}; the run stopped without saving "
+                        f"that state, and the last good checkpoint ({checkpointer.latest_step()}) is kept")
                 writer.write(row)
                 last = row
             step += k
             if bar is not None:
                 bar.update(k)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_sec']:,.0f}")
-            if step % config.train.checkpoint_every == 0 or step == config.train.num_steps:
-                checkpointer.save(step, {"train_state": state, "memory": memory, "rng": rng},
-                                  {**stream.state(), "tokenizer": tokenizer.fingerprint}, config_json)
+            if step % config.train.checkpoint_every == 0 or step == config.train.num_steps or stop.requested:
+                save(data_state)
+                saved_step = step
             if (config.train.eval_every and step % config.train.eval_every == 0) or step == config.train.num_steps:
                 validation = evaluate_corpus(trainer.model, state.params, valid_corpus, trainer.mesh,
                                              eval_batch, eval_chunk)
@@ -229,15 +259,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                               **{key: validation[key] for key in ("token_perplexity", "bits_per_token",
                                                                   "bits_per_byte", "tokens")}})
             writer.flush()
+            if stop.requested and step < config.train.num_steps:
+                preempted = True
+                break
     finally:
+        chunks.close()
         if bar is not None:
             bar.close()
         checkpointer.close()
         writer.close()
-    if validation is None and is_main:  # already at num_steps: report on the restored state
+    if validation is None and not preempted:  # already at num_steps: report on the restored state
         validation = evaluate_corpus(trainer.model, state.params, valid_corpus, trainer.mesh, eval_batch, eval_chunk)
-    return {"train": last, "validation": validation, "step": step,
-            "unigram_bits_per_token": valid_corpus.unigram_bits_per_token()}
+    return {"train": last, "validation": validation, "step": step, "saved_step": saved_step, "params": state.params,
+            "preempted": preempted, "unigram_bits_per_token": valid_corpus.unigram_bits_per_token()}
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -254,6 +288,10 @@ def main() -> None:
     if not FLAGS.workdir:
         raise ValueError("--workdir is required (where checkpoints and metrics go)")
     result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    if result["preempted"]:
+        print(f"Stopped by SIGTERM after step {result['step']}: checkpoint {result['saved_step']} is saved; "
+              "run the same command again to resume.", file=sys.stderr, flush=True)
+        sys.exit(143)
     if jax.process_index() == 0 and result["validation"]:
         v = result["validation"]
         print(f"step {result['step']}: validation {v['bits_per_byte']:.3f} bits/byte, "

@@ -85,3 +85,20 @@ def test_paper_configs_validate_and_txl_keeps_attention_length(task):
     assert txl.model.compressed_length == 0
     assert txl.model.memory_length == ct.model.memory_length + ct.model.compressed_length
     assert ct.train.peak_lr == 3e-4 and ct.train.grad_clip == 0.1 and ct.train.accumulate_every == 4
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(compression="dilated_conv", compressed_length=8),
+                                       dict(compressed_length=0), dict(layer_norm="post")])
+def test_parameter_count_matches_the_model(overrides):
+    import jax
+    import jax.numpy as jnp
+
+    from ctx.flops import parameter_count
+    cfg = ctx.model_config(**overrides)
+    model = ctx.CompressiveTransformer(cfg)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, cfg.segment_length), jnp.int32),
+                            ctx.init_memory(cfg, 1))["params"]
+    counted = parameter_count(cfg)
+    assert counted["total"] == sum(x.size for x in jax.tree.leaves(shapes))
+    compress = shapes["layers"].get("compress", {})
+    assert counted["compression"] == sum(x.size for x in jax.tree.leaves(compress))

@@ -37,15 +37,15 @@ class TokenizedCorpus:
     @classmethod
     def from_documents(cls, documents: Iterable[Document], tokenizer, progress: bool = False) -> "TokenizedCorpus":
         ids, arrays, num_bytes, num_words, skipped = [], [], [], [], 0
-        for doc in _progress(documents, progress, "tokenize"):
-            tokens = np.asarray(tokenizer.encode(doc.text), np.int32)
-            if len(tokens) == 0:
-                skipped += 1
-                continue
-            ids.append(str(doc.id))
-            arrays.append(tokens)
-            num_bytes.append(len(doc.text.encode("utf-8", "surrogateescape")))
-            num_words.append(len(doc.text.split()))
+        for batch in _batches(_progress(documents, progress, "tokenize"), 64):
+            for doc, tokens in zip(batch, tokenizer.encode_batch([d.text for d in batch])):
+                if len(tokens) == 0:
+                    skipped += 1
+                    continue
+                ids.append(str(doc.id))
+                arrays.append(tokens)
+                num_bytes.append(len(doc.text.encode("utf-8", "surrogateescape")))
+                num_words.append(len(doc.text.split()))
         offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays], dtype=np.int64)]).astype(np.int64)
         flat = np.concatenate(arrays) if arrays else np.zeros(0, np.int32)
         return cls(ids, flat, offsets, np.asarray(num_bytes, np.int64), np.asarray(num_words, np.int64),
@@ -114,6 +114,17 @@ class TokenizedCorpus:
         counts = np.bincount(np.asarray(self.flat))
         p = counts[counts > 0] / counts.sum()
         return float(-(p * np.log2(p)).sum())
+
+
+def _batches(items: Iterable, size: int) -> Iterable[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _progress(items, enabled: bool, desc: str):

@@ -103,8 +103,3 @@ def eval_chunks(corpus: TokenizedCorpus, batch_size: int, segment_length: int, c
                 chunk["position"][k, b] = j * n_s + np.arange(n_s)
         yield chunk
 
-
-def num_eval_chunks(corpus: TokenizedCorpus, batch_size: int, segment_length: int, chunk_size: int) -> int:
-    longest = max(sum(corpus.num_segments(doc, segment_length) for doc in range(row, len(corpus), batch_size))
-                  for row in range(batch_size))
-    return -(-longest // chunk_size)

@@ -40,6 +40,9 @@ class ByteTokenizer:
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8", "surrogateescape"), np.uint8).astype(np.int32)
 
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [self.encode(t) for t in texts]
+
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids if 0 < int(i) < 256).decode("utf-8", errors="replace")
 
@@ -66,6 +69,10 @@ class SentencePieceTokenizer:
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._sp.encode(text), np.int32)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """Many documents at once on all cores (SentencePiece's own threads)."""
+        return [np.asarray(ids, np.int32) for ids in self._sp.encode(texts, num_threads=os.cpu_count() or 1)]
 
     def decode(self, ids) -> str:
         return self._sp.decode([int(i) for i in ids])

@@ -1,0 +1,101 @@
+"""Looking inside: where attention goes (compressed memory, memory, segment; by age), the
+per-layer compression loss, and the memories as NumPy arrays. Plots for notebooks."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from ctx.memory import Memory
+
+KINDS = ("compressed", "memory", "segment")
+
+
+def memory_arrays(memory: Memory) -> dict[str, np.ndarray]:
+    """mem [L,B,n_m,d], cmem [L,B,n_cm,d] and their validity masks as NumPy."""
+    return {k: np.asarray(getattr(memory, k)) for k in ("mem", "cmem", "mem_mask", "cmem_mask")}
+
+
+def inspect_segment(model, params: Any, tokens, memory: Memory, buckets: int = 4) -> dict[str, Any]:
+    """Run one segment and report per layer: attention mass on each memory kind, split into
+    `buckets` age groups (oldest first), the mean age in tokens of each group, and the
+    compression loss. Also returns the next memory, so a notebook can walk a text."""
+    cfg = model.model_config
+    (logits, new_memory, aux), state = jax.jit(
+        lambda p, t, m: model.apply({"params": p}, t, m, mutable=["intermediates"]))(params, tokens, memory)
+    probs = np.asarray(state["intermediates"]["layers"]["attention_probs"][0])  # [L,B,H,N,T]
+    C, M, N, c = cfg.compressed_length, cfg.memory_length, cfg.segment_length, cfg.compression_rate
+    i = np.arange(N)[:, None]
+    ages = {  # [N, slots]: how many tokens back each key is from each query
+        "compressed": M + c * (C - np.arange(C))[None, :] + i - c / 2,
+        "memory": M + i - np.arange(M)[None, :],
+        "segment": np.maximum(i - np.arange(N)[None, :], 0),
+    }
+    spans = {"compressed": (0, C), "memory": (C, C + M), "segment": (C + M, C + M + N)}
+    by_age, mean_age = {}, {}
+    for kind, (lo, hi) in spans.items():
+        groups = np.array_split(np.arange(hi - lo), buckets) if hi > lo else []
+        by_age[kind] = np.stack([probs[..., lo + g].sum(-1).mean(axis=(1, 2, 3)) for g in groups], axis=1) \
+            if len(groups) else np.zeros((cfg.n_layers, 0))
+        mean_age[kind] = np.array([ages[kind][:, g].mean() for g in groups]) if len(groups) else np.zeros(0)
+    return {
+        "attention_mass": np.asarray(aux["attention_mass"]),  # [L, 3] (compressed, memory, segment)
+        "attention_by_age": by_age,  # kind -> [L, buckets]
+        "mean_age_tokens": mean_age,  # kind -> [buckets]
+        "compression_loss_per_layer": np.asarray(aux["compression_loss_per_layer"]),
+        "logits": np.asarray(logits),
+        "memory": new_memory,
+    }
+
+
+def plot_attention_mass(attention_mass: np.ndarray, ax=None, title: str = "Attention mass per layer"):
+    """Stacked bars: share of each layer's attention on compressed memory, memory, segment."""
+    import matplotlib.pyplot as plt
+
+    ax = ax or plt.subplots(figsize=(6, 3.5))[1]
+    bottom = np.zeros(attention_mass.shape[0])
+    for k, kind in enumerate(KINDS):
+        ax.bar(np.arange(len(bottom)), attention_mass[:, k], bottom=bottom, label=kind)
+        bottom += attention_mass[:, k]
+    ax.set_xlabel("layer")
+    ax.set_ylabel("attention mass")
+    ax.set_title(title)
+    ax.legend()
+    return ax
+
+
+def plot_attention_by_age(report: dict[str, Any], layer: int = 0, ax=None):
+    """Attention mass against key age (tokens back), one line per memory kind."""
+    import matplotlib.pyplot as plt
+
+    ax = ax or plt.subplots(figsize=(6, 3.5))[1]
+    for kind in KINDS:
+        ages, mass = report["mean_age_tokens"][kind], report["attention_by_age"][kind][layer]
+        if len(ages):
+            ax.plot(np.maximum(ages, 0.5), mass, marker="o", label=kind)
+    ax.set_xscale("log")
+    ax.set_xlabel("key age (tokens back)")
+    ax.set_ylabel("attention mass")
+    ax.set_title(f"Layer {layer}: attention by age")
+    ax.legend()
+    return ax
+
+
+def plot_losses(metrics: list[dict[str, Any]], ax=None):
+    """Training loss (and compression loss on a second axis) against step from metrics rows."""
+    import matplotlib.pyplot as plt
+
+    ax = ax or plt.subplots(figsize=(6, 3.5))[1]
+    rows = [r for r in metrics if "split" not in r]
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="LM loss (nats/token)")
+    valid = [r for r in metrics if r.get("split") == "validation"]
+    if valid:
+        ax.plot([r["step"] for r in valid], [r["loss"] for r in valid], "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend(loc="upper right")
+    twin = ax.twinx()
+    twin.plot([r["step"] for r in rows], [r["compression_loss"] for r in rows], color="tab:gray", alpha=0.6)
+    twin.set_ylabel("compression loss", color="tab:gray")
+    return ax

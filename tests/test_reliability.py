@@ -1,0 +1,185 @@
+"""Faults provoked for real in subprocesses: SIGTERM, SIGKILL mid-save, corrupted
+checkpoints, NaNs, a second process on the same workdir, and bad input at the CLI."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from ctx import train
+from tests.helpers import read_metrics, tiny_train_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TRAIN = """
+import sys
+from ctx import train
+from tests.helpers import tiny_train_config
+cfg = tiny_train_config(num_steps=int(sys.argv[2]), checkpoint_every=int(sys.argv[3]), segments_per_call=2)
+for override in sys.argv[4:]:
+    key, value = override.split("=")
+    cfg.train[key] = type(cfg.train[key])(value)
+result = train.train_and_evaluate(cfg, sys.argv[1])
+print("RESULT", result["step"], result["preempted"], flush=True)
+sys.exit(143 if result["preempted"] else 0)
+"""
+
+
+def start_training(workdir, num_steps, checkpoint_every, *overrides, env_extra=None):
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", **(env_extra or {}))
+    return subprocess.Popen([sys.executable, "-c", TRAIN, str(workdir), str(num_steps), str(checkpoint_every),
+                             *overrides], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def train_rows(workdir):
+    return [r for r in read_metrics(workdir) if "split" not in r]
+
+
+def wait_for_rows(workdir, n, proc, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(os.path.join(workdir, "metrics.jsonl")) and len(train_rows(workdir)) >= n:
+            return
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        time.sleep(0.2)
+    raise TimeoutError
+
+
+def checkpoint_steps(workdir):
+    folder = os.path.join(workdir, "checkpoints")
+    return sorted(int(s) for s in os.listdir(folder) if s.isdigit())
+
+
+def test_sigterm_saves_and_resume_follows_the_uninterrupted_trajectory(tmp_path):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    train.train_and_evaluate(tiny_train_config(num_steps=40, checkpoint_every=1000, segments_per_call=2), str(straight))
+    proc = start_training(interrupted, 40, 1000)
+    wait_for_rows(interrupted, 4, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    stopped_at = int(out.split("RESULT")[1].split()[0])
+    assert stopped_at < 40 and checkpoint_steps(interrupted)[-1] == stopped_at
+    train.train_and_evaluate(tiny_train_config(num_steps=40, checkpoint_every=1000, segments_per_call=2),
+                             str(interrupted))
+    a, b = train_rows(straight), train_rows(interrupted)
+    assert [r["step"] for r in b] == list(range(1, 41))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]  # bitwise
+    assert [r["compression_loss"] for r in a] == [r["compression_loss"] for r in b]
+
+
+def test_sigkill_during_async_save_resumes_from_the_last_complete_checkpoint(tmp_path):
+    workdir = tmp_path / "run"
+    proc = start_training(workdir, 8, 2, env_extra={"CTX_FAULT_INJECTION": "kill_during_save:6"})
+    proc.communicate(timeout=240)
+    assert proc.returncode == -signal.SIGKILL
+    assert checkpoint_steps(workdir)[-1] == 4  # step 6 was never committed
+    out = subprocess.run([sys.executable, "-m", "ctx.train", "--config=experiments/demo.py", f"--workdir={workdir}",
+                          *CLI_TINY, "--config.train.num_steps=8", "--config.train.checkpoint_every=2",
+                          "--config.train.segments_per_call=2"],
+                         capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Resumed from checkpoint 4" in out.stdout
+    assert checkpoint_steps(workdir)[-1] == 8
+    assert not [p for p in os.listdir(workdir / "checkpoints") if "tmp" in p]
+
+
+def test_corrupted_checkpoint_is_named_and_previous_step_is_an_option(tmp_path):
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(tiny_train_config(num_steps=8, checkpoint_every=4), str(workdir))
+    state_dir = workdir / "checkpoints" / "8" / "state"
+    damaged = 0
+    for root, _, files in os.walk(state_dir):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "r+b") as f:
+                f.truncate(max(os.path.getsize(path) // 3, 1))
+                damaged += 1
+    assert damaged
+    before = sorted(os.listdir(workdir / "checkpoints"))
+    with pytest.raises(Exception, match=r"checkpoint 8 in .*checkpoints/8 cannot be read.*on_corrupt_checkpoint=previous"):
+        train.train_and_evaluate(tiny_train_config(num_steps=12, checkpoint_every=4), str(workdir))
+    assert sorted(os.listdir(workdir / "checkpoints")) == before  # nothing overwritten
+    result = train.train_and_evaluate(tiny_train_config(num_steps=12, checkpoint_every=4,
+                                                        on_corrupt_checkpoint="previous"), str(workdir))
+    assert result["step"] == 12
+    rows = train_rows(workdir)
+    assert [r["step"] for r in rows][-8:] == [5, 6, 7, 8, 9, 10, 11, 12]  # resumed after step 4
+    assert (workdir / "checkpoints" / "corrupt-8").is_dir()  # set aside, not deleted
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(tiny_train_config(num_steps=4, checkpoint_every=2, segments_per_call=2), str(workdir))
+    # Continue the run with an absurd learning rate: the weights blow up within a few steps.
+    cfg = tiny_train_config(num_steps=40, checkpoint_every=2, segments_per_call=2, peak_lr=1e30,
+                            compress_peak_lr=1e30, warmup_steps=0)
+    with pytest.raises(FloatingPointError, match=r"non-finite .* at step (\d+)") as info:
+        train.train_and_evaluate(cfg, str(workdir))
+    bad_step = int(str(info.value).split("at step ")[1].split(";")[0])
+    steps = checkpoint_steps(workdir)
+    assert bad_step > 4 and steps and steps[-1] < bad_step
+    assert all(np.isfinite(r["loss"]) for r in train_rows(workdir))
+
+
+def test_a_second_process_on_the_same_workdir_is_refused(tmp_path):
+    workdir = tmp_path / "run"
+    first = start_training(workdir, 100000, 1000)
+    try:
+        wait_for_rows(workdir, 1, first)
+        out = subprocess.run([sys.executable, "-m", "ctx.train", "--config=experiments/demo.py",
+                              f"--workdir={workdir}", *CLI_TINY], capture_output=True, text=True, cwd=ROOT,
+                             env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        assert out.returncode == 2
+        assert f"another training process (pid {first.pid}) is using" in out.stderr
+        assert "Traceback" not in out.stderr
+    finally:
+        first.kill()
+        first.communicate()
+
+
+CLI_TINY = ["--config.model.d_model=32", "--config.model.n_heads=2", "--config.model.d_ff=64",
+            "--config.model.segment_length=8", "--config.model.memory_length=8", "--config.model.compressed_length=8",
+            "--config.train.batch_size=8", "--config.data.validation_fraction=0.03", "--config.train.eval_every=0"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config=experiments/demo.py:nope"], "unknown variant 'nope'"),
+    (["--config=experiments/missing.py"], "missing.py"),
+    (["--config=experiments/demo.py", "--config.train.num_steps=abc"], "num_steps"),
+    (["--config=experiments/demo.py", "--config.train.num_steps=-5"], "train.num_steps must be a non-negative"),
+    (["--config=experiments/demo.py", "--config.model.segment_length=7"], "segment_length (7) must be a multiple"),
+    (["--config=experiments/demo.py", "--config.data.dataset=pg19", "--config.data.path=/nonexistent"],
+     "does not exist"),
+    (["--config=experiments/demo.py", "--config.data.tokenizer=/nonexistent.model"], "does not exist"),
+])
+def test_bad_input_is_one_line_and_changes_nothing(tmp_path, args, message):
+    workdir = tmp_path / "never"
+    out = subprocess.run([sys.executable, "-m", "ctx.train", *args, f"--workdir={workdir}"], capture_output=True,
+                         text=True, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], out.stderr
+    assert not workdir.exists()
+
+
+def test_verbose_shows_the_traceback(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "ctx.train", "--config=experiments/demo.py", "--verbose",
+                          "--config.model.segment_length=7", f"--workdir={tmp_path / 'w'}"], capture_output=True,
+                         text=True, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode != 0 and "Traceback" in out.stderr
+
+
+def test_checkpoints_hold_no_pickles(tmp_path):
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(tiny_train_config(num_steps=4), str(workdir))
+    for root, _, files in os.walk(workdir / "checkpoints"):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                head = f.read(2)
+            assert not (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")), name
+    json.loads((workdir / "checkpoints" / "4" / "config" / "metadata").read_text())
