@@ -13,14 +13,21 @@ import jax.numpy as jnp
 
 from ctx.config import ModelConfig
 
-_DIMS = ("NWC", "WIO", "NWC")
 
 
-def _conv(x_BTD: jax.Array, kernel_WIO: jax.Array, stride: int = 1, dilation: int = 1,
-          left_pad: int = 0) -> jax.Array:
-    return jax.lax.conv_general_dilated(
-        x_BTD, kernel_WIO.astype(x_BTD.dtype), window_strides=(stride,), padding=((left_pad, 0),),
-        rhs_dilation=(dilation,), dimension_numbers=_DIMS)
+def strided_conv(x_BTD: jax.Array, kernel_CIO: jax.Array) -> jax.Array:
+    """Conv1D with kernel = stride = c and no padding, as one GEMM: [B, T/c, c*d] @ [c*d, d]."""
+    B, T, d = x_BTD.shape
+    c = kernel_CIO.shape[0]
+    groups = x_BTD[:, :T // c * c].reshape(B, T // c, c * d)
+    return groups @ kernel_CIO.reshape(c * d, -1).astype(x_BTD.dtype)
+
+
+def causal_dilated_conv(x_BTD: jax.Array, kernel_2IO: jax.Array, rate: int) -> jax.Array:
+    """Kernel-2 conv with dilation `rate`, left-padded with zeros: y[t] = x[t-rate] W0 + x[t] W1."""
+    shifted = jnp.pad(x_BTD, ((0, 0), (rate, 0), (0, 0)))[:, :x_BTD.shape[1]]
+    kernel = kernel_2IO.astype(x_BTD.dtype)
+    return shifted @ kernel[0] + x_BTD @ kernel[1]
 
 
 class Compressor(nn.Module):
@@ -40,9 +47,9 @@ class Compressor(nn.Module):
         """The conv stack: causal dilated convs (ReLU between) then the strided conv."""
         if self.cfg.compression == "dilated_conv":
             for rate, kernel in zip(self.cfg.dilation_rates, self.dilated):
-                x_BND = _conv(x_BND, kernel, dilation=rate, left_pad=rate)
+                x_BND = causal_dilated_conv(x_BND, kernel, rate)
                 x_BND = jax.nn.relu(x_BND) if relu else x_BND
-        return _conv(x_BND, self.strided, stride=self.cfg.compression_rate)
+        return strided_conv(x_BND, self.strided)
 
     def __call__(self, evicted_BND: jax.Array, usage_BN: jax.Array | None = None) -> jax.Array:
         """Compress [B, n_s, d] to [B, n_s/c, d]; `usage` (attention received) for most_used."""

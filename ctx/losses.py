@@ -15,8 +15,10 @@ KeysValuesFn = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
 
 def token_nll(logits_BNV: jax.Array, targets_BN: jax.Array) -> jax.Array:
     """Negative log-likelihood [B,N] of each target token, in nats (computed in fp32)."""
-    logp = jax.nn.log_softmax(logits_BNV.astype(jnp.float32), axis=-1)
-    return -jnp.take_along_axis(logp, targets_BN[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    logits = logits_BNV.astype(jnp.float32)
+    # logsumexp - target logit; the one-hot product keeps the backward free of scatters.
+    target_logit = jnp.sum(logits * jax.nn.one_hot(targets_BN, logits.shape[-1], dtype=logits.dtype), axis=-1)
+    return jax.nn.logsumexp(logits, axis=-1) - target_logit
 
 
 def weighted_mean_nll(logits_BNV: jax.Array, targets_BN: jax.Array, weights_BN: jax.Array) -> jax.Array:

@@ -107,6 +107,23 @@ class Block(nn.Module):
         return x_BND, (new_mem_BMD, new_cmem_BCD, loss, attention_mass)
 
 
+class Embedding(nn.Module):
+    """Token embedding. Small vocabularies embed by a one-hot matmul, whose backward is a GEMM
+    instead of a scatter-add (much faster on CPUs and TPUs); large ones gather."""
+
+    cfg: ModelConfig
+    one_hot_below: int = 4096
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        table = self.param("embedding", nn.initializers.normal(1.0), (cfg.vocab_size, cfg.d_model))
+        table = table.astype(cfg.dtype)
+        if cfg.vocab_size < self.one_hot_below:
+            return jax.nn.one_hot(tokens, cfg.vocab_size, dtype=cfg.dtype) @ table
+        return jnp.take(table, tokens, axis=0)
+
+
 class CompressiveTransformer(nn.Module):
     """The Compressive Transformer LM (n_cm = 0: Transformer-XL; n_m = n_cm = 0: vanilla)."""
 
@@ -125,8 +142,7 @@ class CompressiveTransformer(nn.Module):
                        length=cfg.n_layers)(cfg, deterministic, mode, name="layers")
 
     def _embed(self, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
-        embed = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=nn.initializers.normal(1.0), name="embed")
-        return embed(tokens).astype(cfg.dtype)
+        return Embedding(cfg, name="embed")(tokens)
 
     def _logits(self, cfg: ModelConfig, x_BND: jax.Array) -> jax.Array:
         if cfg.layer_norm == "pre":

@@ -247,3 +247,17 @@ def test_wrong_token_shape_is_a_clear_error():
     model, variables, memory = build(cfg)
     with pytest.raises(ValueError, match=r"tokens must be int \[batch, segment_length=4\]"):
         model.apply(variables, jnp.zeros((2, 5), jnp.int32), memory)
+
+
+def test_compression_convolutions_match_lax_conv():
+    """The GEMM forms of the strided and causal dilated convolutions equal XLA's conv."""
+    from ctx.compression import causal_dilated_conv, strided_conv
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 12, 5)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(3, 5, 4)), jnp.float32)
+    dims = ("NWC", "WIO", "NWC")
+    expected = jax.lax.conv_general_dilated(x, kernel, (3,), "VALID", dimension_numbers=dims)
+    np.testing.assert_allclose(strided_conv(x, kernel), expected, rtol=1e-5, atol=1e-5)
+    kernel2 = jnp.asarray(rng.normal(size=(2, 5, 5)), jnp.float32)
+    expected = jax.lax.conv_general_dilated(x, kernel2, (1,), ((2, 0),), rhs_dilation=(2,), dimension_numbers=dims)
+    np.testing.assert_allclose(causal_dilated_conv(x, kernel2, 2), expected, rtol=1e-5, atol=1e-5)
