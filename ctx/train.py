@@ -8,9 +8,9 @@ one optimizer step (truncated back-propagation: the memory entering a segment is
 """
 from __future__ import annotations
 
+import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -22,9 +22,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 
 from ctx import losses
-from ctx.checkpoint import Checkpointer
+from ctx.checkpoint import Checkpointer, read_latest_config
 from ctx.config import ModelConfig, validate
 from ctx.data.datasets import load_corpus
 from ctx.data.prefetch import ChunkPrefetcher
@@ -35,7 +36,7 @@ from ctx.metrics import MetricWriter
 from ctx.model import CompressiveTransformer
 from ctx.optim import learning_rate, make_optimizer
 from ctx.run_guard import StopRequest, WorkdirLock, fault_injection
-from ctx.sharding import check_batch_fits, make_mesh, param_sharding, process_rows, replicated
+from ctx.sharding import batch_sharding, check_batch_fits, make_mesh, param_sharding, process_rows, replicated
 
 # Model fields that shape parameters: a checkpoint only restores into the same values.
 PARAMETER_FIELDS = ("vocab_size", "n_layers", "d_model", "n_heads", "d_ff", "compression",
@@ -159,7 +160,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     Returns the last training metrics and the final validation result.
     """
     validate(config)
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
+    if epath.Path(workdir).exists() and not epath.Path(workdir).is_dir():
         raise ValueError(f"--workdir={workdir} exists and is not a directory")
     trainer = Trainer(config)
     is_main = jax.process_index() == 0
@@ -168,13 +169,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     tokenizer = train_corpus.tokenizer
     check_vocab(tokenizer, config)
     checkpoint_dir = os.path.join(workdir, "checkpoints")
-    if os.path.isdir(checkpoint_dir):
-        probe = Checkpointer(checkpoint_dir, config.train.max_checkpoints_to_keep)
-        if probe.latest_step() is not None:
-            check_resumable(probe.restore_config(probe.latest_step()), config)
-        probe.close()
+    saved_config = read_latest_config(checkpoint_dir)
+    if saved_config is not None:
+        check_resumable(saved_config, config)
 
-    os.makedirs(workdir, exist_ok=True)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local folders and gs:// alike
     lock = WorkdirLock(workdir) if is_main else None
     stop = StopRequest()
     try:
@@ -188,8 +187,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _run(config, workdir, trainer, train_corpus, valid_corpus, stop: StopRequest) -> dict[str, Any]:
     is_main = jax.process_index() == 0
     tokenizer = train_corpus.tokenizer
-    if is_main and hasattr(tokenizer, "path") and not os.path.exists(os.path.join(workdir, "tokenizer.model")):
-        shutil.copyfile(tokenizer.path, os.path.join(workdir, "tokenizer.model"))  # evaluation finds it here
+    copy = epath.Path(workdir) / "tokenizer.model"
+    if is_main and hasattr(tokenizer, "path") and not copy.exists():
+        copy.write_bytes(epath.Path(tokenizer.path).read_bytes())  # evaluation finds it here
     checkpoint_dir = os.path.join(workdir, "checkpoints")
     checkpointer = Checkpointer(checkpoint_dir, config.train.max_checkpoints_to_keep)
     writer = MetricWriter(workdir, enabled=is_main)
@@ -282,9 +282,48 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, desc="train", unit="seg")
 
 
+def compile_report(config: ml_collections.ConfigDict, topology: str | None = None) -> dict[str, Any]:
+    """Lower and compile the training chunk for a mesh without running it (ahead of time):
+    on the local devices, or on a TPU topology such as 'v5p-256' described by libtpu, to
+    find out-of-memory before booking a pod. Returns per-device memory estimates."""
+    validate(config)
+    devices = None
+    if topology:
+        from jax.experimental import topologies
+
+        try:
+            devices = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
+        except Exception as error:  # noqa: BLE001 - no libtpu, unknown name, ...
+            raise ValueError(f"--topology={topology} cannot be described here ({type(error).__name__}); "
+                             "compiling for TPU topologies needs libtpu: pip install 'jax[tpu]'") from None
+    trainer = Trainer(config, make_mesh(config.mesh, devices))
+    abstract = trainer.abstract_checkpoint()
+    K, B, N = config.train.segments_per_call, config.train.batch_size, trainer.model_config.segment_length
+    sharding = batch_sharding(trainer.mesh, 1, 3)
+    chunk = {"tokens": jax.ShapeDtypeStruct((K, B, N), jnp.int32, sharding=sharding),
+             "targets": jax.ShapeDtypeStruct((K, B, N), jnp.int32, sharding=sharding),
+             "weights": jax.ShapeDtypeStruct((K, B, N), jnp.float32, sharding=sharding),
+             "reset": jax.ShapeDtypeStruct((K, B), jnp.bool_, sharding=batch_sharding(trainer.mesh, 1, 2))}
+    start = time.perf_counter()
+    compiled = trainer.train_chunk.lower(abstract["train_state"], abstract["memory"], abstract["rng"], chunk).compile()
+    seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+              "generated_code_size_in_bytes", "alias_size_in_bytes")
+    per_device = {f: int(getattr(memory, f, 0) or 0) for f in fields} if memory is not None else {}
+    estimate = sum(per_device.get(f, 0) for f in fields[:4]) - per_device.get("alias_size_in_bytes", 0)
+    return {"platform": trainer.mesh.devices.flat[0].platform, "devices": trainer.mesh.size,
+            "mesh": dict(trainer.mesh.shape), "segments_per_call": K, "batch_size": B,
+            "compile_seconds": seconds, "per_device_bytes": per_device,
+            "per_device_memory_estimate_gib": estimate / 2 ** 30}
+
+
 def main() -> None:
     from ctx.cli import FLAGS
 
+    if FLAGS.compile_only:
+        print(json.dumps(compile_report(FLAGS.config, FLAGS.topology)), flush=True)
+        return
     if not FLAGS.workdir:
         raise ValueError("--workdir is required (where checkpoints and metrics go)")
     result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
@@ -302,5 +341,9 @@ def main() -> None:
 if __name__ == "__main__":
     from ctx.cli import define_config_flags, run_main
 
+    from absl import flags
+
     define_config_flags()
+    flags.DEFINE_bool("compile_only", False, "Compile the training step ahead of time and report memory; no run.")
+    flags.DEFINE_string("topology", None, "With --compile_only: a TPU topology such as v5p-256 (needs libtpu).")
     run_main(main)

@@ -65,3 +65,12 @@ def read_metrics(workdir):
 
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+# The tiny_train_config model and run, as command-line overrides of experiments/demo.py.
+TINY_CLI_FLAGS = ["--config.model.d_model=32", "--config.model.n_heads=2", "--config.model.d_ff=64",
+                  "--config.model.segment_length=8", "--config.model.memory_length=8",
+                  "--config.model.compressed_length=8", "--config.train.batch_size=8",
+                  "--config.train.segments_per_call=4", "--config.train.eval_every=0",
+                  "--config.train.warmup_steps=4", "--config.train.decay_steps=100",
+                  "--config.data.validation_fraction=0.03"]

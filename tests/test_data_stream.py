@@ -72,6 +72,9 @@ def test_stream_resumes_exactly_and_is_independent_of_process_split():
     for expected in a:
         lo, hi = low.next_chunk(7), high.next_chunk(7)
         np.testing.assert_array_equal(np.concatenate([lo["tokens"], hi["tokens"]], axis=1), expected["tokens"])
+        # Each process's saved position covers every row, not only its own.
+        assert low.state() == high.state()
+    assert low.state() == straight.state()
 
 
 def test_eval_chunks_score_every_token_of_every_document_once():

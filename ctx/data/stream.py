@@ -55,16 +55,25 @@ class TrainStream:
         self.docs_done, self.next_segment = list(state["docs_done"]), list(state["next_segment"])
 
     def next_chunk(self, num_segments: int) -> Chunk:
-        """[K, B_local, n_s] tokens/targets/weights and [K, B_local] reset."""
-        K, B, n_s = num_segments, len(self.rows), self.segment_length
+        """[K, B_local, n_s] tokens/targets/weights and [K, B_local] reset.
+
+        Every process advances the positions of all B rows (cheap: lengths only), so the
+        saved state is global whichever process writes it; segments are built only for the
+        local rows.
+        """
+        K, n_s = num_segments, self.segment_length
+        local = {row: b for b, row in enumerate(self.rows)}
+        B = len(self.rows)
         chunk = {"tokens": np.zeros((K, B, n_s), np.int32), "targets": np.zeros((K, B, n_s), np.int32),
                  "weights": np.zeros((K, B, n_s), np.float32), "reset": np.zeros((K, B), bool)}
         for k in range(K):
-            for b, row in enumerate(self.rows):
+            for row in range(self.batch_size):
                 doc, j = self.document_of(row), self.next_segment[row]
-                chunk["tokens"][k, b], chunk["targets"][k, b], chunk["weights"][k, b] = \
-                    self.corpus.segment(doc, j, n_s)
-                chunk["reset"][k, b] = j == 0
+                if row in local:
+                    b = local[row]
+                    chunk["tokens"][k, b], chunk["targets"][k, b], chunk["weights"][k, b] = \
+                        self.corpus.segment(doc, j, n_s)
+                    chunk["reset"][k, b] = j == 0
                 if j + 1 == self.corpus.num_segments(doc, n_s):
                     self.docs_done[row], self.next_segment[row] = self.docs_done[row] + 1, 0
                 else:

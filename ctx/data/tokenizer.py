@@ -53,11 +53,12 @@ class SentencePieceTokenizer:
     def __init__(self, path: str) -> None:
         import sentencepiece as spm
 
-        if not os.path.isfile(path):
+        from etils import epath
+
+        if not epath.Path(path).is_file():
             raise FileNotFoundError(f"data.tokenizer={path} does not exist; train one with "
                                     "`python -m ctx.data.tokenizer --input=... --output=PREFIX`")
-        with open(path, "rb") as f:
-            blob = f.read()
+        blob = epath.Path(path).read_bytes()  # local or gs://
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=blob)
         except RuntimeError as error:

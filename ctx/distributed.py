@@ -1,0 +1,40 @@
+"""Multi-host start-up with JAX's own runtime: one process per host, the same command on all.
+
+`initialize()` calls `jax.distributed.initialize` when the run is multi-process:
+explicit flags (--coordinator_address, --num_processes, --process_id), or what JAX
+detects itself on Cloud TPU pod slices and under SLURM. ctx grows no cluster manager.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+
+
+def _multi_host_environment() -> bool:
+    """Cloud TPU pod slices list several workers; SLURM jobs have several tasks."""
+    tpu_hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if "," in tpu_hosts:
+        return True
+    return int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in os.environ
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, mode: str = "auto") -> bool:
+    """Start jax.distributed if this run spans processes; returns whether it did.
+
+    mode 'auto': with explicit settings, or on a multi-host TPU slice / SLURM job;
+    'on': always (JAX auto-detects the cluster); 'off': never.
+    """
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"--distributed={mode!r} is unknown; choose auto, on or off")
+    explicit = coordinator_address is not None or num_processes is not None or process_id is not None
+    if mode == "off" or (mode == "auto" and not explicit and not _multi_host_environment()):
+        return False
+    if explicit and None in (coordinator_address, num_processes, process_id):
+        raise ValueError("--coordinator_address, --num_processes and --process_id go together; give all three")
+    if explicit and not 0 <= process_id < num_processes:
+        raise ValueError(f"--process_id={process_id} must be in [0, --num_processes={num_processes})")
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
+    return True
