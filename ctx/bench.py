@@ -27,9 +27,6 @@ from ctx.evaluate import device_chunk, make_eval_chunk_fn
 from ctx.flops import forward_flops_per_token, parameter_count, train_flops_per_token
 from ctx.train import Trainer
 
-TRAIN_KEYS = ("tokens", "targets", "weights", "reset")
-
-
 def matmul_flops_per_sec(dtype: str, n: int = 2048, repeats: int = 10) -> float:
     """Best rate of a jitted n×n×n matmul (the machine's practical ceiling)."""
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.dtype(dtype))
@@ -58,7 +55,7 @@ def run_benchmark(config: ml_collections.ConfigDict, chunks: int = 3) -> dict[st
     stream = TrainStream(load_corpus(config.data, "train"), config.train.batch_size, cfg.segment_length,
                          seed=config.seed)
     host_chunks = [stream.next_chunk(K) for _ in range(chunks + 1)]
-    device_chunks = [device_chunk(trainer.mesh, c, TRAIN_KEYS) for c in host_chunks]
+    device_chunks = [device_chunk(trainer.mesh, c) for c in host_chunks]
     state = trainer.init_state(jax.random.PRNGKey(config.seed))
     memory, rng = trainer.init_memory(), jax.random.PRNGKey(1)
 

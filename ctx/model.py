@@ -184,7 +184,7 @@ class CompressiveTransformer(nn.Module):
     def _prefill(self, cfg: ModelConfig, memory: Memory) -> "DecodeCache":
         layers = self._layers(cfg, True, "prefill", (0, 0))
         _, (k, v, r, rc) = layers(jnp.zeros(()), memory.mem, memory.cmem)
-        B, N = memory.batch_size, cfg.segment_length
+        N = cfg.segment_length
         pad = jnp.zeros(k.shape[:2] + (N,) + k.shape[3:], k.dtype)
         return DecodeCache(k=jnp.concatenate([k, pad], axis=2), v=jnp.concatenate([v, pad], axis=2), r=r, rc=rc,
                            memory_mask=jnp.concatenate([memory.cmem_mask, memory.mem_mask], axis=1),

@@ -20,7 +20,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from etils import epath
 
@@ -133,6 +132,10 @@ def check_resumable(saved: dict, config: ml_collections.ConfigDict) -> None:
     differing = [f"model.{f}: checkpoint {saved['model'][f]!r}, config {config.model[f]!r}"
                  for f in PARAMETER_FIELDS
                  if f in saved["model"] and _plain(saved["model"][f]) != _plain(config.model[f])]
+    if (saved["model"].get("compressed_length", 0) > 0) != (config.model.compressed_length > 0):
+        # Compressed memory brings its own position projection and compression network.
+        differing.append(f"model.compressed_length: checkpoint {saved['model']['compressed_length']}, config "
+                         f"{config.model.compressed_length} (zero and non-zero have different parameters)")
     if differing:
         raise ValueError("the checkpoint's model differs in fields that shape parameters: "
                          + "; ".join(differing) + ". Use the checkpoint's values or a new --workdir")

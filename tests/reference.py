@@ -68,7 +68,7 @@ def forward(params, tokens, memory, cfg):
     mem, cmem = np.asarray(memory.mem, np.float64), np.asarray(memory.cmem, np.float64)
     mem_mask, cmem_mask = np.asarray(memory.mem_mask), np.asarray(memory.cmem_mask)
     B, N = tokens.shape
-    L, n_m, n_cm = cfg.n_layers, cfg.memory_length, cfg.compressed_length
+    L, n_cm = cfg.n_layers, cfg.compressed_length
     new_mem, new_cmem = np.zeros_like(mem), np.zeros_like(cmem)
     logits = []
     for b in range(B):

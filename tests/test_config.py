@@ -102,3 +102,13 @@ def test_parameter_count_matches_the_model(overrides):
     assert counted["total"] == sum(x.size for x in jax.tree.leaves(shapes))
     compress = shapes["layers"].get("compress", {})
     assert counted["compression"] == sum(x.size for x in jax.tree.leaves(compress))
+
+
+def test_full_scale_parameter_counts_match_the_papers():
+    from experiments.reproduce import config_rows, markdown
+    rows = {r["config"]: r for r in config_rows()}
+    assert rows["enwik8:txl"]["parameters"] == pytest.approx(277e6, rel=0.01)  # TXL paper, 24 layers
+    # The compression network: c * d^2 per layer, ~75M for 24 layers of d = 1024, c = 3 (PAPER.md 4).
+    assert rows["enwik8:ct"]["compression_parameters"] == 24 * 3 * 1024 * 1024
+    assert rows["pg19:ct"]["train_gflops_per_token"] > rows["pg19:txl"]["train_gflops_per_token"]
+    assert "| enwik8:txl | 24 | 1024 | 1920 / 0 |" in markdown(list(rows.values()))

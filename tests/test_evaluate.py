@@ -83,6 +83,10 @@ def test_memory_lengths_can_grow_at_evaluation_but_shapes_cannot_change(trained_
     cfg.model.d_ff = 128
     with pytest.raises(ValueError, match=r"model.d_ff: checkpoint 64, config 128"):
         evaluate.evaluate_checkpoint(cfg, trained_run, "validation")
+    cfg = tiny_train_config(num_steps=4)
+    cfg.model.compressed_length = 0  # Transformer-XL has no compressed-memory parameters
+    with pytest.raises(ValueError, match=r"model.compressed_length: checkpoint 8, config 0"):
+        evaluate.evaluate_checkpoint(cfg, trained_run, "validation")
     with pytest.raises(ValueError, match=r"--step=3 is not in"):
         evaluate.evaluate_checkpoint(tiny_train_config(num_steps=4), trained_run, "validation", step=3)
 

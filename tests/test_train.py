@@ -1,12 +1,10 @@
 """Training: metrics contract, exact resume, device-count invariance, bad input."""
-import json
 import os
 import subprocess
 import sys
 
 import jax
 import numpy as np
-import optax
 import pytest
 
 from ctx import train
