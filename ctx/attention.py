@@ -89,25 +89,23 @@ class RelativeAttention(nn.Module):
             wk, wv = jax.lax.stop_gradient(wk), jax.lax.stop_gradient(wv)
         return (jnp.einsum("btd,dhk->bthk", x_BTD, wk), jnp.einsum("btd,dhk->bthk", x_BTD, wv))
 
+    def _projected_table(self, kernel: jax.Array, P: int, deterministic: bool) -> jax.Array:
+        """W_R · R for distances P-1 .. 0 (descending, as relative_shift expects): [P, H, K]."""
+        table_PD = sinusoid_table(jnp.arange(P - 1, -1, -1), self.cfg.d_model).astype(self.cfg.dtype)
+        table_PD = self.dropout(table_PD, deterministic=deterministic)
+        return jnp.einsum("pd,dhk->phk", table_PD, self._cast(kernel))
+
     def _position_scores(self, qv_BNHK: jax.Array, kernel: jax.Array, n_keys_before: int) -> jax.Array:
         """Position term [B,H,N,n_keys_before+N]: query i vs key j at distance n_before+i-j."""
-        N = qv_BNHK.shape[1]
-        P = n_keys_before + N
-        table_PD = sinusoid_table(jnp.arange(P - 1, -1, -1), self.cfg.d_model).astype(self.cfg.dtype)
-        table_PD = self.dropout(table_PD, deterministic=self.deterministic)
-        r_PHK = jnp.einsum("pd,dhk->phk", table_PD, self._cast(kernel))
+        r_PHK = self._projected_table(kernel, n_keys_before + qv_BNHK.shape[1], self.deterministic)
         return relative_shift(jnp.einsum("bnhk,phk->bhnp", qv_BNHK, r_PHK))
 
     def position_tables(self, n_mem: int, n_cmem: int) -> tuple[jax.Array, jax.Array | None]:
         """Projected sinusoid tables (distances descending) for memory+segment and cmem+segment;
         sampling computes them once per segment instead of once per token."""
         N = self.cfg.segment_length
-
-        def table(kernel, P):
-            table_PD = sinusoid_table(jnp.arange(P - 1, -1, -1), self.cfg.d_model).astype(self.cfg.dtype)
-            return jnp.einsum("pd,dhk->phk", table_PD, self._cast(kernel))
-
-        return table(self.pos_kernel, n_mem + N), table(self.cmem_pos_kernel, n_cmem + N) if n_cmem else None
+        r = self._projected_table(self.pos_kernel, n_mem + N, deterministic=True)
+        return r, self._projected_table(self.cmem_pos_kernel, n_cmem + N, deterministic=True) if n_cmem else None
 
     def decode(self, x_B1D: jax.Array, k_BTHK: jax.Array, v_BTHK: jax.Array, r_PHK: jax.Array,
                rc_PHK: jax.Array | None, mask_B1T: jax.Array, position: jax.Array, n_cmem: int, n_mem: int):

@@ -23,18 +23,12 @@ import numpy as np
 from ctx import losses
 from ctx.data.source import TokenizedCorpus
 from ctx.data.stream import eval_chunks
-from ctx.memory import Memory, init_memory
-from ctx.sharding import batch_sharding, global_batch_array, process_rows, replicated, to_host
+from ctx.memory import init_memory
+from ctx.sharding import global_batch_array, memory_shardings, process_rows, replicated, to_host
 
 EVAL_KEYS = ("tokens", "targets", "weights", "reset")
 # PAPER.md 8: word counts of the full PG-19 splits, the denominators of the paper's metric.
 PG19_WORDS = {"validation": (50, 3_007_061), "test": (100, 6_966_499)}
-
-
-def memory_shardings(mesh) -> Memory:
-    """Memory rows (axis 1 of mem/cmem, axis 0 of the masks) follow the batch."""
-    return Memory(mem=batch_sharding(mesh, 1, 4), cmem=batch_sharding(mesh, 1, 4),
-                  mem_mask=batch_sharding(mesh, 0, 2), cmem_mask=batch_sharding(mesh, 0, 2))
 
 
 def make_eval_chunk_fn(model):

@@ -74,12 +74,6 @@ def append_compressed(cmem_BCD: jax.Array, new_BKD: jax.Array) -> jax.Array:
     return keep_newest(full, cmem_BCD.shape[1])
 
 
-def evicted_mask(memory: Memory, n_s: int) -> jax.Array:
-    """Validity [B,n_s] of the entries a segment evicts (the oldest n_s of [mem; segment])."""
-    full = jnp.concatenate([memory.mem_mask, jnp.ones((memory.batch_size, n_s), bool)], axis=1)
-    return full[:, :n_s]
-
-
 def compressed_slot_mask(evicted_B_N: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Validity [B, n_s/c] of the slots compressed from the evicted entries.
 
@@ -102,5 +96,5 @@ def update_masks(memory: Memory, cfg: ModelConfig) -> tuple[jax.Array, jax.Array
     mem_mask = keep_newest(full, cfg.memory_length)
     if not cfg.compresses:
         return mem_mask, memory.cmem_mask
-    new_slots = compressed_slot_mask(evicted_mask(memory, n_s), cfg)
+    new_slots = compressed_slot_mask(full[:, :n_s], cfg)  # validity of the n_s evicted entries
     return mem_mask, append_compressed(memory.cmem_mask[..., None], new_slots[..., None])[..., 0]

@@ -37,6 +37,14 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def memory_shardings(mesh: Mesh):
+    """Memory rows (axis 1 of mem/cmem, axis 0 of the masks) follow the batch."""
+    from ctx.memory import Memory
+
+    return Memory(mem=batch_sharding(mesh, 1, 4), cmem=batch_sharding(mesh, 1, 4),
+                  mem_mask=batch_sharding(mesh, 0, 2), cmem_mask=batch_sharding(mesh, 0, 2))
+
+
 def param_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
     """FSDP rule: split the largest dimension divisible by the fsdp size; else replicate."""
     fsdp = mesh.shape["fsdp"]

@@ -29,13 +29,14 @@ from ctx.config import ModelConfig, validate
 from ctx.data.datasets import load_corpus
 from ctx.data.prefetch import ChunkPrefetcher
 from ctx.data.stream import TrainStream
-from ctx.evaluate import device_chunk, evaluate_corpus, memory_shardings
+from ctx.evaluate import device_chunk, evaluate_corpus
 from ctx.memory import Memory, init_memory
 from ctx.metrics import MetricWriter
 from ctx.model import CompressiveTransformer
 from ctx.optim import learning_rate, make_optimizer
 from ctx.run_guard import StopRequest, WorkdirLock, fault_injection
-from ctx.sharding import batch_sharding, check_batch_fits, make_mesh, param_sharding, process_rows, replicated
+from ctx.sharding import (batch_sharding, check_batch_fits, make_mesh, memory_shardings, param_sharding, process_rows,
+                           replicated)
 
 # Model fields that shape parameters: a checkpoint only restores into the same values.
 PARAMETER_FIELDS = ("vocab_size", "n_layers", "d_model", "n_heads", "d_ff", "compression",

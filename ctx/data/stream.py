@@ -19,6 +19,12 @@ from ctx.data.source import TokenizedCorpus
 Chunk = dict[str, np.ndarray]
 
 
+def empty_chunk(K: int, B: int, n_s: int, reset: bool) -> Chunk:
+    """Zero tokens/targets/weights [K,B,n_s] (weight 0 = padding) and reset [K,B]."""
+    return {"tokens": np.zeros((K, B, n_s), np.int32), "targets": np.zeros((K, B, n_s), np.int32),
+            "weights": np.zeros((K, B, n_s), np.float32), "reset": np.full((K, B), reset)}
+
+
 class TrainStream:
     """Infinite training segments for the global rows `rows` (default: all of them)."""
 
@@ -64,8 +70,7 @@ class TrainStream:
         K, n_s = num_segments, self.segment_length
         local = {row: b for b, row in enumerate(self.rows)}
         B = len(self.rows)
-        chunk = {"tokens": np.zeros((K, B, n_s), np.int32), "targets": np.zeros((K, B, n_s), np.int32),
-                 "weights": np.zeros((K, B, n_s), np.float32), "reset": np.zeros((K, B), bool)}
+        chunk = empty_chunk(K, B, n_s, reset=False)
         for k in range(K):
             for row in range(self.batch_size):
                 doc, j = self.document_of(row), self.next_segment[row]
@@ -98,8 +103,7 @@ def eval_chunks(corpus: TokenizedCorpus, batch_size: int, segment_length: int, c
     total = max(len(plan) for plan in plans)
     for start in range(0, total, chunk_size):
         K, B = chunk_size, len(rows)
-        chunk = {"tokens": np.zeros((K, B, n_s), np.int32), "targets": np.zeros((K, B, n_s), np.int32),
-                 "weights": np.zeros((K, B, n_s), np.float32), "reset": np.ones((K, B), bool),
+        chunk = {**empty_chunk(K, B, n_s, reset=True),  # rows that ran out stay empty and reset
                  "document": np.full((K, B, n_s), -1, np.int32), "position": np.zeros((K, B, n_s), np.int32)}
         for k in range(K):
             for b, row in enumerate(rows):

@@ -143,11 +143,8 @@ def train_sentencepiece(input_path: str, vocab_size: int, output_prefix: str, ma
 
 
 def main() -> None:
-    from absl import flags
-
     from ctx.cli import FLAGS
 
-    del flags
     path = train_sentencepiece(FLAGS.input, FLAGS.vocab_size, FLAGS.output, FLAGS.max_bytes, FLAGS.seed)
     tokenizer = SentencePieceTokenizer(path)
     print(f"wrote {path} and {FLAGS.output}.vocab ({tokenizer.vocab_size} pieces)")
