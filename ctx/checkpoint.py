@@ -10,6 +10,8 @@ import json
 import os
 from typing import Any
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -37,6 +39,23 @@ def read_latest_config(directory: str) -> dict | None:
                               f"({type(error).__name__}); the checkpoint is damaged") from None
 
 
+def _is_empty(leaf: Any) -> bool:
+    return 0 in tuple(getattr(leaf, "shape", ()))
+
+
+def _without_empty(tree: Any) -> Any:
+    """Zero-size arrays (a Transformer-XL's cmem, n_cm = 0) as None: orbax cannot save them."""
+    return jax.tree.map(lambda x: None if _is_empty(x) else x, tree)
+
+
+def _with_empty(restored: Any, abstract: Any) -> Any:
+    """Put back the zero-size arrays `_without_empty` left out, on the abstract's shardings."""
+    leaves, treedef = jax.tree.flatten(abstract)
+    saved = iter(jax.tree.leaves(restored))
+    return treedef.unflatten([jax.device_put(np.zeros(x.shape, x.dtype), getattr(x, "sharding", None))
+                              if _is_empty(x) else next(saved) for x in leaves])
+
+
 class Checkpointer:
     def __init__(self, directory: str, max_to_keep: int) -> None:
         directory = os.fspath(directory)
@@ -54,15 +73,15 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_state: dict, config: dict) -> None:
         self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+            state=ocp.args.StandardSave(_without_empty(state)), data=ocp.args.JsonSave(data_state),
             config=ocp.args.JsonSave(config)), force=True)
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
         """Restore onto the shardings in `abstract_state` (any device count)."""
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+            state=ocp.args.StandardRestore(_without_empty(abstract_state)), data=ocp.args.JsonRestore(),
             config=ocp.args.JsonRestore()))
-        return restored.state, restored.data, restored.config
+        return _with_empty(restored.state, abstract_state), restored.data, restored.config
 
     def restore_latest(self, abstract_state: Any, fallback: bool = False) -> tuple[int, Any, dict] | None:
         """(step, state, data) of the newest readable checkpoint, or None if there is none.

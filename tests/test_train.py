@@ -18,9 +18,9 @@ def train_rows(workdir):
     return [r for r in read_metrics(workdir) if "split" not in r]
 
 
-def params_of(workdir, step=None):
+def params_of(workdir, step=None, cfg=None):
     from ctx.checkpoint import Checkpointer
-    cfg = tiny_train_config()
+    cfg = cfg or tiny_train_config()
     trainer = train.Trainer(cfg)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), 10)
     state, data, _ = ckpt.restore(step or ckpt.latest_step(), trainer.abstract_checkpoint())
@@ -51,16 +51,24 @@ def test_relative_workdir(tmp_path, monkeypatch):
     assert (tmp_path / "runs" / "relative" / "checkpoints" / "4").is_dir()
 
 
-def test_resume_follows_the_same_trajectory_bitwise(tmp_path):
+def txl(cfg):
+    """The Transformer-XL variant: no compressed memory (zero-size cmem arrays in the state)."""
+    cfg.model.memory_length, cfg.model.compressed_length = 16, 0
+    return cfg
+
+
+@pytest.mark.parametrize("variant", [lambda cfg: cfg, txl], ids=["ct", "txl"])
+def test_resume_follows_the_same_trajectory_bitwise(tmp_path, variant):
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    train.train_and_evaluate(tiny_train_config(num_steps=8), straight)
-    train.train_and_evaluate(tiny_train_config(num_steps=4), split)
-    train.train_and_evaluate(tiny_train_config(num_steps=8), split)  # a larger num_steps continues
+    train.train_and_evaluate(variant(tiny_train_config(num_steps=8)), straight)
+    train.train_and_evaluate(variant(tiny_train_config(num_steps=4)), split)
+    train.train_and_evaluate(variant(tiny_train_config(num_steps=8)), split)  # a larger num_steps continues
     a, b = train_rows(straight), train_rows(split)
     assert [r["step"] for r in b] == list(range(1, 9))  # the resumed run appended
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
     assert [r["compression_loss"] for r in a] == [r["compression_loss"] for r in b]
-    (sa, da), (sb, db) = params_of(straight), params_of(split)
+    (sa, da), (sb, db) = params_of(straight, cfg=variant(tiny_train_config())), \
+        params_of(split, cfg=variant(tiny_train_config()))
     jax.tree.map(np.testing.assert_array_equal, sa, sb)
     assert da == db
 
