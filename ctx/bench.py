@@ -20,15 +20,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ctx.config import validate
+from ctx.config import validate, with_global_batch
 from ctx.data.datasets import load_corpus
 from ctx.data.stream import TrainStream
 from ctx.evaluate import device_chunk, make_eval_chunk_fn
 from ctx.flops import forward_flops_per_token, parameter_count, train_flops_per_token
-from ctx.train import Trainer
+from ctx.train import Trainer, compiled_memory
 
-def matmul_flops_per_sec(dtype: str, n: int = 2048, repeats: int = 10) -> float:
-    """Best rate of a jitted n×n×n matmul (the machine's practical ceiling)."""
+def matmul_flops_per_sec(dtype: str, n: int | None = None, repeats: int = 10) -> float:
+    """Best rate of a jitted n×n×n matmul (the machine's practical ceiling). n defaults to
+    2048 on CPU and 8192 on accelerators, where smaller products do not fill the chip."""
+    n = n or (2048 if jax.default_backend() == "cpu" else 8192)
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.dtype(dtype))
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.dtype(dtype))
     matmul = jax.jit(lambda x, y: x @ y)
@@ -48,8 +50,12 @@ def _timed(fn, *args) -> tuple[Any, float]:
     return out, time.perf_counter() - start
 
 
-def run_benchmark(config: ml_collections.ConfigDict, chunks: int = 3) -> dict[str, Any]:
+def run_benchmark(config: ml_collections.ConfigDict, chunks: int = 3,
+                  peak_flops_per_sec: float = 0.0) -> dict[str, Any]:
+    """peak_flops_per_sec: the chip's datasheet rate in the compute dtype (0 = unknown); when
+    given, `mfu_vs_peak` is reported beside `mfu` (which is against the measured matmul rate)."""
     validate(config)
+    config = with_global_batch(config, jax.device_count())
     trainer = Trainer(config)
     cfg, K = trainer.model_config, config.train.segments_per_call
     stream = TrainStream(load_corpus(config.data, "train"), config.train.batch_size, cfg.segment_length,
@@ -97,6 +103,8 @@ def run_benchmark(config: ml_collections.ConfigDict, chunks: int = 3) -> dict[st
         "eval_flops_per_token": forward_flops_per_token(config.model),
         "matmul_flops_per_sec": matmul,
         "mfu": train_tps * flops / matmul,
+        "mfu_vs_peak": train_tps * flops / peak_flops_per_sec if peak_flops_per_sec else None,
+        "compiled_memory_gib": compiled_memory(compiled)["per_device_memory_estimate_gib"],
         "eval_mfu": eval_tps * forward_flops_per_token(config.model) / matmul,
         "parameters": parameter_count(config.model)["total"],
         "tokens_per_step": tokens_per_step,
@@ -110,7 +118,7 @@ def run_benchmark(config: ml_collections.ConfigDict, chunks: int = 3) -> dict[st
 def main() -> None:
     from ctx.cli import FLAGS
 
-    print(json.dumps(run_benchmark(FLAGS.config, FLAGS.chunks)), flush=True)
+    print(json.dumps(run_benchmark(FLAGS.config, FLAGS.chunks, FLAGS.peak_tflops * 1e12)), flush=True)
 
 
 if __name__ == "__main__":
@@ -120,4 +128,6 @@ if __name__ == "__main__":
 
     define_config_flags()
     flags.DEFINE_integer("chunks", 3, "Timed chunks of segments_per_call segments (after one warm-up chunk).")
+    flags.DEFINE_float("peak_tflops", 0.0, "The chip's datasheet TFLOP/s in the compute dtype (e.g. 989 for "
+                       "H100/H200 dense bf16); adds mfu_vs_peak. 0 = not reported.")
     run_main(main)

@@ -46,6 +46,9 @@ def model_config(**overrides: Any) -> ml_collections.ConfigDict:
             # Rematerialisation of each layer in the backward pass: 'none', 'full' or 'dots'
             # (save only matmul outputs).
             remat="none",
+            # Layers per iteration of the scan over layers: 1 keeps compile time flat in
+            # depth; n_layers unrolls the stack (same parameters, sometimes faster steps).
+            scan_unroll=1,
         )
     )
     cfg.update(overrides)
@@ -72,6 +75,7 @@ class ModelConfig:
     dtype: str
     dilation_rates: tuple[int, ...]
     remat: str
+    scan_unroll: int = 1
 
     @classmethod
     def from_config(cls, cfg: Any) -> "ModelConfig":
@@ -135,6 +139,9 @@ def validate_model(cfg: Any) -> None:
         _require(value >= 0, f"model.{name} must not be negative, got {value}")
     for name in ("n_layers", "d_model", "n_heads", "d_ff", "segment_length", "compression_rate"):
         _require(g(name) > 0, f"model.{name} must be positive, got 0")
+    unroll = g("scan_unroll")
+    _require(isinstance(unroll, int) and not isinstance(unroll, bool) and 1 <= unroll <= g("n_layers"),
+             f"model.scan_unroll must be an integer from 1 to n_layers ({g('n_layers')}), got {unroll!r}")
     _require(g("vocab_size") >= 2, f"model.vocab_size must be at least 2, got {g('vocab_size')}")
     _require(g("d_model") % g("n_heads") == 0,
              f"model.d_model ({g('d_model')}) must be divisible by model.n_heads ({g('n_heads')}); "
@@ -173,6 +180,8 @@ def default_config() -> ml_collections.ConfigDict:
         dict(
             num_steps=1000,  # total training segments of the run, restored ones included
             batch_size=8,  # global B: parallel streams
+            # > 0: the global batch is this times the number of devices (batch_size is then ignored).
+            per_device_batch_size=0,
             segments_per_call=8,  # K: segments scanned inside one jitted call
             checkpoint_every=500,
             max_checkpoints_to_keep=2,
@@ -214,6 +223,17 @@ def default_config() -> ml_collections.ConfigDict:
     return cfg
 
 
+def with_global_batch(cfg: ml_collections.ConfigDict, num_devices: int) -> ml_collections.ConfigDict:
+    """The config with train.batch_size = per_device_batch_size x num_devices when the per-device
+    size is set (a copy); otherwise cfg itself."""
+    per_device = cfg.train.get("per_device_batch_size", 0)
+    if not per_device:
+        return cfg
+    cfg = cfg.copy_and_resolve_references()
+    cfg.train.batch_size = per_device * num_devices
+    return cfg
+
+
 def validate(cfg: Any) -> None:
     """Validate a whole config (or just its model section) and raise ConfigError if wrong."""
     if "model" not in _fields(cfg):
@@ -221,7 +241,7 @@ def validate(cfg: Any) -> None:
         return
     validate_model(cfg.model)
     train = cfg.train
-    for name in ("num_steps", "batch_size", "segments_per_call", "checkpoint_every",
+    for name in ("num_steps", "batch_size", "per_device_batch_size", "segments_per_call", "checkpoint_every",
                  "max_checkpoints_to_keep", "eval_every",
                  "warmup_steps", "decay_steps", "accumulate_after", "accumulate_every"):
         value = train[name]

@@ -127,11 +127,12 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: 
     """Restore checkpoint `step` (default: latest) of the run in workdir and evaluate a split."""
     from ctx.data.datasets import check_data_config, load_corpus
     from ctx.restore import restore_for_inference
+    from ctx.config import with_global_batch
     from ctx.sharding import check_batch_fits, make_mesh
 
     check_data_config(config.data, split)
     mesh = make_mesh(config.mesh)
-    batch_size = config.eval.batch_size or config.train.batch_size
+    batch_size = config.eval.batch_size or with_global_batch(config, mesh.size).train.batch_size
     check_batch_fits(batch_size, mesh)
     restored = restore_for_inference(config, workdir, step, mesh)
     model, params, step = restored.model, restored.params, restored.step

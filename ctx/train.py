@@ -25,7 +25,7 @@ from etils import epath
 
 from ctx import losses
 from ctx.checkpoint import Checkpointer, read_latest_config
-from ctx.config import ModelConfig, validate
+from ctx.config import ModelConfig, validate, with_global_batch
 from ctx.data.datasets import load_corpus
 from ctx.data.prefetch import ChunkPrefetcher
 from ctx.data.stream import TrainStream
@@ -164,6 +164,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     Returns the last training metrics and the final validation result.
     """
     validate(config)
+    config = with_global_batch(config, jax.device_count())
     if epath.Path(workdir).exists() and not epath.Path(workdir).is_dir():
         raise ValueError(f"--workdir={workdir} exists and is not a directory")
     trainer = Trainer(config)
@@ -286,6 +287,19 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, desc="train", unit="seg")
 
 
+def compiled_memory(compiled: Any) -> dict[str, Any]:
+    """XLA's ahead-of-time per-device memory: arguments + outputs + temporaries + code, less
+    what outputs alias from arguments (the donated state). None where the backend has no analysis."""
+    stats = compiled.memory_analysis()
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+              "generated_code_size_in_bytes", "alias_size_in_bytes")
+    if stats is None:
+        return {"per_device_bytes": {}, "per_device_memory_estimate_gib": None}
+    per_device = {f: int(getattr(stats, f, 0) or 0) for f in fields}
+    estimate = sum(per_device[f] for f in fields[:4]) - per_device["alias_size_in_bytes"]
+    return {"per_device_bytes": per_device, "per_device_memory_estimate_gib": estimate / 2 ** 30}
+
+
 def compile_report(config: ml_collections.ConfigDict, topology: str | None = None) -> dict[str, Any]:
     """Lower and compile the training chunk for a mesh without running it (ahead of time):
     on the local devices, or on a TPU topology such as 'v5p-256' described by libtpu, to
@@ -300,6 +314,7 @@ def compile_report(config: ml_collections.ConfigDict, topology: str | None = Non
         except Exception as error:  # noqa: BLE001 - no libtpu, unknown name, ...
             raise ValueError(f"--topology={topology} cannot be described here ({type(error).__name__}); "
                              "compiling for TPU topologies needs libtpu: pip install 'jax[tpu]'") from None
+    config = with_global_batch(config, len(devices) if devices is not None else jax.device_count())
     trainer = Trainer(config, make_mesh(config.mesh, devices))
     abstract = trainer.abstract_checkpoint()
     K, B, N = config.train.segments_per_call, config.train.batch_size, trainer.model_config.segment_length
@@ -311,15 +326,9 @@ def compile_report(config: ml_collections.ConfigDict, topology: str | None = Non
     start = time.perf_counter()
     compiled = trainer.train_chunk.lower(abstract["train_state"], abstract["memory"], abstract["rng"], chunk).compile()
     seconds = time.perf_counter() - start
-    memory = compiled.memory_analysis()
-    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-              "generated_code_size_in_bytes", "alias_size_in_bytes")
-    per_device = {f: int(getattr(memory, f, 0) or 0) for f in fields} if memory is not None else {}
-    estimate = sum(per_device.get(f, 0) for f in fields[:4]) - per_device.get("alias_size_in_bytes", 0)
     return {"platform": trainer.mesh.devices.flat[0].platform, "devices": trainer.mesh.size,
             "mesh": dict(trainer.mesh.shape), "segments_per_call": K, "batch_size": B,
-            "compile_seconds": seconds, "per_device_bytes": per_device,
-            "per_device_memory_estimate_gib": estimate / 2 ** 30}
+            "compile_seconds": seconds, **compiled_memory(compiled)}
 
 
 def main() -> None:

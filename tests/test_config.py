@@ -19,6 +19,8 @@ from experiments import demo
     (dict(remat="some"), r"model.remat='some' is unknown"),
     (dict(vocab_size=1), r"model.vocab_size must be at least 2"),
     (dict(dropout=1.0), r"model.dropout must be in \[0, 1\)"),
+    (dict(scan_unroll=0), r"model.scan_unroll must be an integer from 1 to n_layers \(2\), got 0"),
+    (dict(scan_unroll=3), r"model.scan_unroll must be an integer from 1 to n_layers \(2\), got 3"),
     (dict(compression="max", compression_loss="autoencoder"), r"'autoencoder' needs a learned compression"),
     (dict(compression="conv", compression_loss="none"), r"would never be trained"),
 ])
@@ -112,3 +114,16 @@ def test_full_scale_parameter_counts_match_the_papers():
     assert rows["enwik8:ct"]["compression_parameters"] == 24 * 3 * 1024 * 1024
     assert rows["pg19:ct"]["train_gflops_per_token"] > rows["pg19:txl"]["train_gflops_per_token"]
     assert "| enwik8:txl | 24 | 1024 | 1920 / 0 |" in markdown(list(rows.values()))
+
+
+def test_per_device_batch_sets_the_global_batch():
+    from ctx.config import default_config, with_global_batch
+
+    cfg = default_config()
+    assert with_global_batch(cfg, 8) is cfg  # not set: batch_size is the global batch
+    cfg.train.per_device_batch_size = 3
+    resolved = with_global_batch(cfg, 8)
+    assert resolved.train.batch_size == 24 and cfg.train.batch_size == 8  # a copy
+    cfg.train.per_device_batch_size = -1
+    with pytest.raises(ConfigError, match="train.per_device_batch_size must be a non-negative integer"):
+        validate(cfg)

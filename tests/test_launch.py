@@ -8,7 +8,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["launch/tpu.sh", "launch/slurm_gpu.sbatch", "launch/local.sh"]
+SCRIPTS = ["launch/tpu.sh", "launch/slurm_gpu.sbatch", "launch/local.sh", "experiments/gpu_bench.sh"]
 
 
 def bash(*args):
@@ -62,11 +62,13 @@ def test_slurm_and_local_dry_runs():
 def test_compile_only_reports_memory_for_a_simulated_mesh(fsdp):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-m", "ctx.train", "--config=experiments/demo.py", "--compile_only",
-                          f"--config.mesh.fsdp={fsdp}", "--config.train.segments_per_call=2"],
+                          f"--config.mesh.fsdp={fsdp}", "--config.train.segments_per_call=2",
+                          f"--config.train.per_device_batch_size={fsdp}"],
                          capture_output=True, text=True, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["devices"] == 8 and report["mesh"] == {"data": 8 // fsdp, "fsdp": fsdp}
+    assert report["batch_size"] == 8 * fsdp  # per-device batch x devices
     assert report["per_device_bytes"]["argument_size_in_bytes"] > 0
     assert 0 < report["per_device_memory_estimate_gib"] < 1
 

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The accelerator rows of the README's performance table (issue: performance), as one
+# prepared run on a single GPU:
+#
+#   bash experiments/gpu_bench.sh OUT_DIR [PEAK_TFLOPS]     # e.g. 989 for H100/H200 dense bf16
+#
+# Each line below is one `python -m ctx.bench` (bf16 compute, fp32 master weights) writing
+# OUT_DIR/<name>.json; a run that fails (out of memory, time limit) leaves its .err and the
+# rest go on. PG-19 runs on demo-corpus bytes: throughput does not depend on the text.
+set -u
+out=${1:?usage: gpu_bench.sh OUT_DIR [PEAK_TFLOPS]}
+peak=${2:-989}
+python=${PYTHON:-python3}
+mkdir -p "$out"
+read -r -a extra <<<"${CTX_BENCH_EXTRA:-}"  # flags added to every run (the tests shrink the models)
+
+bench() {  # name, seconds allowed, then ctx.bench flags
+  local name=$1 limit=$2
+  shift 2
+  local start=$SECONDS
+  timeout "$limit" "$python" -m ctx.bench --peak_tflops="$peak" "$@" "${extra[@]}" >"$out/$name.json" 2>"$out/$name.err"
+  echo "== $name: exit $? after $((SECONDS - start)) s: $(cat "$out/$name.json")"
+  tail -n 3 "$out/$name.err"
+}
+
+bf16=(--config.model.dtype=bfloat16)
+pg19=(--config=experiments/pg19.py --config.data.dataset=demo --config.data.tokenizer=bytes
+      --config.train.segments_per_call=4 --chunks=5 "${bf16[@]}")
+bench pg19_b32 180 "${pg19[@]}" --config.train.batch_size=32
+bench bench_bf16_b8 60 --config=experiments/bench.py "${bf16[@]}" --chunks=5
+bench bench_bf16_b64 60 --config=experiments/bench.py "${bf16[@]}" --chunks=5 --config.train.batch_size=64
+bench bench_36_layers 100 --config=experiments/bench.py "${bf16[@]}" --chunks=2 --config.model.n_layers=36
+bench pg19_b64 150 "${pg19[@]}" --config.train.batch_size=64
