@@ -5,9 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from ctx.memory import Memory
+from ctx.config import ModelConfig
+from ctx.memory import Memory, init_memory
+from ctx.model import CompressiveTransformer
 
 KINDS = ("compressed", "memory", "segment")
 
@@ -15,6 +18,50 @@ KINDS = ("compressed", "memory", "segment")
 def memory_arrays(memory: Memory) -> dict[str, np.ndarray]:
     """mem [L,B,n_m,d], cmem [L,B,n_cm,d] and their validity masks as NumPy."""
     return {k: np.asarray(getattr(memory, k)) for k in ("mem", "cmem", "mem_mask", "cmem_mask")}
+
+
+def derived_temporal_range(model_config: Any) -> int:
+    """How far back the last position of a segment can see through l layers: each layer
+    reaches from position p to S(p) - R, with S(p) = n_s * floor(p / n_s) its segment's start
+    and R = n_m + c * n_cm (derivation in tests/test_model.py). When R is a multiple of n_s
+    this is the paper's n_s - 1 + l * (n_m + c * n_cm); Transformer-XL has n_cm = 0."""
+    cfg = ModelConfig.from_config(model_config)
+    n_s, reach = cfg.segment_length, cfg.memory_length + cfg.compression_rate * cfg.compressed_length
+    oldest = n_s - 1  # the last position of the segment that starts at 0
+    for _ in range(cfg.n_layers):
+        oldest = n_s * (oldest // n_s) - reach
+    return n_s - 1 - oldest
+
+
+def dependence_by_distance(model_config: Any, seed: int = 0) -> np.ndarray:
+    """[T] bools: does the token d positions before the last one change the last position's
+    logits? Measured on a random sequence, batch row r with token r changed. A freshly
+    initialised model suffices: what can be reached is architectural."""
+    cfg = ModelConfig.from_config(model_config)
+    n_s = cfg.segment_length
+    n_segments = derived_temporal_range(cfg) // n_s + 3
+    T = n_segments * n_s
+    tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, T).astype(np.int32)
+    batch = np.repeat(tokens[None], T + 1, axis=0)  # the last row is left unchanged
+    batch[np.arange(T), np.arange(T)] = (batch[np.arange(T), np.arange(T)] + 1) % cfg.vocab_size
+    model = CompressiveTransformer(cfg)
+    params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, n_s), jnp.int32), init_memory(cfg, 1))["params"]
+
+    @jax.jit
+    def last_logits(segments):
+        def step(memory, tokens):
+            logits, memory, _ = model.apply({"params": params}, tokens, memory)
+            return memory, logits[:, -1]
+        return jax.lax.scan(step, init_memory(cfg, T + 1), segments)[1][-1]
+
+    last = np.asarray(last_logits(jnp.asarray(batch.reshape(T + 1, n_segments, n_s).transpose(1, 0, 2))))
+    changed = np.abs(last[:T] - last[T]).max(-1) > 1e-5
+    return changed[::-1]
+
+
+def measured_temporal_range(model_config: Any, seed: int = 0) -> int:
+    """The largest distance back at which the input still changes the last position's logits."""
+    return int(np.flatnonzero(dependence_by_distance(model_config, seed)).max())
 
 
 def inspect_segment(model, params: Any, tokens, memory: Memory, buckets: int = 4) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import pytest
 
 import ctx
 from ctx import losses
+from ctx.diagnostics import dependence_by_distance, derived_temporal_range, measured_temporal_range
 from tests import reference
 from tests.helpers import build, random_tokens, run_segments, tiny_model_config
 
@@ -103,24 +104,7 @@ def test_reset_row_equals_a_fresh_start():
     assert np.abs(np.asarray(logits[1] - fresh[1])).max() > 1e-4  # row 1 still uses its memory
 
 
-def furthest_dependency(cfg, n_segments):
-    """Distance back from the last position to the oldest token that changes its logits."""
-    model, variables, _ = build(cfg, batch_size=1)
-    mcfg = model.model_config
-    T = n_segments * mcfg.segment_length
-    tokens = random_tokens(mcfg, 1, n_segments)
-    # Row r perturbs token r; the last row is the unperturbed sequence.
-    batch = np.repeat(tokens, T + 1, axis=0)
-    batch[np.arange(T), np.arange(T)] = (batch[np.arange(T), np.arange(T)] + 1) % mcfg.vocab_size
-    logits, _ = run_segments(model, variables, ctx.init_memory(cfg, T + 1), batch)
-    last = np.asarray(logits[:, -1])
-    changed = np.abs(last[:T] - last[T]).max(-1) > 1e-5
-    oldest = int(np.argmax(changed))
-    assert changed[oldest:].all(), "every token after the oldest dependency must matter"
-    return T - 1 - oldest
-
-
-@pytest.mark.parametrize("n_m, n_cm", [(4, 4), (8, 0), (4, 8)])
+@pytest.mark.parametrize("n_m, n_cm", [(4, 4), (8, 0), (4, 8), (6, 0), (2, 2)])
 def test_temporal_range_matches_derived_bound(n_m, n_cm):
     """Derivation. Let R = n_m + c*n_cm. A query at position p of the segment starting at
     S = n_s*floor(p/n_s) sees, in its layer: the segment up to p, the n_m memories
@@ -135,9 +119,15 @@ def test_temporal_range_matches_derived_bound(n_m, n_cm):
     n_s, c, layers = 4, 2, 2
     cfg = tiny_model_config(n_layers=layers, segment_length=n_s, memory_length=n_m,
                             compressed_length=n_cm, compression_rate=c)
-    bound = n_s - 1 + layers * (n_m + c * n_cm)
-    n_segments = bound // n_s + 3
-    assert furthest_dependency(cfg, n_segments) == bound
+    R = n_m + c * n_cm
+    # R not a multiple of n_s: layer 1 reaches S - R, which lies in the segment starting at
+    # S - n_s*ceil(R/n_s), so layer 2 reaches back from that segment's start.
+    bound = n_s - 1 + layers * R if R % n_s == 0 else n_s - 1 + R + n_s * -(-R // n_s)
+    assert derived_temporal_range(cfg) == bound
+    depends = dependence_by_distance(cfg)
+    assert depends[:bound + 1].all(), "every token within the range must matter"
+    assert not depends[bound + 1:].any()
+    assert measured_temporal_range(cfg) == bound
 
 
 def _split_compress(grads):
@@ -214,10 +204,13 @@ def test_most_used_keeps_the_most_attended_entries_in_time_order():
     np.testing.assert_array_equal(np.asarray(out[0, :, 0]), [1.0, 4.0])  # top-2 by usage, in time order
 
 
-def test_remat_gives_the_same_gradients():
+@pytest.mark.parametrize("variant", [dict(remat="full"), dict(remat="dots"), dict(scan_unroll=2)])
+def test_remat_and_unrolled_layers_give_the_same_gradients(variant):
+    """Rematerialisation and unrolling the layer scan change the schedule, not the maths
+    (and keep the parameter tree, so checkpoints move between them)."""
     cfg = tiny_model_config()
     model, variables, memory = build(cfg)
-    remat_model = ctx.CompressiveTransformer(tiny_model_config(remat="full"))
+    remat_model = ctx.CompressiveTransformer(tiny_model_config(**variant))
     tokens = jnp.asarray(random_tokens(model.model_config, 2, 1))
 
     def loss(m, params):
