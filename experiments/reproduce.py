@@ -3,7 +3,7 @@
     python -m experiments.reproduce --suite=small [--output_dir=runs/reproduce] [--seeds=3]
     python -m experiments.reproduce --suite=configs [--output=configs.json]
 
-`small` (about 50 minutes on 2 CPU cores) writes results.md, results.json and plots to
+`small` (38 minutes measured on 2 CPU cores) writes results.md, results.json and plots to
 output_dir; training runs keep their workdirs under output_dir/runs, so an interrupted suite
 rerun with the same flags resumes instead of starting over. Its parts:
   recall    a synthetic "recall the payload seen k tokens ago" task (experiments/recall.py)
