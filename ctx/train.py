@@ -254,7 +254,9 @@ def _run(config, workdir, trainer, train_corpus, valid_corpus, stop: StopRequest
             if bar is not None:
                 bar.update(k)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_sec']:,.0f}")
-            if step % config.train.checkpoint_every == 0 or step == config.train.num_steps or stop.requested:
+            # Read the flag once: a SIGTERM landing between two reads would stop without a save.
+            stopping = stop.requested
+            if step % config.train.checkpoint_every == 0 or step == config.train.num_steps or stopping:
                 save(data_state)
                 saved_step = step
             if (config.train.eval_every and step % config.train.eval_every == 0) or step == config.train.num_steps:
@@ -264,7 +266,9 @@ def _run(config, workdir, trainer, train_corpus, valid_corpus, stop: StopRequest
                               **{key: validation[key] for key in ("token_perplexity", "bits_per_token",
                                                                   "bits_per_byte", "tokens")}})
             writer.flush()
-            if stop.requested and step < config.train.num_steps:
+            if fault_injection() == f"sigterm_after_step:{step}":  # a preemption at the worst moment
+                os.kill(os.getpid(), signal.SIGTERM)
+            if stopping and step < config.train.num_steps:
                 preempted = True
                 break
     finally:

@@ -63,13 +63,23 @@ def test_sigterm_saves_and_resume_follows_the_uninterrupted_trajectory(tmp_path)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
     stopped_at = int(out.split("RESULT")[1].split()[0])
-    assert stopped_at < 40 and checkpoint_steps(interrupted)[-1] == stopped_at
+    assert stopped_at < 40 and checkpoint_steps(interrupted)[-1:] == [stopped_at], err[-3000:]
     train.train_and_evaluate(tiny_train_config(num_steps=40, checkpoint_every=1000, segments_per_call=2),
                              str(interrupted))
     a, b = train_rows(straight), train_rows(interrupted)
     assert [r["step"] for r in b] == list(range(1, 41))
     assert [r["loss"] for r in a] == [r["loss"] for r in b]  # bitwise
     assert [r["compression_loss"] for r in a] == [r["compression_loss"] for r in b]
+
+
+def test_sigterm_after_the_stop_check_still_saves_before_stopping(tmp_path):
+    """A SIGTERM that lands after the loop has decided not to save this chunk is honoured one
+    chunk later, with a checkpoint; it never stops the run without one."""
+    proc = start_training(tmp_path / "run", 40, 1000, env_extra={"CTX_FAULT_INJECTION": "sigterm_after_step:4"})
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 143, err[-2000:]
+    assert "RESULT 6 True" in out
+    assert checkpoint_steps(tmp_path / "run") == [6]
 
 
 def test_sigkill_during_async_save_resumes_from_the_last_complete_checkpoint(tmp_path):
