@@ -36,6 +36,7 @@ from typing import Any
 import ml_collections
 
 from ctx.flops import parameter_count, train_flops_per_token
+from experiments.reproduce_report import mean_std, write_report
 
 PAPER_PARAMETERS = {("enwik8", "txl"): 277e6, ("wt103", "txl"): 257e6}
 PARTS = ("recall", "ablation", "prose", "range")
@@ -78,11 +79,6 @@ def markdown(rows: list[dict]) -> str:
                      f"{r['parameters'] / 1e6:.1f}M | {r['compression_parameters'] / 1e6:.1f}M | {paper} | "
                      f"{r['train_gflops_per_token']:.2f} |")
     return "\n".join(lines)
-
-
-def mean_std(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values), "values": values}
 
 
 def shrink(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -219,8 +215,6 @@ def _log(message: str, seconds: float) -> None:
 def run_small_suite(output_dir: str, seeds: int, scale_name: str, parts: tuple[str, ...],
                     ablation: tuple[tuple[str, str], ...] = ABLATION) -> dict[str, Any]:
     import jax
-
-    from experiments.reproduce_report import write_report
 
     scale = SCALES[scale_name]
     os.makedirs(output_dir, exist_ok=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 from typing import Any
 
 from ctx.plots import plot_loss_by_position
@@ -28,13 +29,16 @@ def recall_markdown(recall: dict[str, Any]) -> list[str]:
     return lines
 
 
+def mean_std(values: list[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation (0 for one value), count and the values themselves."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values), "values": values}
+
+
 def paired_difference(row: dict[str, Any], reference: dict[str, Any]) -> dict[str, float]:
     """row - reference, seed by seed: seed s trains on the same data order in every entry, so the
     paired difference removes the seed-to-seed spread that the plain std still carries."""
-    diffs = [a - b for a, b in zip(row["bits_per_byte"]["values"], reference["bits_per_byte"]["values"])]
-    mean = sum(diffs) / len(diffs)
-    std = (sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)) ** 0.5 if len(diffs) > 1 else 0.0
-    return {"mean": mean, "std": std, "n": len(diffs)}
+    return mean_std([a - b for a, b in zip(row["bits_per_byte"]["values"], reference["bits_per_byte"]["values"])])
 
 
 def ablation_markdown(rows: list[dict[str, Any]]) -> list[str]:
