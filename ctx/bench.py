@@ -25,6 +25,7 @@ from ctx.data.datasets import load_corpus
 from ctx.data.stream import TrainStream
 from ctx.evaluate import device_chunk, make_eval_chunk_fn
 from ctx.flops import forward_flops_per_token, parameter_count, train_flops_per_token
+from ctx.profile import write_summary
 from ctx.train import Trainer, compiled_memory
 
 def matmul_flops_per_sec(dtype: str, n: int | None = None, repeats: int = 10) -> float:
@@ -51,9 +52,11 @@ def _timed(fn, *args) -> tuple[Any, float]:
 
 
 def run_benchmark(config: ml_collections.ConfigDict, chunks: int = 3,
-                  peak_flops_per_sec: float = 0.0) -> dict[str, Any]:
+                  peak_flops_per_sec: float = 0.0, trace_dir: str = "") -> dict[str, Any]:
     """peak_flops_per_sec: the chip's datasheet rate in the compute dtype (0 = unknown); when
-    given, `mfu_vs_peak` is reported beside `mfu` (which is against the measured matmul rate)."""
+    given, `mfu_vs_peak` is reported beside `mfu` (which is against the measured matmul rate).
+    trace_dir: when given, one more training chunk runs under jax.profiler and its time by
+    source operation is written to trace_dir/op_time.json (ctx.profile)."""
     validate(config)
     config = with_global_batch(config, jax.device_count())
     trainer = Trainer(config)
@@ -73,6 +76,10 @@ def run_benchmark(config: ml_collections.ConfigDict, chunks: int = 3,
     for chunk in device_chunks[1:]:
         (state, memory, rng, metrics), seconds = _timed(compiled, state, memory, rng, chunk)
         train_seconds.append(seconds / K)
+    if trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            (state, memory, rng, metrics), _ = _timed(compiled, state, memory, rng, device_chunks[-1])
+        op_time = write_summary(trace_dir, compiled.as_text(), steps=K)
     tokens_per_step = config.train.batch_size * cfg.segment_length
 
     eval_fn = make_eval_chunk_fn(trainer.model)
@@ -112,13 +119,15 @@ def run_benchmark(config: ml_collections.ConfigDict, chunks: int = 3,
         "devices": jax.device_count(),
         "dtype": cfg.dtype,
         "final_loss": float(metrics["loss"][-1]),
+        **({"op_time": op_time} if trace_dir else {}),
     }
 
 
 def main() -> None:
     from ctx.cli import FLAGS
 
-    print(json.dumps(run_benchmark(FLAGS.config, FLAGS.chunks, FLAGS.peak_tflops * 1e12)), flush=True)
+    print(json.dumps(run_benchmark(FLAGS.config, FLAGS.chunks, FLAGS.peak_tflops * 1e12, FLAGS.trace_dir)),
+          flush=True)
 
 
 if __name__ == "__main__":
@@ -130,4 +139,6 @@ if __name__ == "__main__":
     flags.DEFINE_integer("chunks", 3, "Timed chunks of segments_per_call segments (after one warm-up chunk).")
     flags.DEFINE_float("peak_tflops", 0.0, "The chip's datasheet TFLOP/s in the compute dtype (e.g. 989 for "
                        "H100/H200 dense bf16); adds mfu_vs_peak. 0 = not reported.")
+    flags.DEFINE_string("trace_dir", "", "Trace one more training chunk with jax.profiler into this folder "
+                        "and write its time by source operation to op_time.json there.")
     run_main(main)

@@ -4,16 +4,19 @@ import os
 import subprocess
 import sys
 
+from ctx.profile import instruction_sources, summarize
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ("train_tokens_per_sec", "eval_tokens_per_sec", "step_seconds", "compile_seconds", "peak_rss_mib",
         "flops_per_token", "matmul_flops_per_sec", "mfu")
 
 
-def test_bench_prints_one_json_object_with_all_figures():
+def test_bench_prints_one_json_object_with_all_figures(tmp_path):
     tiny = ["--config.model.n_layers=1", "--config.model.d_model=32", "--config.model.n_heads=2",
             "--config.model.d_ff=64", "--config.model.segment_length=16", "--config.model.memory_length=16",
             "--config.model.compressed_length=16", "--config.train.segments_per_call=2"]
-    out = subprocess.run([sys.executable, "-m", "ctx.bench", "--config=experiments/bench.py", *tiny, "--chunks=2"],
+    out = subprocess.run([sys.executable, "-m", "ctx.bench", "--config=experiments/bench.py", *tiny, "--chunks=2",
+                          f"--trace_dir={tmp_path}"],
                          capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
@@ -21,3 +24,27 @@ def test_bench_prints_one_json_object_with_all_figures():
         assert report[key] > 0, key
     assert report["step_seconds_min"] <= report["step_seconds"] <= report["step_seconds_max"]
     assert report["steps_timed"] == 4 and 0 < report["mfu"] < 2
+    # --trace_dir: the traced chunk's time by source op, forward and backward, in milliseconds per step.
+    with open(report["op_time"]) as f:
+        by_process = json.load(f)
+    ops = {row["op"]: row["ms"] for process in by_process.values() for row in process["top_ms_per_step"]}
+    assert any(op.startswith("F layers/attention/") for op in ops), sorted(ops)
+    assert any(op.startswith("B layers/attention/") for op in ops), sorted(ops)
+    assert all(ms >= 0 for ms in ops.values())
+    assert 0 < sum(p["total_ms_per_step"] for p in by_process.values()) < 1e3 * report["step_seconds_max"] * 20
+
+
+def test_profile_maps_traced_instructions_to_their_source_ops():
+    hlo = ('  %fusion.3 = f32[2]{0} fusion(%p), kind=kLoop, metadata={op_name="jit(f)/while/body/closed_call/'
+           'transpose(jvp(M))/layers/attention/dot_general" stack_frame_id=1}\n'
+           '  ROOT dot.1 = f32[2]{0} dot(%a, %b), metadata={op_name="jit(f)/jvp(M)/eval_jaxpr/layers/mlp/dot_general"}\n')
+    sources = instruction_sources(hlo)
+    assert sources["fusion.3"] == sources["fusion_3"] == "B layers/attention/dot_general"
+    assert sources["dot.1"] == "F layers/mlp/dot_general"
+    events = [dict(pid=1, name="fusion_3", dur=3000.0), dict(pid=1, name="fusion_3", dur=1000.0),
+              dict(pid=1, name="nvjet_gemm", dur=500.0), dict(pid=2, name="x", dur=7.0, args={"hlo_op": "dot.1"})]
+    summary = summarize(events, {1: "/device:GPU:0", 2: "/host:CPU"}, sources, steps=2)
+    gpu = summary["/device:GPU:0"]
+    assert gpu["top_ms_per_step"] == [{"op": "B layers/attention/dot_general", "ms": 2.0}]
+    assert gpu["unmapped_ms_per_step"] == [{"op": "nvjet_gemm", "ms": 0.25}] and gpu["total_ms_per_step"] == 2.0
+    assert summary["/host:CPU"]["top_ms_per_step"] == [{"op": "F layers/mlp/dot_general", "ms": 0.0035}]
