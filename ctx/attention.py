@@ -4,8 +4,20 @@ Positions follow DeepMind's Sonnet CompressiveTransformer (PAPER.md 3.2): the co
 spans all keys; the position term has one sinusoid table, projection and bias `v` for
 memory + segment, and a separate set for compressed memory, as if the compressed memory
 came directly before the segment. `u` is shared because it sits in the content term.
+
+Layout: the segment path works head-major ([H, B, N, ...]). Every attention product is
+then a batched GEMM whose output is already in the layout the next op reads, so the
+[B,H,N,T]-sized score tensors are never transposed (measured against the [B,N,H,K]
+layout: the PG-19 config trains 8-10% and evaluates 13-19% faster on an H200; on 2 CPU
+cores evaluation is ~25% faster and training ~3% slower). Queries, keys and values come
+from one GEMM per input: the segment gives q, k and v; the memories, which need no input
+gradient, give k and v (projected together with the segment, the backward would compute an
+input gradient for every memory row too). Sampling (`decode`) keeps the [B,T,H,K] layout of
+its caches.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -24,15 +36,15 @@ def sinusoid_table(distances: jax.Array, d: int) -> jax.Array:
     return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
 
 
-def relative_shift(x_BHNP: jax.Array) -> jax.Array:
+def relative_shift(x_NP: jax.Array) -> jax.Array:
     """Turn scores against distances into scores against keys with one pad and reshapes.
 
     Input column k holds distance P-1-k; output [i, j] = input[i, j + N-1-i], i.e. the
     score of query i against key j at distance (P-N) + i - j. Entries with j > (P-N) + i
     (the future) are garbage and must be masked by the caller.
     """
-    *lead, N, P = x_BHNP.shape
-    padded = jnp.pad(x_BHNP, [(0, 0)] * len(lead) + [(0, 0), (1, 0)])
+    *lead, N, P = x_NP.shape
+    padded = jnp.pad(x_NP, [(0, 0)] * len(lead) + [(0, 0), (1, 0)])
     shifted = padded.reshape(*lead, P + 1, N)[..., 1:, :]
     return shifted.reshape(*lead, N, P)
 
@@ -46,6 +58,16 @@ def attention_mask(mem_mask_BM: jax.Array, cmem_mask_BC: jax.Array, n_s: int) ->
         (B, n_s, cmem_mask_BC.shape[1] + mem_mask_BM.shape[1]))
     segment_BNN = jnp.broadcast_to(causal_NN, (B, n_s, n_s))
     return jnp.concatenate([memory_BNT, segment_BNN], axis=-1)[:, None]
+
+
+def head_major(x_BTHK: jax.Array) -> jax.Array:
+    """[B,T,H,K] -> [H,B,T,K]."""
+    return jnp.transpose(x_BTHK, (2, 0, 1, 3))
+
+
+def project(x_BTD: jax.Array, kernels: Sequence[jax.Array]) -> jax.Array:
+    """All the given [d,H,K] projections of x as one GEMM: [len(kernels), H, B, T, K]."""
+    return jnp.einsum("btd,dnhk->nhbtk", x_BTD, jnp.stack(kernels, axis=1))
 
 
 def _dense_init():
@@ -77,13 +99,16 @@ class RelativeAttention(nn.Module):
     def _cast(self, w: jax.Array) -> jax.Array:
         return w.astype(self.cfg.dtype)
 
+    def _query_kernel(self) -> jax.Array:
+        """W_q scaled by head_dim^-0.5, so queries are scaled before u/v are added (as in Sonnet)."""
+        return self._cast(self.query) * (self.cfg.head_dim ** -0.5)
+
     def queries(self, x_BND: jax.Array) -> jax.Array:
-        """Queries scaled by head_dim^-0.5 (before u/v are added, as in Sonnet)."""
-        q = jnp.einsum("bnd,dhk->bnhk", x_BND, self._cast(self.query))
-        return q * (self.cfg.head_dim ** -0.5)
+        """Scaled queries [B,N,H,K]."""
+        return jnp.einsum("bnd,dhk->bnhk", x_BND, self._query_kernel())
 
     def keys_values(self, x_BTD: jax.Array, stop_gradient: bool = False) -> tuple[jax.Array, jax.Array]:
-        """Keys and values of any inputs; with stop_gradient the projections are constants."""
+        """Keys and values [B,T,H,K] of any inputs; with stop_gradient the projections are constants."""
         wk, wv = self._cast(self.key), self._cast(self.value)
         if stop_gradient:
             wk, wv = jax.lax.stop_gradient(wk), jax.lax.stop_gradient(wv)
@@ -95,10 +120,10 @@ class RelativeAttention(nn.Module):
         table_PD = self.dropout(table_PD, deterministic=deterministic)
         return jnp.einsum("pd,dhk->phk", table_PD, self._cast(kernel))
 
-    def _position_scores(self, qv_BNHK: jax.Array, kernel: jax.Array, n_keys_before: int) -> jax.Array:
-        """Position term [B,H,N,n_keys_before+N]: query i vs key j at distance n_before+i-j."""
-        r_PHK = self._projected_table(kernel, n_keys_before + qv_BNHK.shape[1], self.deterministic)
-        return relative_shift(jnp.einsum("bnhk,phk->bhnp", qv_BNHK, r_PHK))
+    def _position_scores(self, qv_HBNK: jax.Array, kernel: jax.Array, n_keys_before: int) -> jax.Array:
+        """Position term [H,B,N,n_keys_before+N]: query i vs key j at distance n_before+i-j."""
+        r_PHK = self._projected_table(kernel, n_keys_before + qv_HBNK.shape[2], self.deterministic)
+        return relative_shift(jnp.einsum("hbnk,phk->hbnp", qv_HBNK, r_PHK))
 
     def position_tables(self, n_mem: int, n_cmem: int) -> tuple[jax.Array, jax.Array | None]:
         """Projected sinusoid tables (distances descending) for memory+segment and cmem+segment;
@@ -118,36 +143,42 @@ class RelativeAttention(nn.Module):
         k_BTHK = jax.lax.dynamic_update_slice_in_dim(k_BTHK, k_new.astype(k_BTHK.dtype), C + M + position, axis=1)
         v_BTHK = jax.lax.dynamic_update_slice_in_dim(v_BTHK, v_new.astype(v_BTHK.dtype), C + M + position, axis=1)
         content_BH1T = jnp.einsum("bnhk,bthk->bhnt", q_B1HK + self._cast(self.u_bias), k_BTHK)
-        # Key j of [mem; segment] is at distance M + position - j: column N-1-position+j of
-        # the descending table (the relative shift, for one row).
-        columns = N - 1 - position + jnp.arange(M + N)
-        raw = jnp.einsum("bnhk,phk->bhnp", q_B1HK + self._cast(self.v_bias), r_PHK)
-        position_BH1T = jnp.take(raw, jnp.clip(columns, 0, M + N - 1), axis=-1)
+
+        def position_term(bias, table_PHK, n_keys):
+            # Key j is at distance n_before + position - j: column N - 1 - position + j of the
+            # descending table (the relative shift, for one row); future keys are clipped.
+            raw = jnp.einsum("bnhk,phk->bhnp", q_B1HK + self._cast(bias), table_PHK)
+            columns = jnp.clip(N - 1 - position + jnp.arange(n_keys), 0, table_PHK.shape[0] - 1)
+            return jnp.take(raw, columns, axis=-1)
+
+        position_BH1T = position_term(self.v_bias, r_PHK, M + N)
         if C:
-            raw_c = jnp.einsum("bnhk,phk->bhnp", q_B1HK + self._cast(self.cmem_v_bias), rc_PHK)
-            cmem_position = jnp.take(raw_c, jnp.clip(N - 1 - position + jnp.arange(C), 0, C + N - 1), axis=-1)
-            position_BH1T = jnp.concatenate([cmem_position, position_BH1T], axis=-1)
+            position_BH1T = jnp.concatenate([position_term(self.cmem_v_bias, rc_PHK, C), position_BH1T], axis=-1)
         logits = jnp.where(mask_B1T[:, None], (content_BH1T + position_BH1T).astype(jnp.float32), NEG_INF)
         probs = jax.nn.softmax(logits, axis=-1).astype(self.cfg.dtype)
         return self.out(jnp.einsum("bhnt,bthk->bnhk", probs, v_BTHK)), k_BTHK, v_BTHK
 
-    def __call__(self, x_BND: jax.Array, mem_BMD: jax.Array, cmem_BCD: jax.Array,
-                 mask_B1NT: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Returns (output [B,N,d], attention probabilities [B,H,N,T], scaled queries)."""
+    def __call__(self, x_BND: jax.Array, mem_BMD: jax.Array, cmem_BCD: jax.Array, mask_B1NT: jax.Array
+                 ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+        """Returns (output [B,N,d], attention probabilities [B,H,N,T], (scaled queries [H,B,N,K],
+        keys [H,B,T,K], values [H,B,T,K])); keys and values are of [cmem; mem; segment]."""
         C, M = cmem_BCD.shape[1], mem_BMD.shape[1]
-        x_BND = x_BND.astype(self.cfg.dtype)
-        q_BNHK = self.queries(x_BND)
-        kv_in_BTD = jnp.concatenate([cmem_BCD.astype(x_BND.dtype), mem_BMD.astype(x_BND.dtype), x_BND], axis=1)
-        k_BTHK, v_BTHK = self.keys_values(kv_in_BTD)
-        content_BHNT = jnp.einsum("bnhk,bthk->bhnt", q_BNHK + self._cast(self.u_bias), k_BTHK)
-        position_BHNT = self._position_scores(q_BNHK + self._cast(self.v_bias), self.pos_kernel, M)
+        dtype = self.cfg.dtype
+        wk, wv = self._cast(self.key), self._cast(self.value)
+        q_HBNK, k_HBTK, v_HBTK = project(x_BND.astype(dtype), (self._query_kernel(), wk, wv))
+        if C + M:  # the memories need no input gradient, so they get their own GEMM
+            memory_BSD = jnp.concatenate([cmem_BCD, mem_BMD], axis=1).astype(dtype)
+            k_mem, v_mem = project(memory_BSD, (wk, wv))
+            k_HBTK, v_HBTK = jnp.concatenate([k_mem, k_HBTK], axis=2), jnp.concatenate([v_mem, v_HBTK], axis=2)
+        per_head = lambda b: self._cast(b)[:, None, None, :]  # noqa: E731 - [H,K] bias against [H,B,N,K]
+        content_HBNT = jnp.einsum("hbnk,hbtk->hbnt", q_HBNK + per_head(self.u_bias), k_HBTK)
+        position_HBNT = self._position_scores(q_HBNK + per_head(self.v_bias), self.pos_kernel, M)
         if C:
-            cmem_position = self._position_scores(q_BNHK + self._cast(self.cmem_v_bias),
-                                                  self.cmem_pos_kernel, C)[..., :C]
-            position_BHNT = jnp.concatenate([cmem_position, position_BHNT], axis=-1)
-        logits = (content_BHNT + position_BHNT).astype(jnp.float32)
-        logits = jnp.where(mask_B1NT, logits, NEG_INF)
-        probs_BHNT = jax.nn.softmax(logits, axis=-1)
-        dropped = self.dropout(probs_BHNT, deterministic=self.deterministic).astype(self.cfg.dtype)
-        read_BNHK = jnp.einsum("bhnt,bthk->bnhk", dropped, v_BTHK)
-        return self.out(read_BNHK), probs_BHNT, q_BNHK
+            cmem_position = self._position_scores(q_HBNK + per_head(self.cmem_v_bias), self.cmem_pos_kernel, C)
+            position_HBNT = jnp.concatenate([cmem_position[..., :C], position_HBNT], axis=-1)
+        logits = (content_HBNT + position_HBNT).astype(jnp.float32)
+        logits = jnp.where(mask_B1NT[:, 0][None], logits, NEG_INF)
+        probs_HBNT = jax.nn.softmax(logits, axis=-1)
+        dropped = self.dropout(probs_HBNT, deterministic=self.deterministic).astype(dtype)
+        read_BNHK = jnp.einsum("hbnt,hbtk->bnhk", dropped, v_HBTK)
+        return self.out(read_BNHK), jnp.transpose(probs_HBNT, (1, 0, 2, 3)), (q_HBNK, k_HBTK, v_HBTK)

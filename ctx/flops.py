@@ -8,7 +8,8 @@ Forward, per layer and token, with n_s = N, keys T = n_cm + n_m + n_s:
                 2·((n_m+N) + (n_cm+N))·d·d / N per segment
   MLP           2·2·d·d_ff
   compression   conv: 2·c·d·d per slot = 2·d·d per token; dilated adds 2·2·d·d per rate
-  compression loss (attention): k, v of old and compressed (2·2·d·d·(1 + 1/c)) plus
+  compression loss (attention): k, v of the compressed slots (2·2·d·d/c; the evicted
+                entries' keys and values are reused from the attention) plus
                 2·2·N·d·(1 + 1/c) attention reads
 plus the output layer 2·d·V. Training = 3 × forward (backward twice the forward), except
 that the compression network's backward sees only the compression loss (counted the same).
@@ -35,7 +36,7 @@ def forward_flops_per_token(config: Any) -> float:
         if cfg.compression == "dilated_conv":
             layer += 2 * 2 * d * d * len(cfg.dilation_rates)
     if C and cfg.compression_loss == "attention":
-        layer += 2 * 2 * d * d * (1 + 1 / c) + 2 * 2 * N * d * (1 + 1 / c)
+        layer += 2 * 2 * d * d / c + 2 * 2 * N * d * (1 + 1 / c)
     return cfg.n_layers * layer + 2 * d * cfg.vocab_size
 
 

@@ -5,12 +5,8 @@ so they train the compression network and nothing else.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
-
-KeysValuesFn = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
 
 
 def token_nll(logits_BNV: jax.Array, targets_BN: jax.Array) -> jax.Array:
@@ -27,21 +23,23 @@ def weighted_mean_nll(logits_BNV: jax.Array, targets_BN: jax.Array, weights_BN: 
     return (token_nll(logits_BNV, targets_BN) * weights).sum() / jnp.maximum(weights.sum(), 1.0)
 
 
-def _content_read(q_BNHK: jax.Array, k_BTHK: jax.Array, v_BTHK: jax.Array) -> jax.Array:
-    probs = jax.nn.softmax(jnp.einsum("bnhk,bthk->bhnt", q_BNHK, k_BTHK).astype(jnp.float32), axis=-1)
-    return jnp.einsum("bhnt,bthk->bhnk", probs, v_BTHK.astype(jnp.float32))
+def _content_read(q_HBNK: jax.Array, k_HBTK: jax.Array, v_HBTK: jax.Array) -> jax.Array:
+    probs = jax.nn.softmax(jnp.einsum("hbnk,hbtk->hbnt", q_HBNK, k_HBTK).astype(jnp.float32), axis=-1)
+    return jnp.einsum("hbnt,hbtk->hbnk", probs, v_HBTK.astype(jnp.float32))
 
 
-def attention_reconstruction_loss(q_BNHK: jax.Array, old_BND: jax.Array, compressed_BKD: jax.Array,
-                                  keys_values: KeysValuesFn) -> jax.Array:
+def attention_reconstruction_loss(q_HBNK: jax.Array, old_keys_values: tuple[jax.Array, jax.Array],
+                                  compressed_keys_values: tuple[jax.Array, jax.Array]) -> jax.Array:
     """MSE between content-only attention reads over the evicted memories and over their
-    compression, with the layer's own key/value projections (`keys_values` must apply them
-    under stop_gradient). No u/v, no position term, no mask, no output projection (Sonnet).
+    compression, all head-major ([H,B,T,K]). Both sets must come from the layer's own key/value
+    projections held constant (stop_gradient on the weights), so the loss trains only the
+    compression network. No u/v, no position term, no mask, no output
+    projection (Sonnet).
     """
-    q_BNHK = jax.lax.stop_gradient(q_BNHK)
-    old_BND = jax.lax.stop_gradient(old_BND)
-    read_old = _content_read(q_BNHK, *keys_values(old_BND))
-    read_compressed = _content_read(q_BNHK, *keys_values(compressed_BKD))
+    q_HBNK = jax.lax.stop_gradient(q_HBNK)
+    old_keys_values = jax.lax.stop_gradient(old_keys_values)
+    read_old = _content_read(q_HBNK, *old_keys_values)
+    read_compressed = _content_read(q_HBNK, *compressed_keys_values)
     return jnp.mean(jnp.square(read_old - read_compressed))
 
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from ctx import losses
-from ctx.attention import RelativeAttention, attention_mask
+from ctx.attention import RelativeAttention, attention_mask, head_major
 from ctx.compression import Compressor
 from ctx.config import ModelConfig
 from ctx.memory import Memory, append_compressed, fifo_update, reset_rows, update_masks
@@ -32,9 +32,11 @@ class Block(nn.Module):
     deterministic: bool = True
     mode: str = "segment"  # or 'prefill' / 'decode' (sampling with cached keys and values)
 
-    def _compress(self, attention: RelativeAttention, evicted_BND: jax.Array, q_BNHK: jax.Array,
-                  probs_BHNT: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Compress the evicted memories and compute the compression loss."""
+    def _compress(self, attention: RelativeAttention, evicted_BND: jax.Array, probs_BHNT: jax.Array,
+                  qkv: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """Compress the evicted memories and compute the compression loss. `qkv` is the
+        attention's head-major (queries, keys, values): the evicted entries are rows
+        n_cm .. n_cm+n_s of its [cmem; mem; segment] keys and values, so the loss reuses them."""
         cfg = self.cfg
         evicted_BND = jax.lax.stop_gradient(evicted_BND)
         usage_BN = None
@@ -44,8 +46,11 @@ class Block(nn.Module):
         compressor = Compressor(cfg, name="compress")
         compressed_BKD = compressor(evicted_BND, jax.lax.stop_gradient(usage_BN) if usage_BN is not None else None)
         if cfg.compression_loss == "attention":
-            keys_values = partial(attention.keys_values, stop_gradient=True)
-            loss = losses.attention_reconstruction_loss(q_BNHK, evicted_BND, compressed_BKD, keys_values)
+            q_HBNK, k_HBTK, v_HBTK = qkv
+            evicted = slice(cfg.compressed_length, cfg.compressed_length + cfg.segment_length)
+            compressed_kv = map(head_major, attention.keys_values(compressed_BKD, stop_gradient=True))
+            loss = losses.attention_reconstruction_loss(q_HBNK, (k_HBTK[:, :, evicted], v_HBTK[:, :, evicted]),
+                                                        tuple(compressed_kv))
         elif cfg.compression_loss == "autoencoder":
             loss = losses.autoencoder_loss(evicted_BND, compressor.decode(compressed_BKD))
         else:
@@ -92,12 +97,12 @@ class Block(nn.Module):
             return x_BND, (k, v)
 
         mem_BMD, cmem_BCD, mask_B1NT = inputs
-        x_BND, attention_in_BND, (probs_BHNT, q_BNHK) = residual(
+        x_BND, attention_in_BND, (probs_BHNT, qkv) = residual(
             x_BND, lambda a: attention(a, mem_BMD, cmem_BCD, mask_B1NT))
         new_mem_BMD, evicted_BND = fifo_update(mem_BMD, jax.lax.stop_gradient(attention_in_BND))
         new_cmem_BCD, loss = cmem_BCD, jnp.zeros((), jnp.float32)
         if cfg.compresses:
-            compressed_BKD, loss = self._compress(attention, evicted_BND, q_BNHK, probs_BHNT)
+            compressed_BKD, loss = self._compress(attention, evicted_BND, probs_BHNT, qkv)
             new_cmem_BCD = append_compressed(cmem_BCD, compressed_BKD)
         C, M = cmem_BCD.shape[1], mem_BMD.shape[1]
         mass_BHNT = jax.lax.stop_gradient(probs_BHNT)
@@ -137,9 +142,10 @@ class CompressiveTransformer(nn.Module):
         block = Block
         if cfg.remat != "none" and mode == "segment":
             block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        unroll = min(cfg.scan_unroll, cfg.n_layers)
         return nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
                        split_rngs={"params": True, "dropout": True}, in_axes=in_axes,
-                       length=cfg.n_layers, unroll=cfg.scan_unroll)(cfg, deterministic, mode, name="layers")
+                       length=cfg.n_layers, unroll=unroll)(cfg, deterministic, mode, name="layers")
 
     def _embed(self, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
         return Embedding(cfg, name="embed")(tokens)

@@ -62,15 +62,31 @@ def compress(p, evicted, cfg):
     return np.einsum("gcd,cde->ge", groups, p["strided"])
 
 
+def reconstruction_loss(p, attention_in, old, compressed):
+    """The attention-reconstruction loss of one row: content-only attention of the segment's
+    queries over the evicted memories vs over their compression, squared error summed."""
+    K = p["query"].shape[2]
+    q = np.einsum("nd,dhk->nhk", attention_in, p["query"]) * K ** -0.5
+
+    def read(memories):
+        k, v = np.einsum("td,dhk->thk", memories, p["key"]), np.einsum("td,dhk->thk", memories, p["value"])
+        scores = np.einsum("nhk,thk->hnt", q, k)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        return np.einsum("hnt,thk->nhk", probs / probs.sum(-1, keepdims=True), v)
+
+    return np.sum((read(old) - read(compressed)) ** 2)
+
+
 def forward(params, tokens, memory, cfg):
-    """Returns (logits [B,N,V], mem [L,B,n_m,d], cmem [L,B,n_cm,d]) for one segment."""
+    """Returns (logits [B,N,V], mem [L,B,n_m,d], cmem [L,B,n_cm,d], attention-reconstruction
+    loss [L]: mean squared error over rows, positions, heads and head dims) for one segment."""
     params = _to_numpy(params)
     mem, cmem = np.asarray(memory.mem, np.float64), np.asarray(memory.cmem, np.float64)
     mem_mask, cmem_mask = np.asarray(memory.mem_mask), np.asarray(memory.cmem_mask)
     B, N = tokens.shape
     L, n_cm = cfg.n_layers, cfg.compressed_length
     new_mem, new_cmem = np.zeros_like(mem), np.zeros_like(cmem)
-    logits = []
+    logits, squared_error = [], np.zeros(L)
     for b in range(B):
         x = params["embed"]["embedding"][np.asarray(tokens[b])]
         for layer in range(L):
@@ -89,10 +105,12 @@ def forward(params, tokens, memory, cfg):
             if n_cm:
                 compressed = compress(p.get("compress"), full[:N], cfg)
                 new_cmem[layer, b] = np.concatenate([cmem[layer, b], compressed])[-n_cm:]
+                squared_error[layer] += reconstruction_loss(p["attention"], attention_in, full[:N], compressed)
         if cfg.layer_norm == "pre":
             x = layer_norm(x, params["ln_final"])
         logits.append(x @ params["logits"]["kernel"] + params["logits"]["bias"])
-    return np.stack(logits), new_mem, new_cmem
+    H, K = params["layers"]["attention"]["query"].shape[2:]  # stacked [L, d, H, K]
+    return np.stack(logits), new_mem, new_cmem, squared_error / (B * N * H * K)
 
 
 def _mlp(p, x):

@@ -27,11 +27,14 @@ def test_model_matches_brute_force_over_segments(overrides):
     apply = jax.jit(model.apply)
     for s in range(4):
         segment = tokens[:, s * n_s:(s + 1) * n_s]
-        ref_logits, ref_mem, ref_cmem = reference.forward(variables["params"], segment, memory, mcfg)
-        logits, memory, _ = apply(variables, jnp.asarray(segment), memory)
+        ref_logits, ref_mem, ref_cmem, ref_loss = reference.forward(variables["params"], segment, memory, mcfg)
+        logits, memory, aux = apply(variables, jnp.asarray(segment), memory)
         np.testing.assert_allclose(np.asarray(logits), ref_logits, rtol=2e-4, atol=2e-4)
         np.testing.assert_allclose(np.asarray(memory.mem), ref_mem, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(np.asarray(memory.cmem), ref_cmem, rtol=1e-4, atol=1e-5)
+        if mcfg.compresses and mcfg.compression_loss == "attention":  # the loss reuses the attention's keys of the evicted rows
+            np.testing.assert_allclose(np.asarray(aux["compression_loss_per_layer"]), ref_loss, rtol=1e-4, atol=1e-9)
+            assert s < 2 or ref_loss.min() > 0  # real memories are evicted from the third segment on
 
 
 def expected_memory(emb_BTD, n_m, n_cm, c):
@@ -204,7 +207,7 @@ def test_most_used_keeps_the_most_attended_entries_in_time_order():
     np.testing.assert_array_equal(np.asarray(out[0, :, 0]), [1.0, 4.0])  # top-2 by usage, in time order
 
 
-@pytest.mark.parametrize("variant", [dict(remat="full"), dict(remat="dots"), dict(scan_unroll=2)])
+@pytest.mark.parametrize("variant", [dict(remat="full"), dict(remat="dots"), dict(scan_unroll=2), dict(scan_unroll=5)])
 def test_remat_and_unrolled_layers_give_the_same_gradients(variant):
     """Rematerialisation and unrolling the layer scan change the schedule, not the maths
     (and keep the parameter tree, so checkpoints move between them)."""
