@@ -18,18 +18,29 @@ import re
 from typing import Any
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = [^\n]*?op_name=\"([^\"]*)\"", re.MULTILINE)
+_CALLER = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = [^\n]*?calls=%?([\w.\-]+)", re.MULTILINE)
+_COMPUTATION = re.compile(r"^%?([\w.\-]+) \([^\n]*\{\n(.*?)^\}", re.MULTILINE | re.DOTALL)
 _WRAPPER = re.compile(r"^(while|body|cond|closed_call|eval_jaxpr|checkpoint|rematted_computation|"
                       r"(jit|jvp|transpose|vmap|remat)\(.*\))$")
 
 
 def instruction_sources(hlo_text: str) -> dict[str, str]:
-    """HLO instruction name -> 'F ' or 'B ' + the JAX op path without call wrappers. GPU
-    kernels are named after their fusion with '_' for '.', so both spellings are keys."""
+    """HLO instruction name -> 'F ' or 'B ' + the JAX op path without call wrappers. A fusion
+    without metadata of its own takes that of its fused computation's root. GPU kernels are
+    named after their fusion with '_' for '.', so both spellings are keys."""
+    op_names = dict(_INSTRUCTION.findall(hlo_text))
+    for computation, body in _COMPUTATION.findall(hlo_text):
+        root = re.search(r"^\s*ROOT [^\n]*?op_name=\"([^\"]*)\"", body, re.MULTILINE)
+        if root:
+            op_names.setdefault(computation, root.group(1))
+    for caller, computation in _CALLER.findall(hlo_text):
+        if computation in op_names:
+            op_names.setdefault(caller, op_names[computation])
     sources = {}
-    for name, op_name in _INSTRUCTION.findall(hlo_text):
+    for name, op_name in op_names.items():
         direction = "B " if "transpose(jvp(" in op_name else "F "
         path = "/".join(part for part in op_name.split("/") if not _WRAPPER.match(part))
-        sources[name] = sources[name.replace(".", "_")] = direction + path
+        sources[name] = sources[name.replace(".", "_")] = direction + (path or "(loop or call plumbing)")
     return sources
 
 

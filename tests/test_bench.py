@@ -41,6 +41,12 @@ def test_profile_maps_traced_instructions_to_their_source_ops():
     sources = instruction_sources(hlo)
     assert sources["fusion.3"] == sources["fusion_3"] == "B layers/attention/dot_general"
     assert sources["dot.1"] == "F layers/mlp/dot_general"
+    # A fusion without metadata (as on GPUs) is named by its fused computation's root.
+    gpu_hlo = ('%fused_softmax.7 (p0: f32[2]) -> f32[2] {\n  %p0 = f32[2]{0} parameter(0)\n'
+               '  ROOT %e = f32[2]{0} exponential(%p0), metadata={op_name="jit(f)/jvp(M)/layers/attention/exp"}\n}\n\n'
+               'ENTRY %main (a: f32[2]) -> f32[2] {\n  %a = f32[2]{0} parameter(0)\n'
+               '  ROOT %loop_exp_fusion.2 = f32[2]{0} fusion(%a), kind=kLoop, calls=%fused_softmax.7\n}\n')
+    assert instruction_sources(gpu_hlo)["loop_exp_fusion_2"] == "F layers/attention/exp"
     events = [dict(pid=1, name="fusion_3", dur=3000.0), dict(pid=1, name="fusion_3", dur=1000.0),
               dict(pid=1, name="nvjet_gemm", dur=500.0), dict(pid=2, name="x", dur=7.0, args={"hlo_op": "dot.1"})]
     summary = summarize(events, {1: "/device:GPU:0", 2: "/host:CPU"}, sources, steps=2)
