@@ -99,6 +99,10 @@ class RelativeAttention(nn.Module):
     def _cast(self, w: jax.Array) -> jax.Array:
         return w.astype(self.cfg.dtype)
 
+    def _per_head(self, bias_HK: jax.Array) -> jax.Array:
+        """An [H,K] bias in the compute dtype, shaped to add to head-major [H,B,N,K] queries."""
+        return self._cast(bias_HK)[:, None, None, :]
+
     def _query_kernel(self) -> jax.Array:
         """W_q scaled by head_dim^-0.5, so queries are scaled before u/v are added (as in Sonnet)."""
         return self._cast(self.query) * (self.cfg.head_dim ** -0.5)
@@ -170,11 +174,10 @@ class RelativeAttention(nn.Module):
             memory_BSD = jnp.concatenate([cmem_BCD, mem_BMD], axis=1).astype(dtype)
             k_mem, v_mem = project(memory_BSD, (wk, wv))
             k_HBTK, v_HBTK = jnp.concatenate([k_mem, k_HBTK], axis=2), jnp.concatenate([v_mem, v_HBTK], axis=2)
-        per_head = lambda b: self._cast(b)[:, None, None, :]  # noqa: E731 - [H,K] bias against [H,B,N,K]
-        content_HBNT = jnp.einsum("hbnk,hbtk->hbnt", q_HBNK + per_head(self.u_bias), k_HBTK)
-        position_HBNT = self._position_scores(q_HBNK + per_head(self.v_bias), self.pos_kernel, M)
+        content_HBNT = jnp.einsum("hbnk,hbtk->hbnt", q_HBNK + self._per_head(self.u_bias), k_HBTK)
+        position_HBNT = self._position_scores(q_HBNK + self._per_head(self.v_bias), self.pos_kernel, M)
         if C:
-            cmem_position = self._position_scores(q_HBNK + per_head(self.cmem_v_bias), self.cmem_pos_kernel, C)
+            cmem_position = self._position_scores(q_HBNK + self._per_head(self.cmem_v_bias), self.cmem_pos_kernel, C)
             position_HBNT = jnp.concatenate([cmem_position[..., :C], position_HBNT], axis=-1)
         logits = (content_HBNT + position_HBNT).astype(jnp.float32)
         logits = jnp.where(mask_B1NT[:, 0][None], logits, NEG_INF)

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from ctx import losses
+from ctx.config import with_global_batch
 from ctx.data.source import TokenizedCorpus
 from ctx.data.stream import eval_chunks
 from ctx.memory import init_memory
@@ -127,7 +128,6 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: 
     """Restore checkpoint `step` (default: latest) of the run in workdir and evaluate a split."""
     from ctx.data.datasets import check_data_config, load_corpus
     from ctx.restore import restore_for_inference
-    from ctx.config import with_global_batch
     from ctx.sharding import check_batch_fits, make_mesh
 
     check_data_config(config.data, split)

@@ -142,10 +142,9 @@ class CompressiveTransformer(nn.Module):
         block = Block
         if cfg.remat != "none" and mode == "segment":
             block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        unroll = min(cfg.scan_unroll, cfg.n_layers)
         return nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
                        split_rngs={"params": True, "dropout": True}, in_axes=in_axes,
-                       length=cfg.n_layers, unroll=unroll)(cfg, deterministic, mode, name="layers")
+                       length=cfg.n_layers, unroll=cfg.scan_unroll)(cfg, deterministic, mode, name="layers")
 
     def _embed(self, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
         return Embedding(cfg, name="embed")(tokens)
