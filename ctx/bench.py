@@ -93,7 +93,8 @@ def run_benchmark(config: ml_collections.ConfigDict, chunks: int = 3,
     step = statistics.median(train_seconds)
     train_tps = tokens_per_step / step
     eval_tps = tokens_per_step / statistics.median(eval_seconds)
-    flops = train_flops_per_token(config.model)
+    flops = train_flops_per_token(config.model, config.train.batch_size)
+    eval_flops = forward_flops_per_token(config.model, config.train.batch_size)
     matmul = matmul_flops_per_sec(cfg.dtype)
     device_stats = jax.devices()[0].memory_stats() or {}
     return {
@@ -107,12 +108,12 @@ def run_benchmark(config: ml_collections.ConfigDict, chunks: int = 3,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_device_memory_mib": device_stats.get("peak_bytes_in_use", 0) / 2 ** 20 or None,
         "flops_per_token": flops,
-        "eval_flops_per_token": forward_flops_per_token(config.model),
+        "eval_flops_per_token": eval_flops,
         "matmul_flops_per_sec": matmul,
         "mfu": train_tps * flops / matmul,
         "mfu_vs_peak": train_tps * flops / peak_flops_per_sec if peak_flops_per_sec else None,
         "compiled_memory_gib": compiled_memory(compiled)["per_device_memory_estimate_gib"],
-        "eval_mfu": eval_tps * forward_flops_per_token(config.model) / matmul,
+        "eval_mfu": eval_tps * eval_flops / matmul,
         "parameters": parameter_count(config.model)["total"],
         "tokens_per_step": tokens_per_step,
         "backend": jax.default_backend(),

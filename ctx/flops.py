@@ -5,14 +5,18 @@ Forward, per layer and token, with n_s = N, keys T = n_cm + n_m + n_s:
   memory k, v   2·(n_cm + n_m)·2·d·d / N  (memory keys/values are recomputed each segment)
   content       2·T·d (scores) + 2·T·d (weighted values)
   position      2·(n_m+N)·d + 2·(n_cm+N)·d (q·R), and the tables' projection
-                2·((n_m+N) + (n_cm+N))·d·d / N per segment
+                2·((n_m+N) + (n_cm+N))·d·d once per segment for the whole batch, so
+                divided by B·N (a device recomputing the tables for its own rows is
+                redundant work, like rematerialisation, and not counted)
   MLP           2·2·d·d_ff
   compression   conv: 2·c·d·d per slot = 2·d·d per token; dilated adds 2·2·d·d per rate
   compression loss (attention): k, v of the compressed slots (2·2·d·d/c; the evicted
                 entries' keys and values are reused from the attention) plus
-                2·2·N·d·(1 + 1/c) attention reads
-plus the output layer 2·d·V. Training = 3 × forward (backward twice the forward), except
-that the compression network's backward sees only the compression loss (counted the same).
+                2·2·N·d·(1 + 1/c) attention reads; autoencoder: the decoder, the
+                compressor's transpose, costs what the compressor does
+plus the output layer 2·d·V; the token embedding (a lookup) is not counted. Training =
+3 × forward (backward twice the forward), except that the compression network's backward
+sees only the compression loss (counted the same).
 """
 from __future__ import annotations
 
@@ -21,7 +25,11 @@ from typing import Any
 from ctx.config import ModelConfig
 
 
-def forward_flops_per_token(config: Any) -> float:
+def forward_flops_per_token(config: Any, batch_size: int) -> float:
+    """config: the model config; batch_size: the global batch (rows per segment), over which
+    the position tables' projection is shared."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive number of rows, got {batch_size}")
     cfg = ModelConfig.from_config(config)
     d, N, M, C, c = cfg.d_model, cfg.segment_length, cfg.memory_length, cfg.compressed_length, cfg.compression_rate
     T = C + M + N
@@ -29,19 +37,23 @@ def forward_flops_per_token(config: Any) -> float:
              + 2 * (C + M) * 2 * d * d / N
              + 4 * T * d
              + 2 * (M + N) * d + (2 * (C + N) * d if C else 0)
-             + 2 * ((M + N) + ((C + N) if C else 0)) * d * d / N
+             + 2 * ((M + N) + ((C + N) if C else 0)) * d * d / (batch_size * N)
              + 4 * d * cfg.d_ff)
+    compressor = 0.0
     if C and cfg.compression in ("conv", "dilated_conv"):
-        layer += 2 * d * d
+        compressor = 2 * d * d
         if cfg.compression == "dilated_conv":
-            layer += 2 * 2 * d * d * len(cfg.dilation_rates)
+            compressor += 2 * 2 * d * d * len(cfg.dilation_rates)
+    layer += compressor
     if C and cfg.compression_loss == "attention":
         layer += 2 * 2 * d * d / c + 2 * 2 * N * d * (1 + 1 / c)
+    elif C and cfg.compression_loss == "autoencoder":
+        layer += compressor  # the decoder is the compressor's exact transpose
     return cfg.n_layers * layer + 2 * d * cfg.vocab_size
 
 
-def train_flops_per_token(config: Any) -> float:
-    return 3 * forward_flops_per_token(config)
+def train_flops_per_token(config: Any, batch_size: int) -> float:
+    return 3 * forward_flops_per_token(config, batch_size)
 
 
 def parameter_count(config: Any) -> dict[str, int]:

@@ -60,12 +60,13 @@ def config_rows() -> list[dict]:
     for task in ("enwik8", "wt103", "pg19"):
         module = importlib.import_module(f"experiments.{task}")
         for variant in ("ct", "txl"):
-            m = module.get_config(variant).model
+            config = module.get_config(variant)
+            m = config.model
             counts = parameter_count(m)
             rows.append({"config": f"{task}:{variant}", "layers": m.n_layers, "d_model": m.d_model,
                          "memory": m.memory_length, "compressed": m.compressed_length,
                          "parameters": counts["total"], "compression_parameters": counts["compression"],
-                         "train_gflops_per_token": train_flops_per_token(m) / 1e9,
+                         "train_gflops_per_token": train_flops_per_token(m, config.train.batch_size) / 1e9,
                          "paper_parameters": PAPER_PARAMETERS.get((task, variant))})
     return rows
 

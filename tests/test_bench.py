@@ -4,7 +4,14 @@ import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
+import pytest
+from jax.extend import core as jax_core
+
+from ctx.flops import forward_flops_per_token, train_flops_per_token
 from ctx.profile import instruction_sources, summarize
+from tests.helpers import build, tiny_model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ("train_tokens_per_sec", "eval_tokens_per_sec", "step_seconds", "compile_seconds", "peak_rss_mib",
@@ -54,3 +61,45 @@ def test_profile_maps_traced_instructions_to_their_source_ops():
     assert gpu["top_ms_per_step"] == [{"op": "B layers/attention/dot_general", "ms": 2.0}]
     assert gpu["unmapped_ms_per_step"] == [{"op": "nvjet_gemm", "ms": 0.25}] and gpu["total_ms_per_step"] == 2.0
     assert summary["/host:CPU"]["top_ms_per_step"] == [{"op": "F layers/mlp/dot_general", "ms": 0.0035}]
+
+
+def traced_dot_flops(jaxpr: jax_core.Jaxpr, skip_scope: str, repeat: int = 1) -> int:
+    """2 x multiply-adds of every dot_general in a jaxpr, sub-jaxprs included (a scan body
+    counted `length` times), except those traced under the named scope."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general" and skip_scope not in str(eqn.source_info.name_stack):
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2 * repeat * int(np.prod(eqn.outvars[0].aval.shape)) * int(np.prod([lhs[i] for i in lhs_contract]))
+        times = repeat * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                if isinstance(sub, jax_core.ClosedJaxpr):
+                    sub = sub.jaxpr
+                if isinstance(sub, jax_core.Jaxpr):
+                    total += traced_dot_flops(sub, skip_scope, times)
+    return total
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(), dict(compressed_length=0), dict(compressed_length=0, memory_length=0),
+    dict(compression="dilated_conv"), dict(compression_loss="autoencoder"),
+    dict(compression="dilated_conv", compression_loss="autoencoder"),
+    dict(compression="max", compression_loss="none"), dict(compression="most_used", compression_loss="none"),
+    dict(layer_norm="post", compression="mean", compression_loss="none"),
+    dict(memory_length=12, compressed_length=6, compression_rate=2),
+], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "ct")
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_analytic_flops_equal_the_traced_matmuls(overrides, batch_size):
+    """ctx.flops counts exactly the matmul FLOPs a forward pass traces (position tables once per
+    batch, the compression network and its loss included); only the embedding is left out."""
+    cfg = tiny_model_config(**{**dict(segment_length=8, memory_length=8, compressed_length=8), **overrides})
+    model, variables, memory = build(cfg, batch_size)
+    tokens = np.zeros((batch_size, cfg.segment_length), np.int32)
+    jaxpr = jax.make_jaxpr(lambda v: model.apply(v, tokens, memory))(variables).jaxpr
+    traced = traced_dot_flops(jaxpr, skip_scope="embed") / (batch_size * cfg.segment_length)
+    assert forward_flops_per_token(cfg, batch_size) == pytest.approx(traced, rel=1e-12)
+    assert train_flops_per_token(cfg, batch_size) == 3 * forward_flops_per_token(cfg, batch_size)
+    with pytest.raises(ValueError, match="batch_size"):
+        forward_flops_per_token(cfg, 0)
