@@ -25,8 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ctx.config import ModelConfig
-
-NEG_INF = -1e30
+from ctx.ops import softmax
 
 
 def sinusoid_table(distances: jax.Array, d: int) -> jax.Array:
@@ -158,8 +157,8 @@ class RelativeAttention(nn.Module):
         position_BH1T = position_term(self.v_bias, r_PHK, M + N)
         if C:
             position_BH1T = jnp.concatenate([position_term(self.cmem_v_bias, rc_PHK, C), position_BH1T], axis=-1)
-        logits = jnp.where(mask_B1T[:, None], (content_BH1T + position_BH1T).astype(jnp.float32), NEG_INF)
-        probs = jax.nn.softmax(logits, axis=-1).astype(self.cfg.dtype)
+        logits = (content_BH1T + position_BH1T).astype(jnp.float32)
+        probs = softmax(logits, mask_B1T[:, None]).astype(self.cfg.dtype)
         return self.out(jnp.einsum("bhnt,bthk->bnhk", probs, v_BTHK)), k_BTHK, v_BTHK
 
     def __call__(self, x_BND: jax.Array, mem_BMD: jax.Array, cmem_BCD: jax.Array, mask_B1NT: jax.Array
@@ -180,8 +179,7 @@ class RelativeAttention(nn.Module):
             cmem_position = self._position_scores(q_HBNK + self._per_head(self.cmem_v_bias), self.cmem_pos_kernel, C)
             position_HBNT = jnp.concatenate([cmem_position[..., :C], position_HBNT], axis=-1)
         logits = (content_HBNT + position_HBNT).astype(jnp.float32)
-        logits = jnp.where(mask_B1NT[:, 0][None], logits, NEG_INF)
-        probs_HBNT = jax.nn.softmax(logits, axis=-1)
+        probs_HBNT = softmax(logits, mask_B1NT[:, 0][None])
         dropped = self.dropout(probs_HBNT, deterministic=self.deterministic).astype(dtype)
         read_BNHK = jnp.einsum("hbnt,hbtk->bnhk", dropped, v_HBTK)
         return self.out(read_BNHK), jnp.transpose(probs_HBNT, (1, 0, 2, 3)), (q_HBNK, k_HBTK, v_HBTK)

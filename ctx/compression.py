@@ -11,8 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ctx import ops
 from ctx.config import ModelConfig
-
 
 
 def strided_conv(x_BTD: jax.Array, kernel_CIO: jax.Array) -> jax.Array:
@@ -48,7 +48,7 @@ class Compressor(nn.Module):
         if self.cfg.compression == "dilated_conv":
             for rate, kernel in zip(self.cfg.dilation_rates, self.dilated):
                 x_BND = causal_dilated_conv(x_BND, kernel, rate)
-                x_BND = jax.nn.relu(x_BND) if relu else x_BND
+                x_BND = ops.relu(x_BND) if relu else x_BND
         return strided_conv(x_BND, self.strided)
 
     def __call__(self, evicted_BND: jax.Array, usage_BN: jax.Array | None = None) -> jax.Array:

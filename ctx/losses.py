@@ -8,6 +8,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ctx.ops import softmax
+
 
 def token_nll(logits_BNV: jax.Array, targets_BN: jax.Array) -> jax.Array:
     """Negative log-likelihood [B,N] of each target token, in nats (computed in fp32)."""
@@ -24,7 +26,7 @@ def weighted_mean_nll(logits_BNV: jax.Array, targets_BN: jax.Array, weights_BN: 
 
 
 def _content_read(q_HBNK: jax.Array, k_HBTK: jax.Array, v_HBTK: jax.Array) -> jax.Array:
-    probs = jax.nn.softmax(jnp.einsum("hbnk,hbtk->hbnt", q_HBNK, k_HBTK).astype(jnp.float32), axis=-1)
+    probs = softmax(jnp.einsum("hbnk,hbtk->hbnt", q_HBNK, k_HBTK).astype(jnp.float32))
     return jnp.einsum("hbnt,hbtk->hbnk", probs, v_HBTK.astype(jnp.float32))
 
 

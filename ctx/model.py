@@ -18,6 +18,7 @@ from ctx.attention import RelativeAttention, attention_mask, head_major
 from ctx.compression import Compressor
 from ctx.config import ModelConfig
 from ctx.memory import Memory, append_compressed, fifo_update, reset_rows, update_masks
+from ctx.ops import LayerNorm, relu
 
 REMAT_POLICIES = {
     "full": None,
@@ -65,12 +66,12 @@ class Block(nn.Module):
         """
         cfg = self.cfg
         dropout = partial(nn.Dropout(cfg.dropout), deterministic=self.deterministic)
-        ln_attention = nn.LayerNorm(dtype=cfg.dtype, name="ln_attention")
-        ln_mlp = nn.LayerNorm(dtype=cfg.dtype, name="ln_mlp")
+        ln_attention = LayerNorm(dtype=cfg.dtype, name="ln_attention")
+        ln_mlp = LayerNorm(dtype=cfg.dtype, name="ln_mlp")
         attention = RelativeAttention(cfg, self.deterministic, name="attention")
 
         def mlp(y_BND):
-            y_BNF = jax.nn.relu(nn.Dense(cfg.d_ff, dtype=cfg.dtype, name="mlp_in")(y_BND))
+            y_BNF = relu(nn.Dense(cfg.d_ff, dtype=cfg.dtype, name="mlp_in")(y_BND))
             return nn.Dense(cfg.d_model, dtype=cfg.dtype, name="mlp_out")(dropout(y_BNF))
 
         def residual(x, attend):
@@ -151,7 +152,7 @@ class CompressiveTransformer(nn.Module):
 
     def _logits(self, cfg: ModelConfig, x_BND: jax.Array) -> jax.Array:
         if cfg.layer_norm == "pre":
-            x_BND = nn.LayerNorm(dtype=cfg.dtype, name="ln_final")(x_BND)
+            x_BND = LayerNorm(dtype=cfg.dtype, name="ln_final")(x_BND)
         return nn.Dense(cfg.vocab_size, dtype=cfg.dtype, name="logits")(x_BND).astype(jnp.float32)
 
     @nn.compact

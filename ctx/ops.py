@@ -1,0 +1,108 @@
+"""Softmax, ReLU and LayerNorm with hand-written backward passes that keep one tensor each.
+
+JAX's own rules keep more for the backward pass: jax.nn.softmax (by default) differentiates
+exp(x - max) / sum as written and keeps the logits, the exponentials and the probabilities
+(three score-sized [B,H,N,T] tensors per layer); jax.nn.relu keeps a mask and a materialised
+zeros tensor; flax's LayerNorm keeps four activation-sized intermediates. Under the layer
+scan every kept tensor is written to a stacked buffer in the forward pass and read back in
+the backward, so on CPUs these copies cost as much as the arithmetic. Each op here keeps
+what its backward formula needs and nothing else: the probabilities, the ReLU output
+(which the next matmul's weight gradient keeps anyway), the normalised input (fp32) and 1/σ.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+_MASKED = -1e30  # the logit of a masked entry: exp underflows to exactly 0, with no inf - inf
+
+
+@jax.custom_vjp
+def softmax(x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Softmax over the last axis, over the entries where `mask` (broadcastable to x) is True;
+    every row must keep at least one. The backward is y·(g - Σ g·y), which is 0 where masked
+    because y is, so no mask and no filler tensor are kept for it."""
+    return _softmax_forward(x, mask)[0]
+
+
+def _softmax_forward(x, mask):
+    y = jax.nn.softmax(x if mask is None else jnp.where(mask, x, _MASKED), axis=-1)
+    return y, y
+
+
+def _softmax_backward(y, g):
+    return y * (g - jnp.sum(g * y, axis=-1, keepdims=True)), None
+
+
+softmax.defvjp(_softmax_forward, _softmax_backward)
+
+
+@jax.custom_vjp
+def relu(x: jax.Array) -> jax.Array:
+    """max(x, 0); the backward passes g where the output is positive (0 at x = 0, as jax.nn.relu)."""
+    return jnp.maximum(x, 0)
+
+
+def _relu_forward(x):
+    y = jnp.maximum(x, 0)
+    return y, y
+
+
+def _relu_backward(y, g):
+    return (jnp.where(y > 0, g, jnp.zeros_like(g)),)
+
+
+relu.defvjp(_relu_forward, _relu_backward)
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, dtype: Any) -> jax.Array:
+    """(x - mean) / sqrt(var + epsilon) · scale + bias over the last axis, computed in fp32 and
+    returned in `dtype`."""
+    return _layer_norm(x, scale, bias, epsilon, jnp.dtype(dtype), x.dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _layer_norm(x, scale, bias, epsilon, dtype, x_dtype):
+    return _layer_norm_forward(x, scale, bias, epsilon, dtype, x_dtype)[0]
+
+
+def _layer_norm_forward(x, scale, bias, epsilon, dtype, x_dtype):
+    x32 = x.astype(jnp.float32)
+    centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    inv_std = jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + epsilon)
+    normalised = centred * inv_std
+    y = (normalised * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype)
+    return y, (normalised, inv_std, scale)
+
+
+def _layer_norm_backward(epsilon, dtype, x_dtype, residuals, g):
+    normalised, inv_std, scale = residuals
+    g32 = g.astype(jnp.float32)
+    batch_axes = tuple(range(g.ndim - 1))
+    d_scale = jnp.sum(g32 * normalised, axis=batch_axes).astype(scale.dtype)
+    d_bias = jnp.sum(g32, axis=batch_axes).astype(scale.dtype)
+    g_hat = g32 * scale.astype(jnp.float32)
+    d_x = inv_std * (g_hat - jnp.mean(g_hat, axis=-1, keepdims=True)
+                     - normalised * jnp.mean(g_hat * normalised, axis=-1, keepdims=True))
+    return d_x.astype(x_dtype), d_scale, d_bias
+
+
+_layer_norm.defvjp(_layer_norm_forward, _layer_norm_backward)
+
+
+class LayerNorm(nn.Module):
+    """Drop-in for flax.linen.LayerNorm (same parameter names and initialisers) on `layer_norm`."""
+
+    dtype: jnp.dtype | str = jnp.float32
+    epsilon: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,))
+        bias = self.param("bias", nn.initializers.zeros, (features,))
+        return layer_norm(x, scale, bias, self.epsilon, self.dtype)
