@@ -181,5 +181,7 @@ class RelativeAttention(nn.Module):
         logits = (content_HBNT + position_HBNT).astype(jnp.float32)
         probs_HBNT = softmax(logits, mask_B1NT[:, 0][None])
         dropped = self.dropout(probs_HBNT, deterministic=self.deterministic).astype(dtype)
-        read_BNHK = jnp.einsum("hbnt,hbtk->bnhk", dropped, v_HBTK)
+        # Read head-major, then move the small [H,B,N,K] result; asked for [B,N,H,K] directly,
+        # XLA transposed the score-sized probabilities and their gradient in the backward pass.
+        read_BNHK = jnp.transpose(jnp.einsum("hbnt,hbtk->hbnk", dropped, v_HBTK), (1, 2, 0, 3))
         return self.out(read_BNHK), jnp.transpose(probs_HBNT, (1, 0, 2, 3)), (q_HBNK, k_HBTK, v_HBTK)
