@@ -58,8 +58,10 @@ def test_layer_norm_matches_flax_values_and_gradients(dtype):
         np.testing.assert_allclose(np.asarray(ours_leaf, np.float32), np.asarray(ref_leaf, np.float32), **tolerance)
 
 
-def test_a_layer_keeps_one_score_sized_tensor_for_its_backward(capsys):
-    """The probabilities are the only [H,B,N,T] float tensor a layer keeps (jax.nn.softmax kept three)."""
+def test_a_layer_keeps_one_tensor_per_op_for_its_backward(capsys):
+    """The probabilities are the only [H,B,N,T] float tensor a layer keeps (jax.nn.softmax kept
+    three), the ReLU output the only [B,N,d_ff] one (jax.nn.relu added a mask and a zeros
+    tensor), and nothing of flax's LayerNorm intermediates is kept."""
     cfg = ModelConfig.from_config(tiny_model_config())
     B, N, T = 2, cfg.segment_length, cfg.compressed_length + cfg.memory_length + cfg.segment_length
     x, mem, cmem = (jnp.ones((B, n, cfg.d_model)) for n in (N, cfg.memory_length, cfg.compressed_length))
@@ -75,3 +77,6 @@ def test_a_layer_keeps_one_score_sized_tensor_for_its_backward(capsys):
     kept = capsys.readouterr().out.splitlines()
     score_sized = [line for line in kept if line.startswith(f"f32[{cfg.n_heads},{B},{N},{T}]")]
     assert len(score_sized) == 1 and "softmax" in score_sized[0], kept
+    mlp_sized = [line for line in kept if f"[{B},{N},{cfg.d_ff}]" in line]
+    assert len(mlp_sized) == 1 and mlp_sized[0].startswith("f32") and "relu" in mlp_sized[0], kept
+    assert not [line for line in kept if "normalization.py" in line], kept
