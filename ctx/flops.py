@@ -3,10 +3,10 @@
 Forward, per layer and token, with n_s = N, keys T = n_cm + n_m + n_s:
   projections   2·d·(3·d) (q, k, v of the token) + 2·d·d (output)
   memory k, v   2·(n_cm + n_m)·2·d·d / N  (memory keys/values are recomputed each segment)
-  content       2·T·d (scores) + 2·T·d (weighted values)
-  position      2·(n_m+N)·d + 2·(n_cm+N)·d (q·R), and the tables' projection
-                2·((n_m+N) + (n_cm+N))·d·d once per segment for the whole batch, so
-                divided by B·N (a device recomputing the tables for its own rows is
+  content       2·T·d (scores) + 2·T·d (weighted values), and u·k once per key: 2·T·d / N
+  position      2·(n_m+N)·d + 2·(n_cm+N)·d (q·R), and, once per segment for the whole
+                batch (so divided by B·N), the tables' projection 2·P·d·d and v·R 2·P·d,
+                P = (n_m+N) + (n_cm+N) (a device recomputing them for its own rows is
                 redundant work, like rematerialisation, and not counted)
   MLP           2·2·d·d_ff
   compression   conv: 2·c·d·d per slot = 2·d·d per token; dilated adds 2·2·d·d per rate
@@ -32,12 +32,12 @@ def forward_flops_per_token(config: Any, batch_size: int) -> float:
         raise ValueError(f"batch_size must be a positive number of rows, got {batch_size}")
     cfg = ModelConfig.from_config(config)
     d, N, M, C, c = cfg.d_model, cfg.segment_length, cfg.memory_length, cfg.compressed_length, cfg.compression_rate
-    T = C + M + N
+    T, P = C + M + N, (M + N) + ((C + N) if C else 0)
     layer = (2 * d * 3 * d + 2 * d * d
              + 2 * (C + M) * 2 * d * d / N
-             + 4 * T * d
-             + 2 * (M + N) * d + (2 * (C + N) * d if C else 0)
-             + 2 * ((M + N) + ((C + N) if C else 0)) * d * d / (batch_size * N)
+             + 4 * T * d + 2 * T * d / N
+             + 2 * P * d
+             + 2 * P * (d + 1) * d / (batch_size * N)
              + 4 * d * cfg.d_ff)
     compressor = 0.0
     if C and cfg.compression in ("conv", "dilated_conv"):
