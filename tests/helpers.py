@@ -1,11 +1,22 @@
 """Small builders shared by the tests: tiny configs, models and multi-segment runs."""
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import ctx
+
+
+def simulated_devices_env(devices: int, **extra: str) -> dict[str, str]:
+    """Environment for a subprocess with `devices` simulated CPU devices. XLA:CPU aborts a
+    collective whose device threads do not all arrive within 40 s, which 8 threads on 2
+    loaded cores can miss (seen once in a full run); the limit is raised to 10 minutes."""
+    flags = (f"--xla_force_host_platform_device_count={devices} "
+             "--xla_cpu_collective_call_terminate_timeout_seconds=600")
+    return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", **extra)
 
 
 def tiny_model_config(**overrides):

@@ -12,7 +12,7 @@ import pytest
 import ctx
 from ctx import evaluate, losses, train
 from ctx.data.datasets import load_corpus
-from tests.helpers import read_metrics, tiny_train_config
+from tests.helpers import read_metrics, simulated_devices_env, tiny_train_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -103,7 +103,7 @@ print(json.dumps({"total_nll": report["total_nll"], "tokens": report["tokens"], 
 
 def test_eight_devices_give_the_same_report(trained_run):
     base = evaluate.evaluate_checkpoint(tiny_train_config(num_steps=4), trained_run, "validation")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=ROOT)
+    env = simulated_devices_env(8, PYTHONPATH=ROOT)
     out = subprocess.run([sys.executable, "-c", EVAL_8, trained_run], env=env, capture_output=True, text=True,
                          cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from tests.helpers import simulated_devices_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["launch/tpu.sh", "launch/slurm_gpu.sbatch", "launch/local.sh", "experiments/gpu_bench.sh"]
 
@@ -60,7 +62,7 @@ def test_slurm_and_local_dry_runs():
 
 @pytest.mark.parametrize("fsdp", [1, 2])
 def test_compile_only_reports_memory_for_a_simulated_mesh(fsdp):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = simulated_devices_env(8)
     out = subprocess.run([sys.executable, "-m", "ctx.train", "--config=experiments/demo.py", "--compile_only",
                           f"--config.mesh.fsdp={fsdp}", "--config.train.segments_per_call=2",
                           f"--config.train.per_device_batch_size={fsdp}"],

@@ -9,7 +9,7 @@ import pytest
 
 from ctx import train
 from ctx.optim import learning_rate, make_optimizer
-from tests.helpers import read_metrics, tiny_train_config
+from tests.helpers import read_metrics, simulated_devices_env, tiny_train_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -102,8 +102,7 @@ def test_compression_branch_has_its_own_clip():
 
 
 def run_subprocess(code, devices, *args):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               PYTHONPATH=ROOT)
+    env = simulated_devices_env(devices, PYTHONPATH=ROOT)
     out = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
