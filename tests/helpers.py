@@ -11,12 +11,20 @@ import ctx
 
 
 def simulated_devices_env(devices: int, **extra: str) -> dict[str, str]:
-    """Environment for a subprocess with `devices` simulated CPU devices. XLA:CPU aborts a
-    collective whose device threads do not all arrive within 40 s, which 8 threads on 2
-    loaded cores can miss (seen once in a full run); the limit is raised to 10 minutes."""
+    """Environment for a subprocess with `devices` simulated CPU devices.
+
+    XLA:CPU runs the devices' collectives on one intra-op pool of max(cores, devices) threads,
+    and a thread waits inside an all-reduce until every device has arrived. With exactly one
+    thread per device, a device's all-reduce that was launched but is still queued can starve
+    behind threads blocked in another one: CI deadlocked once with 7 devices in the training
+    step's loss all-reduce and device 0 in the layer scan's. PJRT_NPROC sizes that pool: with 8
+    threads per device, starving needs 8 collectives in flight per device at once. A stuck
+    collective still ends the run, after 2 minutes (XLA's default 40 s is short for 8 devices
+    on 2 busy cores).
+    """
     flags = (f"--xla_force_host_platform_device_count={devices} "
-             "--xla_cpu_collective_call_terminate_timeout_seconds=600")
-    return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", **extra)
+             "--xla_cpu_collective_call_terminate_timeout_seconds=120")
+    return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PJRT_NPROC=str(8 * devices), **extra)
 
 
 def tiny_model_config(**overrides):
