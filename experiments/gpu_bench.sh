@@ -28,7 +28,7 @@ pg19=(--config=experiments/pg19.py --config.data.dataset=demo --config.data.toke
       --config.train.segments_per_call=4 --chunks=5 "${bf16[@]}")
 bench pg19_b32 180 "${pg19[@]}" --config.train.batch_size=32
 bench bench_bf16_b8 60 --config=experiments/bench.py "${bf16[@]}" --chunks=5
-bench bench_bf16_b8_unroll4 60 --config=experiments/bench.py "${bf16[@]}" --chunks=5 --config.model.scan_unroll=4
+bench bench_bf16_b8_scanned 60 --config=experiments/bench.py "${bf16[@]}" --chunks=5 --config.model.scan_unroll=1
 bench bench_bf16_b64 60 --config=experiments/bench.py "${bf16[@]}" --chunks=5 --config.train.batch_size=64
 bench bench_36_layers 100 --config=experiments/bench.py "${bf16[@]}" --chunks=2 --config.model.n_layers=36
 bench pg19_b64 150 "${pg19[@]}" --config.train.batch_size=64

@@ -19,8 +19,8 @@ from experiments import demo
     (dict(remat="some"), r"model.remat='some' is unknown"),
     (dict(vocab_size=1), r"model.vocab_size must be at least 2"),
     (dict(dropout=1.0), r"model.dropout must be in \[0, 1\)"),
-    (dict(scan_unroll=0), r"model.scan_unroll must be a positive integer \(layers per scan iteration\), got 0"),
-    (dict(scan_unroll=-2), r"model.scan_unroll must be a positive integer \(layers per scan iteration\), got -2"),
+    (dict(scan_unroll=-2), r"model.scan_unroll must be a non-negative integer \(layers per scan iteration, "
+                           r"0 = auto\), got -2"),
     (dict(compression="max", compression_loss="autoencoder"), r"'autoencoder' needs a learned compression"),
     (dict(compression="conv", compression_loss="none"), r"would never be trained"),
 ])

@@ -207,11 +207,12 @@ def test_most_used_keeps_the_most_attended_entries_in_time_order():
     np.testing.assert_array_equal(np.asarray(out[0, :, 0]), [1.0, 4.0])  # top-2 by usage, in time order
 
 
-@pytest.mark.parametrize("variant", [dict(remat="full"), dict(remat="dots"), dict(scan_unroll=2), dict(scan_unroll=5)])
+@pytest.mark.parametrize("variant", [dict(remat="full"), dict(remat="dots"), dict(remat="dots", scan_unroll=1),
+                                     dict(scan_unroll=0), dict(scan_unroll=5)])
 def test_remat_and_unrolled_layers_give_the_same_gradients(variant):
     """Rematerialisation and unrolling the layer scan change the schedule, not the maths
     (and keep the parameter tree, so checkpoints move between them)."""
-    cfg = tiny_model_config()
+    cfg = tiny_model_config(scan_unroll=1)
     model, variables, memory = build(cfg)
     remat_model = ctx.CompressiveTransformer(tiny_model_config(**variant))
     tokens = jnp.asarray(random_tokens(model.model_config, 2, 1))
@@ -223,6 +224,25 @@ def test_remat_and_unrolled_layers_give_the_same_gradients(variant):
     g1 = jax.jit(jax.grad(lambda p: loss(model, p)))(variables["params"])
     g2 = jax.jit(jax.grad(lambda p: loss(remat_model, p)))(variables["params"])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g2)
+
+
+def test_shallow_layer_stacks_unroll_and_deep_ones_scan():
+    """scan_unroll=0 (auto, the default) leaves no loop over layers in a stack of up to
+    UNROLL_LAYERS_UP_TO layers and scans a deeper one a layer per iteration."""
+    from ctx.config import UNROLL_LAYERS_UP_TO, ModelConfig
+
+    def loops_over_layers(**overrides):
+        model, variables, memory = build(tiny_model_config(**overrides))
+        tokens = jnp.zeros((2, model.model_config.segment_length), jnp.int32)
+        return jax.jit(lambda v: model.apply(v, tokens, memory)[0]).lower(variables).as_text().count(
+            "stablehlo.while")
+
+    assert loops_over_layers(n_layers=UNROLL_LAYERS_UP_TO) == 0
+    assert loops_over_layers(n_layers=UNROLL_LAYERS_UP_TO + 1) == 1
+    assert loops_over_layers(n_layers=2, scan_unroll=1) == 1
+    per_iteration = lambda **o: ModelConfig.from_config(tiny_model_config(**o)).layers_per_scan_iteration  # noqa: E731
+    assert per_iteration(n_layers=3) == 3 and per_iteration(n_layers=36) == 1
+    assert per_iteration(n_layers=36, scan_unroll=3) == 3
 
 
 def test_dropout_is_random_in_training_and_off_in_evaluation():
