@@ -178,17 +178,22 @@ class RelativeAttention(nn.Module):
         probs = softmax(logits, mask_B1T[:, None]).astype(self.cfg.dtype)
         return self.out(jnp.einsum("bhnt,bthk->bnhk", probs, v_BTHK)), k_BTHK, v_BTHK
 
-    def __call__(self, x_BND: jax.Array, mem_BMD: jax.Array, cmem_BCD: jax.Array, mask_B1NT: jax.Array
+    def __call__(self, x_BND: jax.Array, mem_BMD: jax.Array, cmem_BCD: jax.Array, mask_B1NT: jax.Array,
+                 memory_kv: tuple[jax.Array, jax.Array] | None = None
                  ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
         """Returns (output [B,N,d], attention probabilities [B,H,N,T], (scaled queries [H,B,N,K],
-        keys [H,B,T,K], values [H,B,T,K])); keys and values are of [cmem; mem; segment]."""
+        keys [H,B,T,K], values [H,B,T,K])); keys and values are of [cmem; mem; segment].
+        `memory_kv`: the memories' keys and values [H,B,C+M,K] when already known (evaluation
+        carries them from segment to segment instead of projecting the memories again)."""
         C, M = cmem_BCD.shape[1], mem_BMD.shape[1]
         dtype = self.cfg.dtype
         wk, wv = self._cast(self.key), self._cast(self.value)
         q_HBNK, k_HBTK, v_HBTK = project(x_BND.astype(dtype), (self._query_kernel(), wk, wv))
         if C + M:  # the memories need no input gradient, so they get their own GEMM
-            memory_BSD = jnp.concatenate([cmem_BCD, mem_BMD], axis=1).astype(dtype)
-            k_mem, v_mem = project(memory_BSD, (wk, wv))
+            if memory_kv is None:
+                memory_BSD = jnp.concatenate([cmem_BCD, mem_BMD], axis=1).astype(dtype)
+                memory_kv = tuple(project(memory_BSD, (wk, wv)))
+            k_mem, v_mem = (t.astype(dtype) for t in memory_kv)
             k_HBTK, v_HBTK = jnp.concatenate([k_mem, k_HBTK], axis=2), jnp.concatenate([v_mem, v_HBTK], axis=2)
         # (q + u)·k = q·k + u·k: the u·k row [H,B,T] is the same for every query.
         content_HBNT = (jnp.einsum("hbnk,hbtk->hbnt", q_HBNK, k_HBTK)

@@ -25,6 +25,7 @@ from ctx.config import with_global_batch
 from ctx.data.source import TokenizedCorpus
 from ctx.data.stream import eval_chunks
 from ctx.memory import init_memory
+from ctx.model import memory_keys_values
 from ctx.sharding import global_batch_array, memory_shardings, process_rows, replicated, to_host
 
 EVAL_KEYS = ("tokens", "targets", "weights", "reset")
@@ -33,14 +34,22 @@ PG19_WORDS = {"validation": (50, 3_007_061), "test": (100, 6_966_499)}
 
 
 def make_eval_chunk_fn(model):
-    """jit(params, memory, chunk) -> (memory, nll [K,B,n_s]) with a scan over K segments."""
+    """jit(params, memory, chunk) -> (memory, nll [K,B,n_s]) with a scan over K segments.
 
-    def segment(params, memory, batch):
-        logits, memory, _ = model.apply({"params": params}, batch["tokens"], memory, reset=batch["reset"])
-        return memory, losses.token_nll(logits, batch["targets"]) * batch["weights"]
+    The memories' keys and values are projected once per chunk and then carried from segment
+    to segment (each segment adds its own and the new compressed slots'), instead of
+    projecting all n_cm + n_m memories again in every segment."""
+
+    def segment(params, carry, batch):
+        memory, kv = carry
+        logits, memory, aux = model.apply({"params": params}, batch["tokens"], memory, reset=batch["reset"],
+                                          memory_kv=kv)
+        return (memory, aux["memory_kv"]), losses.token_nll(logits, batch["targets"]) * batch["weights"]
 
     def chunk_fn(params, memory, chunk):
-        return jax.lax.scan(lambda m, b: segment(params, m, b), memory, chunk)
+        kv = memory_keys_values(model.apply({"params": params}, None, memory, prefill=True))
+        (memory, _), nll = jax.lax.scan(lambda c, b: segment(params, c, b), (memory, kv), chunk)
+        return memory, nll
 
     return jax.jit(chunk_fn, donate_argnums=(1,))
 

@@ -56,9 +56,9 @@ def reset_rows(memory: Memory, reset: jax.Array | None) -> Memory:
     )
 
 
-def keep_newest(x_BTD: jax.Array, n: int) -> jax.Array:
-    """The newest `n` entries along axis 1 (works for n = 0, unlike x[:, -0:])."""
-    return x_BTD[:, x_BTD.shape[1] - n:]
+def keep_newest(x_BTD: jax.Array, n: int, axis: int = 1) -> jax.Array:
+    """The newest `n` entries along `axis` (works for n = 0, unlike x[:, -0:])."""
+    return jax.lax.slice_in_dim(x_BTD, x_BTD.shape[axis] - n, x_BTD.shape[axis], axis=axis)
 
 
 def fifo_update(mem_BMD: jax.Array, h_BND: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -72,6 +72,18 @@ def append_compressed(cmem_BCD: jax.Array, new_BKD: jax.Array) -> jax.Array:
     """Append newly compressed slots and keep the newest n_cm."""
     full = jnp.concatenate([cmem_BCD, new_BKD.astype(cmem_BCD.dtype)], axis=1)
     return keep_newest(full, cmem_BCD.shape[1])
+
+
+def advance_memory_kv(kv_HBSK: jax.Array, segment_HBNK: jax.Array, compressed_HBKK: jax.Array | None,
+                      n_cmem: int) -> jax.Array:
+    """Keys (or values) [H,B,n_cm+n_m,K] of [cmem; mem] after one segment: the memory part
+    advances as `fifo_update` advances the memory (the segment's own keys enter), the
+    compressed part as `append_compressed` (the new slots' keys enter)."""
+    cmem, mem = kv_HBSK[:, :, :n_cmem], kv_HBSK[:, :, n_cmem:]
+    mem = keep_newest(jnp.concatenate([mem, segment_HBNK.astype(mem.dtype)], axis=2), mem.shape[2], axis=2)
+    if compressed_HBKK is not None:
+        cmem = keep_newest(jnp.concatenate([cmem, compressed_HBKK.astype(cmem.dtype)], axis=2), n_cmem, axis=2)
+    return jnp.concatenate([cmem, mem], axis=2)
 
 
 def compressed_slot_mask(evicted_B_N: jax.Array, cfg: ModelConfig) -> jax.Array:

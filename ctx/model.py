@@ -17,7 +17,7 @@ from ctx import losses
 from ctx.attention import RelativeAttention, attention_mask, head_major
 from ctx.compression import Compressor
 from ctx.config import ModelConfig
-from ctx.memory import Memory, append_compressed, fifo_update, reset_rows, update_masks
+from ctx.memory import Memory, advance_memory_kv, append_compressed, fifo_update, reset_rows, update_masks
 from ctx.ops import LayerNorm, relu
 
 REMAT_POLICIES = {
@@ -60,7 +60,9 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x_BND: jax.Array, *inputs: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-        """mode 'segment': (x, mem, cmem, mask) -> x, (mem, cmem, compression loss, attention mass).
+        """mode 'segment': (x, mem, cmem, mask) -> x, (mem, cmem, compression loss, attention mass);
+        given also the memories' keys and values (x, mem, cmem, mask, k, v), it uses them and
+        returns them advanced as well: (..., attention mass, k, v).
         mode 'prefill': (_, mem, cmem) -> _, (keys, values, position tables) for sampling.
         mode 'decode': (x [B,1,d], keys, values, tables..., mask, position) -> x, (keys, values).
         """
@@ -97,20 +99,25 @@ class Block(nn.Module):
                 a, k, v, r, rc, mask_B1T, position, cfg.compressed_length, cfg.memory_length))
             return x_BND, (k, v)
 
-        mem_BMD, cmem_BCD, mask_B1NT = inputs
+        mem_BMD, cmem_BCD, mask_B1NT, *memory_kv = inputs
         x_BND, attention_in_BND, (probs_BHNT, qkv) = residual(
-            x_BND, lambda a: attention(a, mem_BMD, cmem_BCD, mask_B1NT))
+            x_BND, lambda a: attention(a, mem_BMD, cmem_BCD, mask_B1NT, tuple(memory_kv) or None))
         new_mem_BMD, evicted_BND = fifo_update(mem_BMD, jax.lax.stop_gradient(attention_in_BND))
-        new_cmem_BCD, loss = cmem_BCD, jnp.zeros((), jnp.float32)
+        new_cmem_BCD, loss, compressed_BKD = cmem_BCD, jnp.zeros((), jnp.float32), None
         if cfg.compresses:
             compressed_BKD, loss = self._compress(attention, evicted_BND, probs_BHNT, qkv)
             new_cmem_BCD = append_compressed(cmem_BCD, compressed_BKD)
         C, M = cmem_BCD.shape[1], mem_BMD.shape[1]
+        if memory_kv:
+            compressed_kv = (map(head_major, attention.keys_values(compressed_BKD)) if compressed_BKD is not None
+                             else (None, None))
+            memory_kv = [advance_memory_kv(kv, full[:, :, C + M:], new, C)
+                         for kv, full, new in zip(memory_kv, qkv[1:], compressed_kv)]
         mass_BHNT = jax.lax.stop_gradient(probs_BHNT)
         self.sow("intermediates", "attention_probs", mass_BHNT)
         attention_mass = jnp.stack([mass_BHNT[..., :C].sum(-1).mean(), mass_BHNT[..., C:C + M].sum(-1).mean(),
                                     mass_BHNT[..., C + M:].sum(-1).mean()])
-        return x_BND, (new_mem_BMD, new_cmem_BCD, loss, attention_mass)
+        return x_BND, (new_mem_BMD, new_cmem_BCD, loss, attention_mass, *memory_kv)
 
 
 class Embedding(nn.Module):
@@ -157,8 +164,13 @@ class CompressiveTransformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BN: jax.Array | None, memory: Memory, reset: jax.Array | None = None,
-                 deterministic: bool = True, *, cache: "DecodeCache | None" = None, prefill: bool = False):
+                 deterministic: bool = True, *, cache: "DecodeCache | None" = None, prefill: bool = False,
+                 memory_kv: tuple[jax.Array, jax.Array] | None = None):
         """One segment: (logits [B,n_s,V], next memory, aux).
+
+        `memory_kv`: the memories' keys and values [L,H,B,n_cm+n_m,K] (`memory_keys_values`),
+        used instead of projecting the memories again; aux["memory_kv"] holds the next
+        segment's. Evaluation carries them (parameters are fixed there); training cannot.
 
         For sampling (ctx.sample): `prefill=True` returns a DecodeCache of the memory's keys and
         values; with `cache`, `tokens_BN` is one token per row [B,1] at offset `cache.position`
@@ -173,10 +185,15 @@ class CompressiveTransformer(nn.Module):
             raise ValueError(f"tokens must be int [batch, segment_length={cfg.segment_length}], "
                              f"got shape {tokens_BN.shape}")
         memory = reset_rows(memory, reset)
+        kv = ()
+        if memory_kv is not None:
+            keep = jnp.ones(memory.batch_size, bool) if reset is None else ~reset.astype(bool)
+            kv = tuple(jnp.where(keep[None, None, :, None, None], t, jnp.zeros((), t.dtype)) for t in memory_kv)
         x_BND = nn.Dropout(cfg.dropout)(self._embed(cfg, tokens_BN), deterministic=deterministic)
         mask_B1NT = attention_mask(memory.mem_mask, memory.cmem_mask, cfg.segment_length)
-        layers = self._layers(cfg, deterministic, "segment", (0, 0, nn.broadcast))
-        x_BND, (mem, cmem, compression_losses, attention_mass) = layers(x_BND, memory.mem, memory.cmem, mask_B1NT)
+        layers = self._layers(cfg, deterministic, "segment", (0, 0, nn.broadcast) + (0,) * len(kv))
+        x_BND, (mem, cmem, compression_losses, attention_mass, *kv) = layers(
+            x_BND, memory.mem, memory.cmem, mask_B1NT, *kv)
         logits_BNV = self._logits(cfg, x_BND)
         mem_mask, cmem_mask = update_masks(memory, cfg)
         new_memory = Memory(mem=mem, cmem=cmem, mem_mask=mem_mask, cmem_mask=cmem_mask)
@@ -185,6 +202,8 @@ class CompressiveTransformer(nn.Module):
             "compression_loss_per_layer": compression_losses,
             "attention_mass": attention_mass,  # [L, 3]: mass on (cmem, mem, segment)
         }
+        if kv:
+            aux["memory_kv"] = tuple(kv)
         return logits_BNV, jax.lax.stop_gradient(new_memory), aux
 
     def _prefill(self, cfg: ModelConfig, memory: Memory) -> "DecodeCache":
@@ -204,6 +223,12 @@ class CompressiveTransformer(nn.Module):
         x_B1D, (k, v) = layers(self._embed(cfg, token_B1), cache.k, cache.v, cache.r, cache.rc, mask_B1T,
                                cache.position)
         return self._logits(cfg, x_B1D), cache.replace(k=k, v=v, position=cache.position + 1)
+
+
+def memory_keys_values(cache: "DecodeCache") -> tuple[jax.Array, jax.Array]:
+    """The memories' keys and values [L,H,B,n_cm+n_m,K] of a prefill cache, as `memory_kv` takes them."""
+    S = cache.memory_mask.shape[1]
+    return tuple(jnp.transpose(t[:, :, :S], (0, 3, 1, 2, 4)) for t in (cache.k, cache.v))
 
 
 @flax.struct.dataclass

@@ -139,3 +139,30 @@ def test_cli_writes_report_and_overlay_plot(trained_run, tmp_path):
                           ([f"--workdir={tmp_path / 'none'}"], "has no checkpoints/ folder")]:
         out = subprocess.run(base + args, env=env, capture_output=True, text=True, cwd=ROOT)
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(), dict(compressed_length=0), dict(memory_length=0, compressed_length=0),
+    dict(memory_length=2, compressed_length=6), dict(compression="most_used", compression_loss="none"),
+    dict(layer_norm="post", n_layers=5)], ids=["ct", "txl", "vanilla", "short-mem", "most-used", "post-ln-5"])
+def test_eval_chunk_carries_the_memories_keys_and_values_exactly(overrides):
+    """The eval chunk projects the memories' keys and values once per call and then advances
+    them with the memory; per-segment losses and the final memory equal segment-by-segment
+    model.apply (which projects the memories every time), across document resets. A stale
+    cache (the segment's keys left out) is off by ~1 nat here."""
+    from tests.helpers import build, tiny_model_config
+
+    model, variables, memory = build(tiny_model_config(**overrides), batch_size=3)
+    n_s, segments = model.model_config.segment_length, 7
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 32, (segments, 3, n_s + 1)).astype(np.int32)
+    chunk = {"tokens": jnp.asarray(tokens[..., :-1]), "targets": jnp.asarray(tokens[..., 1:]),
+             "weights": jnp.ones((segments, 3, n_s)), "reset": jnp.asarray(rng.random((segments, 3)) < 0.2)}
+    assert chunk["reset"][1:].any()
+    final, nll = evaluate.make_eval_chunk_fn(model)(variables["params"], jax.tree.map(jnp.copy, memory), chunk)
+    expected = []
+    for i in range(segments):
+        logits, memory, _ = model.apply(variables, chunk["tokens"][i], memory, reset=chunk["reset"][i])
+        expected.append(losses.token_nll(logits, chunk["targets"][i]))
+    np.testing.assert_allclose(nll, jnp.stack(expected), atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), final, memory)
