@@ -152,7 +152,8 @@ class CompressiveTransformer(nn.Module):
             block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
         return nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
                        split_rngs={"params": True, "dropout": True}, in_axes=in_axes,
-                       length=cfg.n_layers, unroll=cfg.layers_per_scan_iteration)(cfg, deterministic, mode, name="layers")
+                       length=cfg.n_layers, unroll=cfg.layers_per_scan_iteration)(
+                           cfg, deterministic, mode, name="layers")
 
     def _embed(self, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
         return Embedding(cfg, name="embed")(tokens)
