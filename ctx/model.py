@@ -186,10 +186,10 @@ class CompressiveTransformer(nn.Module):
             raise ValueError(f"tokens must be int [batch, segment_length={cfg.segment_length}], "
                              f"got shape {tokens_BN.shape}")
         memory = reset_rows(memory, reset)
-        kv = ()
-        if memory_kv is not None:
-            keep = jnp.ones(memory.batch_size, bool) if reset is None else ~reset.astype(bool)
-            kv = tuple(jnp.where(keep[None, None, :, None, None], t, jnp.zeros((), t.dtype)) for t in memory_kv)
+        kv = () if memory_kv is None else tuple(memory_kv)
+        if kv and reset is not None:  # as reset_rows zeroes the memories they were projected from
+            keep = ~reset.astype(bool)[None, None, :, None, None]
+            kv = tuple(jnp.where(keep, t, jnp.zeros((), t.dtype)) for t in kv)
         x_BND = nn.Dropout(cfg.dropout)(self._embed(cfg, tokens_BN), deterministic=deterministic)
         mask_B1NT = attention_mask(memory.mem_mask, memory.cmem_mask, cfg.segment_length)
         layers = self._layers(cfg, deterministic, "segment", (0, 0, nn.broadcast) + (0,) * len(kv))

@@ -6,6 +6,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jax_core
 
 import ctx
 
@@ -93,3 +94,18 @@ TINY_CLI_FLAGS = ["--config.model.d_model=32", "--config.model.n_heads=2", "--co
                   "--config.train.segments_per_call=4", "--config.train.eval_every=0",
                   "--config.train.warmup_steps=4", "--config.train.decay_steps=100",
                   "--config.data.validation_fraction=0.03"]
+
+
+def dot_generals(jaxpr, repeat: int = 1):
+    """(equation, times it runs) for every dot_general in a jaxpr, sub-jaxprs included (a
+    scan body counts `length` times)."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            yield eqn, repeat
+        times = repeat * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                if isinstance(sub, jax_core.ClosedJaxpr):
+                    sub = sub.jaxpr
+                if isinstance(sub, jax_core.Jaxpr):
+                    yield from dot_generals(sub, times)

@@ -11,7 +11,7 @@ from jax.extend import core as jax_core
 
 from ctx.flops import forward_flops_per_token, train_flops_per_token
 from ctx.profile import instruction_sources, summarize
-from tests.helpers import build, tiny_model_config
+from tests.helpers import build, dot_generals, tiny_model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ("train_tokens_per_sec", "eval_tokens_per_sec", "step_seconds", "compile_seconds", "peak_rss_mib",
@@ -63,22 +63,15 @@ def test_profile_maps_traced_instructions_to_their_source_ops():
     assert summary["/host:CPU"]["top_ms_per_step"] == [{"op": "F layers/mlp/dot_general", "ms": 0.0035}]
 
 
-def traced_dot_flops(jaxpr: jax_core.Jaxpr, skip_scope: str, repeat: int = 1) -> int:
-    """2 x multiply-adds of every dot_general in a jaxpr, sub-jaxprs included (a scan body
-    counted `length` times), except those traced under the named scope."""
+def traced_dot_flops(jaxpr: jax_core.Jaxpr, skip_scope: str) -> int:
+    """2 x multiply-adds of every dot_general in a jaxpr (scan bodies times their length),
+    except those traced under the named scope."""
     total = 0
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general" and skip_scope not in str(eqn.source_info.name_stack):
+    for eqn, times in dot_generals(jaxpr):
+        if skip_scope not in str(eqn.source_info.name_stack):
             (lhs_contract, _), _ = eqn.params["dimension_numbers"]
             lhs = eqn.invars[0].aval.shape
-            total += 2 * repeat * int(np.prod(eqn.outvars[0].aval.shape)) * int(np.prod([lhs[i] for i in lhs_contract]))
-        times = repeat * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else (param,):
-                if isinstance(sub, jax_core.ClosedJaxpr):
-                    sub = sub.jaxpr
-                if isinstance(sub, jax_core.Jaxpr):
-                    total += traced_dot_flops(sub, skip_scope, times)
+            total += 2 * times * int(np.prod(eqn.outvars[0].aval.shape)) * int(np.prod([lhs[i] for i in lhs_contract]))
     return total
 
 

@@ -149,17 +149,30 @@ def test_eval_chunk_carries_the_memories_keys_and_values_exactly(overrides):
     """The eval chunk projects the memories' keys and values once per call and then advances
     them with the memory; per-segment losses and the final memory equal segment-by-segment
     model.apply (which projects the memories every time), across document resets. A stale
-    cache (the segment's keys left out) is off by ~1 nat here."""
-    from tests.helpers import build, tiny_model_config
+    cache (the segment's keys left out) is off by ~1 nat here; and the memories are projected
+    only once per chunk, not once per segment."""
+    from tests.helpers import build, dot_generals, tiny_model_config
 
     model, variables, memory = build(tiny_model_config(**overrides), batch_size=3)
-    n_s, segments = model.model_config.segment_length, 7
+    cfg = model.model_config
+    n_s, segments = cfg.segment_length, 7
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 32, (segments, 3, n_s + 1)).astype(np.int32)
     chunk = {"tokens": jnp.asarray(tokens[..., :-1]), "targets": jnp.asarray(tokens[..., 1:]),
              "weights": jnp.ones((segments, 3, n_s)), "reset": jnp.asarray(rng.random((segments, 3)) < 0.2)}
     assert chunk["reset"][1:].any()
-    final, nll = evaluate.make_eval_chunk_fn(model)(variables["params"], jax.tree.map(jnp.copy, memory), chunk)
+    chunk_fn = evaluate.make_eval_chunk_fn(model)
+
+    def memory_projections(fn, *args):  # matmuls whose input rows are [cmem; mem], times run
+        memory_rows = (3, cfg.compressed_length + cfg.memory_length, cfg.d_model)
+        return sum(times for eqn, times in dot_generals(jax.make_jaxpr(fn)(*args).jaxpr)
+                   if eqn.invars[0].aval.shape == memory_rows)
+
+    if cfg.compressed_length + cfg.memory_length not in (0, n_s):  # else the segment's rows look alike
+        assert memory_projections(lambda v: model.apply(v, chunk["tokens"][0], memory), variables) > 0
+        once = memory_projections(lambda v: model.apply(v, None, memory, prefill=True), variables)
+        assert memory_projections(chunk_fn, variables["params"], memory, chunk) == once  # not x segments
+    final, nll = chunk_fn(variables["params"], jax.tree.map(jnp.copy, memory), chunk)
     expected = []
     for i in range(segments):
         logits, memory, _ = model.apply(variables, chunk["tokens"][i], memory, reset=chunk["reset"][i])
