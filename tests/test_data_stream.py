@@ -3,7 +3,7 @@ import numpy as np
 
 from ctx.data.demo_corpus import demo_documents
 from ctx.data.source import Document, TokenizedCorpus
-from ctx.data.stream import TrainStream, eval_chunks
+from ctx.data.stream import TrainStream, balanced_rows, eval_chunks
 from ctx.data.tokenizer import ByteTokenizer
 
 
@@ -89,6 +89,30 @@ def test_eval_chunks_score_every_token_of_every_document_once():
         assert (chunk["weights"][~scored] == 0).all()
     assert counts.tolist() == [corpus.length(i) for i in range(len(corpus))]
     assert all(positions[i] == set(range(corpus.length(i))) for i in range(len(corpus)))
+
+
+def test_balanced_rows_put_long_documents_on_different_rows():
+    # Round-robin would give row 0 both long documents: 16 segments against 2.
+    assert balanced_rows([8, 1, 8, 1], batch_size=2) == [[0, 1], [2, 3]]
+    assert balanced_rows([3, 5], batch_size=4) == [[1], [0], [], []]
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        segments = rng.integers(1, 200, size=int(rng.integers(1, 60))).tolist()
+        batch = int(rng.integers(1, 12))
+        rows = balanced_rows(segments, batch)
+        assert sorted(d for row in rows for d in row) == list(range(len(segments)))
+        busiest = max(sum(segments[d] for d in row) for row in rows)
+        assert busiest <= sum(segments) / batch + max(segments)  # the longest-first bound
+
+
+def test_eval_chunks_take_as_many_segments_as_the_busiest_balanced_row():
+    texts = ["x" * 31, "y", "z" * 31, "w"]  # 8, 1, 8 and 1 segments of 4 tokens (with the BOS)
+    corpus = TokenizedCorpus.from_documents([Document(str(i), t) for i, t in enumerate(texts)], ByteTokenizer())
+    assert [corpus.num_segments(i, 4) for i in range(4)] == [8, 1, 8, 1]
+    chunks = list(eval_chunks(corpus, batch_size=2, segment_length=4, chunk_size=1))
+    assert len(chunks) == 9
+    assert [c["document"][0, :, 0].tolist() for c in chunks[7:9]] == [[0, 2], [1, 3]]
+    assert chunks[8]["reset"][0].tolist() == [True, True]
 
 
 def test_demo_corpus_is_real_prose_with_a_held_out_split():

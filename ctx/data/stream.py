@@ -10,6 +10,7 @@ size, never on how many processes produce the rows.
 """
 from __future__ import annotations
 
+import heapq
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -86,9 +87,27 @@ class TrainStream:
         return chunk
 
 
+def balanced_rows(segments_per_document: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Documents for each of `batch_size` rows, longest first onto the row with the least work.
+
+    A split takes as many segments as its busiest row (every row walks its documents in
+    turn), so the assignment decides the evaluation's length: dealt out round-robin, one row
+    can collect several long books while the others idle on padding. Greedy longest-first
+    keeps the busiest row within one document of the average; ties go to the lower row and
+    document index, so every process computes the same plan.
+    """
+    loads = [(0, row) for row in range(batch_size)]
+    rows: list[list[int]] = [[] for _ in range(batch_size)]
+    for doc in sorted(range(len(segments_per_document)), key=lambda d: (-segments_per_document[d], d)):
+        load, row = heapq.heappop(loads)
+        rows[row].append(doc)
+        heapq.heappush(loads, (load + segments_per_document[doc], row))
+    return rows
+
+
 def eval_chunks(corpus: TokenizedCorpus, batch_size: int, segment_length: int, chunk_size: int,
                 rows: Sequence[int] | None = None) -> Iterator[Chunk]:
-    """Every document exactly once, from empty memory: row r takes documents r, r+B, ...
+    """Every document exactly once, from empty memory, rows assigned by `balanced_rows`.
 
     Rows that run out get empty segments (weight 0, reset). Besides the training keys each
     chunk has `document` (index in the corpus, -1 on padding) and `position` (index of the
@@ -96,10 +115,9 @@ def eval_chunks(corpus: TokenizedCorpus, batch_size: int, segment_length: int, c
     """
     rows = list(range(batch_size) if rows is None else rows)
     n_s = segment_length
-    plans = []  # per global row: list of (doc, segment index)
-    for row in range(batch_size):
-        plans.append([(doc, j) for doc in range(row, len(corpus), batch_size)
-                      for j in range(corpus.num_segments(doc, n_s))])
+    documents = balanced_rows([corpus.num_segments(doc, n_s) for doc in range(len(corpus))], batch_size)
+    plans = [[(doc, j) for doc in docs for j in range(corpus.num_segments(doc, n_s))]  # per global row
+             for docs in documents]
     total = max(len(plan) for plan in plans)
     for start in range(0, total, chunk_size):
         K, B = chunk_size, len(rows)
