@@ -93,7 +93,7 @@ def balanced_rows(segments_per_document: Sequence[int], batch_size: int) -> list
     A split takes as many segments as its busiest row (every row walks its documents in
     turn), so the assignment decides the evaluation's length: dealt out round-robin, one row
     can collect several long books while the others idle on padding. Greedy longest-first
-    keeps the busiest row within one document of the average; ties go to the lower row and
+    keeps the busiest row at most one document (the longest) above the average; ties go to the lower row and
     document index, so every process computes the same plan.
     """
     loads = [(0, row) for row in range(batch_size)]
