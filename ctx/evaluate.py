@@ -6,8 +6,9 @@
 Each document starts from empty memory; B documents run in parallel (longest first onto
 the row with the least work, so no row idles while another still has several long books:
 `ctx.data.stream.balanced_rows`); the last segment of each is padded and masked, so no
-document is dropped or counted twice whatever B, the device count or the host count. Memory lengths
-and the batch may differ from training (parameter shapes do not depend on them).
+document is dropped or counted twice whatever B, the device count or the host count.
+Memory lengths and the batch may differ from training (parameter shapes do not depend on
+them).
 """
 from __future__ import annotations
 
