@@ -68,21 +68,21 @@ def fifo_update(mem_BMD: jax.Array, h_BND: jax.Array) -> tuple[jax.Array, jax.Ar
     return keep_newest(full, n_m), full[:, :n_s]
 
 
-def append_compressed(cmem_BCD: jax.Array, new_BKD: jax.Array) -> jax.Array:
-    """Append newly compressed slots and keep the newest n_cm."""
-    full = jnp.concatenate([cmem_BCD, new_BKD.astype(cmem_BCD.dtype)], axis=1)
-    return keep_newest(full, cmem_BCD.shape[1])
+def shift_in(old: jax.Array, new: jax.Array, axis: int = 1) -> jax.Array:
+    """`new` appended after `old` along `axis`, keeping as many of the newest entries as `old`
+    holds: one FIFO step (newly compressed slots into cmem, their masks, keys and values)."""
+    full = jnp.concatenate([old, new.astype(old.dtype)], axis=axis)
+    return keep_newest(full, old.shape[axis], axis)
 
 
 def advance_memory_kv(kv_HBSK: jax.Array, segment_HBNK: jax.Array, compressed_HBKK: jax.Array | None,
                       n_cmem: int) -> jax.Array:
     """Keys (or values) [H,B,n_cm+n_m,K] of [cmem; mem] after one segment: the memory part
     advances as `fifo_update` advances the memory (the segment's own keys enter), the
-    compressed part as `append_compressed` (the new slots' keys enter)."""
-    cmem, mem = kv_HBSK[:, :, :n_cmem], kv_HBSK[:, :, n_cmem:]
-    mem = keep_newest(jnp.concatenate([mem, segment_HBNK.astype(mem.dtype)], axis=2), mem.shape[2], axis=2)
+    compressed part as cmem does (the new slots' keys enter)."""
+    cmem, mem = kv_HBSK[:, :, :n_cmem], shift_in(kv_HBSK[:, :, n_cmem:], segment_HBNK, axis=2)
     if compressed_HBKK is not None:
-        cmem = keep_newest(jnp.concatenate([cmem, compressed_HBKK.astype(cmem.dtype)], axis=2), n_cmem, axis=2)
+        cmem = shift_in(cmem, compressed_HBKK, axis=2)
     return jnp.concatenate([cmem, mem], axis=2)
 
 
@@ -109,4 +109,4 @@ def update_masks(memory: Memory, cfg: ModelConfig) -> tuple[jax.Array, jax.Array
     if not cfg.compresses:
         return mem_mask, memory.cmem_mask
     new_slots = compressed_slot_mask(full[:, :n_s], cfg)  # validity of the n_s evicted entries
-    return mem_mask, append_compressed(memory.cmem_mask[..., None], new_slots[..., None])[..., 0]
+    return mem_mask, shift_in(memory.cmem_mask, new_slots)

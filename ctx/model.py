@@ -17,7 +17,7 @@ from ctx import losses
 from ctx.attention import RelativeAttention, attention_mask, head_major
 from ctx.compression import Compressor
 from ctx.config import ModelConfig
-from ctx.memory import Memory, advance_memory_kv, append_compressed, fifo_update, reset_rows, update_masks
+from ctx.memory import Memory, advance_memory_kv, fifo_update, reset_rows, shift_in, update_masks
 from ctx.ops import LayerNorm, relu
 
 REMAT_POLICIES = {
@@ -106,7 +106,7 @@ class Block(nn.Module):
         new_cmem_BCD, loss, compressed_BKD = cmem_BCD, jnp.zeros((), jnp.float32), None
         if cfg.compresses:
             compressed_BKD, loss = self._compress(attention, evicted_BND, probs_BHNT, qkv)
-            new_cmem_BCD = append_compressed(cmem_BCD, compressed_BKD)
+            new_cmem_BCD = shift_in(cmem_BCD, compressed_BKD)
         C, M = cmem_BCD.shape[1], mem_BMD.shape[1]
         if memory_kv:
             compressed_kv = (map(head_major, attention.keys_values(compressed_BKD)) if compressed_BKD is not None

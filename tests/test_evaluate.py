@@ -12,7 +12,8 @@ import pytest
 import ctx
 from ctx import evaluate, losses, train
 from ctx.data.datasets import load_corpus
-from tests.helpers import read_metrics, simulated_devices_env, tiny_train_config
+from tests.helpers import (build, dot_generals, read_metrics, simulated_devices_env, tiny_model_config,
+                           tiny_train_config)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -151,8 +152,6 @@ def test_eval_chunk_carries_the_memories_keys_and_values_exactly(overrides):
     model.apply (which projects the memories every time), across document resets. A stale
     cache (the segment's keys left out) is off by ~1 nat here; and the memories are projected
     only once per chunk, not once per segment."""
-    from tests.helpers import build, dot_generals, tiny_model_config
-
     model, variables, memory = build(tiny_model_config(**overrides), batch_size=3)
     cfg = model.model_config
     n_s, segments = cfg.segment_length, 7

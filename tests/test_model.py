@@ -6,6 +6,7 @@ import pytest
 
 import ctx
 from ctx import losses
+from ctx.config import UNROLL_LAYERS_UP_TO, ModelConfig
 from ctx.diagnostics import dependence_by_distance, derived_temporal_range, measured_temporal_range
 from tests import reference
 from tests.helpers import build, random_tokens, run_segments, tiny_model_config
@@ -229,8 +230,6 @@ def test_remat_and_unrolled_layers_give_the_same_gradients(variant):
 def test_shallow_layer_stacks_unroll_and_deep_ones_scan():
     """scan_unroll=0 (auto, the default) leaves no loop over layers in a stack of up to
     UNROLL_LAYERS_UP_TO layers and scans a deeper one a layer per iteration."""
-    from ctx.config import UNROLL_LAYERS_UP_TO, ModelConfig
-
     def loops_over_layers(**overrides):
         model, variables, memory = build(tiny_model_config(**overrides))
         tokens = jnp.zeros((2, model.model_config.segment_length), jnp.int32)
