@@ -231,8 +231,9 @@ def default_config() -> ml_collections.ConfigDict:
              piece_bytes=1_000_000,  # enwik8 only: bytes per document piece
              shuffle=True)
     )
-    # Validation/evaluation: 0 = the training values.
-    cfg.eval = ml_collections.ConfigDict(dict(batch_size=0, segments_per_call=0))
+    # Validation/evaluation: 0 = the training values. shrink_batch: halve the batch whenever half
+    # the rows have run out of documents (one compile per batch size).
+    cfg.eval = ml_collections.ConfigDict(dict(batch_size=0, segments_per_call=0, shrink_batch=True))
     cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
     return cfg
 

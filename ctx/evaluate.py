@@ -5,7 +5,8 @@
 
 Each document starts from empty memory; B documents run in parallel (longest first onto
 the row with the least work, so no row idles while another still has several long books:
-`ctx.data.stream.balanced_rows`); the last segment of each is padded and masked, so no
+`ctx.data.stream.balanced_rows`), and the batch halves whenever half the rows have run out
+(`eval.shrink_batch`); the last segment of each is padded and masked, so no
 document is dropped or counted twice whatever B, the device count or the host count.
 Memory lengths and the batch may differ from training (parameter shapes do not depend on
 them).
@@ -16,7 +17,7 @@ import json
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -26,7 +27,7 @@ from ctx import losses
 from ctx.config import with_global_batch
 from ctx.data.source import TokenizedCorpus
 from ctx.data.stream import eval_chunks
-from ctx.memory import init_memory
+from ctx.memory import init_memory, select_rows
 from ctx.model import memory_keys_values
 from ctx.sharding import global_batch_array, memory_shardings, process_rows, replicated, to_host
 
@@ -69,8 +70,13 @@ def position_buckets(max_position: int) -> list[tuple[int, int]]:
 
 
 def evaluate_corpus(model, params, corpus: TokenizedCorpus, mesh, batch_size: int, chunk_size: int,
-                    progress: bool = False) -> dict[str, Any]:
-    """Sums over the whole split: NLL (nats), tokens, bytes, words, per document and by position."""
+                    progress: bool = False, shrink_batch: bool = True,
+                    chunk_fn: Callable | None = None) -> dict[str, Any]:
+    """Sums over the whole split: NLL (nats), tokens, bytes, words, per document and by position.
+
+    shrink_batch: halve the batch as rows run out of documents (`eval_chunks`; one compile
+    per size). chunk_fn: a `make_eval_chunk_fn(model)` to reuse, so that repeated
+    validations during training compile once."""
     cfg = model.model_config
     n_docs = len(corpus)
     lengths = np.diff(corpus.offsets)
@@ -79,14 +85,22 @@ def evaluate_corpus(model, params, corpus: TokenizedCorpus, mesh, batch_size: in
     buckets = position_buckets(int(lengths.max()))
     edges = np.array([b[0] for b in buckets])
     bucket_nll, bucket_count = np.zeros(len(buckets)), np.zeros(len(buckets), np.int64)
-    memory = jax.device_put(init_memory(cfg, batch_size), memory_shardings(mesh))
     if mesh.shape["fsdp"] == 1:
         params = jax.device_put(params, replicated(mesh))
-    chunk_fn = make_eval_chunk_fn(model)
-    rows = process_rows(batch_size)
+    chunk_fn = chunk_fn or make_eval_chunk_fn(model)
+    # Static rows: every process passes the same plain tuple, one compile per (rare) shrink.
+    keep_rows = jax.jit(select_rows, static_argnums=1, out_shardings=memory_shardings(mesh))
+    held, memory = None, None
     bar = _progress(n_docs, progress)
     start = time.perf_counter()
-    for chunk in eval_chunks(corpus, batch_size, cfg.segment_length, chunk_size):
+    for chunk in eval_chunks(corpus, batch_size, cfg.segment_length, chunk_size,
+                             batch_multiple=mesh.size if shrink_batch else 0):
+        if held is None:
+            memory = jax.device_put(init_memory(cfg, len(chunk["row"])), memory_shardings(mesh))
+        elif len(chunk["row"]) < len(held):
+            memory = keep_rows(memory, tuple(np.searchsorted(held, chunk["row"]).tolist()))
+        held = chunk["row"]
+        rows = process_rows(len(held))
         local = {k: chunk[k][:, rows.start:rows.stop] for k in EVAL_KEYS}
         memory, nll = chunk_fn(params, memory, device_chunk(mesh, local))
         nll = to_host(nll).astype(np.float64)
@@ -149,7 +163,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: 
     model, params, step = restored.model, restored.params, restored.step
     corpus = load_corpus(config.data, split, progress=progress and jax.process_index() == 0)
     result = evaluate_corpus(model, params, corpus, mesh, batch_size,
-                             config.eval.segments_per_call or config.train.segments_per_call, progress)
+                             config.eval.segments_per_call or config.train.segments_per_call, progress,
+                             shrink_batch=config.eval.shrink_batch)
     return {"split": split, "step": step, "num_devices": mesh.size, "dataset": config.data.dataset,
             "tokenizer": config.data.tokenizer, **result, **word_level(result, config.data.dataset, split),
             "model": config.model.to_dict()}

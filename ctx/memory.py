@@ -6,7 +6,7 @@ validity masks exactly as the per-layer FIFO update (`fifo_update`) advances the
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import flax.struct
 import jax
@@ -54,6 +54,13 @@ def reset_rows(memory: Memory, reset: jax.Array | None) -> Memory:
         mem_mask=memory.mem_mask & keep[:, None],
         cmem_mask=memory.cmem_mask & keep[:, None],
     )
+
+
+def select_rows(memory: Memory, rows: Sequence[int]) -> Memory:
+    """The memory of batch rows `rows`, in that order: evaluation's batch shrinking."""
+    index = jnp.asarray(rows, jnp.int32)
+    return Memory(mem=memory.mem[:, index], cmem=memory.cmem[:, index],
+                  mem_mask=memory.mem_mask[index], cmem_mask=memory.cmem_mask[index])
 
 
 def keep_newest(x_BTD: jax.Array, n: int, axis: int = 1) -> jax.Array:

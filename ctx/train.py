@@ -29,7 +29,7 @@ from ctx.config import ModelConfig, validate, with_global_batch
 from ctx.data.datasets import load_corpus
 from ctx.data.prefetch import ChunkPrefetcher
 from ctx.data.stream import TrainStream
-from ctx.evaluate import device_chunk, evaluate_corpus
+from ctx.evaluate import device_chunk, evaluate_corpus, make_eval_chunk_fn
 from ctx.memory import Memory, init_memory
 from ctx.metrics import MetricWriter
 from ctx.model import CompressiveTransformer
@@ -219,6 +219,12 @@ def _run(config, workdir, trainer, train_corpus, valid_corpus, stop: StopRequest
 
     eval_batch = config.eval.batch_size or config.train.batch_size
     eval_chunk = config.eval.segments_per_call or config.train.segments_per_call
+    eval_fn = make_eval_chunk_fn(trainer.model)  # compiled once for every validation
+
+    def validate(params):
+        return evaluate_corpus(trainer.model, params, valid_corpus, trainer.mesh, eval_batch, eval_chunk,
+                               shrink_batch=config.eval.shrink_batch, chunk_fn=eval_fn)
+
     config_json = config.to_dict()
     tokens_per_segment = config.train.batch_size * trainer.model_config.segment_length
     bar = _progress(config.train.num_steps, step, is_main)
@@ -260,8 +266,7 @@ def _run(config, workdir, trainer, train_corpus, valid_corpus, stop: StopRequest
                 save(data_state)
                 saved_step = step
             if (config.train.eval_every and step % config.train.eval_every == 0) or step == config.train.num_steps:
-                validation = evaluate_corpus(trainer.model, state.params, valid_corpus, trainer.mesh,
-                                             eval_batch, eval_chunk)
+                validation = validate(state.params)
                 writer.write({"step": step, "split": "validation", "loss": validation["total_nll"] / validation["tokens"],
                               **{key: validation[key] for key in ("token_perplexity", "bits_per_token",
                                                                   "bits_per_byte", "tokens")}})
@@ -278,7 +283,7 @@ def _run(config, workdir, trainer, train_corpus, valid_corpus, stop: StopRequest
         checkpointer.close()
         writer.close()
     if validation is None and not preempted:  # already at num_steps: report on the restored state
-        validation = evaluate_corpus(trainer.model, state.params, valid_corpus, trainer.mesh, eval_batch, eval_chunk)
+        validation = validate(state.params)
     return {"train": last, "validation": validation, "step": step, "saved_step": saved_step, "params": state.params,
             "preempted": preempted, "unigram_bits_per_token": valid_corpus.unigram_bits_per_token()}
 

@@ -115,6 +115,25 @@ def test_eval_chunks_take_as_many_segments_as_the_busiest_balanced_row():
     assert chunks[8]["reset"][0].tolist() == [True, True]
 
 
+def test_eval_chunks_halve_the_batch_as_rows_run_out():
+    texts = ["x" * 31, "y", "z" * 11, "w"]  # 8, 1, 3 and 1 segments of 4 tokens (with the BOS)
+    corpus = TokenizedCorpus.from_documents([Document(str(i), t) for i, t in enumerate(texts)], ByteTokenizer())
+    chunks = list(eval_chunks(corpus, batch_size=8, segment_length=4, chunk_size=2, batch_multiple=1))
+    # 4 documents: 8 -> 4 rows at once; after the first chunk only the rows of documents 0 (8
+    # segments) and 2 (3) have work: 2 rows; after the second only document 0's: 1 row.
+    assert [c["row"].tolist() for c in chunks] == [[0, 1, 2, 3], [0, 1], [0], [0]]
+    assert [c["tokens"].shape[1] for c in chunks] == [4, 2, 1, 1]
+    assert [c["document"][:, 0, 0].tolist() for c in chunks] == [[0, 0]] * 4  # row 0 never interrupted
+    scored = np.zeros(len(corpus), int)
+    for c in chunks:
+        np.add.at(scored, c["document"][c["document"] >= 0], 1)
+    assert scored.tolist() == [corpus.length(i) for i in range(len(corpus))]
+    # The batch stays a multiple of the shards: with 2 it never goes below 2 rows.
+    sizes = [c["tokens"].shape[1] for c in eval_chunks(corpus, 8, 4, 2, batch_multiple=2)]
+    assert sizes == [4, 2, 2, 2]
+    assert {c["tokens"].shape[1] for c in eval_chunks(corpus, 8, 4, 2)} == {8}  # 0: never shrinks
+
+
 def test_demo_corpus_is_real_prose_with_a_held_out_split():
     train, valid = demo_documents("train"), demo_documents("validation")
     assert len(train) > 60 and 5 <= len(valid) <= 10

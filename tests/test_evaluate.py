@@ -1,4 +1,5 @@
 """Evaluation: exact against a naive per-document loop, invariant to batch and devices."""
+import functools
 import json
 import os
 import subprocess
@@ -12,6 +13,8 @@ import pytest
 import ctx
 from ctx import evaluate, losses, train
 from ctx.data.datasets import load_corpus
+from ctx.restore import restore_for_inference
+from ctx.sharding import make_mesh
 from tests.helpers import (build, dot_generals, read_metrics, simulated_devices_env, tiny_model_config,
                            tiny_train_config)
 
@@ -75,6 +78,26 @@ def test_any_batch_size_gives_the_same_totals(trained_run, batch_size):
     assert report["total_nll"] == pytest.approx(base["total_nll"], rel=1e-5)
 
 
+def test_shrinking_the_batch_keeps_every_documents_result(trained_run):
+    cfg = tiny_train_config(num_steps=4)
+    mesh = make_mesh(cfg.mesh)
+    restored = restore_for_inference(cfg, trained_run, None, mesh)
+    corpus = load_corpus(cfg.data, "validation")
+    assert len(corpus) == 2 and corpus.num_segments(0, 8) != corpus.num_segments(1, 8)
+    compiled, sizes = evaluate.make_eval_chunk_fn(restored.model), []
+
+    def recording(params, memory, chunk):
+        sizes.append(memory.batch_size)
+        return compiled(params, memory, chunk)
+
+    run = functools.partial(evaluate.evaluate_corpus, restored.model, restored.params, corpus, mesh, 8, 3)
+    shrunk, full = run(chunk_fn=recording), run(shrink_batch=False)
+    # 2 documents on 8 rows: 2 rows from the start, 1 once the shorter document is done.
+    assert sizes[0] == 2 and sizes[-1] == 1 and sorted(sizes, reverse=True) == sizes
+    for a, b in zip(shrunk["per_document"], full["per_document"]):
+        assert a["tokens"] == b["tokens"] and a["nll"] == pytest.approx(b["nll"], rel=1e-5)
+
+
 def test_memory_lengths_can_grow_at_evaluation_but_shapes_cannot_change(trained_run):
     cfg = tiny_train_config(num_steps=4)
     cfg.model.compressed_length, cfg.model.memory_length = 32, 16
@@ -97,7 +120,9 @@ import json, sys, jax
 from ctx import evaluate
 from tests.helpers import tiny_train_config
 assert jax.device_count() == 8
-report = evaluate.evaluate_checkpoint(tiny_train_config(num_steps=4), sys.argv[1], "validation")
+cfg = tiny_train_config(num_steps=4)
+cfg.eval.batch_size = 16  # shrinks to 8 rows, one per device: rows gathered across the shards
+report = evaluate.evaluate_checkpoint(cfg, sys.argv[1], "validation")
 print(json.dumps({"total_nll": report["total_nll"], "tokens": report["tokens"], "devices": report["num_devices"]}))
 """
 

@@ -106,23 +106,34 @@ def balanced_rows(segments_per_document: Sequence[int], batch_size: int) -> list
 
 
 def eval_chunks(corpus: TokenizedCorpus, batch_size: int, segment_length: int, chunk_size: int,
-                rows: Sequence[int] | None = None) -> Iterator[Chunk]:
+                batch_multiple: int = 0) -> Iterator[Chunk]:
     """Every document exactly once, from empty memory, rows assigned by `balanced_rows`.
 
     Rows that run out get empty segments (weight 0, reset). Besides the training keys each
     chunk has `document` (index in the corpus, -1 on padding) and `position` (index of the
-    target token within its document) [K, B_local, n_s].
+    target token within its document) [K, B_chunk, n_s], and `row` [B_chunk]: which of the
+    `batch_size` rows it holds, in order.
+
+    batch_multiple > 0 lets the batch shrink as rows finish, so the tail of a split with a
+    few long documents does not compute padding for the finished rows: before a chunk,
+    while at most half the rows still have segments and half the batch is a multiple of
+    `batch_multiple` (the batch shards), the batch halves, keeping the rows with work (and
+    finished ones to fill up). The caller carries the kept rows' memory over
+    (`ctx.memory.select_rows`); halving bounds the batch sizes, so the compiles, to log2(B).
     """
-    rows = list(range(batch_size) if rows is None else rows)
     n_s = segment_length
     documents = balanced_rows([corpus.num_segments(doc, n_s) for doc in range(len(corpus))], batch_size)
     plans = [[(doc, j) for doc in docs for j in range(corpus.num_segments(doc, n_s))]  # per global row
              for docs in documents]
     total = max(len(plan) for plan in plans)
+    rows = list(range(batch_size))
     for start in range(0, total, chunk_size):
+        if batch_multiple:
+            rows = _rows_with_work(rows, [len(plans[row]) > start for row in rows], batch_multiple)
         K, B = chunk_size, len(rows)
         chunk = {**empty_chunk(K, B, n_s, reset=True),  # rows that ran out stay empty and reset
-                 "document": np.full((K, B, n_s), -1, np.int32), "position": np.zeros((K, B, n_s), np.int32)}
+                 "document": np.full((K, B, n_s), -1, np.int32), "position": np.zeros((K, B, n_s), np.int32),
+                 "row": np.asarray(rows, np.int32)}
         for k in range(K):
             for b, row in enumerate(rows):
                 if start + k >= len(plans[row]):
@@ -134,3 +145,13 @@ def eval_chunks(corpus: TokenizedCorpus, batch_size: int, segment_length: int, c
                 chunk["position"][k, b] = j * n_s + np.arange(n_s)
         yield chunk
 
+
+def _rows_with_work(rows: list[int], busy: list[bool], batch_multiple: int) -> list[int]:
+    """`rows` halved while the busy ones fit and the size stays a multiple of batch_multiple."""
+    size, needed = len(rows), sum(busy)
+    while size % 2 == 0 and (size // 2) % batch_multiple == 0 and size // 2 >= needed:
+        size //= 2
+    if size == len(rows):
+        return rows
+    idle = [row for row, b in zip(rows, busy) if not b]
+    return sorted([row for row, b in zip(rows, busy) if b] + idle[:size - needed])
