@@ -23,7 +23,7 @@ def simulated_devices_env(devices: int, **extra: str) -> dict[str, str]:
     collective still ends the run, after 2 minutes (XLA's default 40 s is short for 8 devices
     on 2 busy cores).
     """
-    flags = (f"--xla_force_host_platform_device_count={devices} "
+    flags = (f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices} "
              "--xla_cpu_collective_call_terminate_timeout_seconds=120")
     return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PJRT_NPROC=str(8 * devices), **extra)
 

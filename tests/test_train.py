@@ -119,10 +119,17 @@ train.train_and_evaluate(cfg, sys.argv[1])
 """
 
 
+@pytest.fixture(scope="module")
+def one_device_run(tmp_path_factory):
+    """8 steps of the tiny run on one device: the reference for both 8-device meshes."""
+    workdir = str(tmp_path_factory.mktemp("one") / "run")
+    train.train_and_evaluate(tiny_train_config(num_steps=8), workdir)
+    return workdir
+
+
 @pytest.mark.parametrize("fsdp", [1, 2])
-def test_eight_devices_give_the_same_losses_and_resume_on_one(tmp_path, fsdp):
-    one, eight = str(tmp_path / "one"), str(tmp_path / "eight")
-    train.train_and_evaluate(tiny_train_config(num_steps=8), one)
+def test_eight_devices_give_the_same_losses_and_resume_on_one(tmp_path, one_device_run, fsdp):
+    one, eight = one_device_run, str(tmp_path / "eight")
     run_subprocess(TRAIN_IN_SUBPROCESS, 8, eight, "4", str(fsdp))
     rows8 = train_rows(eight)
     assert rows8[0]["num_devices"] == 8
