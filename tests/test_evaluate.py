@@ -7,13 +7,15 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 import ctx
 from ctx import evaluate, losses, train
 from ctx.data.datasets import load_corpus
-from ctx.restore import restore_for_inference
+from ctx.data.source import Document, TokenizedCorpus
+from ctx.data.tokenizer import ByteTokenizer
 from ctx.sharding import make_mesh
 from tests.helpers import (build, dot_generals, read_metrics, simulated_devices_env, tiny_model_config,
                            tiny_train_config)
@@ -78,24 +80,45 @@ def test_any_batch_size_gives_the_same_totals(trained_run, batch_size):
     assert report["total_nll"] == pytest.approx(base["total_nll"], rel=1e-5)
 
 
-def test_shrinking_the_batch_keeps_every_documents_result(trained_run):
-    cfg = tiny_train_config(num_steps=4)
-    mesh = make_mesh(cfg.mesh)
-    restored = restore_for_inference(cfg, trained_run, None, mesh)
-    corpus = load_corpus(cfg.data, "validation")
-    assert len(corpus) == 2 and corpus.num_segments(0, 8) != corpus.num_segments(1, 8)
-    compiled, sizes = evaluate.make_eval_chunk_fn(restored.model), []
+def shrinking_case() -> dict:
+    """24 documents on 16 rows, one segment per chunk: longest first, rows 0-3 get one document
+    of 3 segments, rows 4-11 two of 2 and rows 12-15 one of 2. For the last segment only rows
+    4-11 have work, so the batch halves to them: on 8 devices, gathered from 16 rows over the
+    shards to one row per device. Untrained tiny model."""
+    cfg = tiny_model_config(vocab_size=ByteTokenizer.vocab_size)
+    texts = [f"{i:02d} 3 segs.." for i in range(4)] + [f"{i:02d} two." for i in range(20)]  # 11 and 7 bytes
+    corpus = TokenizedCorpus.from_documents([Document(str(i), t) for i, t in enumerate(texts)], ByteTokenizer())
+    model, variables, _ = build(cfg)
+    mesh = make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)))
+    compiled, sizes = evaluate.make_eval_chunk_fn(model), []
 
     def recording(params, memory, chunk):
         sizes.append(memory.batch_size)
         return compiled(params, memory, chunk)
 
-    run = functools.partial(evaluate.evaluate_corpus, restored.model, restored.params, corpus, mesh, 8, 3)
+    run = functools.partial(evaluate.evaluate_corpus, model, variables["params"], corpus, mesh, 16, 1)
     shrunk, full = run(chunk_fn=recording), run(shrink_batch=False)
-    # 2 documents on 8 rows: 2 rows from the start, 1 once the shorter document is done.
-    assert sizes[0] == 2 and sizes[-1] == 1 and sorted(sizes, reverse=True) == sizes
-    for a, b in zip(shrunk["per_document"], full["per_document"]):
-        assert a["tokens"] == b["tokens"] and a["nll"] == pytest.approx(b["nll"], rel=1e-5)
+    return {"devices": mesh.size, "sizes": sizes, "shrunk": [d["nll"] for d in shrunk["per_document"]],
+            "full": [d["nll"] for d in full["per_document"]], "tokens": [d["tokens"] for d in full["per_document"]]}
+
+
+SHRINKING_8 = """
+import json
+from tests.test_evaluate import shrinking_case
+print(json.dumps(shrinking_case()))
+"""
+
+
+def test_shrinking_the_batch_keeps_every_documents_result_on_one_and_eight_devices():
+    one = shrinking_case()
+    assert one["sizes"] == [16, 16, 16, 8] and one["tokens"] == [11] * 4 + [7] * 20
+    out = subprocess.run([sys.executable, "-c", SHRINKING_8], env=simulated_devices_env(8, PYTHONPATH=ROOT),
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    eight = json.loads(out.stdout.strip().splitlines()[-1])
+    assert eight["devices"] == 8 and eight["sizes"] == [16, 16, 16, 8]
+    for got in (one["shrunk"], eight["shrunk"], eight["full"]):
+        np.testing.assert_allclose(got, one["full"], rtol=1e-5)
 
 
 def test_memory_lengths_can_grow_at_evaluation_but_shapes_cannot_change(trained_run):
