@@ -43,6 +43,14 @@ def build(cfg, batch_size=2, seed=0):
     return model, variables, memory
 
 
+def byte_corpus(texts):
+    """A byte-tokenized corpus whose documents are `texts` (ids "0", "1", ...)."""
+    from ctx.data.source import Document, TokenizedCorpus
+    from ctx.data.tokenizer import ByteTokenizer
+
+    return TokenizedCorpus.from_documents([Document(str(i), t) for i, t in enumerate(texts)], ByteTokenizer())
+
+
 def random_tokens(cfg, batch_size, n_segments, seed=1):
     rng = np.random.default_rng(seed)
     return rng.integers(0, cfg.vocab_size, (batch_size, n_segments * cfg.segment_length)).astype(np.int32)

@@ -2,15 +2,16 @@
 import numpy as np
 
 from ctx.data.demo_corpus import demo_documents
-from ctx.data.source import Document, TokenizedCorpus
+from ctx.data.source import TokenizedCorpus
 from ctx.data.stream import TrainStream, balanced_rows, eval_chunks
 from ctx.data.tokenizer import ByteTokenizer
+from tests.helpers import byte_corpus
 
 
 def small_corpus():
     texts = ["first document.", "", "a second, longer document with more bytes in it", "x",
              "the fourth one", "ünïcode ✓ text"]
-    return TokenizedCorpus.from_documents([Document(str(i), t) for i, t in enumerate(texts)], ByteTokenizer())
+    return byte_corpus(texts)
 
 
 def test_corpus_skips_and_counts_empty_documents():
@@ -107,7 +108,7 @@ def test_balanced_rows_put_long_documents_on_different_rows():
 
 def test_eval_chunks_take_as_many_segments_as_the_busiest_balanced_row():
     texts = ["x" * 31, "y", "z" * 31, "w"]  # 8, 1, 8 and 1 segments of 4 tokens (with the BOS)
-    corpus = TokenizedCorpus.from_documents([Document(str(i), t) for i, t in enumerate(texts)], ByteTokenizer())
+    corpus = byte_corpus(texts)
     assert [corpus.num_segments(i, 4) for i in range(4)] == [8, 1, 8, 1]
     chunks = list(eval_chunks(corpus, batch_size=2, segment_length=4, chunk_size=1))
     assert len(chunks) == 9
@@ -117,7 +118,7 @@ def test_eval_chunks_take_as_many_segments_as_the_busiest_balanced_row():
 
 def test_eval_chunks_halve_the_batch_as_rows_run_out():
     texts = ["x" * 31, "y", "z" * 11, "w"]  # 8, 1, 3 and 1 segments of 4 tokens (with the BOS)
-    corpus = TokenizedCorpus.from_documents([Document(str(i), t) for i, t in enumerate(texts)], ByteTokenizer())
+    corpus = byte_corpus(texts)
     chunks = list(eval_chunks(corpus, batch_size=8, segment_length=4, chunk_size=2, batch_multiple=1))
     # 4 documents: 8 -> 4 rows at once; after the first chunk only the rows of documents 0 (8
     # segments) and 2 (3) have work: 2 rows; after the second only document 0's: 1 row.

@@ -14,10 +14,9 @@ import pytest
 import ctx
 from ctx import evaluate, losses, train
 from ctx.data.datasets import load_corpus
-from ctx.data.source import Document, TokenizedCorpus
 from ctx.data.tokenizer import ByteTokenizer
 from ctx.sharding import make_mesh
-from tests.helpers import (build, dot_generals, read_metrics, simulated_devices_env, tiny_model_config,
+from tests.helpers import (build, byte_corpus, dot_generals, read_metrics, simulated_devices_env, tiny_model_config,
                            tiny_train_config)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,7 +86,7 @@ def shrinking_case() -> dict:
     shards to one row per device. Untrained tiny model."""
     cfg = tiny_model_config(vocab_size=ByteTokenizer.vocab_size)
     texts = [f"{i:02d} 3 segs.." for i in range(4)] + [f"{i:02d} two." for i in range(20)]  # 11 and 7 bytes
-    corpus = TokenizedCorpus.from_documents([Document(str(i), t) for i, t in enumerate(texts)], ByteTokenizer())
+    corpus = byte_corpus(texts)
     model, variables, _ = build(cfg)
     mesh = make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)))
     compiled, sizes = evaluate.make_eval_chunk_fn(model), []
