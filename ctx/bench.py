@@ -26,7 +26,9 @@ from ctx.data.stream import TrainStream
 from ctx.evaluate import device_chunk, make_eval_chunk_fn
 from ctx.flops import forward_flops_per_token, parameter_count, train_flops_per_token
 from ctx.profile import write_summary
-from ctx.train import Trainer, compiled_memory
+from ctx.aot import compiled_memory
+from ctx.trainer import Trainer
+
 
 def matmul_flops_per_sec(dtype: str, n: int | None = None, repeats: int = 10) -> float:
     """Best rate of a jitted n×n×n matmul (the machine's practical ceiling). n defaults to

@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from ctx import losses
+from ctx.backend import announce
 from ctx.config import with_global_batch
 from ctx.data.source import TokenizedCorpus
 from ctx.data.stream import eval_chunks
@@ -199,6 +200,7 @@ def main() -> None:
 
     if not FLAGS.workdir:
         raise ValueError("--workdir is required (the training run to evaluate)")
+    announce("ctx.evaluate")
     if FLAGS.output and not os.path.isdir(os.path.dirname(os.path.abspath(FLAGS.output))):
         raise FileNotFoundError(f"--output={FLAGS.output}: its folder does not exist")
     report = evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.split,

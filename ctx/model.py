@@ -149,7 +149,11 @@ class CompressiveTransformer(nn.Module):
     def _layers(self, cfg: ModelConfig, deterministic: bool, mode: str, in_axes: tuple) -> nn.Module:
         block = Block
         if cfg.remat != "none" and mode == "segment":
-            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+            # A fully unrolled stack puts forward and backward in one loop-free body, where XLA
+            # would merge the recomputation back into the forward pass: remat needs its barriers
+            # there. A scanned stack keeps them apart by the loop, and barriers would only cost.
+            unrolled = cfg.layers_per_scan_iteration >= cfg.n_layers
+            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=unrolled)
         return nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
                        split_rngs={"params": True, "dropout": True}, in_axes=in_axes,
                        length=cfg.n_layers, unroll=cfg.layers_per_scan_iteration)(

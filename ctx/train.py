@@ -16,109 +16,27 @@ import sys
 import time
 from typing import Any
 
-import flax.struct
 import jax
-import jax.numpy as jnp
 import ml_collections
-import optax
 from etils import epath
 
-from ctx import losses
+from ctx import aot
+from ctx.backend import announce
 from ctx.checkpoint import Checkpointer, read_latest_config
-from ctx.config import ModelConfig, validate, with_global_batch
+from ctx.config import validate, with_global_batch
 from ctx.data.datasets import load_corpus
 from ctx.data.prefetch import ChunkPrefetcher
 from ctx.data.stream import TrainStream
 from ctx.evaluate import device_chunk, evaluate_corpus, make_eval_chunk_fn
-from ctx.memory import Memory, init_memory
 from ctx.metrics import MetricWriter
-from ctx.model import CompressiveTransformer
-from ctx.optim import learning_rate, make_optimizer
+from ctx.remote import check_reachable
 from ctx.run_guard import StopRequest, WorkdirLock, fault_injection
-from ctx.sharding import (batch_sharding, check_batch_fits, make_mesh, memory_shardings, param_sharding, process_rows,
-                           replicated)
+from ctx.sharding import process_rows, replicated
+from ctx.trainer import Trainer
 
 # Model fields that shape parameters: a checkpoint only restores into the same values.
 PARAMETER_FIELDS = ("vocab_size", "n_layers", "d_model", "n_heads", "d_ff", "compression",
                     "compression_rate", "dilation_rates", "layer_norm")
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any
-    opt_state: Any
-
-
-class Trainer:
-    """The compiled pieces of one run: model, optimizer, mesh, shardings, the chunk step."""
-
-    def __init__(self, config: ml_collections.ConfigDict, mesh=None) -> None:
-        self.config = config
-        self.model_config = ModelConfig.from_config(config.model)
-        self.model = CompressiveTransformer(self.model_config)
-        self.tx = make_optimizer(config.train)
-        self.mesh = mesh or make_mesh(config.mesh)
-        check_batch_fits(config.train.batch_size, self.mesh)
-        self.memory_sharding = memory_shardings(self.mesh)
-        abstract = jax.eval_shape(self._init_state, jax.random.PRNGKey(0))
-        self.state_sharding = jax.tree.map(lambda x: param_sharding(self.mesh, tuple(x.shape)), abstract)
-        self.init_state = jax.jit(self._init_state, out_shardings=self.state_sharding)
-        self.train_chunk = jax.jit(
-            self._train_chunk, donate_argnums=(0, 1, 2),
-            out_shardings=(self.state_sharding, self.memory_sharding, replicated(self.mesh), replicated(self.mesh)))
-
-    def _init_state(self, rng: jax.Array) -> TrainState:
-        cfg = self.model_config
-        tokens = jnp.zeros((1, cfg.segment_length), jnp.int32)
-        params = self.model.init(rng, tokens, init_memory(cfg, 1))["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
-
-    def init_memory(self) -> Memory:
-        return jax.device_put(init_memory(self.model_config, self.config.train.batch_size), self.memory_sharding)
-
-    def abstract_checkpoint(self) -> dict[str, Any]:
-        """Shapes and shardings of the checkpointed device state, for restoring anywhere."""
-        def with_sharding(tree, shardings):
-            return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-        state = jax.eval_shape(self._init_state, jax.random.PRNGKey(0))
-        memory = jax.eval_shape(lambda: init_memory(self.model_config, self.config.train.batch_size))
-        rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated(self.mesh))
-        return {"train_state": with_sharding(state, self.state_sharding),
-                "memory": with_sharding(memory, self.memory_sharding), "rng": rng}
-
-    def _segment_step(self, carry, batch):
-        state, memory, rng = carry
-        rng, dropout_rng = jax.random.split(rng)
-
-        def loss_fn(params):
-            logits, new_memory, aux = self.model.apply(
-                {"params": params}, batch["tokens"], memory, reset=batch["reset"], deterministic=False,
-                rngs={"dropout": dropout_rng})
-            lm_loss = losses.weighted_mean_nll(logits, batch["targets"], batch["weights"])
-            # The two losses reach disjoint parameters, so their sum trains each on its own.
-            return lm_loss + aux["compression_loss"], (lm_loss, new_memory, aux)
-
-        grads, (lm_loss, new_memory, aux) = jax.grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        mass = aux["attention_mass"].mean(axis=0)
-        metrics = {
-            "loss": lm_loss,
-            "compression_loss": aux["compression_loss"],
-            "grad_norm": optax.tree.norm(grads),
-            "learning_rate": learning_rate(self.config.train, self.config.train.peak_lr)(
-                opt_state.gradient_step),
-            "target_tokens": batch["weights"].sum(),
-            "attention_mass_compressed": mass[0],
-            "attention_mass_memory": mass[1],
-            "attention_mass_segment": mass[2],
-        }
-        return (TrainState(step=state.step + 1, params=params, opt_state=opt_state), new_memory, rng), metrics
-
-    def _train_chunk(self, state: TrainState, memory: Memory, rng: jax.Array, chunk: dict[str, jax.Array]):
-        (state, memory, rng), metrics = jax.lax.scan(self._segment_step, (state, memory, rng), chunk)
-        return state, memory, rng, metrics
 
 
 def check_vocab(tokenizer, config: ml_collections.ConfigDict) -> None:
@@ -165,6 +83,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     validate(config)
     config = with_global_batch(config, jax.device_count())
+    check_reachable(workdir, "--workdir", must_exist=False)
     if epath.Path(workdir).exists() and not epath.Path(workdir).is_dir():
         raise ValueError(f"--workdir={workdir} exists and is not a directory")
     trainer = Trainer(config)
@@ -296,56 +215,18 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, desc="train", unit="seg")
 
 
-def compiled_memory(compiled: Any) -> dict[str, Any]:
-    """XLA's ahead-of-time per-device memory: arguments + outputs + temporaries + code, less
-    what outputs alias from arguments (the donated state). None where the backend has no analysis."""
-    stats = compiled.memory_analysis()
-    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-              "generated_code_size_in_bytes", "alias_size_in_bytes")
-    if stats is None:
-        return {"per_device_bytes": {}, "per_device_memory_estimate_gib": None}
-    per_device = {f: int(getattr(stats, f, 0) or 0) for f in fields}
-    estimate = sum(per_device[f] for f in fields[:4]) - per_device["alias_size_in_bytes"]
-    return {"per_device_bytes": per_device, "per_device_memory_estimate_gib": estimate / 2 ** 30}
-
-
-def compile_report(config: ml_collections.ConfigDict, topology: str | None = None) -> dict[str, Any]:
-    """Lower and compile the training chunk for a mesh without running it (ahead of time):
-    on the local devices, or on a TPU topology such as 'v5p-256' described by libtpu, to
-    find out-of-memory before booking a pod. Returns per-device memory estimates."""
-    validate(config)
-    devices = None
-    if topology:
-        from jax.experimental import topologies
-
-        try:
-            devices = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
-        except Exception as error:  # noqa: BLE001 - no libtpu, unknown name, ...
-            raise ValueError(f"--topology={topology} cannot be described here ({type(error).__name__}); "
-                             "compiling for TPU topologies needs libtpu: pip install 'jax[tpu]'") from None
-    config = with_global_batch(config, len(devices) if devices is not None else jax.device_count())
-    trainer = Trainer(config, make_mesh(config.mesh, devices))
-    abstract = trainer.abstract_checkpoint()
-    K, B, N = config.train.segments_per_call, config.train.batch_size, trainer.model_config.segment_length
-    sharding = batch_sharding(trainer.mesh, 1, 3)
-    chunk = {"tokens": jax.ShapeDtypeStruct((K, B, N), jnp.int32, sharding=sharding),
-             "targets": jax.ShapeDtypeStruct((K, B, N), jnp.int32, sharding=sharding),
-             "weights": jax.ShapeDtypeStruct((K, B, N), jnp.float32, sharding=sharding),
-             "reset": jax.ShapeDtypeStruct((K, B), jnp.bool_, sharding=batch_sharding(trainer.mesh, 1, 2))}
-    start = time.perf_counter()
-    compiled = trainer.train_chunk.lower(abstract["train_state"], abstract["memory"], abstract["rng"], chunk).compile()
-    seconds = time.perf_counter() - start
-    return {"platform": trainer.mesh.devices.flat[0].platform, "devices": trainer.mesh.size,
-            "mesh": dict(trainer.mesh.shape), "segments_per_call": K, "batch_size": B,
-            "compile_seconds": seconds, **compiled_memory(compiled)}
-
-
 def main() -> None:
     from ctx.cli import FLAGS
 
+    if not FLAGS.topology:  # compiling for a TPU slice does not use this machine's devices
+        announce("ctx.train")
     if FLAGS.compile_only:
-        print(json.dumps(compile_report(FLAGS.config, FLAGS.topology)), flush=True)
+        report = aot.compile_report(FLAGS.config, FLAGS.topology, search_batch=FLAGS.search_batch)
+        print(aot.summary(report), file=sys.stderr, flush=True)
+        print(json.dumps(report), flush=True)
         return
+    if FLAGS.topology or FLAGS.search_batch:
+        raise ValueError("--topology and --search_batch go with --compile_only (they compile, they do not train)")
     if not FLAGS.workdir:
         raise ValueError("--workdir is required (where checkpoints and metrics go)")
     result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
@@ -367,5 +248,8 @@ if __name__ == "__main__":
 
     define_config_flags()
     flags.DEFINE_bool("compile_only", False, "Compile the training step ahead of time and report memory; no run.")
-    flags.DEFINE_string("topology", None, "With --compile_only: a TPU topology such as v5p-256 (needs libtpu).")
+    flags.DEFINE_string("topology", None, "With --compile_only: a TPU slice, by its Cloud accelerator type "
+                        "(v5p-256, v5litepod-16, v6e-64, v4-32) or libtpu layout (v5p:4x4x8); needs libtpu.")
+    flags.DEFINE_bool("search_batch", False, "With --compile_only: also find the largest per-chip batch that fits "
+                      "(bisection, one full compile per try).")
     run_main(main)

@@ -16,6 +16,7 @@ from typing import Any, Iterator
 from ctx.data.demo_corpus import demo_documents
 from ctx.data.source import Document, TokenizedCorpus
 from ctx.data.tokenizer import load_tokenizer
+from ctx.remote import check_reachable
 
 DATASETS = ("demo", "pg19", "enwik8", "wt103")
 SPLITS = ("train", "validation", "test")
@@ -37,6 +38,10 @@ def check_data_config(data_cfg: Any, split: str) -> None:
         raise ValueError(f"split {split!r} does not exist; choose one of {list(SPLITS)}")
     if data_cfg.dataset != "demo" and not data_cfg.path:
         raise ValueError(f"data.path is empty; set --config.data.path to the {data_cfg.dataset} files")
+    if data_cfg.dataset != "demo":
+        check_reachable(data_cfg.path, "data.path")  # gs:// paths: one line, before any work
+    if data_cfg.get("tokenizer", "bytes") != "bytes":
+        check_reachable(data_cfg.tokenizer, "data.tokenizer")
     if data_cfg.dataset in ("enwik8", "wt103") and not os.path.exists(data_cfg.path):
         raise FileNotFoundError(f"data.path={data_cfg.path} does not exist")
 

@@ -1,0 +1,292 @@
+"""Ahead-of-time compilation of the training chunk: does a run fit its chips, and what does
+XLA's cost model expect it to cost. No accelerator is needed to ask.
+
+    python -m ctx.train --config=experiments/pg19.py --compile_only --topology=v5p-256 [--search_batch]
+
+`compile_report` compiles the real training chunk (the jitted scan over `segments_per_call`
+segments) for the local devices or for a TPU slice that libtpu describes (ctx.topology),
+and returns one JSON-ready dict: memory per chip by kind against the chip's HBM, whether it
+fits (an out-of-memory compile is a report with XLA's numbers, not a crash), optionally the
+largest per-chip batch that fits (bisection, one compile per try), and XLA's cost estimate.
+
+The cost estimate, corrected for loop trip counts: XLA's `cost_analysis()` counts the body
+of a `while` loop once, and the chunk has two (the scan over segments and, for deep stacks,
+the scan over layers). So two more programs are compiled with one segment per call and the
+layers unrolled, one with 1 layer and one with 2, which contain no loop; their difference is
+one layer, the rest is what lies outside the layers (embedding, output layer, loss,
+optimizer), and a step of L layers is outside + L x layer. That holds for FLOPs, HBM bytes
+and XLA's own step-time estimate (`optimal_seconds`). Everything derived from it is labelled
+as XLA's estimate: it is not a measurement.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from ctx import topology as tpu_topology
+from ctx.config import validate, with_global_batch
+from ctx.flops import train_flops_per_token
+from ctx.sharding import batch_sharding, make_mesh
+from ctx.trainer import Trainer
+
+ESTIMATE_LABEL = "XLA's TPU cost-model estimate from an ahead-of-time compile, not a measurement"
+ESTIMATE_METHOD = ("loop-free compiles with 1 and 2 layers unrolled and 1 segment per call: "
+                   "step = (1-layer cost - layer) + n_layers x layer, layer = 2-layer cost - 1-layer cost")
+MEMORY_KINDS = {"arguments": "argument_size_in_bytes", "outputs": "output_size_in_bytes",
+                "temporaries": "temp_size_in_bytes", "generated_code": "generated_code_size_in_bytes",
+                "aliased": "alias_size_in_bytes"}
+GIB = 2 ** 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """The chips a program is compiled for, and what one of them has."""
+
+    devices: list
+    hbm_gib: float | None
+    peak_flops: float | None = None  # dense bf16 FLOP/s per chip
+    hbm_bytes_per_sec: float | None = None
+    slice: tpu_topology.TpuSlice | None = None
+
+    @property
+    def platform(self) -> str:
+        return self.devices[0].platform
+
+    def compile(self, lowered: Any) -> Any:
+        """Compile; for libtpu's compile-only devices nothing is written to JAX's persistent
+        compilation cache, whose entries would need a TPU client to be read back (JAX decides
+        once per process whether the cache is used, so its write threshold is raised instead)."""
+        if self.slice is None:
+            return lowered.compile()
+        key = "jax_persistent_cache_min_compile_time_secs"
+        previous = getattr(jax.config, key)
+        jax.config.update(key, float("inf"))
+        try:
+            return lowered.compile()
+        finally:
+            jax.config.update(key, previous)
+
+    @classmethod
+    def local(cls) -> "Target":
+        """This machine's devices; HBM from the runtime (GPUs) or host memory shared by the
+        local devices (CPU)."""
+        devices = jax.devices()
+        stats = devices[0].memory_stats() or {}
+        if "bytes_limit" in stats:
+            return cls(devices, stats["bytes_limit"] / GIB)
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return cls(devices, host / jax.local_device_count() / GIB)
+
+    @classmethod
+    def tpu(cls, name: str) -> "Target":
+        tpu = tpu_topology.resolve(name)
+        g = tpu.generation
+        return cls(tpu_topology.compile_devices(tpu), g.hbm_gib, g.peak_bf16_flops, g.hbm_bytes_per_sec, tpu)
+
+
+def _variant(config: ml_collections.ConfigDict, **fields: Any) -> ml_collections.ConfigDict:
+    """A copy of config with section.field values replaced (keys like 'model.n_layers')."""
+    config = config.copy_and_resolve_references()
+    for key, value in fields.items():
+        section, field = key.split(".")
+        config[section][field] = value
+    return config
+
+
+def _lower(config: ml_collections.ConfigDict, target: Target):
+    """The training chunk lowered for the target's mesh, with abstract (shape-only) inputs."""
+    config = with_global_batch(config, len(target.devices))
+    trainer = Trainer(config, make_mesh(config.mesh, target.devices))
+    abstract = trainer.abstract_checkpoint()
+    K, B, N = config.train.segments_per_call, config.train.batch_size, trainer.model_config.segment_length
+    rows = batch_sharding(trainer.mesh, 1, 3)
+    chunk = {"tokens": jax.ShapeDtypeStruct((K, B, N), jnp.int32, sharding=rows),
+             "targets": jax.ShapeDtypeStruct((K, B, N), jnp.int32, sharding=rows),
+             "weights": jax.ShapeDtypeStruct((K, B, N), jnp.float32, sharding=rows),
+             "reset": jax.ShapeDtypeStruct((K, B), jnp.bool_, sharding=batch_sharding(trainer.mesh, 1, 2))}
+    return trainer, trainer.train_chunk.lower(abstract["train_state"], abstract["memory"], abstract["rng"], chunk)
+
+
+def compiled_memory(compiled: Any) -> dict[str, Any]:
+    """XLA's ahead-of-time per-device memory: arguments + outputs + temporaries + code, less
+    what outputs alias from arguments (the donated state). Empty where the backend has no analysis."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return {"per_device_bytes": {}, "per_device_memory_estimate_gib": None, "memory_gib": {}}
+    per_device = {field: int(getattr(stats, field, 0) or 0) for field in MEMORY_KINDS.values()}
+    estimate = sum(per_device[f] for f in list(MEMORY_KINDS.values())[:4]) - per_device["alias_size_in_bytes"]
+    return {"per_device_bytes": per_device, "per_device_memory_estimate_gib": estimate / GIB,
+            "memory_gib": {kind: per_device[field] / GIB for kind, field in MEMORY_KINDS.items()}}
+
+
+def out_of_memory(error: BaseException) -> dict[str, Any] | None:
+    """XLA's compile-time out-of-memory, as numbers; None for any other error."""
+    text = str(error)
+    if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
+        return None
+    line = next((s.strip() for s in text.splitlines() if "memory" in s.lower()), text.strip().splitlines()[0])
+    report: dict[str, Any] = {"message": line}
+    needed = re.search(r"required for ([^()]+?) \(([\d.]+)([KMGT])\)", line)
+    available = re.search(r"available HBM \(([\d.]+)([KMGT])\)", line)
+    scale = {"K": 2 ** -20, "M": 2 ** -10, "G": 1, "T": 2 ** 10}
+    if needed:
+        report["required_gib"] = float(needed.group(2)) * scale[needed.group(3)]
+        report["required_for"] = needed.group(1)
+    if available:
+        report["available_gib"] = float(available.group(1)) * scale[available.group(2)]
+    return report
+
+
+def fit(config: ml_collections.ConfigDict, target: Target) -> dict[str, Any]:
+    """Compile the real chunk: memory by kind and whether it fits the chip's HBM."""
+    trainer, lowered = _lower(config, target)
+    start = time.perf_counter()
+    try:
+        compiled = target.compile(lowered)
+    except Exception as error:  # noqa: BLE001 - only XLA's out-of-memory becomes a report
+        oom = out_of_memory(error)
+        if oom is None:
+            raise
+        return {"compile_seconds": time.perf_counter() - start, "fits": False, "oom": oom,
+                "per_device_bytes": {}, "per_device_memory_estimate_gib": None, "memory_gib": {},
+                "trainer": trainer}
+    memory = compiled_memory(compiled)
+    total = memory["per_device_memory_estimate_gib"]
+    fits = None if total is None or target.hbm_gib is None else total <= target.hbm_gib
+    return {"compile_seconds": time.perf_counter() - start, "fits": fits, "oom": None, **memory,
+            "trainer": trainer}
+
+
+def cost_estimate(config: ml_collections.ConfigDict, target: Target) -> dict[str, Any] | None:
+    """XLA's per-chip cost of one training step (one segment), corrected for loop trip counts
+    (module docstring); None where the backend's cost analysis is missing."""
+    costs = []
+    for layers in (1, 2):
+        variant = _variant(config, **{"model.n_layers": layers, "model.scan_unroll": 0,
+                                      "train.segments_per_call": 1})
+        compiled = target.compile(_lower(variant, target)[1])
+        analysis = compiled.cost_analysis()
+        if not analysis or "flops" not in analysis:
+            return None
+        if re.search(r"\bwhile\(", compiled.as_text()):
+            raise RuntimeError("the cost estimate's loop-free program still holds a while loop")
+        costs.append(analysis)
+    n_layers = config.model.n_layers
+
+    def per_step(key: str) -> float | None:
+        if key not in costs[0]:
+            return None
+        layer = costs[1][key] - costs[0][key]
+        return costs[0][key] - layer + n_layers * layer
+
+    global_config = with_global_batch(config, len(target.devices))
+    B, N, chips = global_config.train.batch_size, config.model.segment_length, len(target.devices)
+    flops, hbm_bytes, seconds = per_step("flops"), per_step("bytes accessed"), per_step("optimal_seconds")
+    model_flops = train_flops_per_token(config.model, B) * B * N / chips
+    roofline = (max(flops / target.peak_flops, hbm_bytes / target.hbm_bytes_per_sec)
+                if target.peak_flops and hbm_bytes else None)
+    # XLA's step time is its own model of the chip; where it is missing, not positive (large
+    # programs overflow it) or below half the roofline, the roofline of XLA's own FLOPs and bytes
+    # stands in, and `step_seconds_from` says which.
+    plausible = (seconds is not None and all(c.get("optimal_seconds", 0) > 0 for c in costs)
+                 and (roofline is None or seconds >= 0.5 * roofline))
+    estimate = {
+        "label": ESTIMATE_LABEL, "method": ESTIMATE_METHOD,
+        "xla_flops_per_step": flops, "model_flops_per_step": model_flops,
+        "xla_over_model_flops": flops / model_flops,
+        # With remat the excess is the recomputed forward; without, the non-matmul work.
+        "excess_flops_per_step": flops - model_flops,
+        "excess_flops_are": ("recomputation (model.remat=" + config.model.remat + ") and non-matmul work"
+                             if config.model.remat != "none" else "non-matmul work (no remat)"),
+        "hbm_bytes_per_step": hbm_bytes,
+        "arithmetic_intensity": flops / hbm_bytes if hbm_bytes else None,
+        "xla_optimal_seconds_per_step": seconds,
+        "roofline_step_seconds": roofline,
+        "step_seconds": seconds if plausible else roofline,
+        "step_seconds_from": "xla_optimal_seconds" if plausible else "roofline",
+    }
+    step = estimate["step_seconds"]
+    estimate["tokens_per_sec_per_chip"] = B * N / chips / step if step else None
+    if target.peak_flops:
+        ridge = target.peak_flops / target.hbm_bytes_per_sec
+        estimate["ridge_flops_per_byte"] = ridge
+        estimate["bound"] = "memory" if estimate["arithmetic_intensity"] < ridge else "compute"
+        estimate["mfu"] = model_flops / step / target.peak_flops if step else None
+    return estimate
+
+
+def largest_fitting_batch(config: ml_collections.ConfigDict, target: Target, per_chip: int, fits: bool,
+                          max_compiles: int = 6) -> dict[str, Any]:
+    """Bisection over the per-chip batch (doubling first when the given one fits); each try
+    is one full compile. Returns the largest batch that fitted (0: none) and the tries."""
+    low, high = (per_chip, None) if fits else (0, per_chip)
+    tries = []
+    while len(tries) < max_compiles and (high is None or high - low > 1):
+        candidate = low * 2 if high is None else (low + high) // 2
+        result = fit(_variant(config, **{"train.per_device_batch_size": candidate}), target)
+        tries.append({"per_chip_batch": candidate, "fits": bool(result["fits"]),
+                      "memory_gib": result["per_device_memory_estimate_gib"]})
+        low, high = (candidate, high) if result["fits"] else (low, candidate)
+    return {"largest_fitting_per_chip_batch": low, "exact": high is not None and high - low <= 1,
+            "batch_search": tries}
+
+
+def compile_report(config: ml_collections.ConfigDict, topology: str | None = None,
+                   search_batch: bool = False, estimate: bool = True) -> dict[str, Any]:
+    """Compile the training chunk ahead of time for the local devices or a TPU slice
+    (`topology`: v5p-256, v5litepod-16, v5p:4x4x8, ...) and report memory, fit and XLA's
+    cost estimate per chip (module docstring)."""
+    validate(config)
+    target = Target.tpu(topology) if topology else Target.local()
+    result = fit(config, target)
+    trainer = result.pop("trainer")
+    chips = trainer.mesh.size
+    per_chip = trainer.config.train.batch_size // chips
+    report = {
+        "platform": target.platform, "devices": chips, "mesh": dict(trainer.mesh.shape),
+        "segments_per_call": trainer.config.train.segments_per_call, "batch_size": trainer.config.train.batch_size,
+        "per_chip_batch": per_chip, "chip": target.devices[0].device_kind,
+        **({"topology": target.slice.topology, "accelerator_type": target.slice.accelerator_type}
+           if target.slice else {}),
+        "hbm_gib": target.hbm_gib, **result,
+        "headroom_gib": (target.hbm_gib - result["per_device_memory_estimate_gib"]
+                         if result["per_device_memory_estimate_gib"] is not None and target.hbm_gib else None),
+    }
+    if search_batch:
+        report.update(largest_fitting_batch(config, target, per_chip, bool(result["fits"])))
+    # The estimate needs the chips' cost model (TPU) and a program that fits them.
+    report["estimate"] = cost_estimate(config, target) if estimate and target.slice and result["fits"] else None
+    report["estimated_mfu"] = (report["estimate"] or {}).get("mfu")
+    return report
+
+
+def summary(report: dict[str, Any]) -> str:
+    """Two or three lines for a person; the JSON line carries everything."""
+    where = report.get("accelerator_type") or f"{report['devices']} {report['platform']} device(s)"
+    if report["oom"]:
+        oom = report["oom"]
+        lines = [f"{where}: does NOT fit at per-chip batch {report['per_chip_batch']}: {oom['message']}"]
+    elif report["per_device_memory_estimate_gib"] is not None:
+        hbm = f" of {report['hbm_gib']:.2f} GiB" if report["hbm_gib"] else ""
+        verdict = "fits" if report["fits"] else "does NOT fit"
+        lines = [f"{where}: {verdict} at per-chip batch {report['per_chip_batch']}: "
+                 f"{report['per_device_memory_estimate_gib']:.2f} GiB per chip{hbm}"]
+    else:
+        lines = [f"{where}: compiled; the backend reports no memory analysis"]
+    if "largest_fitting_per_chip_batch" in report:
+        bound = "" if report["exact"] else " (at least; more compiles would tell)"
+        lines.append(f"largest per-chip batch that fits: {report['largest_fitting_per_chip_batch']}{bound}")
+    e = report.get("estimate")
+    if e and e["step_seconds"]:
+        lines.append(f"{ESTIMATE_LABEL} ({e['step_seconds_from'].replace('_', ' ')}): "
+                     f"{e['step_seconds'] * 1e3:.1f} ms per step, "
+                     f"{e['tokens_per_sec_per_chip']:,.0f} tokens/s per chip, MFU {e['mfu']:.1%}, "
+                     f"{e['arithmetic_intensity']:.0f} FLOP/byte (ridge {e['ridge_flops_per_byte']:.0f})")
+    return "\n".join(lines)
