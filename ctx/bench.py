@@ -20,13 +20,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from ctx.aot import compiled_memory
+from ctx.cli import FLAGS, define_config_flags, run_main
 from ctx.config import validate, with_global_batch
 from ctx.data.datasets import load_corpus
 from ctx.data.stream import TrainStream
 from ctx.evaluate import device_chunk, make_eval_chunk_fn
 from ctx.flops import forward_flops_per_token, parameter_count, train_flops_per_token
 from ctx.profile import write_summary
-from ctx.aot import compiled_memory
 from ctx.trainer import Trainer
 
 
@@ -127,16 +128,12 @@ def run_benchmark(config: ml_collections.ConfigDict, chunks: int = 3,
 
 
 def main() -> None:
-    from ctx.cli import FLAGS
-
     print(json.dumps(run_benchmark(FLAGS.config, FLAGS.chunks, FLAGS.peak_tflops * 1e12, FLAGS.trace_dir)),
           flush=True)
 
 
 if __name__ == "__main__":
     from absl import flags
-
-    from ctx.cli import define_config_flags, run_main
 
     define_config_flags()
     flags.DEFINE_integer("chunks", 3, "Timed chunks of segments_per_call segments (after one warm-up chunk).")

@@ -15,6 +15,29 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 
+# Model fields that shape parameters: a checkpoint only restores into the same values.
+PARAMETER_FIELDS = ("vocab_size", "n_layers", "d_model", "n_heads", "d_ff", "compression",
+                    "compression_rate", "dilation_rates", "layer_norm")
+
+
+def check_resumable(saved: dict, config: Any) -> None:
+    """A checkpoint restores only into a model whose parameter shapes are the same."""
+    differing = [f"model.{f}: checkpoint {saved['model'][f]!r}, config {config.model[f]!r}"
+                 for f in PARAMETER_FIELDS
+                 if f in saved["model"] and _plain(saved["model"][f]) != _plain(config.model[f])]
+    if (saved["model"].get("compressed_length", 0) > 0) != (config.model.compressed_length > 0):
+        # Compressed memory brings its own position projection and compression network.
+        differing.append(f"model.compressed_length: checkpoint {saved['model']['compressed_length']}, config "
+                         f"{config.model.compressed_length} (zero and non-zero have different parameters)")
+    if differing:
+        raise ValueError("the checkpoint's model differs in fields that shape parameters: "
+                         + "; ".join(differing) + ". Use the checkpoint's values or a new --workdir")
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that exists but cannot be read."""
 
@@ -96,7 +119,8 @@ class Checkpointer:
                 state, data, _ = self.restore(step, abstract_state)
                 return step, state, data
             except Exception as error:  # orbax/tensorstore raise many types for damaged files
-                reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}"
+                first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+                reason = f"{type(error).__name__}: {first_line}"
                 older = steps[i + 1] if i + 1 < len(steps) else None
                 if not fallback or older is None:
                     hint = (f"set --config.train.on_corrupt_checkpoint=previous to resume from step {older}"

@@ -11,18 +11,15 @@ from typing import Callable
 from absl import flags
 from ml_collections import config_flags
 
+from ctx.checkpoint import CheckpointError
+from ctx.distributed import initialize
+from ctx.run_guard import WorkdirLocked
+
 FLAGS = flags.FLAGS
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from ctx.checkpoint import CheckpointError
-    from ctx.run_guard import WorkdirLocked
-
-    return (ValueError, TypeError, KeyError, AttributeError, OSError, flags.Error, FloatingPointError,
-            CheckpointError, WorkdirLocked)
-
-
-USER_ERRORS = _user_errors()
+USER_ERRORS = (ValueError, TypeError, KeyError, AttributeError, OSError, flags.Error, FloatingPointError,
+               CheckpointError, WorkdirLocked)
 
 
 def define_config_flags() -> None:
@@ -44,8 +41,6 @@ def run_main(main: Callable[[], None], needs_config: bool = True) -> None:
         if needs_config and FLAGS.config is None:
             raise ValueError("--config is required, e.g. --config=experiments/demo.py")
         if needs_config:
-            from ctx.distributed import initialize
-
             initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.distributed)
         main()
     except Exception as error:  # noqa: BLE001 - every failure of a CLI ends as one line

@@ -1,4 +1,4 @@
-"""Compression functions f_c: n_s evicted memories -> n_s/c compressed slots (PAPER.md 4).
+"""Compression functions f_c: n_s evicted memories -> n_s/c compressed slots (paper §3.2; docs/paper-notes.md §4).
 
 One Flax module, `Compressor`, holds whichever function the config names; it is created
 with the name `compress` inside every layer so its parameters (per layer, stacked by the
@@ -69,8 +69,9 @@ class Compressor(nn.Module):
     def decode(self, compressed_BKD: jax.Array) -> jax.Array:
         """The tied transpose of the conv stack (ReLUs dropped): [B,n_s/c,d] -> [B,n_s,d].
 
-        This is the auto-encoding loss's decoder g (PAPER.md 5): Sonnet ties it to the
-        compression conv, and `jax.linear_transpose` gives the exact transpose of any stack.
+        This is the auto-encoding loss's decoder g (docs/paper-notes.md §5), tied to the
+        compression conv: `jax.linear_transpose` gives the exact transpose of any stack. Sonnet's
+        `conv.transpose()` is a separate transposed conv with weights of its own (a deviation).
         """
         B, _, d = compressed_BKD.shape
         example = jax.ShapeDtypeStruct((B, self.cfg.segment_length, d), compressed_BKD.dtype)

@@ -1,5 +1,5 @@
 """Looking inside: where attention goes (compressed memory, memory, segment; by age), the
-per-layer compression loss, and the memories as NumPy arrays. Plots for notebooks."""
+per-layer compression loss, and the memories as NumPy arrays (their plots: ctx.plots)."""
 from __future__ import annotations
 
 from typing import Any
@@ -11,8 +11,6 @@ import numpy as np
 from ctx.config import ModelConfig
 from ctx.memory import Memory, init_memory
 from ctx.model import CompressiveTransformer
-
-KINDS = ("compressed", "memory", "segment")
 
 
 def memory_arrays(memory: Memory) -> dict[str, np.ndarray]:
@@ -96,53 +94,16 @@ def inspect_segment(model, params: Any, tokens, memory: Memory, buckets: int = 4
     }
 
 
-def plot_attention_mass(attention_mass: np.ndarray, ax=None, title: str = "Attention mass per layer"):
-    """Stacked bars: share of each layer's attention on compressed memory, memory, segment."""
-    import matplotlib.pyplot as plt
-
-    ax = ax or plt.subplots(figsize=(6, 3.5))[1]
-    bottom = np.zeros(attention_mass.shape[0])
-    for k, kind in enumerate(KINDS):
-        ax.bar(np.arange(len(bottom)), attention_mass[:, k], bottom=bottom, label=kind)
-        bottom += attention_mass[:, k]
-    ax.set_xlabel("layer")
-    ax.set_ylabel("attention mass")
-    ax.set_title(title)
-    ax.legend()
-    return ax
+_MOVED_TO_PLOTS = ("plot_attention_mass", "plot_attention_by_age", "plot_losses")
 
 
-def plot_attention_by_age(report: dict[str, Any], layer: int = 0, ax=None):
-    """Attention mass against key age (tokens back), one line per memory kind."""
-    import matplotlib.pyplot as plt
+def __getattr__(name: str):
+    """The plots moved to ctx.plots (all plotting in one module); the old names still work."""
+    if name in _MOVED_TO_PLOTS:
+        import warnings
 
-    ax = ax or plt.subplots(figsize=(6, 3.5))[1]
-    for kind in KINDS:
-        ages, mass = report["mean_age_tokens"][kind], report["attention_by_age"][kind][layer]
-        if len(ages):
-            ax.plot(np.maximum(ages, 0.5), mass, marker="o", label=kind)
-    ax.set_xscale("log")
-    ax.set_xlabel("key age (tokens back)")
-    ax.set_ylabel("attention mass")
-    ax.set_title(f"Layer {layer}: attention by age")
-    ax.legend()
-    return ax
+        from ctx import plots
 
-
-def plot_losses(metrics: list[dict[str, Any]], ax=None):
-    """Training loss (and compression loss on a second axis) against step from metrics rows."""
-    import matplotlib.pyplot as plt
-
-    ax = ax or plt.subplots(figsize=(6, 3.5))[1]
-    rows = [r for r in metrics if "split" not in r]
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="LM loss (nats/token)")
-    valid = [r for r in metrics if r.get("split") == "validation"]
-    if valid:
-        ax.plot([r["step"] for r in valid], [r["loss"] for r in valid], "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend(loc="upper right")
-    twin = ax.twinx()
-    twin.plot([r["step"] for r in rows], [r["compression_loss"] for r in rows], color="tab:gray", alpha=0.6)
-    twin.set_ylabel("compression loss", color="tab:gray")
-    return ax
+        warnings.warn(f"ctx.diagnostics.{name} moved to ctx.plots.{name}", DeprecationWarning, stacklevel=2)
+        return getattr(plots, name)
+    raise AttributeError(f"module 'ctx.diagnostics' has no attribute {name!r}")

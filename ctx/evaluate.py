@@ -25,15 +25,20 @@ import numpy as np
 
 from ctx import losses
 from ctx.backend import announce
+from ctx.cli import FLAGS, define_config_flags, run_main
 from ctx.config import with_global_batch
+from ctx.data.datasets import check_data_config, load_corpus
 from ctx.data.source import TokenizedCorpus
 from ctx.data.stream import eval_chunks
 from ctx.memory import init_memory, select_rows
 from ctx.model import memory_keys_values
-from ctx.sharding import global_batch_array, memory_shardings, process_rows, replicated, to_host
+from ctx.progress import progress as progress_bar
+from ctx.restore import restore_for_inference
+from ctx.sharding import (check_batch_fits, global_batch_array, make_mesh, memory_shardings, process_rows, replicated,
+                          to_host)
 
 EVAL_KEYS = ("tokens", "targets", "weights", "reset")
-# PAPER.md 8: word counts of the full PG-19 splits, the denominators of the paper's metric.
+# docs/paper-notes.md §7: word counts of the full PG-19 splits, the denominators of the paper's metric.
 PG19_WORDS = {"validation": (50, 3_007_061), "test": (100, 6_966_499)}
 
 
@@ -92,7 +97,7 @@ def evaluate_corpus(model, params, corpus: TokenizedCorpus, mesh, batch_size: in
     # Static rows: every process passes the same plain tuple, one compile per (rare) shrink.
     keep_rows = jax.jit(select_rows, static_argnums=1, out_shardings=memory_shardings(mesh))
     held, memory = None, None
-    bar = _progress(n_docs, progress)
+    bar = progress_bar(progress, total=n_docs, desc="evaluate", unit="doc")
     start = time.perf_counter()
     for chunk in eval_chunks(corpus, batch_size, cfg.segment_length, chunk_size,
                              batch_multiple=mesh.size if shrink_batch else 0):
@@ -152,10 +157,6 @@ def word_level(result: dict[str, Any], dataset: str, split: str) -> dict[str, An
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: str,
                         step: int | None = None, progress: bool = False) -> dict[str, Any]:
     """Restore checkpoint `step` (default: latest) of the run in workdir and evaluate a split."""
-    from ctx.data.datasets import check_data_config, load_corpus
-    from ctx.restore import restore_for_inference
-    from ctx.sharding import check_batch_fits, make_mesh
-
     check_data_config(config.data, split)
     mesh = make_mesh(config.mesh)
     batch_size = config.eval.batch_size or with_global_batch(config, mesh.size).train.batch_size
@@ -186,16 +187,7 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="evaluate", unit="doc")
-
-
 def main() -> None:
-    from ctx.cli import FLAGS
     from ctx.plots import plot_loss_by_position
 
     if not FLAGS.workdir:
@@ -219,8 +211,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     from absl import flags
-
-    from ctx.cli import define_config_flags, run_main
 
     define_config_flags()
     flags.DEFINE_string("split", "test", "Split to evaluate: train, validation or test.")

@@ -1,4 +1,4 @@
-"""Losses: token cross-entropy and the compressor's auxiliary losses (PAPER.md 5).
+"""Losses: token cross-entropy and the compressor's auxiliary losses (docs/paper-notes.md §5).
 
 The auxiliary losses see only stop-gradient-ed queries, memories and attention weights,
 so they train the compression network and nothing else.

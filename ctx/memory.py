@@ -14,6 +14,10 @@ import jax.numpy as jnp
 
 from ctx.config import ModelConfig
 
+# What a segment's attention reads, in key order: compressed memory, memory, the segment itself
+# (the order of every per-kind statistic, e.g. aux["attention_mass"][..., k]).
+KEY_KINDS = ("compressed", "memory", "segment")
+
 
 @flax.struct.dataclass
 class Memory:

@@ -1,4 +1,4 @@
-"""The paper's optimizer (PAPER.md 6) with the compression network on its own branch.
+"""The paper's optimizer (paper §5; docs/paper-notes.md §6) with the compression network on its own branch.
 
 Main network: Adam, linear warmup init_lr -> peak_lr, cosine decay to end_lr, global-norm
 clipping. The `compress` parameters get their own Adam and clip (optax.multi_transform), so

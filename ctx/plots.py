@@ -3,6 +3,22 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
+
+from ctx.memory import KEY_KINDS
+
+
+def _pyplot(headless: bool = False):
+    """matplotlib, imported on first use (it is slow to import and only plots need it); files
+    written by the CLI render without a display."""
+    import matplotlib
+
+    if headless:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
 
 def plot_loss_by_position(reports: Sequence[dict[str, Any]], path: str, labels: Sequence[str] | None = None) -> None:
     """Mean NLL against token position in the document (log x), one line per report.
@@ -10,11 +26,7 @@ def plot_loss_by_position(reports: Sequence[dict[str, Any]], path: str, labels: 
     Overlaying a Compressive Transformer and a Transformer-XL report shows where the
     compressed memory pays off: late in long documents.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot(headless=True)
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for i, report in enumerate(reports):
         buckets = report["by_position"]
@@ -37,3 +49,55 @@ def _label(report: dict[str, Any]) -> str:
     kind = "TXL" if model.get("compressed_length", 1) == 0 else "CT"
     return (f"{kind} n_m={model.get('memory_length')} n_cm={model.get('compressed_length')} "
             f"step {report.get('step')}")
+
+
+def plot_attention_mass(attention_mass: np.ndarray, ax=None, title: str = "Attention mass per layer"):
+    """Stacked bars: share of each layer's attention on compressed memory, memory, segment."""
+    plt = _pyplot()
+
+    ax = ax or plt.subplots(figsize=(6, 3.5))[1]
+    bottom = np.zeros(attention_mass.shape[0])
+    for k, kind in enumerate(KEY_KINDS):
+        ax.bar(np.arange(len(bottom)), attention_mass[:, k], bottom=bottom, label=kind)
+        bottom += attention_mass[:, k]
+    ax.set_xlabel("layer")
+    ax.set_ylabel("attention mass")
+    ax.set_title(title)
+    ax.legend()
+    return ax
+
+
+def plot_attention_by_age(report: dict[str, Any], layer: int = 0, ax=None):
+    """Attention mass against key age (tokens back), one line per memory kind."""
+    plt = _pyplot()
+
+    ax = ax or plt.subplots(figsize=(6, 3.5))[1]
+    for kind in KEY_KINDS:
+        ages, mass = report["mean_age_tokens"][kind], report["attention_by_age"][kind][layer]
+        if len(ages):
+            ax.plot(np.maximum(ages, 0.5), mass, marker="o", label=kind)
+    ax.set_xscale("log")
+    ax.set_xlabel("key age (tokens back)")
+    ax.set_ylabel("attention mass")
+    ax.set_title(f"Layer {layer}: attention by age")
+    ax.legend()
+    return ax
+
+
+def plot_losses(metrics: list[dict[str, Any]], ax=None):
+    """Training loss (and compression loss on a second axis) against step from metrics rows."""
+    plt = _pyplot()
+
+    ax = ax or plt.subplots(figsize=(6, 3.5))[1]
+    rows = [r for r in metrics if "split" not in r]
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="LM loss (nats/token)")
+    valid = [r for r in metrics if r.get("split") == "validation"]
+    if valid:
+        ax.plot([r["step"] for r in valid], [r["loss"] for r in valid], "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend(loc="upper right")
+    twin = ax.twinx()
+    twin.plot([r["step"] for r in rows], [r["compression_loss"] for r in rows], color="tab:gray", alpha=0.6)
+    twin.set_ylabel("compression loss", color="tab:gray")
+    return ax

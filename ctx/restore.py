@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
-from ctx.checkpoint import Checkpointer
+from ctx.checkpoint import Checkpointer, check_resumable
 from ctx.config import ModelConfig, validate
-from ctx.data.tokenizer import load_tokenizer
+from ctx.data.tokenizer import check_vocab, load_tokenizer
 from ctx.memory import init_memory
 from ctx.model import CompressiveTransformer
 from ctx.sharding import param_sharding
@@ -47,8 +47,6 @@ def resolve_tokenizer(config: ml_collections.ConfigDict, workdir: str, recorded:
 
 def restore_for_inference(config: ml_collections.ConfigDict, workdir: str, step: int | None, mesh) -> Restored:
     """Parameters of checkpoint `step` (default: latest) on `mesh`, and the run's tokenizer."""
-    from ctx.train import check_resumable, check_vocab
-
     validate(config)
     checkpoint_dir = os.path.join(workdir, "checkpoints")
     if "://" not in workdir and not os.path.isdir(checkpoint_dir):

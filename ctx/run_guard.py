@@ -62,7 +62,3 @@ class StopRequest:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
 
-
-def fault_injection() -> str:
-    """CTX_FAULT_INJECTION lets the reliability tests provoke real faults at exact points."""
-    return os.environ.get("CTX_FAULT_INJECTION", "")

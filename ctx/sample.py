@@ -11,6 +11,7 @@ teacher-forced pass over the same text would compute.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from functools import partial
 from typing import Any
@@ -19,9 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ctx.cli import FLAGS, define_config_flags, run_main
 from ctx.config import ModelConfig
 from ctx.memory import init_memory
 from ctx.model import CompressiveTransformer
+from ctx.restore import restore_for_inference
+from ctx.sharding import make_mesh
 
 
 @dataclasses.dataclass
@@ -49,6 +53,17 @@ def choose_token(logits_BV: jax.Array, rng: jax.Array, temperature: float, top_k
     return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
 
+@functools.lru_cache(maxsize=16)
+def _steps(cfg: ModelConfig):
+    """The jitted segment, prefill and decode steps of one model config, built once, so that
+    repeated `generate` calls (a notebook loop) reuse their compiled programs."""
+    model = CompressiveTransformer(cfg)
+    advance = jax.jit(lambda p, segment, memory: model.apply(p, segment, memory)[1])
+    prefill = jax.jit(lambda p, memory: model.apply(p, None, memory, prefill=True))
+    decode = jax.jit(lambda p, token, cache: model.apply(p, token, None, cache=cache))
+    return advance, prefill, decode
+
+
 def generate(params: Any, config: Any, prompt_tokens, num_tokens: int, rng: jax.Array, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, bos_id: int = 0) -> Sample:
     """Continue `prompt_tokens` ([P] or [B, P] ids) by `num_tokens` tokens per row."""
@@ -64,15 +79,11 @@ def generate(params: Any, config: Any, prompt_tokens, num_tokens: int, rng: jax.
         raise ValueError(f"num_tokens must be positive, got {num_tokens}")
     if not 0.0 < top_p <= 1.0 or temperature < 0 or top_k < 0:
         raise ValueError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
-    model = CompressiveTransformer(cfg)
     variables = {"params": params}
     B, n_s = prompt.shape[0], cfg.segment_length
     inputs = np.concatenate([np.full((B, 1), bos_id), prompt], axis=1).astype(np.int32)
     whole = (inputs.shape[1] - 1) // n_s  # whole segments before the last input token's segment
-
-    advance = jax.jit(lambda p, segment, memory: model.apply(p, segment, memory)[1])
-    prefill = jax.jit(lambda p, memory: model.apply(p, None, memory, prefill=True))
-    decode = jax.jit(lambda p, token, cache: model.apply(p, token, None, cache=cache))
+    advance, prefill, decode = _steps(cfg)
 
     memory = init_memory(cfg, B)
     for s in range(whole):
@@ -102,10 +113,6 @@ def generate(params: Any, config: Any, prompt_tokens, num_tokens: int, rng: jax.
 
 
 def main() -> None:
-    from ctx.cli import FLAGS
-    from ctx.restore import restore_for_inference
-    from ctx.sharding import make_mesh
-
     if not FLAGS.workdir:
         raise ValueError("--workdir is required (the training run to sample from)")
     if not FLAGS.prompt:
@@ -122,8 +129,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     from absl import flags
-
-    from ctx.cli import define_config_flags, run_main
 
     define_config_flags()
     flags.DEFINE_string("prompt", None, "Text to continue.")

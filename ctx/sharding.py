@@ -11,6 +11,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ctx.memory import Memory
+
 BATCH_AXES = ("data", "fsdp")
 
 
@@ -39,8 +41,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def memory_shardings(mesh: Mesh):
     """Memory rows (axis 1 of mem/cmem, axis 0 of the masks) follow the batch."""
-    from ctx.memory import Memory
-
     return Memory(mem=batch_sharding(mesh, 1, 4), cmem=batch_sharding(mesh, 1, 4),
                   mem_mask=batch_sharding(mesh, 0, 2), cmem_mask=batch_sharding(mesh, 0, 2))
 

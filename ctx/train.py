@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import sys
 import time
 from typing import Any
@@ -22,47 +21,20 @@ from etils import epath
 
 from ctx import aot
 from ctx.backend import announce
-from ctx.checkpoint import Checkpointer, read_latest_config
+from ctx.cli import FLAGS, define_config_flags, run_main
+from ctx.checkpoint import Checkpointer, check_resumable, read_latest_config
 from ctx.config import validate, with_global_batch
 from ctx.data.datasets import load_corpus
 from ctx.data.prefetch import ChunkPrefetcher
 from ctx.data.stream import TrainStream
+from ctx.data.tokenizer import check_vocab
 from ctx.evaluate import device_chunk, evaluate_corpus, make_eval_chunk_fn
 from ctx.metrics import MetricWriter
+from ctx.progress import progress
 from ctx.remote import check_reachable
-from ctx.run_guard import StopRequest, WorkdirLock, fault_injection
+from ctx.run_guard import StopRequest, WorkdirLock
 from ctx.sharding import process_rows, replicated
 from ctx.trainer import Trainer
-
-# Model fields that shape parameters: a checkpoint only restores into the same values.
-PARAMETER_FIELDS = ("vocab_size", "n_layers", "d_model", "n_heads", "d_ff", "compression",
-                    "compression_rate", "dilation_rates", "layer_norm")
-
-
-def check_vocab(tokenizer, config: ml_collections.ConfigDict) -> None:
-    if tokenizer.vocab_size != config.model.vocab_size:
-        raise ValueError(f"the tokenizer ({config.data.tokenizer}) has {tokenizer.vocab_size} tokens but "
-                         f"model.vocab_size={config.model.vocab_size}; set --config.model.vocab_size="
-                         f"{tokenizer.vocab_size} or use the matching tokenizer")
-
-
-def check_resumable(saved: dict, config: ml_collections.ConfigDict) -> None:
-    """A checkpoint restores only into a model whose parameter shapes are the same."""
-    differing = [f"model.{f}: checkpoint {saved['model'][f]!r}, config {config.model[f]!r}"
-                 for f in PARAMETER_FIELDS
-                 if f in saved["model"] and _plain(saved["model"][f]) != _plain(config.model[f])]
-    if (saved["model"].get("compressed_length", 0) > 0) != (config.model.compressed_length > 0):
-        # Compressed memory brings its own position projection and compression network.
-        differing.append(f"model.compressed_length: checkpoint {saved['model']['compressed_length']}, config "
-                         f"{config.model.compressed_length} (zero and non-zero have different parameters)")
-    if differing:
-        raise ValueError("the checkpoint's model differs in fields that shape parameters: "
-                         + "; ".join(differing) + ". Use the checkpoint's values or a new --workdir")
-
-
-def _plain(value):
-    return list(value) if isinstance(value, (list, tuple)) else value
-
 
 def _chunk_length(step: int, config) -> int:
     """Chunks end exactly at checkpoint, validation and final steps."""
@@ -73,7 +45,19 @@ def _chunk_length(step: int, config) -> int:
     return min([train.segments_per_call] + [b - step for b in boundaries if b > step])
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+class Hooks:
+    """Points at which a caller acts on a running loop, each a no-op here. The reliability tests
+    pass hooks that provoke real faults at exact moments (a SIGKILL inside a save, a SIGTERM
+    just after the stop check), so the loop itself holds no test code."""
+
+    def after_save(self, step: int) -> None:
+        """Checkpoint `step` has been handed to the (asynchronous) checkpointer."""
+
+    def after_chunk(self, step: int) -> None:
+        """A chunk ending at `step` is done: saved if due, validated if due, stop not yet decided."""
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, hooks: Hooks | None = None) -> dict[str, Any]:
     """Train to config.train.num_steps (resuming from workdir), validating on the way.
 
     Everything that can be wrong with the input is checked before workdir is touched. On
@@ -101,14 +85,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     lock = WorkdirLock(workdir) if is_main else None
     stop = StopRequest()
     try:
-        return _run(config, workdir, trainer, train_corpus, valid_corpus, stop)
+        return _run(config, workdir, trainer, train_corpus, valid_corpus, stop, hooks or Hooks())
     finally:
         stop.restore()
         if lock is not None:
             lock.release()
 
 
-def _run(config, workdir, trainer, train_corpus, valid_corpus, stop: StopRequest) -> dict[str, Any]:
+def _run(config, workdir, trainer, train_corpus, valid_corpus, stop: StopRequest, hooks: Hooks) -> dict[str, Any]:
     is_main = jax.process_index() == 0
     tokenizer = train_corpus.tokenizer
     copy = epath.Path(workdir) / "tokenizer.model"
@@ -123,7 +107,8 @@ def _run(config, workdir, trainer, train_corpus, valid_corpus, stop: StopRequest
                                            fallback=config.train.on_corrupt_checkpoint == "previous")
     if restored is None:
         state = trainer.init_state(jax.random.PRNGKey(config.seed))
-        memory, rng = trainer.init_memory(), jax.device_put(jax.random.PRNGKey(config.seed + 1), replicated(trainer.mesh))
+        memory = trainer.init_memory()
+        rng = jax.device_put(jax.random.PRNGKey(config.seed + 1), replicated(trainer.mesh))
         step = 0
     else:
         step, device_state, data_state = restored
@@ -146,15 +131,14 @@ def _run(config, workdir, trainer, train_corpus, valid_corpus, stop: StopRequest
 
     config_json = config.to_dict()
     tokens_per_segment = config.train.batch_size * trainer.model_config.segment_length
-    bar = _progress(config.train.num_steps, step, is_main)
+    bar = progress(is_main, total=config.train.num_steps, initial=step, desc="train", unit="seg")
     last, validation, preempted, saved_step = {}, None, False, step
     chunks = ChunkPrefetcher(stream, step, config.train.num_steps, lambda s: _chunk_length(s, config))
 
     def save(data_state):
         checkpointer.save(step, {"train_state": state, "memory": memory, "rng": rng},
                           {**data_state, "tokenizer": tokenizer.fingerprint}, config_json)
-        if fault_injection() == f"kill_during_save:{step}":
-            os.kill(os.getpid(), signal.SIGKILL)
+        hooks.after_save(step)
 
     try:
         while step < config.train.num_steps:
@@ -186,12 +170,12 @@ def _run(config, workdir, trainer, train_corpus, valid_corpus, stop: StopRequest
                 saved_step = step
             if (config.train.eval_every and step % config.train.eval_every == 0) or step == config.train.num_steps:
                 validation = validate(state.params)
-                writer.write({"step": step, "split": "validation", "loss": validation["total_nll"] / validation["tokens"],
+                writer.write({"step": step, "split": "validation",
+                              "loss": validation["total_nll"] / validation["tokens"],
                               **{key: validation[key] for key in ("token_perplexity", "bits_per_token",
                                                                   "bits_per_byte", "tokens")}})
             writer.flush()
-            if fault_injection() == f"sigterm_after_step:{step}":  # a preemption at the worst moment
-                os.kill(os.getpid(), signal.SIGTERM)
+            hooks.after_chunk(step)
             if stopping and step < config.train.num_steps:
                 preempted = True
                 break
@@ -207,17 +191,7 @@ def _run(config, workdir, trainer, train_corpus, valid_corpus, stop: StopRequest
             "preempted": preempted, "unigram_bits_per_token": valid_corpus.unigram_bits_per_token()}
 
 
-def _progress(total: int, initial: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc="train", unit="seg")
-
-
 def main() -> None:
-    from ctx.cli import FLAGS
-
     if not FLAGS.topology:  # compiling for a TPU slice does not use this machine's devices
         announce("ctx.train")
     if FLAGS.compile_only:
@@ -242,8 +216,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from ctx.cli import define_config_flags, run_main
-
     from absl import flags
 
     define_config_flags()

@@ -10,6 +10,9 @@ from jax.extend import core as jax_core
 
 import ctx
 
+# The repository root: where `python -m ctx.*` subprocesses run.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def simulated_devices_env(devices: int, **extra: str) -> dict[str, str]:
     """Environment for a subprocess with `devices` simulated CPU devices.

@@ -70,7 +70,8 @@ def test_attention_gradients_match_the_brute_force(C, M):
                    for b in range(x.shape[0]))
 
     p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), reference._to_numpy(params))
-    names = ["query", "key", "value", "pos_kernel", "u_bias", "v_bias"] + (["cmem_pos_kernel", "cmem_v_bias"] if C else [])
+    names = ["query", "key", "value", "pos_kernel", "u_bias", "v_bias"]
+    names += ["cmem_pos_kernel", "cmem_v_bias"] if C else []
     rng, eps = np.random.default_rng(2), 1e-5
     for name in names:
         direction = rng.normal(size=p64[name].shape)

@@ -11,9 +11,8 @@ from jax.extend import core as jax_core
 
 from ctx.flops import forward_flops_per_token, train_flops_per_token
 from ctx.profile import instruction_sources, summarize
-from tests.helpers import build, dot_generals, tiny_model_config
+from tests.helpers import ROOT, build, dot_generals, tiny_model_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ("train_tokens_per_sec", "eval_tokens_per_sec", "step_seconds", "compile_seconds", "peak_rss_mib",
         "flops_per_token", "matmul_flops_per_sec", "mfu")
 
@@ -44,7 +43,8 @@ def test_bench_prints_one_json_object_with_all_figures(tmp_path):
 def test_profile_maps_traced_instructions_to_their_source_ops():
     hlo = ('  %fusion.3 = f32[2]{0} fusion(%p), kind=kLoop, metadata={op_name="jit(f)/while/body/closed_call/'
            'transpose(jvp(M))/layers/attention/dot_general" stack_frame_id=1}\n'
-           '  ROOT dot.1 = f32[2]{0} dot(%a, %b), metadata={op_name="jit(f)/jvp(M)/eval_jaxpr/layers/mlp/dot_general"}\n')
+           '  ROOT dot.1 = f32[2]{0} dot(%a, %b), '
+           'metadata={op_name="jit(f)/jvp(M)/eval_jaxpr/layers/mlp/dot_general"}\n')
     sources = instruction_sources(hlo)
     assert sources["fusion.3"] == sources["fusion_3"] == "B layers/attention/dot_general"
     assert sources["dot.1"] == "F layers/mlp/dot_general"

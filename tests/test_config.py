@@ -6,7 +6,8 @@ from experiments import demo
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(segment_length=6, compression_rate=4), r"segment_length \(6\) must be a multiple of model.compression_rate \(4\)"),
+    (dict(segment_length=6, compression_rate=4),
+     r"segment_length \(6\) must be a multiple of model.compression_rate \(4\)"),
     (dict(d_model=30, n_heads=4), r"d_model \(30\) must be divisible by model.n_heads \(4\)"),
     (dict(memory_length=-1), r"model.memory_length must not be negative"),
     (dict(n_layers=0), r"model.n_layers must be positive"),
@@ -110,7 +111,7 @@ def test_full_scale_parameter_counts_match_the_papers():
     from experiments.reproduce import config_rows, markdown
     rows = {r["config"]: r for r in config_rows()}
     assert rows["enwik8:txl"]["parameters"] == pytest.approx(277e6, rel=0.01)  # TXL paper, 24 layers
-    # The compression network: c * d^2 per layer, ~75M for 24 layers of d = 1024, c = 3 (PAPER.md 4).
+    # The compression network: c * d^2 per layer, ~75M for 24 layers of d = 1024, c = 3 (docs/paper-notes.md §4).
     assert rows["enwik8:ct"]["compression_parameters"] == 24 * 3 * 1024 * 1024
     assert rows["pg19:ct"]["train_gflops_per_token"] > rows["pg19:txl"]["train_gflops_per_token"]
     assert "| enwik8:txl | 24 | 1024 | 1920 / 0 |" in markdown(list(rows.values()))

@@ -13,7 +13,8 @@ from ctx.data.datasets import load_corpus
 from ctx.data.pg19 import parse_metadata
 from ctx.data.tokenizer import SentencePieceTokenizer, load_tokenizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
+
 TEXTS = [topics[k] for k in sorted(topics)]
 
 
@@ -147,6 +148,7 @@ def test_unknown_dataset_and_missing_path(tmp_path):
         load_corpus(cfg, "train")
 
 
+@pytest.mark.slow
 def test_training_on_a_pg19_layout_with_sentencepiece(tmp_path):
     from ctx import train
     from ctx.data.tokenizer import train_sentencepiece

@@ -16,10 +16,8 @@ from ctx import evaluate, losses, train
 from ctx.data.datasets import load_corpus
 from ctx.data.tokenizer import ByteTokenizer
 from ctx.sharding import make_mesh
-from tests.helpers import (build, byte_corpus, dot_generals, read_metrics, simulated_devices_env, tiny_model_config,
-                           tiny_train_config)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import (ROOT, build, byte_corpus, dot_generals, read_metrics, simulated_devices_env,
+                           tiny_model_config, tiny_train_config)
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,8 @@ import sys
 import jax
 import pytest
 
-from tests.helpers import simulated_devices_env
+from tests.helpers import ROOT, simulated_devices_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["launch/tpu.sh", "launch/slurm_gpu.sbatch", "launch/local.sh", "experiments/gpu_bench.sh"]
 
 
@@ -60,9 +59,9 @@ def test_tpu_dry_run_prints_every_step():
     assert missing.returncode == 2 and "--name, --zone and --workdir are required" in missing.stderr
 
 
-@pytest.mark.parametrize("accelerator, runtime", [("v4-32", "tpu-ubuntu2204-base"), ("v5p-8", "v2-alpha-tpuv5"),
-                                                  ("v5litepod-16", "v2-alpha-tpuv5-lite"), ("v5e-16", "v2-alpha-tpuv5-lite"),
-                                                  ("v6e-64", "v2-alpha-tpuv6e")])
+@pytest.mark.parametrize("accelerator, runtime", [
+    ("v4-32", "tpu-ubuntu2204-base"), ("v5p-8", "v2-alpha-tpuv5"), ("v5litepod-16", "v2-alpha-tpuv5-lite"),
+    ("v5e-16", "v2-alpha-tpuv5-lite"), ("v6e-64", "v2-alpha-tpuv6e")])
 def test_tpu_runtime_image_follows_the_generation(accelerator, runtime):
     out = bash("launch/tpu.sh", "--name=ct", "--zone=z", f"--accelerator={accelerator}", "--workdir=gs://b/r",
                "--dry_run", "--skip_compile_check", "--", "--config=experiments/pg19.py")

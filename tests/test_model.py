@@ -33,7 +33,8 @@ def test_model_matches_brute_force_over_segments(overrides):
         np.testing.assert_allclose(np.asarray(logits), ref_logits, rtol=2e-4, atol=2e-4)
         np.testing.assert_allclose(np.asarray(memory.mem), ref_mem, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(np.asarray(memory.cmem), ref_cmem, rtol=1e-4, atol=1e-5)
-        if mcfg.compresses and mcfg.compression_loss == "attention":  # the loss reuses the attention's keys of the evicted rows
+        # The attention-reconstruction loss reuses the attention's keys of the evicted rows.
+        if mcfg.compresses and mcfg.compression_loss == "attention":
             np.testing.assert_allclose(np.asarray(aux["compression_loss_per_layer"]), ref_loss, rtol=1e-4, atol=1e-9)
             assert s < 2 or ref_loss.min() > 0  # real memories are evicted from the third segment on
 

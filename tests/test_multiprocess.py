@@ -9,9 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.helpers import TINY_CLI_FLAGS, read_metrics
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT, TINY_CLI_FLAGS, read_metrics
 
 
 def free_port() -> int:
@@ -30,7 +28,8 @@ def run(module, workdir, *args, processes=1, timeout=400):
         assert out.returncode == 0, out.stderr[-3000:]
         return [out.stdout]
     port = free_port()
-    logs = [open(os.path.join(workdir.parent, f"{workdir.name}-{module}-{i}-{port}.log"), "w+") for i in range(processes)]
+    logs = [open(os.path.join(workdir.parent, f"{workdir.name}-{module}-{i}-{port}.log"), "w+")
+            for i in range(processes)]
     procs = [subprocess.Popen(base + [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}",
                                       f"--process_id={i}"], stdout=log, stderr=subprocess.STDOUT, text=True,
                               cwd=ROOT, env=env) for i, log in enumerate(logs)]

@@ -6,7 +6,7 @@ from nbclient import NotebookClient
 
 from tests import FAST_COMPILE_XLA_FLAG
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
 
 
 def test_quickstart_notebook_executes(tmp_path, monkeypatch):

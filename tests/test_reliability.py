@@ -11,28 +11,17 @@ import numpy as np
 import pytest
 
 from ctx import train
-from tests.helpers import read_metrics, tiny_train_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-TRAIN = """
-import sys
-from ctx import train
-from tests.helpers import tiny_train_config
-cfg = tiny_train_config(num_steps=int(sys.argv[2]), checkpoint_every=int(sys.argv[3]), segments_per_call=2)
-for override in sys.argv[4:]:
-    key, value = override.split("=")
-    cfg.train[key] = type(cfg.train[key])(value)
-result = train.train_and_evaluate(cfg, sys.argv[1])
-print("RESULT", result["step"], result["preempted"], flush=True)
-sys.exit(143 if result["preempted"] else 0)
-"""
+from tests.helpers import ROOT, read_metrics, tiny_train_config
 
 
-def start_training(workdir, num_steps, checkpoint_every, *overrides, env_extra=None):
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", **(env_extra or {}))
-    return subprocess.Popen([sys.executable, "-c", TRAIN, str(workdir), str(num_steps), str(checkpoint_every),
-                             *overrides], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+TRAIN_WITH_FAULTS = os.path.join(ROOT, "tests", "scripts", "train_with_faults.py")
+
+
+def start_training(workdir, num_steps, checkpoint_every, *args):
+    """tests/scripts/train_with_faults.py in a process of its own; args: --fault=KIND:STEP, FIELD=VALUE."""
+    return subprocess.Popen([sys.executable, TRAIN_WITH_FAULTS, str(workdir), str(num_steps), str(checkpoint_every),
+                             *args], env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
 
 
 def train_rows(workdir):
@@ -75,7 +64,7 @@ def test_sigterm_saves_and_resume_follows_the_uninterrupted_trajectory(tmp_path)
 def test_sigterm_after_the_stop_check_still_saves_before_stopping(tmp_path):
     """A SIGTERM that lands after the loop has decided not to save this chunk is honoured one
     chunk later, with a checkpoint; it never stops the run without one."""
-    proc = start_training(tmp_path / "run", 40, 1000, env_extra={"CTX_FAULT_INJECTION": "sigterm_after_step:4"})
+    proc = start_training(tmp_path / "run", 40, 1000, "--fault=sigterm_after_step:4")
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 143, err[-2000:]
     assert "RESULT 6 True" in out
@@ -84,7 +73,7 @@ def test_sigterm_after_the_stop_check_still_saves_before_stopping(tmp_path):
 
 def test_sigkill_during_async_save_resumes_from_the_last_complete_checkpoint(tmp_path):
     workdir = tmp_path / "run"
-    proc = start_training(workdir, 8, 2, env_extra={"CTX_FAULT_INJECTION": "kill_during_save:6"})
+    proc = start_training(workdir, 8, 2, "--fault=kill_during_save:6")
     proc.communicate(timeout=240)
     assert proc.returncode == -signal.SIGKILL
     assert checkpoint_steps(workdir)[-1] == 4  # step 6 was never committed
@@ -111,7 +100,8 @@ def test_corrupted_checkpoint_is_named_and_previous_step_is_an_option(tmp_path):
                 damaged += 1
     assert damaged
     before = sorted(os.listdir(workdir / "checkpoints"))
-    with pytest.raises(Exception, match=r"checkpoint 8 in .*checkpoints/8 cannot be read.*on_corrupt_checkpoint=previous"):
+    damaged = r"checkpoint 8 in .*checkpoints/8 cannot be read.*on_corrupt_checkpoint=previous"
+    with pytest.raises(Exception, match=damaged):
         train.train_and_evaluate(tiny_train_config(num_steps=12, checkpoint_every=4), str(workdir))
     assert sorted(os.listdir(workdir / "checkpoints")) == before  # nothing overwritten
     result = train.train_and_evaluate(tiny_train_config(num_steps=12, checkpoint_every=4,

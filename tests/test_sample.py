@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 
 import ctx
+from ctx import sample
 from ctx.sample import choose_token, generate
-from tests.helpers import build, tiny_model_config, tiny_train_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT, build, tiny_model_config, tiny_train_config
 
 
 def teacher_forced_logprobs(model, variables, cfg, sequence):
@@ -46,6 +45,19 @@ def test_sampling_logprobs_equal_teacher_forcing(overrides, prompt_length):
     sequence = np.concatenate([np.zeros((2, 1), int), prompt, sample.tokens], axis=1)
     forced = teacher_forced_logprobs(model, variables, model.model_config, sequence)[:, -num_tokens:]
     np.testing.assert_allclose(sample.logprobs, forced, atol=1e-4)
+
+
+def test_generate_compiles_its_steps_once_per_model_config():
+    cfg = tiny_model_config()
+    _, variables, _ = build(cfg)
+    args = (variables["params"], cfg, np.array([1, 2, 3, 4, 5]), 6, jax.random.PRNGKey(0))
+    first = generate(*args)
+    steps = sample._steps(ctx.ModelConfig.from_config(cfg))
+    compiled = [step._cache_size() for step in steps]
+    second = generate(*args)
+    assert sample._steps(ctx.ModelConfig.from_config(cfg)) is steps
+    assert [step._cache_size() for step in steps] == compiled and min(compiled) >= 1
+    np.testing.assert_array_equal(first.tokens, second.tokens)
 
 
 def test_choose_token_filters():

@@ -3,7 +3,6 @@ fit, out-of-memory as a report, XLA's loop-corrected cost estimate) and a Pallas
 
 Needs libtpu (the [tpu] extra, which the test set-up installs); no TPU."""
 import json
-import os
 import subprocess
 import sys
 
@@ -19,7 +18,8 @@ from ctx import aot, topology
 from ctx.config import ConfigError
 from experiments import demo
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
+
 
 # Hand-checked against Google's tables: v4 and v5p names count TensorCores (2 per chip).
 DOCUMENTED = {"v4-8": ("v4:2x2x1", 4), "v4-32": ("v4:2x2x4", 16), "v4-128": ("v4:4x4x4", 64),

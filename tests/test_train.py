@@ -9,9 +9,7 @@ import pytest
 
 from ctx import train
 from ctx.optim import learning_rate, make_optimizer
-from tests.helpers import read_metrics, simulated_devices_env, tiny_train_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT, read_metrics, simulated_devices_env, tiny_train_config
 
 
 def train_rows(workdir):

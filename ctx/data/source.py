@@ -16,6 +16,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from ctx.progress import progress as progress_bar
+
 
 @dataclasses.dataclass(frozen=True)
 class Document:
@@ -37,7 +39,7 @@ class TokenizedCorpus:
     @classmethod
     def from_documents(cls, documents: Iterable[Document], tokenizer, progress: bool = False) -> "TokenizedCorpus":
         ids, arrays, num_bytes, num_words, skipped = [], [], [], [], 0
-        for batch in _batches(_progress(documents, progress, "tokenize"), 64):
+        for batch in _batches(progress_bar(progress, documents, desc="tokenize", unit="doc"), 64):
             for doc, tokens in zip(batch, tokenizer.encode_batch([d.text for d in batch])):
                 if len(tokens) == 0:
                     skipped += 1
@@ -126,10 +128,3 @@ def _batches(items: Iterable, size: int) -> Iterable[list]:
     if batch:
         yield batch
 
-
-def _progress(items, enabled: bool, desc: str):
-    if not enabled:
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, desc=desc, unit="doc")

@@ -15,9 +15,11 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
+
+from ctx.cli import FLAGS, run_main
 
 # SentencePiece options under which decode(encode(text)) == text for any text.
 ROUND_TRIP_OPTIONS = dict(
@@ -142,9 +144,15 @@ def train_sentencepiece(input_path: str, vocab_size: int, output_prefix: str, ma
     return output_prefix + ".model"
 
 
-def main() -> None:
-    from ctx.cli import FLAGS
+def check_vocab(tokenizer, config: Any) -> None:
+    """The model's output layer must have one row per token of the tokenizer."""
+    if tokenizer.vocab_size != config.model.vocab_size:
+        raise ValueError(f"the tokenizer ({config.data.tokenizer}) has {tokenizer.vocab_size} tokens but "
+                         f"model.vocab_size={config.model.vocab_size}; set --config.model.vocab_size="
+                         f"{tokenizer.vocab_size} or use the matching tokenizer")
 
+
+def main() -> None:
     path = train_sentencepiece(FLAGS.input, FLAGS.vocab_size, FLAGS.output, FLAGS.max_bytes, FLAGS.seed)
     tokenizer = SentencePieceTokenizer(path)
     print(f"wrote {path} and {FLAGS.output}.vocab ({tokenizer.vocab_size} pieces)")
@@ -152,8 +160,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     from absl import flags
-
-    from ctx.cli import run_main
 
     flags.DEFINE_string("input", None, "A text file, a folder of .txt files, or a PG-19 layout folder.")
     flags.DEFINE_integer("vocab_size", 32000, "Number of pieces.")

@@ -1,0 +1,78 @@
+"""The code's structure: the import graph of ctx/ is one-way (no module imports one that imports
+it back), ctx modules are imported at the top of a file (only heavy optional ones may wait for
+first use), and the lint configured in ruff.toml passes."""
+import ast
+import os
+import subprocess
+import sys
+
+from tests.helpers import ROOT
+
+# ctx modules whose own imports are heavy and needed only on some paths.
+LAZY_ALLOWED = {"ctx.data.pg19": "TFDS, only for PG-19", "ctx.plots": "matplotlib, only for plots"}
+
+
+def _modules() -> dict[str, str]:
+    found = {}
+    for folder, _, files in os.walk(os.path.join(ROOT, "ctx")):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                module = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+                found[module.removesuffix(".__init__")] = path
+    return found
+
+
+def _imports(path: str, modules: dict[str, str]) -> list[tuple[str, int, bool]]:
+    """(imported ctx module, line, inside a function) for every import in the file; packages'
+    __init__ files are not nodes (importing ctx.x runs ctx/__init__ either way)."""
+    packages = {m for m, p in modules.items() if p.endswith("__init__.py")}
+    tree = ast.parse(open(path).read())
+    nested = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+              for n in ast.walk(f)}
+    found = []
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        for name in names:
+            if name in modules and name not in packages:
+                found.append((name, node.lineno, id(node) in nested))
+    return found
+
+
+def test_the_import_graph_has_no_cycle():
+    modules = _modules()
+    graph = {m: {name for name, _, _ in _imports(p, modules) if name != m} for m, p in modules.items()}
+    cycles, state = [], {}
+
+    def visit(node, stack):
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, cycles
+    assert "ctx.train" in graph["ctx.bench"] or "ctx.trainer" in graph["ctx.bench"]  # the graph was read
+
+
+def test_ctx_modules_are_imported_at_the_top_except_heavy_optional_ones():
+    modules = _modules()
+    late = [f"{os.path.relpath(p, ROOT)}:{line} imports {name}" for m, p in modules.items()
+            for name, line, inside in _imports(p, modules) if inside and name not in LAZY_ALLOWED]
+    assert not late, late
+
+
+def test_the_lint_passes():
+    ruff = os.path.join(os.path.dirname(sys.executable), "ruff")
+    out = subprocess.run([ruff, "check", "--output-format", "concise", "ctx", "experiments", "tests"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stdout
