@@ -1,4 +1,4 @@
-"""What the paper's three language-model configs share (PAPER.md 6): Adam with warmup from
+"""What the paper's three language-model configs share (paper §5; docs/paper-notes.md §6): Adam with warmup from
 1e-6 to 3e-4 and cosine decay to 1e-6, global-norm clip 0.1, and updates every 4 segments
 after 60k steps. Each task file sets its sizes on top."""
 from ctx.config import default_config
