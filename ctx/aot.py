@@ -154,6 +154,11 @@ def fit(config: ml_collections.ConfigDict, target: Target) -> dict[str, Any]:
         oom = out_of_memory(error)
         if oom is None:
             raise
+        per_chip = trainer.config.train.batch_size // trainer.mesh.size
+        if oom.get("required_gib") and oom.get("available_gib") and per_chip > 1:
+            # A first guess that takes the whole requirement to grow with the batch; the fixed
+            # part (parameters, optimizer state) makes the true answer smaller: --search_batch.
+            oom["guess_per_chip_batch"] = max(1, int(per_chip * oom["available_gib"] / oom["required_gib"]))
         return {"compile_seconds": time.perf_counter() - start, "fits": False, "oom": oom,
                 "per_device_bytes": {}, "per_device_memory_estimate_gib": None, "memory_gib": {},
                 "trainer": trainer}
@@ -273,6 +278,9 @@ def summary(report: dict[str, Any]) -> str:
     if report["oom"]:
         oom = report["oom"]
         lines = [f"{where}: does NOT fit at per-chip batch {report['per_chip_batch']}: {oom['message']}"]
+        if "guess_per_chip_batch" in oom and "largest_fitting_per_chip_batch" not in report:
+            lines.append(f"try a per-chip batch of at most {oom['guess_per_chip_batch']} "
+                         "(--config.train.per_device_batch_size; --search_batch finds the largest that fits)")
     elif report["per_device_memory_estimate_gib"] is not None:
         hbm = f" of {report['hbm_gib']:.2f} GiB" if report["hbm_gib"] else ""
         verdict = "fits" if report["fits"] else "does NOT fit"

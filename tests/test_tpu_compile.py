@@ -135,6 +135,11 @@ def test_batch_search_bisects_down_from_a_batch_that_does_not_fit_and_doubles_up
     down = aot.largest_fitting_batch(big, target, per_chip=4, fits=False)
     assert [(t["per_chip_batch"], t["fits"]) for t in down["batch_search"]] == [(2, False), (1, False)]
     assert down["largest_fitting_per_chip_batch"] == 0 and down["exact"] is True
+    long = small_config(segments_per_call=1, per_device_batch_size=16)
+    long.model.update(n_layers=8, d_model=2048, d_ff=8192, n_heads=16, segment_length=256, memory_length=256,
+                      compressed_length=256)
+    oom = aot.fit(long, target)["oom"]  # a first guess scaled by HBM / required, before any search
+    assert oom["guess_per_chip_batch"] == int(16 * oom["available_gib"] / oom["required_gib"]) < 16
     up = aot.largest_fitting_batch(small_config(segments_per_call=1), target, per_chip=1, fits=True, max_compiles=1)
     assert [(t["per_chip_batch"], t["fits"]) for t in up["batch_search"]] == [(2, True)]
     assert up["largest_fitting_per_chip_batch"] == 2 and up["exact"] is False  # a lower bound, said so
