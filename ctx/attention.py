@@ -1,15 +1,14 @@
 """Transformer-XL relative multi-head attention over [compressed memory; memory; segment].
 
-Positions follow DeepMind's Sonnet CompressiveTransformer (docs/paper-notes.md §2): the content term
-spans all keys; the position term has one sinusoid table, projection and bias `v` for
+Positions follow DeepMind's Sonnet CompressiveTransformer (docs/paper-notes.md §2): the
+content term spans all keys; the position term has one sinusoid table, projection and bias `v` for
 memory + segment, and a separate set for compressed memory, as if the compressed memory
 came directly before the segment. `u` is shared because it sits in the content term.
 
 Layout: the segment path works head-major ([H, B, N, ...]). Every attention product is
 then a batched GEMM whose output is already in the layout the next op reads, so the
-[B,H,N,T]-sized score tensors are never transposed (measured against the [B,N,H,K]
-layout: the PG-19 config trains 8-10% and evaluates 13-19% faster on an H200; on 2 CPU
-cores evaluation is ~25% faster and training ~3% slower). Queries, keys and values come
+[B,H,N,T]-sized score tensors are never transposed (each transpose of them is a pass over
+HBM as large as the softmax; docs/performance.md has the A/B figures). Queries, keys and values come
 from one GEMM per input: the segment gives q, k and v; the memories, which need no input
 gradient, give k and v (projected together with the segment, the backward would compute an
 input gradient for every memory row too). Sampling (`decode`) keeps the [B,T,H,K] layout of
@@ -67,9 +66,9 @@ def head_major(x_BTHK: jax.Array) -> jax.Array:
 def project(x_BTD: jax.Array, kernels: Sequence[jax.Array]) -> jax.Array:
     """All the given [d,H,K] projections of x as one GEMM: [len(kernels), H, B, T, K].
 
-    The GEMM writes its natural [B,T,n,H,K] layout and one transpose makes it head-major;
-    asked for head-major output directly, XLA:CPU computed the product transposed
-    ([n·H·K, B·T]), which ran the memories' projection ~30% slower on 2 CPU cores."""
+    The GEMM writes its natural [B,T,n,H,K] layout and one transpose makes it head-major:
+    asked for head-major output directly, XLA:CPU computes the product transposed
+    ([n·H·K, B·T]), which is slower (docs/performance.md)."""
     y_BTNHK = jnp.einsum("btd,dnhk->btnhk", x_BTD, jnp.stack(kernels, axis=1))
     return jnp.transpose(y_BTNHK, (2, 3, 0, 1, 4))
 

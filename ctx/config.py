@@ -16,9 +16,9 @@ LAYER_NORMS = ("pre", "post")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots")
 LEARNED_COMPRESSIONS = ("conv", "dilated_conv")
-# Deepest layer stack that scan_unroll=0 unrolls. Measured on the 2-core CPU: the 4-layer
-# bench model unrolled compiles in 12.3 s (36 scanned layers: 12.0 s) and trains in 0.93x the
-# step time of the scanned one; 36 layers scanned 4 per iteration compile in 18.7 s.
+# Deepest layer stack that scan_unroll=0 unrolls: up to here an unrolled stack compiles as fast
+# as one scanned layer and skips the scan's stacked copies of what the backward pass keeps;
+# deeper ones would make compile time grow with depth (docs/performance.md has the figures).
 UNROLL_LAYERS_UP_TO = 4
 
 
@@ -27,60 +27,41 @@ class ConfigError(ValueError):
 
 
 def model_config(**overrides: Any) -> ml_collections.ConfigDict:
-    """The model section with its defaults (a tiny Compressive Transformer)."""
-    cfg = ml_collections.ConfigDict(
-        dict(
-            vocab_size=256,
-            n_layers=2,
-            d_model=64,
-            n_heads=4,
-            d_ff=256,
-            dropout=0.0,
-            segment_length=16,  # n_s
-            memory_length=16,  # n_m
-            compressed_length=16,  # n_cm
-            compression_rate=2,  # c
-            compression="conv",
-            compression_loss="attention",
-            layer_norm="pre",
-            dtype="float32",
-            # Dilations of the 'dilated_conv' stack (kernel 2, causal padding, then the
-            # strided conv of 'conv').
-            dilation_rates=(1, 2, 4),
-            # Rematerialisation of each layer in the backward pass: 'none', 'full' or 'dots'
-            # (save only matmul outputs).
-            remat="none",
-            # Layers per iteration of the scan over layers; same parameters either way.
-            # 0 (auto): stacks of up to UNROLL_LAYERS_UP_TO layers are unrolled (no stacked
-            # residuals to copy, and they compile as fast as one scanned layer), deeper ones
-            # scanned one layer at a time, which keeps compile time flat in depth.
-            scan_unroll=0,
-        )
-    )
+    """The model section of a config: ModelConfig's defaults, with `overrides`."""
+    cfg = ml_collections.ConfigDict(dataclasses.asdict(ModelConfig()))
     cfg.update(overrides)
     return cfg
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Immutable, validated copy of `config.model` that Flax modules carry as a field."""
+    """The model's fields and their defaults (a tiny Compressive Transformer), in one place:
+    `model_config()` makes the ConfigDict section from them, and `from_config` turns a
+    validated section back into this immutable copy that Flax modules carry as a field."""
 
-    vocab_size: int
-    n_layers: int
-    d_model: int
-    n_heads: int
-    d_ff: int
-    dropout: float
-    segment_length: int
-    memory_length: int
-    compressed_length: int
-    compression_rate: int
-    compression: str
-    compression_loss: str
-    layer_norm: str
-    dtype: str
-    dilation_rates: tuple[int, ...]
-    remat: str
+    vocab_size: int = 256
+    n_layers: int = 2
+    d_model: int = 64
+    n_heads: int = 4
+    d_ff: int = 256
+    dropout: float = 0.0
+    segment_length: int = 16  # n_s
+    memory_length: int = 16  # n_m
+    compressed_length: int = 16  # n_cm
+    compression_rate: int = 2  # c
+    compression: str = "conv"
+    compression_loss: str = "attention"
+    layer_norm: str = "pre"
+    dtype: str = "float32"
+    # Dilations of the 'dilated_conv' stack (kernel 2, causal padding, then the strided conv of 'conv').
+    dilation_rates: tuple[int, ...] = (1, 2, 4)
+    # Rematerialisation of each layer in the backward pass: 'none', 'full' or 'dots' (save only
+    # matmul outputs).
+    remat: str = "none"
+    # Layers per iteration of the scan over layers; same parameters either way. 0 (auto): stacks
+    # of up to UNROLL_LAYERS_UP_TO layers are unrolled (no stacked residuals to copy, and they
+    # compile as fast as one scanned layer), deeper ones scanned one layer at a time, which keeps
+    # compile time flat in depth.
     scan_unroll: int = 0
 
     @classmethod
