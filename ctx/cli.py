@@ -18,8 +18,14 @@ from ctx.run_guard import WorkdirLocked
 FLAGS = flags.FLAGS
 
 
-USER_ERRORS = (ValueError, TypeError, KeyError, AttributeError, OSError, flags.Error, FloatingPointError,
-               CheckpointError, WorkdirLocked)
+# What a user can cause and fix. Other exceptions raised while a command works (TypeError,
+# KeyError, ...) are bugs in ctx: they end as one line too, but say so, with exit status 1.
+USER_ERRORS = (ValueError, OSError, flags.Error, FloatingPointError, CheckpointError, WorkdirLocked)
+
+
+class InputError(ValueError):
+    """The command line or the config file it names failed to parse or load; whatever the
+    exception inside (ml_collections raises AttributeError for an unknown field), it is input."""
 
 
 def define_config_flags() -> None:
@@ -37,8 +43,12 @@ def define_config_flags() -> None:
 def run_main(main: Callable[[], None], needs_config: bool = True) -> None:
     """Parse flags and run `main`; user errors become one line and exit status 2."""
     try:
-        FLAGS(sys.argv)
-        if needs_config and FLAGS.config is None:
+        try:
+            FLAGS(sys.argv)
+            config = FLAGS.config if needs_config else None  # a config file is loaded on first access
+        except Exception as error:  # noqa: BLE001 - see InputError
+            raise InputError(_one_line(error)) from error
+        if needs_config and config is None:
             raise ValueError("--config is required, e.g. --config=experiments/demo.py")
         if needs_config:
             initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.distributed)
