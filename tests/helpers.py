@@ -14,6 +14,11 @@ import ctx
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def script(name: str) -> str:
+    """The path of a program in tests/scripts/, run by the tests in processes of their own."""
+    return os.path.join(ROOT, "tests", "scripts", name)
+
+
 def simulated_devices_env(devices: int, **extra: str) -> dict[str, str]:
     """Environment for a subprocess with `devices` simulated CPU devices.
 

@@ -16,7 +16,7 @@ from ctx import evaluate, losses, train
 from ctx.data.datasets import load_corpus
 from ctx.data.tokenizer import ByteTokenizer
 from ctx.sharding import make_mesh
-from tests.helpers import (ROOT, build, byte_corpus, dot_generals, read_metrics, simulated_devices_env,
+from tests.helpers import (ROOT, build, byte_corpus, dot_generals, read_metrics, script, simulated_devices_env,
                            tiny_model_config, tiny_train_config)
 
 
@@ -99,17 +99,10 @@ def shrinking_case() -> dict:
             "full": [d["nll"] for d in full["per_document"]], "tokens": [d["tokens"] for d in full["per_document"]]}
 
 
-SHRINKING_8 = """
-import json
-from tests.test_evaluate import shrinking_case
-print(json.dumps(shrinking_case()))
-"""
-
-
 def test_shrinking_the_batch_keeps_every_documents_result_on_one_and_eight_devices():
     one = shrinking_case()
     assert one["sizes"] == [16, 16, 16, 8] and one["tokens"] == [11] * 4 + [7] * 20
-    out = subprocess.run([sys.executable, "-c", SHRINKING_8], env=simulated_devices_env(8, PYTHONPATH=ROOT),
+    out = subprocess.run([sys.executable, script("shrinking_case.py")], env=simulated_devices_env(8, PYTHONPATH=ROOT),
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     eight = json.loads(out.stdout.strip().splitlines()[-1])
@@ -135,23 +128,11 @@ def test_memory_lengths_can_grow_at_evaluation_but_shapes_cannot_change(trained_
         evaluate.evaluate_checkpoint(tiny_train_config(num_steps=4), trained_run, "validation", step=3)
 
 
-EVAL_8 = """
-import json, sys, jax
-from ctx import evaluate
-from tests.helpers import tiny_train_config
-assert jax.device_count() == 8
-cfg = tiny_train_config(num_steps=4)
-cfg.eval.batch_size = 16  # shrinks to 8 rows, one per device: rows gathered across the shards
-report = evaluate.evaluate_checkpoint(cfg, sys.argv[1], "validation")
-print(json.dumps({"total_nll": report["total_nll"], "tokens": report["tokens"], "devices": report["num_devices"]}))
-"""
-
-
 def test_eight_devices_give_the_same_report(trained_run):
     base = evaluate.evaluate_checkpoint(tiny_train_config(num_steps=4), trained_run, "validation")
     env = simulated_devices_env(8, PYTHONPATH=ROOT)
-    out = subprocess.run([sys.executable, "-c", EVAL_8, trained_run], env=env, capture_output=True, text=True,
-                         cwd=ROOT)
+    out = subprocess.run([sys.executable, script("evaluate_run.py"), trained_run], env=env, capture_output=True,
+                         text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["devices"] == 8 and got["tokens"] == base["tokens"]

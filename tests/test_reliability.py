@@ -11,16 +11,13 @@ import numpy as np
 import pytest
 
 from ctx import train
-from tests.helpers import ROOT, read_metrics, tiny_train_config
-
-
-TRAIN_WITH_FAULTS = os.path.join(ROOT, "tests", "scripts", "train_with_faults.py")
+from tests.helpers import ROOT, read_metrics, script, tiny_train_config
 
 
 def start_training(workdir, num_steps, checkpoint_every, *args):
     """tests/scripts/train_with_faults.py in a process of its own; args: --fault=KIND:STEP, FIELD=VALUE."""
-    return subprocess.Popen([sys.executable, TRAIN_WITH_FAULTS, str(workdir), str(num_steps), str(checkpoint_every),
-                             *args], env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
+    command = [sys.executable, script("train_with_faults.py"), str(workdir), str(num_steps), str(checkpoint_every)]
+    return subprocess.Popen([*command, *args], env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT)
 
 

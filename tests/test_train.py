@@ -9,7 +9,7 @@ import pytest
 
 from ctx import train
 from ctx.optim import learning_rate, make_optimizer
-from tests.helpers import ROOT, read_metrics, simulated_devices_env, tiny_train_config
+from tests.helpers import ROOT, read_metrics, script, simulated_devices_env, tiny_train_config
 
 
 def train_rows(workdir):
@@ -99,22 +99,11 @@ def test_compression_branch_has_its_own_clip():
     np.testing.assert_array_equal(u_small["w"], u_huge["w"])  # main update unaffected
 
 
-def run_subprocess(code, devices, *args):
+def run_subprocess(name, devices, *args):
     env = simulated_devices_env(devices, PYTHONPATH=ROOT)
-    out = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, script(name), *args], env=env, capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
-
-
-TRAIN_IN_SUBPROCESS = """
-import sys, jax
-from ctx import train
-from tests.helpers import tiny_train_config
-cfg = tiny_train_config(num_steps=int(sys.argv[2]))
-cfg.mesh.fsdp = int(sys.argv[3])
-assert jax.device_count() == 8
-train.train_and_evaluate(cfg, sys.argv[1])
-"""
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +117,7 @@ def one_device_run(tmp_path_factory):
 @pytest.mark.parametrize("fsdp", [1, 2])
 def test_eight_devices_give_the_same_losses_and_resume_on_one(tmp_path, one_device_run, fsdp):
     one, eight = one_device_run, str(tmp_path / "eight")
-    run_subprocess(TRAIN_IN_SUBPROCESS, 8, eight, "4", str(fsdp))
+    run_subprocess("train_run.py", 8, eight, "4", str(fsdp))
     rows8 = train_rows(eight)
     assert rows8[0]["num_devices"] == 8
     # Saved on 8 devices, resumed here on 1.

@@ -1,0 +1,13 @@
+"""Train the tiny run into WORKDIR (argv[1]) for NUM_STEPS (argv[2]) on 8 simulated devices with
+mesh.fsdp = FSDP (argv[3])."""
+import sys
+
+import jax
+
+from ctx import train
+from tests.helpers import tiny_train_config
+
+cfg = tiny_train_config(num_steps=int(sys.argv[2]))
+cfg.mesh.fsdp = int(sys.argv[3])
+assert jax.device_count() == 8
+train.train_and_evaluate(cfg, sys.argv[1])
