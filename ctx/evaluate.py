@@ -13,6 +13,7 @@ them).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -75,6 +76,36 @@ def position_buckets(max_position: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
+@dataclasses.dataclass
+class NllSums:
+    """Running sums of a split's NLL (nats) and scored tokens, per document and per log-spaced
+    bucket of position in the document (`position_buckets`)."""
+
+    doc_nll: np.ndarray  # [documents] float64
+    doc_tokens: np.ndarray  # [documents] int64
+    buckets: list[tuple[int, int]]
+    bucket_nll: np.ndarray  # [buckets]
+    bucket_count: np.ndarray  # [buckets]
+
+    @classmethod
+    def zeros(cls, documents: int, longest: int) -> "NllSums":
+        buckets = position_buckets(longest)
+        return cls(np.zeros(documents, np.float64), np.zeros(documents, np.int64), buckets,
+                   np.zeros(len(buckets)), np.zeros(len(buckets), np.int64))
+
+    def add(self, document: np.ndarray, position: np.ndarray, nll: np.ndarray) -> None:
+        """Add scored tokens: their document ids, positions in the document and NLL (same shape)."""
+        np.add.at(self.doc_nll, document, nll)
+        np.add.at(self.doc_tokens, document, 1)
+        bucket = np.searchsorted([start for start, _ in self.buckets], position, side="right") - 1
+        np.add.at(self.bucket_nll, bucket, nll)
+        np.add.at(self.bucket_count, bucket, 1)
+
+    def by_position(self) -> list[dict[str, Any]]:
+        return [{"start": s, "end": e, "mean_nll": float(self.bucket_nll[i] / self.bucket_count[i]),
+                 "count": int(self.bucket_count[i])} for i, (s, e) in enumerate(self.buckets) if self.bucket_count[i]]
+
+
 def evaluate_corpus(model, params, corpus: TokenizedCorpus, mesh, batch_size: int, chunk_size: int,
                     progress: bool = False, shrink_batch: bool = True,
                     chunk_fn: Callable | None = None) -> dict[str, Any]:
@@ -86,11 +117,7 @@ def evaluate_corpus(model, params, corpus: TokenizedCorpus, mesh, batch_size: in
     cfg = model.model_config
     n_docs = len(corpus)
     lengths = np.diff(corpus.offsets)
-    doc_nll = np.zeros(n_docs, np.float64)
-    doc_tokens = np.zeros(n_docs, np.int64)
-    buckets = position_buckets(int(lengths.max()))
-    edges = np.array([b[0] for b in buckets])
-    bucket_nll, bucket_count = np.zeros(len(buckets)), np.zeros(len(buckets), np.int64)
+    sums = NllSums.zeros(n_docs, int(lengths.max()))
     if mesh.shape["fsdp"] == 1:
         params = jax.device_put(params, replicated(mesh))
     chunk_fn = chunk_fn or make_eval_chunk_fn(model)
@@ -111,19 +138,15 @@ def evaluate_corpus(model, params, corpus: TokenizedCorpus, mesh, batch_size: in
         memory, nll = chunk_fn(params, memory, device_chunk(mesh, local))
         nll = to_host(nll).astype(np.float64)
         scored = chunk["document"] >= 0
-        np.add.at(doc_nll, chunk["document"][scored], nll[scored])
-        np.add.at(doc_tokens, chunk["document"][scored], 1)
-        bucket = np.searchsorted(edges, chunk["position"][scored], side="right") - 1
-        np.add.at(bucket_nll, bucket, nll[scored])
-        np.add.at(bucket_count, bucket, 1)
+        sums.add(chunk["document"][scored], chunk["position"][scored], nll[scored])
         if bar is not None:
-            bar.n = int(np.count_nonzero(doc_tokens == lengths))
-            bar.set_postfix(tokens_per_sec=f"{doc_tokens.sum() / (time.perf_counter() - start):,.0f}")
+            bar.n = int(np.count_nonzero(sums.doc_tokens == lengths))
+            bar.set_postfix(tokens_per_sec=f"{sums.doc_tokens.sum() / (time.perf_counter() - start):,.0f}")
             bar.refresh()
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - start
-    total_nll, tokens = float(doc_nll.sum()), int(doc_tokens.sum())
+    total_nll, tokens = float(sums.doc_nll.sum()), int(sums.doc_tokens.sum())
     n_bytes = int(np.sum(corpus.num_bytes))
     return {
         "documents": n_docs,
@@ -136,10 +159,9 @@ def evaluate_corpus(model, params, corpus: TokenizedCorpus, mesh, batch_size: in
         "bits_per_byte": total_nll / math.log(2) / n_bytes,
         "tokens_per_sec": tokens / seconds,
         "seconds": seconds,
-        "by_position": [{"start": s, "end": e, "mean_nll": float(bucket_nll[i] / bucket_count[i]),
-                         "count": int(bucket_count[i])} for i, (s, e) in enumerate(buckets) if bucket_count[i]],
-        "per_document": [{"id": corpus.ids[i], "tokens": int(doc_tokens[i]), "words": int(corpus.num_words[i]),
-                          "nll": float(doc_nll[i])} for i in range(n_docs)],
+        "by_position": sums.by_position(),
+        "per_document": [{"id": corpus.ids[i], "tokens": int(sums.doc_tokens[i]), "words": int(corpus.num_words[i]),
+                          "nll": float(sums.doc_nll[i])} for i in range(n_docs)],
     }
 
 
