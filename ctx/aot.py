@@ -105,12 +105,12 @@ def _lower(config: ml_collections.ConfigDict, target: Target):
     config = with_global_batch(config, len(target.devices))
     trainer = Trainer(config, make_mesh(config.mesh, target.devices))
     abstract = trainer.abstract_checkpoint()
-    K, B, N = config.train.segments_per_call, config.train.batch_size, trainer.model_config.segment_length
+    G, B, N = config.train.segments_per_call, config.train.batch_size, trainer.model_config.segment_length
     rows = batch_sharding(trainer.mesh, 1, 3)
-    chunk = {"tokens": jax.ShapeDtypeStruct((K, B, N), jnp.int32, sharding=rows),
-             "targets": jax.ShapeDtypeStruct((K, B, N), jnp.int32, sharding=rows),
-             "weights": jax.ShapeDtypeStruct((K, B, N), jnp.float32, sharding=rows),
-             "reset": jax.ShapeDtypeStruct((K, B), jnp.bool_, sharding=batch_sharding(trainer.mesh, 1, 2))}
+    chunk = {"tokens": jax.ShapeDtypeStruct((G, B, N), jnp.int32, sharding=rows),
+             "targets": jax.ShapeDtypeStruct((G, B, N), jnp.int32, sharding=rows),
+             "weights": jax.ShapeDtypeStruct((G, B, N), jnp.float32, sharding=rows),
+             "reset": jax.ShapeDtypeStruct((G, B), jnp.bool_, sharding=batch_sharding(trainer.mesh, 1, 2))}
     return trainer, trainer.train_chunk.lower(abstract["train_state"], abstract["memory"], abstract["rng"], chunk)
 
 

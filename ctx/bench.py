@@ -63,10 +63,10 @@ def run_benchmark(config: ml_collections.ConfigDict, chunks: int = 3,
     validate(config)
     config = with_global_batch(config, jax.device_count())
     trainer = Trainer(config)
-    cfg, K = trainer.model_config, config.train.segments_per_call
+    cfg, G = trainer.model_config, config.train.segments_per_call
     stream = TrainStream(load_corpus(config.data, "train"), config.train.batch_size, cfg.segment_length,
                          seed=config.seed)
-    host_chunks = [stream.next_chunk(K) for _ in range(chunks + 1)]
+    host_chunks = [stream.next_chunk(G) for _ in range(chunks + 1)]
     device_chunks = [device_chunk(trainer.mesh, c) for c in host_chunks]
     state = trainer.init_state(jax.random.PRNGKey(config.seed))
     memory, rng = trainer.init_memory(), jax.random.PRNGKey(1)
@@ -78,11 +78,11 @@ def run_benchmark(config: ml_collections.ConfigDict, chunks: int = 3,
     train_seconds = []
     for chunk in device_chunks[1:]:
         (state, memory, rng, metrics), seconds = _timed(compiled, state, memory, rng, chunk)
-        train_seconds.append(seconds / K)
+        train_seconds.append(seconds / G)
     if trace_dir:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
             (state, memory, rng, metrics), _ = _timed(compiled, state, memory, rng, device_chunks[-1])
-        op_time = write_summary(trace_dir, compiled.as_text(), steps=K)
+        op_time = write_summary(trace_dir, compiled.as_text(), steps=G)
     tokens_per_step = config.train.batch_size * cfg.segment_length
 
     eval_fn = make_eval_chunk_fn(trainer.model)
@@ -91,7 +91,7 @@ def run_benchmark(config: ml_collections.ConfigDict, chunks: int = 3,
     eval_seconds = []
     for chunk in device_chunks[1:]:
         (eval_memory, _), seconds = _timed(eval_fn, state.params, eval_memory, chunk)
-        eval_seconds.append(seconds / K)
+        eval_seconds.append(seconds / G)
 
     step = statistics.median(train_seconds)
     train_tps = tokens_per_step / step
@@ -106,7 +106,7 @@ def run_benchmark(config: ml_collections.ConfigDict, chunks: int = 3,
         "step_seconds": step,
         "step_seconds_min": min(train_seconds),
         "step_seconds_max": max(train_seconds),
-        "steps_timed": len(train_seconds) * K,
+        "steps_timed": len(train_seconds) * G,
         "compile_seconds": compile_seconds,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_device_memory_mib": device_stats.get("peak_bytes_in_use", 0) / 2 ** 20 or None,

@@ -63,18 +63,18 @@ class Compressor(nn.Module):
         if cfg.compression == "mean":
             return evicted_BND.reshape(B, k, c, d).mean(axis=2)
         # most_used: keep the k most-attended entries, in time order.
-        _, top_BK = jax.lax.top_k(usage_BN, k)
-        return jnp.take_along_axis(evicted_BND, jnp.sort(top_BK, axis=1)[..., None], axis=1)
+        _, top_BE = jax.lax.top_k(usage_BN, k)
+        return jnp.take_along_axis(evicted_BND, jnp.sort(top_BE, axis=1)[..., None], axis=1)
 
-    def decode(self, compressed_BKD: jax.Array) -> jax.Array:
+    def decode(self, compressed_BED: jax.Array) -> jax.Array:
         """The tied transpose of the conv stack (ReLUs dropped): [B,n_s/c,d] -> [B,n_s,d].
 
         This is the auto-encoding loss's decoder g (docs/paper-notes.md §5), tied to the
         compression conv: `jax.linear_transpose` gives the exact transpose of any stack. Sonnet's
         `conv.transpose()` is a separate transposed conv with weights of its own (a deviation).
         """
-        B, _, d = compressed_BKD.shape
-        example = jax.ShapeDtypeStruct((B, self.cfg.segment_length, d), compressed_BKD.dtype)
+        B, _, d = compressed_BED.shape
+        example = jax.ShapeDtypeStruct((B, self.cfg.segment_length, d), compressed_BED.dtype)
         transpose = jax.linear_transpose(lambda x: self._linear_parts(x, relu=False), example)
-        (decoded_BND,) = transpose(compressed_BKD)
+        (decoded_BND,) = transpose(compressed_BED)
         return decoded_BND

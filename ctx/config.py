@@ -177,7 +177,7 @@ def default_config() -> ml_collections.ConfigDict:
             batch_size=8,  # global B: parallel streams
             # > 0: the global batch is this times the number of devices (batch_size is then ignored).
             per_device_batch_size=0,
-            segments_per_call=8,  # K: segments scanned inside one jitted call
+            segments_per_call=8,  # G: segments scanned inside one jitted call
             checkpoint_every=500,
             max_checkpoints_to_keep=2,
             # A committed checkpoint that cannot be read: 'error' (stop and say which) or

@@ -44,7 +44,7 @@ PG19_WORDS = {"validation": (50, 3_007_061), "test": (100, 6_966_499)}
 
 
 def make_eval_chunk_fn(model):
-    """jit(params, memory, chunk) -> (memory, nll [K,B,n_s]) with a scan over K segments.
+    """jit(params, memory, chunk) -> (memory, nll [G,B,n_s]) with a scan over G segments.
 
     The memories' keys and values are projected once per chunk and then carried from segment
     to segment (each segment adds its own and the new compressed slots'), instead of

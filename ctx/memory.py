@@ -86,14 +86,14 @@ def shift_in(old: jax.Array, new: jax.Array, axis: int = 1) -> jax.Array:
     return keep_newest(full, old.shape[axis], axis)
 
 
-def advance_memory_kv(kv_HBSK: jax.Array, segment_HBNK: jax.Array, compressed_HBKK: jax.Array | None,
+def advance_memory_kv(kv_HBSK: jax.Array, segment_HBNK: jax.Array, compressed_HBEK: jax.Array | None,
                       n_cmem: int) -> jax.Array:
     """Keys (or values) [H,B,n_cm+n_m,K] of [cmem; mem] after one segment: the memory part
     advances as `fifo_update` advances the memory (the segment's own keys enter), the
     compressed part as cmem does (the new slots' keys enter)."""
     cmem, mem = kv_HBSK[:, :, :n_cmem], shift_in(kv_HBSK[:, :, n_cmem:], segment_HBNK, axis=2)
-    if compressed_HBKK is not None:
-        cmem = shift_in(cmem, compressed_HBKK, axis=2)
+    if compressed_HBEK is not None:
+        cmem = shift_in(cmem, compressed_HBEK, axis=2)
     return jnp.concatenate([cmem, mem], axis=2)
 
 

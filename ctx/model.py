@@ -2,6 +2,13 @@
 
 `apply(variables, tokens, memory, reset=..., deterministic=...)` is pure: it returns the
 logits, the next Memory (stop-gradient-ed) and `aux` (compression loss and attention mass).
+
+Shape letters, in names like `x_BND` (as in nanodo) and throughout ctx, each with one meaning:
+  L layers            B batch rows (streams)     N segment length n_s
+  M memory n_m        C compressed memory n_cm   E compressed slots made per segment, n_s / c
+  S memory slots C+M  T keys C+M+N               P relative positions of a position table
+  D d_model           H heads                    K head dim d_model / H
+  F d_ff              V vocabulary               G segments per jitted call (train.segments_per_call)
 """
 from __future__ import annotations
 
@@ -45,18 +52,18 @@ class Block(nn.Module):
             start = cfg.compressed_length
             usage_BN = probs_BHNT[..., start:start + cfg.segment_length].mean(axis=(1, 2))
         compressor = Compressor(cfg, name="compress")
-        compressed_BKD = compressor(evicted_BND, jax.lax.stop_gradient(usage_BN) if usage_BN is not None else None)
+        compressed_BED = compressor(evicted_BND, jax.lax.stop_gradient(usage_BN) if usage_BN is not None else None)
         if cfg.compression_loss == "attention":
             q_HBNK, k_HBTK, v_HBTK = qkv
             evicted = slice(cfg.compressed_length, cfg.compressed_length + cfg.segment_length)
-            compressed_kv = map(head_major, attention.keys_values(compressed_BKD, stop_gradient=True))
+            compressed_kv = map(head_major, attention.keys_values(compressed_BED, stop_gradient=True))
             loss = losses.attention_reconstruction_loss(q_HBNK, (k_HBTK[:, :, evicted], v_HBTK[:, :, evicted]),
                                                         tuple(compressed_kv))
         elif cfg.compression_loss == "autoencoder":
-            loss = losses.autoencoder_loss(evicted_BND, compressor.decode(compressed_BKD))
+            loss = losses.autoencoder_loss(evicted_BND, compressor.decode(compressed_BED))
         else:
             loss = jnp.zeros((), jnp.float32)
-        return jax.lax.stop_gradient(compressed_BKD), loss
+        return jax.lax.stop_gradient(compressed_BED), loss
 
     @nn.compact
     def __call__(self, x_BND: jax.Array, *inputs: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
@@ -103,13 +110,13 @@ class Block(nn.Module):
         x_BND, attention_in_BND, (probs_BHNT, qkv) = residual(
             x_BND, lambda a: attention(a, mem_BMD, cmem_BCD, mask_B1NT, tuple(memory_kv) or None))
         new_mem_BMD, evicted_BND = fifo_update(mem_BMD, jax.lax.stop_gradient(attention_in_BND))
-        new_cmem_BCD, loss, compressed_BKD = cmem_BCD, jnp.zeros((), jnp.float32), None
+        new_cmem_BCD, loss, compressed_BED = cmem_BCD, jnp.zeros((), jnp.float32), None
         if cfg.compresses:
-            compressed_BKD, loss = self._compress(attention, evicted_BND, probs_BHNT, qkv)
-            new_cmem_BCD = shift_in(cmem_BCD, compressed_BKD)
+            compressed_BED, loss = self._compress(attention, evicted_BND, probs_BHNT, qkv)
+            new_cmem_BCD = shift_in(cmem_BCD, compressed_BED)
         C, M = cmem_BCD.shape[1], mem_BMD.shape[1]
         if memory_kv:
-            compressed_kv = (map(head_major, attention.keys_values(compressed_BKD)) if compressed_BKD is not None
+            compressed_kv = (map(head_major, attention.keys_values(compressed_BED)) if compressed_BED is not None
                              else (None, None))
             memory_kv = [advance_memory_kv(kv, full[:, :, C + M:], new, C)
                          for kv, full, new in zip(memory_kv, qkv[1:], compressed_kv)]

@@ -2,7 +2,7 @@
 
     python -m ctx.train --config=experiments/demo.py --workdir=runs/demo
 
-One jitted call runs K segments; the carry is (TrainState, Memory, rng) and every segment is
+One jitted call runs G segments; the carry is (TrainState, Memory, rng) and every segment is
 one optimizer step (truncated back-propagation: the memory entering a segment is constant).
 `train_and_evaluate(config, workdir)` is the importable loop that notebooks and pods share.
 """

@@ -1,7 +1,7 @@
 """The compiled pieces of a training run: TrainState, and the jitted chunk of segment steps.
 
 Each segment is one optimizer step (truncated back-propagation: the memory entering a
-segment is constant); one jitted call scans K segments with the carry (TrainState, Memory,
+segment is constant); one jitted call scans G segments with the carry (TrainState, Memory,
 rng). The loop around it (data, checkpoints, validation) is ctx.train; ctx.aot compiles the
 same chunk ahead of time for other machines.
 """

@@ -20,10 +20,10 @@ from ctx.data.source import TokenizedCorpus
 Chunk = dict[str, np.ndarray]
 
 
-def empty_chunk(K: int, B: int, n_s: int, reset: bool) -> Chunk:
-    """Zero tokens/targets/weights [K,B,n_s] (weight 0 = padding) and reset [K,B]."""
-    return {"tokens": np.zeros((K, B, n_s), np.int32), "targets": np.zeros((K, B, n_s), np.int32),
-            "weights": np.zeros((K, B, n_s), np.float32), "reset": np.full((K, B), reset)}
+def empty_chunk(G: int, B: int, n_s: int, reset: bool) -> Chunk:
+    """Zero tokens/targets/weights [G,B,n_s] (weight 0 = padding) and reset [G,B]."""
+    return {"tokens": np.zeros((G, B, n_s), np.int32), "targets": np.zeros((G, B, n_s), np.int32),
+            "weights": np.zeros((G, B, n_s), np.float32), "reset": np.full((G, B), reset)}
 
 
 class TrainStream:
@@ -62,17 +62,17 @@ class TrainStream:
         self.docs_done, self.next_segment = list(state["docs_done"]), list(state["next_segment"])
 
     def next_chunk(self, num_segments: int) -> Chunk:
-        """[K, B_local, n_s] tokens/targets/weights and [K, B_local] reset.
+        """[G, B_local, n_s] tokens/targets/weights and [G, B_local] reset.
 
         Every process advances the positions of all B rows (cheap: lengths only), so the
         saved state is global whichever process writes it; segments are built only for the
         local rows.
         """
-        K, n_s = num_segments, self.segment_length
+        G, n_s = num_segments, self.segment_length
         local = {row: b for b, row in enumerate(self.rows)}
         B = len(self.rows)
-        chunk = empty_chunk(K, B, n_s, reset=False)
-        for k in range(K):
+        chunk = empty_chunk(G, B, n_s, reset=False)
+        for k in range(G):
             for row in range(self.batch_size):
                 doc, j = self.document_of(row), self.next_segment[row]
                 if row in local:
@@ -111,7 +111,7 @@ def eval_chunks(corpus: TokenizedCorpus, batch_size: int, segment_length: int, c
 
     Rows that run out get empty segments (weight 0, reset). Besides the training keys each
     chunk has `document` (index in the corpus, -1 on padding) and `position` (index of the
-    target token within its document) [K, B_chunk, n_s], and `row` [B_chunk]: which of the
+    target token within its document) [G, B_chunk, n_s], and `row` [B_chunk]: which of the
     `batch_size` rows it holds, in order.
 
     batch_multiple > 0 lets the batch shrink as rows finish, so the tail of a split with a
@@ -130,11 +130,11 @@ def eval_chunks(corpus: TokenizedCorpus, batch_size: int, segment_length: int, c
     for start in range(0, total, chunk_size):
         if batch_multiple:
             rows = _rows_with_work(rows, [len(plans[row]) > start for row in rows], batch_multiple)
-        K, B = chunk_size, len(rows)
-        chunk = {**empty_chunk(K, B, n_s, reset=True),  # rows that ran out stay empty and reset
-                 "document": np.full((K, B, n_s), -1, np.int32), "position": np.zeros((K, B, n_s), np.int32),
+        G, B = chunk_size, len(rows)
+        chunk = {**empty_chunk(G, B, n_s, reset=True),  # rows that ran out stay empty and reset
+                 "document": np.full((G, B, n_s), -1, np.int32), "position": np.zeros((G, B, n_s), np.int32),
                  "row": np.asarray(rows, np.int32)}
-        for k in range(K):
+        for k in range(G):
             for b, row in enumerate(rows):
                 if start + k >= len(plans[row]):
                     continue
