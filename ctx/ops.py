@@ -95,10 +95,12 @@ _layer_norm.defvjp(_layer_norm_forward, _layer_norm_backward)
 
 
 class LayerNorm(nn.Module):
-    """Drop-in for flax.linen.LayerNorm (same parameter names and initialisers) on `layer_norm`."""
+    """Drop-in for flax.linen.LayerNorm (same parameter names and initialisers) on `layer_norm`.
+    epsilon 1e-5 as in Sonnet's CompressiveTransformer and the Transformer-XL authors' code
+    (flax's default is 1e-6; parameters do not depend on it)."""
 
     dtype: jnp.dtype | str = jnp.float32
-    epsilon: float = 1e-6
+    epsilon: float = 1e-5
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:

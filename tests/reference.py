@@ -13,7 +13,7 @@ def sinusoid(distance: float, d: int) -> np.ndarray:
     return np.concatenate([np.sin(distance * inv_freq), np.cos(distance * inv_freq)])
 
 
-def layer_norm(x, p, eps=1e-6):
+def layer_norm(x, p, eps=1e-5):
     mean = x.mean(-1, keepdims=True)
     var = ((x - mean) ** 2).mean(-1, keepdims=True)
     return (x - mean) / np.sqrt(var + eps) * p["scale"] + p["bias"]
