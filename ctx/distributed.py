@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 
 def _multi_host_environment() -> bool:
@@ -38,3 +40,13 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id)
     return True
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is true on any process, the same answer on all of them (one tiny
+    collective). Decisions that gate a collective (stop and save after a SIGTERM) must be taken
+    by all processes together: a SIGTERM reaches pod hosts at different moments, and a process
+    that saved while another started the next chunk would wait for it forever."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))

@@ -28,6 +28,7 @@ from ctx.data.datasets import load_corpus
 from ctx.data.prefetch import ChunkPrefetcher
 from ctx.data.stream import TrainStream
 from ctx.data.tokenizer import check_vocab
+from ctx.distributed import any_process
 from ctx.evaluate import device_chunk, evaluate_corpus, make_eval_chunk_fn
 from ctx.metrics import MetricWriter
 from ctx.progress import progress
@@ -163,8 +164,9 @@ def _run(config, workdir, trainer, train_corpus, valid_corpus, stop: StopRequest
             if bar is not None:
                 bar.update(k)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_sec']:,.0f}")
-            # Read the flag once: a SIGTERM landing between two reads would stop without a save.
-            stopping = stop.requested
+            # Read the flag once (a SIGTERM landing between two reads would stop without a save),
+            # and for all processes at once: any one's SIGTERM stops every one at this step.
+            stopping = any_process(stop.requested)
             if step % config.train.checkpoint_every == 0 or step == config.train.num_steps or stopping:
                 save(data_state)
                 saved_step = step

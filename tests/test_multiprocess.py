@@ -2,9 +2,11 @@
 holding half of the global batch, against one process holding all of it."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -80,3 +82,54 @@ def test_distributed_flags_must_come_together(tmp_path):
                           f"--workdir={tmp_path / 'w'}", "--num_processes=2"], capture_output=True, text=True,
                          cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert out.returncode == 2 and "go together" in out.stderr
+
+
+def start(workdir, *args, processes=2):
+    """`python -m ctx.train` on `processes` processes joined by jax.distributed, logging to files."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    base = [sys.executable, "-m", "ctx.train", "--config=experiments/demo.py", f"--workdir={workdir}",
+            *TINY_CLI_FLAGS, *args]
+    port = free_port()
+    logs = [open(os.path.join(workdir.parent, f"{workdir.name}-{i}-{port}.log"), "w+") for i in range(processes)]
+    procs = [subprocess.Popen(base + [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}",
+                                      f"--process_id={i}"], stdout=log, stderr=subprocess.STDOUT, text=True,
+                              cwd=ROOT, env=env) for i, log in enumerate(logs)]
+    return procs, logs
+
+
+def read_logs(logs):
+    texts = []
+    for log in logs:
+        log.seek(0)
+        texts.append(log.read())
+    return texts
+
+
+def test_sigterm_to_one_process_stops_all_at_the_same_step_and_the_run_resumes(tmp_path):
+    """A preemption notice reaches pod hosts at different moments: SIGTERM goes to process 1 only.
+    Both processes save the same step and exit 143 (before, process 1 entered its save while
+    process 0 started the next chunk, and each waited for the other forever)."""
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    steps = ["--config.train.num_steps=200", "--config.train.checkpoint_every=1000"]
+    run("train", straight, *steps)
+    procs, logs = start(interrupted, *steps)
+    deadline = time.time() + 240
+    while not (interrupted / "metrics.jsonl").exists() or len(losses(interrupted)) < 8:
+        assert time.time() < deadline and all(p.poll() is None for p in procs), "\n".join(read_logs(logs))
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    try:
+        codes = [p.wait(timeout=120) for p in procs]
+    except subprocess.TimeoutExpired:
+        pytest.fail("the processes hung after a SIGTERM to process 1 only:\n" + "\n".join(read_logs(logs)))
+    finally:
+        for p in procs:
+            p.kill()
+    texts = read_logs(logs)
+    assert codes == [143, 143], "\n".join(t[-2000:] for t in texts)
+    saved = sorted(int(s) for s in os.listdir(interrupted / "checkpoints") if s.isdigit())
+    stopped = [int(t.split("Stopped by SIGTERM after step ")[1].split(":")[0]) for t in texts]
+    assert len(saved) == 1 and stopped == saved * 2 and saved[0] < 200
+    out = run("train", interrupted, *steps)  # resumed here by one process
+    assert f"Resumed from checkpoint {saved[0]}" in out[0]
+    np.testing.assert_allclose(losses(interrupted), losses(straight), rtol=1e-5)
