@@ -12,7 +12,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from ctx.checkpoint import CheckpointError
-from ctx.distributed import initialize
+from ctx.distributed import HEARTBEAT_TIMEOUT_SECONDS, initialize
 from ctx.run_guard import WorkdirLocked
 
 FLAGS = flags.FLAGS
@@ -38,6 +38,9 @@ def define_config_flags() -> None:
     flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
     flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
     flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+    flags.DEFINE_integer("heartbeat_timeout_seconds", HEARTBEAT_TIMEOUT_SECONDS,
+                         "Multi-process runs: a process silent this long is lost, and the others exit with "
+                         "an error instead of waiting for it.")
 
 
 def run_main(main: Callable[[], None], needs_config: bool = True) -> None:
@@ -51,7 +54,8 @@ def run_main(main: Callable[[], None], needs_config: bool = True) -> None:
         if needs_config and config is None:
             raise ValueError("--config is required, e.g. --config=experiments/demo.py")
         if needs_config:
-            initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.distributed)
+            initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.distributed,
+                       FLAGS.heartbeat_timeout_seconds)
         main()
     except Exception as error:  # noqa: BLE001 - every failure of a CLI ends as one line
         if "--verbose" in sys.argv or "--verbose=true" in sys.argv:

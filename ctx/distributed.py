@@ -21,13 +21,23 @@ def _multi_host_environment() -> bool:
     return int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in os.environ
 
 
+# A process that stops sending heartbeats for this long is lost: the distributed runtime then
+# ends every other process with an error naming it, instead of leaving them waiting in a
+# collective. JAX's default; shorter risks calling a host lost during a long compile or a
+# checkpoint write to a slow bucket, longer holds a broken slice longer before a restart.
+HEARTBEAT_TIMEOUT_SECONDS = 100
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, mode: str = "auto") -> bool:
+               process_id: int | None = None, mode: str = "auto",
+               heartbeat_timeout_seconds: int = HEARTBEAT_TIMEOUT_SECONDS) -> bool:
     """Start jax.distributed if this run spans processes; returns whether it did.
 
     mode 'auto': with explicit settings, or on a multi-host TPU slice / SLURM job;
     'on': always (JAX auto-detects the cluster); 'off': never.
     """
+    if heartbeat_timeout_seconds < 1:
+        raise ValueError(f"--heartbeat_timeout_seconds={heartbeat_timeout_seconds} must be at least 1")
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"--distributed={mode!r} is unknown; choose auto, on or off")
     explicit = coordinator_address is not None or num_processes is not None or process_id is not None
@@ -38,7 +48,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if explicit and not 0 <= process_id < num_processes:
         raise ValueError(f"--process_id={process_id} must be in [0, --num_processes={num_processes})")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
+                               process_id=process_id, heartbeat_timeout_seconds=heartbeat_timeout_seconds)
     return True
 
 

@@ -133,3 +133,28 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step_and_the_run_resumes(t
     out = run("train", interrupted, *steps)  # resumed here by one process
     assert f"Resumed from checkpoint {saved[0]}" in out[0]
     np.testing.assert_allclose(losses(interrupted), losses(straight), rtol=1e-5)
+
+
+def test_a_lost_process_ends_the_others_in_bounded_time_and_a_restart_resumes(tmp_path):
+    """SIGKILL of process 1 (a VM gone): process 0 does not wait in a collective forever; the
+    distributed runtime ends it, non-zero, once process 1 misses its heartbeats; a restart
+    resumes from the last checkpoint both completed."""
+    workdir = tmp_path / "run"
+    args = ["--config.train.num_steps=100000", "--config.train.checkpoint_every=8", "--heartbeat_timeout_seconds=10"]
+    procs, logs = start(workdir, *args)
+    deadline = time.time() + 240
+    while not (workdir / "checkpoints" / "16").exists():
+        assert time.time() < deadline and all(p.poll() is None for p in procs), "\n".join(read_logs(logs))
+        time.sleep(0.2)
+    procs[1].kill()
+    killed = time.time()
+    try:
+        code = procs[0].wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("process 0 still waits a minute after process 1 was lost:\n" + read_logs(logs)[0][-3000:])
+    finally:
+        procs[0].kill()
+    assert code != 0 and time.time() - killed < 60
+    saved = max(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
+    out = run("train", workdir, f"--config.train.num_steps={saved + 4}", "--config.train.checkpoint_every=8")
+    assert f"Resumed from checkpoint {saved}" in out[0]
