@@ -25,9 +25,10 @@ from ctx.cli import FLAGS, define_config_flags, run_main
 from ctx.config import validate, with_global_batch
 from ctx.data.datasets import load_corpus
 from ctx.data.stream import TrainStream
-from ctx.evaluate import device_chunk, make_eval_chunk_fn
+from ctx.evaluate import make_eval_chunk_fn
 from ctx.flops import forward_flops_per_token, parameter_count, train_flops_per_token
 from ctx.profile import write_summary
+from ctx.sharding import device_chunk
 from ctx.trainer import Trainer
 
 

@@ -28,19 +28,15 @@ from ctx import losses
 from ctx.backend import announce
 from ctx.cli import FLAGS, define_config_flags, run_main
 from ctx.config import with_global_batch
-from ctx.data.datasets import check_data_config, load_corpus
+from ctx.data.datasets import PG19_WORDS, check_data_config, load_corpus
 from ctx.data.source import TokenizedCorpus
-from ctx.data.stream import eval_chunks
+from ctx.data.stream import SEGMENT_KEYS, eval_chunks
 from ctx.memory import init_memory, select_rows
 from ctx.model import memory_keys_values
 from ctx.progress import progress as progress_bar
 from ctx.restore import restore_for_inference
-from ctx.sharding import (check_batch_fits, global_batch_array, make_mesh, memory_shardings, process_rows, replicated,
-                          to_host)
+from ctx.sharding import check_batch_fits, device_chunk, make_mesh, memory_shardings, process_rows, replicated, to_host
 
-EVAL_KEYS = ("tokens", "targets", "weights", "reset")
-# docs/paper-notes.md §7: word counts of the full PG-19 splits, the denominators of the paper's metric.
-PG19_WORDS = {"validation": (50, 3_007_061), "test": (100, 6_966_499)}
 
 
 def make_eval_chunk_fn(model):
@@ -62,10 +58,6 @@ def make_eval_chunk_fn(model):
         return memory, nll
 
     return jax.jit(chunk_fn, donate_argnums=(1,))
-
-
-def device_chunk(mesh, chunk: dict[str, np.ndarray], keys=EVAL_KEYS) -> dict[str, jax.Array]:
-    return {k: global_batch_array(mesh, chunk[k], batch_axis=1) for k in keys}
 
 
 def position_buckets(max_position: int) -> list[tuple[int, int]]:
@@ -134,7 +126,7 @@ def evaluate_corpus(model, params, corpus: TokenizedCorpus, mesh, batch_size: in
             memory = keep_rows(memory, tuple(np.searchsorted(held, chunk["row"]).tolist()))
         held = chunk["row"]
         rows = process_rows(len(held))
-        local = {k: chunk[k][:, rows.start:rows.stop] for k in EVAL_KEYS}
+        local = {k: chunk[k][:, rows.start:rows.stop] for k in SEGMENT_KEYS}
         memory, nll = chunk_fn(params, memory, device_chunk(mesh, local))
         nll = to_host(nll).astype(np.float64)
         scored = chunk["document"] >= 0

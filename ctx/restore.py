@@ -20,7 +20,7 @@ from ctx.config import ModelConfig, validate
 from ctx.data.tokenizer import check_vocab, load_tokenizer
 from ctx.memory import init_memory
 from ctx.model import CompressiveTransformer
-from ctx.sharding import param_sharding
+from ctx.sharding import tree_param_sharding
 
 
 @dataclasses.dataclass
@@ -66,8 +66,8 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str, step:
         model = CompressiveTransformer(ModelConfig.from_config(config.model))
         abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(
             (1, config.model.segment_length), jnp.int32), init_memory(config.model, 1))["params"])
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=param_sharding(
-            mesh, tuple(x.shape))), abstract)
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                abstract, tree_param_sharding(mesh, abstract))
         params = checkpointer.restore_params(step, abstract)
     finally:
         checkpointer.close()

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ctx.data.stream import SEGMENT_KEYS
 from ctx.memory import Memory
 
 BATCH_AXES = ("data", "fsdp")
@@ -68,6 +69,12 @@ def global_batch_array(mesh: Mesh, local: np.ndarray, batch_axis: int) -> jax.Ar
     global_shape = list(local.shape)
     global_shape[batch_axis] *= jax.process_count()
     return jax.make_array_from_process_local_data(sharding, local, tuple(global_shape))
+
+
+def device_chunk(mesh: Mesh, chunk: dict[str, np.ndarray],
+                 keys: tuple[str, ...] = SEGMENT_KEYS) -> dict[str, jax.Array]:
+    """A host chunk ([G, B_local, ...] arrays of this process's rows) as global arrays on the mesh."""
+    return {k: global_batch_array(mesh, chunk[k], batch_axis=1) for k in keys}
 
 
 def process_rows(batch_size: int) -> range:

@@ -29,12 +29,12 @@ from ctx.data.prefetch import ChunkPrefetcher
 from ctx.data.stream import TrainStream
 from ctx.data.tokenizer import check_vocab
 from ctx.distributed import any_process
-from ctx.evaluate import device_chunk, evaluate_corpus, make_eval_chunk_fn
+from ctx.evaluate import evaluate_corpus, make_eval_chunk_fn
 from ctx.metrics import MetricWriter
 from ctx.progress import progress
 from ctx.remote import check_reachable
 from ctx.run_guard import StopRequest, WorkdirLock
-from ctx.sharding import process_rows, replicated
+from ctx.sharding import device_chunk, process_rows, replicated
 from ctx.trainer import Trainer
 
 def _chunk_length(step: int, config) -> int:

@@ -20,7 +20,7 @@ from ctx.config import ModelConfig
 from ctx.memory import Memory, init_memory
 from ctx.model import CompressiveTransformer
 from ctx.optim import learning_rate, make_optimizer
-from ctx.sharding import check_batch_fits, make_mesh, memory_shardings, param_sharding, replicated
+from ctx.sharding import check_batch_fits, make_mesh, memory_shardings, replicated, tree_param_sharding
 
 
 @flax.struct.dataclass
@@ -42,7 +42,7 @@ class Trainer:
         check_batch_fits(config.train.batch_size, self.mesh)
         self.memory_sharding = memory_shardings(self.mesh)
         abstract = jax.eval_shape(self._init_state, jax.random.PRNGKey(0))
-        self.state_sharding = jax.tree.map(lambda x: param_sharding(self.mesh, tuple(x.shape)), abstract)
+        self.state_sharding = tree_param_sharding(self.mesh, abstract)
         self.init_state = jax.jit(self._init_state, out_shardings=self.state_sharding)
         self.train_chunk = jax.jit(
             self._train_chunk, donate_argnums=(0, 1, 2),

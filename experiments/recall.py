@@ -24,7 +24,7 @@ import numpy as np
 
 from ctx.config import default_config
 from ctx.data.stream import empty_chunk
-from ctx.evaluate import device_chunk
+from ctx.sharding import device_chunk
 from ctx.memory import init_memory
 from ctx.train import Trainer
 
@@ -137,7 +137,7 @@ def run_recall(config: ml_collections.ConfigDict, train_lengths: Sequence[int], 
     memory, rng = trainer.init_memory(), jax.random.PRNGKey(config.seed + 1)
     start, losses = time.perf_counter(), []
     for _ in range(config.train.num_steps // K):
-        chunk = device_chunk(trainer.mesh, stream.next_chunk(K), keys=("tokens", "targets", "weights", "reset"))
+        chunk = device_chunk(trainer.mesh, stream.next_chunk(K))
         state, memory, rng, metrics = trainer.train_chunk(state, memory, rng, chunk)
         losses.append(float(np.mean(jax.device_get(metrics["loss"]))))
     evaluate = make_recall_eval(trainer.model)

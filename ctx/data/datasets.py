@@ -30,6 +30,11 @@ def cache_dir(data_cfg: Any) -> str:
     return data_cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "ctx")
 
 
+# docs/paper-notes.md §7: (books, words) of the full PG-19 splits, the denominators of the
+# paper's word-level perplexity.
+PG19_WORDS = {"validation": (50, 3_007_061), "test": (100, 6_966_499)}
+
+
 def check_data_config(data_cfg: Any, split: str) -> None:
     """Errors a user can fix, found before anything is read or written."""
     if data_cfg.dataset not in DATASETS:

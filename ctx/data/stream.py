@@ -20,6 +20,10 @@ from ctx.data.source import TokenizedCorpus
 Chunk = dict[str, np.ndarray]
 
 
+# The arrays of a training or evaluation chunk that go to the devices ([G, B, ...] each).
+SEGMENT_KEYS = ("tokens", "targets", "weights", "reset")
+
+
 def empty_chunk(G: int, B: int, n_s: int, reset: bool) -> Chunk:
     """Zero tokens/targets/weights [G,B,n_s] (weight 0 = padding) and reset [G,B]."""
     return {"tokens": np.zeros((G, B, n_s), np.int32), "targets": np.zeros((G, B, n_s), np.int32),
