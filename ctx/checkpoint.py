@@ -34,6 +34,28 @@ def check_resumable(saved: dict, config: Any) -> None:
                          + "; ".join(differing) + ". Use the checkpoint's values or a new --workdir")
 
 
+# Fields that shape the saved training state beyond the parameters: the memory [L, B, n_m, d] and
+# [L, B, n_cm, d], and the data position (rows of B streams, segments of n_s tokens). Resuming
+# training needs the same values; evaluation may change them.
+STATE_FIELDS = (("train", "batch_size"), ("model", "memory_length"), ("model", "compressed_length"),
+                ("model", "segment_length"))
+
+
+def check_resumable_training(saved: dict, config: Any) -> None:
+    """Training resumes only into the saved state's shapes: refused here in one line naming the
+    fields, before orbax would fail on a good checkpoint and make it look damaged."""
+    check_resumable(saved, config)
+    differing = [f"{section}.{field}: checkpoint {saved[section][field]!r}, config {config[section][field]!r}"
+                 for section, field in STATE_FIELDS
+                 if field in saved.get(section, {}) and saved[section][field] != config[section][field]]
+    if differing:
+        fix = " ".join(f"--config.{s}.{f}={saved[s][f]}" for s, f in STATE_FIELDS
+                       if f in saved.get(s, {}) and saved[s][f] != config[s][f])
+        raise ValueError("the run's checkpoint holds memory and a data position of another shape ("
+                         + "; ".join(differing) + f"); resume with {fix}, or start a new --workdir "
+                         "(evaluation may change these)")
+
+
 def _plain(value):
     return list(value) if isinstance(value, (list, tuple)) else value
 

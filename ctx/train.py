@@ -22,7 +22,7 @@ from etils import epath
 from ctx import aot
 from ctx.backend import announce
 from ctx.cli import FLAGS, define_config_flags, run_main
-from ctx.checkpoint import Checkpointer, check_resumable, read_latest_config
+from ctx.checkpoint import Checkpointer, check_resumable_training, read_latest_config
 from ctx.config import validate, with_global_batch
 from ctx.data.datasets import load_corpus
 from ctx.data.prefetch import ChunkPrefetcher
@@ -80,7 +80,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, hooks: H
     checkpoint_dir = os.path.join(workdir, "checkpoints")
     saved_config = read_latest_config(checkpoint_dir)
     if saved_config is not None:
-        check_resumable(saved_config, config)
+        check_resumable_training(saved_config, config)
 
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local folders and gs:// alike
     lock = WorkdirLock(workdir) if is_main else None

@@ -162,6 +162,21 @@ def test_resuming_with_a_different_model_is_refused(tmp_path):
     assert sorted(os.listdir(workdir)) == before and len(train_rows(workdir)) == 4
 
 
+@pytest.mark.parametrize("field, value", [("train.batch_size", 4), ("model.memory_length", 16)])
+def test_resuming_into_another_memory_or_batch_shape_is_refused_and_the_checkpoint_kept(tmp_path, field, value):
+    """A changed batch or memory length is not damage: one line names the field and the fix, and
+    on_corrupt_checkpoint=previous moves nothing aside (it used to rename good checkpoints)."""
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(tiny_train_config(num_steps=4), workdir)
+    before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    cfg = tiny_train_config(num_steps=8, on_corrupt_checkpoint="previous")
+    section, name = field.split(".")
+    cfg[section][name] = value
+    with pytest.raises(ValueError, match=rf"{field}: checkpoint 8, config {value}\); resume with --config.{field}=8"):
+        train.train_and_evaluate(cfg, workdir)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+
+
 def test_cli_reports_bad_config_in_one_line(tmp_path):
     workdir = tmp_path / "cli"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
