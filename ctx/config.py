@@ -6,6 +6,7 @@ converts its section into a frozen, hashable `ModelConfig` so Flax modules can h
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 import ml_collections
@@ -248,6 +249,18 @@ def validate(cfg: Any) -> None:
         _require(train[name] > 0, f"train.{name} must be positive, got {train[name]}")
     _require(train.on_corrupt_checkpoint in ("error", "previous"),
              f"train.on_corrupt_checkpoint={train.on_corrupt_checkpoint!r} is unknown; choose 'error' or 'previous'")
+    for name in ("peak_lr", "init_lr", "end_lr", "compress_peak_lr", "grad_clip", "compress_grad_clip",
+                 "b1", "b2", "eps", "weight_decay"):
+        value = train[name]
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                 and value >= 0, f"train.{name} must be a finite non-negative number, got {value!r}")
+    for name in ("b1", "b2"):
+        _require(train[name] < 1, f"train.{name} must be below 1 (an Adam decay rate), got {train[name]}")
+    evaluation = cfg.get("eval", {})
+    for name in ("batch_size", "segments_per_call"):
+        value = evaluation.get(name, 0)
+        _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                 f"eval.{name} must be a non-negative integer (0 = the training value), got {value!r}")
     _require(cfg.mesh.data == -1 or cfg.mesh.data > 0,
              f"mesh.data must be -1 (all remaining devices) or positive, got {cfg.mesh.data}")
     _require(cfg.mesh.fsdp > 0, f"mesh.fsdp must be positive, got {cfg.mesh.fsdp}")

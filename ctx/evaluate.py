@@ -201,6 +201,20 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _read_report(path: str) -> dict[str, Any]:
+    """An earlier `--output` report, for --compare: readable, JSON, with loss by position."""
+    try:
+        with open(path) as f:
+            report = json.load(f)
+    except OSError as error:
+        raise FileNotFoundError(f"--compare={path} cannot be read ({error.strerror})") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--compare={path} is not a JSON report ({error.msg} at line {error.lineno})") from None
+    if not isinstance(report, dict) or "by_position" not in report:
+        raise ValueError(f"--compare={path} is not a ctx.evaluate report (no by_position); pass an --output file")
+    return report
+
+
 def main() -> None:
     from ctx.plots import plot_loss_by_position
 
@@ -209,6 +223,7 @@ def main() -> None:
     announce("ctx.evaluate")
     if FLAGS.output and not os.path.isdir(os.path.dirname(os.path.abspath(FLAGS.output))):
         raise FileNotFoundError(f"--output={FLAGS.output}: its folder does not exist")
+    others = [_read_report(path) for path in FLAGS.compare]  # before the split is evaluated
     report = evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.split,
                                  None if FLAGS.step < 0 else FLAGS.step, progress=True)
     if jax.process_index() != 0:
@@ -218,7 +233,6 @@ def main() -> None:
         with open(FLAGS.output, "w") as f:
             json.dump(report, f, indent=1)
         plot = os.path.splitext(FLAGS.output)[0] + ".png"
-        others = [json.load(open(p)) for p in FLAGS.compare]
         plot_loss_by_position([report] + others, plot)
         print(f"wrote {FLAGS.output} and {plot}")
 

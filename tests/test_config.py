@@ -70,6 +70,19 @@ def test_full_config_sections_are_checked():
         validate(cfg)
 
 
+@pytest.mark.parametrize("section, field, value, message", [
+    ("train", "peak_lr", float("nan"), r"train.peak_lr must be a finite non-negative number, got nan"),
+    ("train", "end_lr", float("inf"), r"train.end_lr must be a finite non-negative number"),
+    ("train", "b2", 1.0, r"train.b2 must be below 1"),
+    ("eval", "batch_size", -2, r"eval.batch_size must be a non-negative integer \(0 = the training value\)"),
+])
+def test_optimizer_and_eval_fields_are_checked_before_any_work(section, field, value, message):
+    cfg = demo.get_config()
+    cfg[section][field] = value
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg)
+
+
 def test_demo_variants():
     assert demo.get_config("txl").model.compressed_length == 0
     ct, txl = demo.get_config("ct").model, demo.get_config("txl").model

@@ -111,6 +111,19 @@ def test_shrinking_the_batch_keeps_every_documents_result_on_one_and_eight_devic
         np.testing.assert_allclose(got, one["full"], rtol=1e-5)
 
 
+def test_a_bad_compare_file_is_refused_before_the_split_is_evaluated(trained_run, tmp_path):
+    not_a_report = tmp_path / "notes.json"
+    not_a_report.write_text('{"loss": 1}')
+    for compare, message in [(tmp_path / "missing.json", "cannot be read"), (not_a_report, "no by_position")]:
+        out = subprocess.run([sys.executable, "-m", "ctx.evaluate", "--config=experiments/demo.py",
+                              f"--workdir={trained_run}", "--split=validation", f"--output={tmp_path / 'r.json'}",
+                              f"--compare={compare}"], capture_output=True, text=True, cwd=ROOT,
+                             env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        assert out.returncode == 2 and f"--compare={compare}" in out.stderr and message in out.stderr
+        assert "evaluate" not in out.stderr.split("error:")[0]  # no progress bar: nothing was evaluated
+        assert not (tmp_path / "r.json").exists()
+
+
 def test_memory_lengths_can_grow_at_evaluation_but_shapes_cannot_change(trained_run):
     cfg = tiny_train_config(num_steps=4)
     cfg.model.compressed_length, cfg.model.memory_length = 32, 16

@@ -153,6 +153,8 @@ CLI_TINY = ["--config.model.d_model=32", "--config.model.n_heads=2", "--config.m
     (["--config=experiments/demo.py", "--config.data.dataset=pg19", "--config.data.path=/nonexistent"],
      "does not exist"),
     (["--config=experiments/demo.py", "--config.data.tokenizer=/nonexistent.model"], "does not exist"),
+    (["--config=experiments/demo.py", "--config.eval.batch_size=-2"], "eval.batch_size must be a non-negative"),
+    (["--config=experiments/demo.py", "--config.train.peak_lr=nan"], "train.peak_lr must be a finite"),
 ])
 def test_bad_input_is_one_line_and_changes_nothing(tmp_path, args, message):
     workdir = tmp_path / "never"
