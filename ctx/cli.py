@@ -5,6 +5,7 @@ on stderr naming what is wrong and exit status 2, not a traceback; `--verbose` s
 """
 from __future__ import annotations
 
+import re
 import sys
 from typing import Callable
 
@@ -48,9 +49,11 @@ def run_main(main: Callable[[], None], needs_config: bool = True) -> None:
     try:
         try:
             FLAGS(sys.argv)
-            config = FLAGS.config if needs_config else None  # a config file is loaded on first access
+            config = FLAGS.config if needs_config else None
+            if config is not None:
+                config.keys()  # ml_collections reports a config file that failed to load on first use
         except Exception as error:  # noqa: BLE001 - see InputError
-            raise InputError(_one_line(error)) from error
+            raise InputError(_input_message(error)) from error
         if needs_config and config is None:
             raise ValueError("--config is required, e.g. --config=experiments/demo.py")
         if needs_config:
@@ -64,6 +67,30 @@ def run_main(main: Callable[[], None], needs_config: bool = True) -> None:
         prefix = "error" if user_error else f"error ({type(error).__name__}; --verbose shows the traceback)"
         print(f"{prefix}: {_one_line(error)}", file=sys.stderr)
         sys.exit(2 if user_error else 1)
+
+
+def _input_message(error: BaseException) -> str:
+    """One line for a flag or config-file failure: the config file's own exception, named after
+    the --config flag, instead of ml_collections' traceback flattened into the message."""
+    text = str(error)
+    config_flag = next((a for a in sys.argv[1:] if a.startswith("--config=")), None)
+    # absl's own flag errors name their flag; anything else came from loading the config file.
+    if config_flag is None or (isinstance(error, flags.Error) and "Traceback" not in text):
+        return _one_line(error)
+    if isinstance(error, (AttributeError, KeyError)):  # an override of a field the config lacks
+        name = text.strip("'\" ")
+        override = next((a for a in sys.argv[1:] if a.startswith("--config.") and f".{name}" in a.split("=")[0]), None)
+        if override:
+            field = override.split("=")[0].removeprefix("--config.")
+            return f"{override.split('=')[0]}: the config has no field {field} (its fields: ctx/config.py)"
+    missing = re.search(r"No such file or directory: '([^']+)'", text)
+    if missing:
+        return f"{config_flag}: no such file ({missing.group(1)}); configs are Python files like experiments/demo.py"
+    if isinstance(error, SyntaxError):
+        return f"{config_flag}: {error.msg} ({error.filename}, line {error.lineno})"
+    last = [line.strip() for line in text.strip().splitlines() if line.strip()][-1]
+    raised = re.match(r"^([A-Za-z_.]*(?:Error|Exception)): (.*)$", last)
+    return f"{config_flag}: {raised.group(2) if raised else _one_line(error)}"
 
 
 def _one_line(error: BaseException) -> str:

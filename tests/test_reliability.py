@@ -182,3 +182,25 @@ def test_checkpoints_hold_no_pickles(tmp_path):
                 head = f.read(2)
             assert not (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")), name
     json.loads((workdir / "checkpoints" / "4" / "config" / "metadata").read_text())
+
+
+def test_config_file_errors_are_one_line_naming_the_flag(tmp_path):
+    (tmp_path / "syntax.py").write_text("def get_config(:\n    pass\n")
+    (tmp_path / "raises.py").write_text("def get_config():\n    raise RuntimeError('no data here')\n")
+    cases = [
+        ("--config=experiments/demo.py:nosuchvariant", "--config=experiments/demo.py:nosuchvariant: unknown variant"),
+        (f"--config={tmp_path / 'syntax.py'}", f"--config={tmp_path / 'syntax.py'}: invalid syntax"),
+        (f"--config={tmp_path / 'raises.py'}", f"--config={tmp_path / 'raises.py'}: no data here"),
+        ("--config=experiments/nope.py", "--config=experiments/nope.py: no such file"),
+    ]
+    for flag, message in cases:
+        out = subprocess.run([sys.executable, "-m", "ctx.train", flag, f"--workdir={tmp_path / 'w'}"],
+                             capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        assert out.returncode == 2 and out.stderr.strip().splitlines() == [f"error: {out.stderr.strip()[7:]}"]
+        assert out.stderr.startswith(f"error: {message}") and "Traceback" not in out.stderr, out.stderr
+    out = subprocess.run([sys.executable, "-m", "ctx.train", "--config=experiments/demo.py", "--config.model.nofield=1",
+                          f"--workdir={tmp_path / 'w'}"], capture_output=True, text=True, cwd=ROOT,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 2 and out.stderr.strip() == (
+        "error: --config.model.nofield: the config has no field model.nofield (its fields: ctx/config.py)")
+    assert not (tmp_path / "w").exists()
