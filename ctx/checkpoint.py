@@ -110,6 +110,10 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data", "config"))
 
+    def reload(self) -> None:
+        """See steps that another process committed or deleted since this manager listed them."""
+        self.manager.reload()
+
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 

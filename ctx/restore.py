@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from typing import Any
 
 import jax
@@ -45,6 +46,12 @@ def resolve_tokenizer(config: ml_collections.ConfigDict, workdir: str, recorded:
         config.data.tokenizer = copy
 
 
+# A run that trains while it is evaluated deletes old checkpoints (max_checkpoints_to_keep):
+# the latest step can vanish while it is read; when a newer one has appeared meanwhile, that
+# one is read instead (a read that fails on the newest step is an error as before).
+READ_ATTEMPTS = 10
+
+
 def restore_for_inference(config: ml_collections.ConfigDict, workdir: str, step: int | None, mesh) -> Restored:
     """Parameters of checkpoint `step` (default: latest) on `mesh`, and the run's tokenizer."""
     validate(config)
@@ -53,22 +60,46 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str, step:
         raise FileNotFoundError(f"--workdir={workdir} has no checkpoints/ folder; train first or fix the path")
     checkpointer = Checkpointer(checkpoint_dir, max_to_keep=1000)
     try:
-        steps = checkpointer.all_steps()
-        if not steps:
-            raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}")
-        step = steps[-1] if step is None else step
-        if step not in steps:
-            raise ValueError(f"--step={step} is not in {checkpoint_dir} (steps: {steps})")
-        check_resumable(checkpointer.restore_config(step), config)
-        resolve_tokenizer(config, workdir, checkpointer.restore_data(step).get("tokenizer"))
-        tokenizer = load_tokenizer(config.data.tokenizer)
-        check_vocab(tokenizer, config)
-        model = CompressiveTransformer(ModelConfig.from_config(config.model))
-        abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(
-            (1, config.model.segment_length), jnp.int32), init_memory(config.model, 1))["params"])
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                abstract, tree_param_sharding(mesh, abstract))
-        params = checkpointer.restore_params(step, abstract)
+        for attempt in range(READ_ATTEMPTS):
+            steps = checkpointer.all_steps()
+            if not steps:
+                raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}")
+            chosen = steps[-1] if step is None else step
+            if chosen not in steps:
+                raise ValueError(f"--step={chosen} is not in {checkpoint_dir} (steps: {steps})")
+            try:
+                model, params, tokenizer = _read(checkpointer, chosen, config, workdir, mesh)
+                break
+            except Exception:  # noqa: BLE001 - re-raised unless a live run moved on while it was read
+                if step is not None or attempt + 1 == READ_ATTEMPTS or not _superseded(checkpointer, chosen):
+                    raise
     finally:
         checkpointer.close()
-    return Restored(model=model, params=params, tokenizer=tokenizer, step=step)
+    return Restored(model=model, params=params, tokenizer=tokenizer, step=chosen)
+
+
+def _superseded(checkpointer: Checkpointer, step: int, seconds: float = 10.0) -> bool:
+    """Whether `step` is being deleted, or a newer step has been committed, within `seconds`:
+    a live run's clean-up removes a step's folder while it may still be listed."""
+    deadline = time.monotonic() + seconds
+    while True:
+        checkpointer.reload()
+        now = checkpointer.all_steps()
+        if step not in now or (now and max(now) > step):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+
+
+def _read(checkpointer: Checkpointer, step: int, config: ml_collections.ConfigDict, workdir: str, mesh):
+    check_resumable(checkpointer.restore_config(step), config)
+    resolve_tokenizer(config, workdir, checkpointer.restore_data(step).get("tokenizer"))
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    check_vocab(tokenizer, config)
+    model = CompressiveTransformer(ModelConfig.from_config(config.model))
+    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(
+        (1, config.model.segment_length), jnp.int32), init_memory(config.model, 1))["params"])
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            abstract, tree_param_sharding(mesh, abstract))
+    return model, checkpointer.restore_params(step, abstract), tokenizer

@@ -3,6 +3,7 @@ import functools
 import json
 import os
 import subprocess
+import time
 import sys
 
 import jax
@@ -217,3 +218,27 @@ def test_eval_chunk_carries_the_memories_keys_and_values_exactly(overrides):
         expected.append(losses.token_nll(logits, chunk["targets"][i]))
     np.testing.assert_allclose(nll, jnp.stack(expected), atol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), final, memory)
+
+
+def test_evaluating_a_live_run_reads_whichever_checkpoint_still_exists(tmp_path):
+    """Training keeps one checkpoint and writes one every 20 segments, so the latest step is often
+    deleted while evaluation reads it; evaluation then reads the then-latest one."""
+    workdir = tmp_path / "live"
+    proc = subprocess.Popen([sys.executable, script("train_with_faults.py"), str(workdir), "100000", "20",
+                             "max_checkpoints_to_keep=1"], env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    steps = []
+    try:
+        deadline = time.time() + 240
+        folder = workdir / "checkpoints"
+        while not folder.exists() or not any(s.isdigit() for s in os.listdir(folder)):
+            assert time.time() < deadline and proc.poll() is None, proc.stderr.read()[-2000:]
+            time.sleep(0.2)
+        for _ in range(5):
+            report = evaluate.evaluate_checkpoint(tiny_train_config(num_steps=4), str(workdir), "validation")
+            assert np.isfinite(report["total_nll"])
+            steps.append(report["step"])
+        assert proc.poll() is None  # the run trained all along
+    finally:
+        proc.kill()
+    assert len(set(steps)) > 1, steps  # checkpoints came and went while evaluation read them
