@@ -20,27 +20,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(module, workdir, *args, processes=1, timeout=400):
-    """`python -m ctx.<module>` on 1 process, or on `processes` processes joined by jax.distributed."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    base = [sys.executable, "-m", f"ctx.{module}", "--config=experiments/demo.py", f"--workdir={workdir}",
+def command(module, workdir, *args):
+    return [sys.executable, "-m", f"ctx.{module}", "--config=experiments/demo.py", f"--workdir={workdir}",
             *TINY_CLI_FLAGS, *args]
-    if processes == 1:
-        out = subprocess.run(base, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
-        assert out.returncode == 0, out.stderr[-3000:]
-        return [out.stdout]
+
+
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+
+
+def start(module, workdir, *args, processes=2):
+    """`python -m ctx.<module>` on `processes` processes joined by jax.distributed, each logging to a
+    file (no pipe can fill up)."""
     port = free_port()
     logs = [open(os.path.join(workdir.parent, f"{workdir.name}-{module}-{i}-{port}.log"), "w+")
             for i in range(processes)]
-    procs = [subprocess.Popen(base + [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}",
-                                      f"--process_id={i}"], stdout=log, stderr=subprocess.STDOUT, text=True,
-                              cwd=ROOT, env=env) for i, log in enumerate(logs)]
-    codes = [p.wait(timeout=timeout) for p in procs]  # output goes to files: no pipe can fill up
-    outputs = []
+    procs = [subprocess.Popen(command(module, workdir, *args) + [
+        f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}", f"--process_id={i}"],
+        stdout=log, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=ENV) for i, log in enumerate(logs)]
+    return procs, logs
+
+
+def read_logs(logs):
+    texts = []
     for log in logs:
         log.seek(0)
-        outputs.append(log.read())
-        log.close()
+        texts.append(log.read())
+    return texts
+
+
+def run(module, workdir, *args, processes=1, timeout=400):
+    """`python -m ctx.<module>` on 1 process, or on `processes` processes joined by jax.distributed."""
+    if processes == 1:
+        out = subprocess.run(command(module, workdir, *args), capture_output=True, text=True, cwd=ROOT, env=ENV,
+                             timeout=timeout)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return [out.stdout]
+    procs, logs = start(module, workdir, *args, processes=processes)
+    codes = [p.wait(timeout=timeout) for p in procs]
+    outputs = read_logs(logs)
     assert codes == [0] * processes, "\n".join(f"--- process {i} (exit {c}):\n{o[-2500:]}"
                                                 for i, (c, o) in enumerate(zip(codes, outputs)))
     return outputs
@@ -84,27 +101,6 @@ def test_distributed_flags_must_come_together(tmp_path):
     assert out.returncode == 2 and "go together" in out.stderr
 
 
-def start(workdir, *args, processes=2):
-    """`python -m ctx.train` on `processes` processes joined by jax.distributed, logging to files."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    base = [sys.executable, "-m", "ctx.train", "--config=experiments/demo.py", f"--workdir={workdir}",
-            *TINY_CLI_FLAGS, *args]
-    port = free_port()
-    logs = [open(os.path.join(workdir.parent, f"{workdir.name}-{i}-{port}.log"), "w+") for i in range(processes)]
-    procs = [subprocess.Popen(base + [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}",
-                                      f"--process_id={i}"], stdout=log, stderr=subprocess.STDOUT, text=True,
-                              cwd=ROOT, env=env) for i, log in enumerate(logs)]
-    return procs, logs
-
-
-def read_logs(logs):
-    texts = []
-    for log in logs:
-        log.seek(0)
-        texts.append(log.read())
-    return texts
-
-
 def test_sigterm_to_one_process_stops_all_at_the_same_step_and_the_run_resumes(tmp_path):
     """A preemption notice reaches pod hosts at different moments: SIGTERM goes to process 1 only.
     Both processes save the same step and exit 143 (before, process 1 entered its save while
@@ -112,7 +108,7 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step_and_the_run_resumes(t
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     steps = ["--config.train.num_steps=200", "--config.train.checkpoint_every=1000"]
     run("train", straight, *steps)
-    procs, logs = start(interrupted, *steps)
+    procs, logs = start("train", interrupted, *steps)
     deadline = time.time() + 240
     while not (interrupted / "metrics.jsonl").exists() or len(losses(interrupted)) < 8:
         assert time.time() < deadline and all(p.poll() is None for p in procs), "\n".join(read_logs(logs))
@@ -141,7 +137,7 @@ def test_a_lost_process_ends_the_others_in_bounded_time_and_a_restart_resumes(tm
     resumes from the last checkpoint both completed."""
     workdir = tmp_path / "run"
     args = ["--config.train.num_steps=100000", "--config.train.checkpoint_every=8", "--heartbeat_timeout_seconds=10"]
-    procs, logs = start(workdir, *args)
+    procs, logs = start("train", workdir, *args)
     deadline = time.time() + 240
     while not (workdir / "checkpoints" / "16").exists():
         assert time.time() < deadline and all(p.poll() is None for p in procs), "\n".join(read_logs(logs))
