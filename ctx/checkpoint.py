@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+import time
+from typing import Any, Callable, TypeVar
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+
+T = TypeVar("T")
 
 
 # Model fields that shape parameters: a checkpoint only restores into the same values.
@@ -70,8 +74,6 @@ def read_latest_config(directory: str) -> dict | None:
     Used before a run starts, on every process: it does no collective, so processes that
     see the folder appear at different moments cannot fall out of step.
     """
-    from etils import epath
-
     folder = epath.Path(directory)
     steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
     if not steps:
@@ -101,18 +103,32 @@ def _with_empty(restored: Any, abstract: Any) -> Any:
                               if _is_empty(x) else next(saved) for x in leaves])
 
 
+# Listing steps reads each step folder's metadata; a live run's clean-up can delete a folder
+# between orbax seeing its name and reading it. Listing again no longer sees that step.
+LIST_ATTEMPTS = 20
+
+
+def _listed(list_steps: Callable[[], T]) -> T:
+    for _ in range(LIST_ATTEMPTS - 1):
+        try:
+            return list_steps()
+        except FileNotFoundError:
+            time.sleep(0.05)
+    return list_steps()
+
+
 class Checkpointer:
     def __init__(self, directory: str, max_to_keep: int) -> None:
         directory = os.fspath(directory)
         # orbax needs absolute paths; URLs (gs://...) are already absolute.
         self.directory = directory if "://" in directory else os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "data", "config"))
+        self.manager = _listed(lambda: ocp.CheckpointManager(self.directory, options=options,
+                                                             item_names=("state", "data", "config")))
 
     def reload(self) -> None:
         """See steps that another process committed or deleted since this manager listed them."""
-        self.manager.reload()
+        _listed(self.manager.reload)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -160,8 +176,6 @@ class Checkpointer:
 
     def _set_aside(self, step: int) -> None:
         """Rename a damaged step out of orbax's sight (kept for inspection, never deleted)."""
-        from etils import epath
-
         source = epath.Path(self.directory) / str(step)
         target = epath.Path(self.directory) / f"corrupt-{step}"
         if target.exists():
