@@ -11,8 +11,8 @@ then a batched GEMM whose output is already in the layout the next op reads, so 
 HBM as large as the softmax; docs/performance.md has the A/B figures). Queries, keys and values come
 from one GEMM per input: the segment gives q, k and v; the memories, which need no input
 gradient, give k and v (projected together with the segment, the backward would compute an
-input gradient for every memory row too). Sampling (`decode`) keeps the [B,T,H,K] layout of
-its caches.
+input gradient for every memory row too). Carried and cached keys and values (evaluation,
+sampling) are head-major too, [H,B,T,K], as the segment path makes them.
 """
 from __future__ import annotations
 
@@ -82,7 +82,6 @@ class RelativeAttention(nn.Module):
     """Multi-head attention of a segment over [cmem; mem; segment] with relative positions."""
 
     cfg: ModelConfig
-    deterministic: bool = True
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -123,7 +122,12 @@ class RelativeAttention(nn.Module):
         table_PD = self.dropout(table_PD, deterministic=deterministic)
         return jnp.einsum("pd,dhk->phk", table_PD, self._cast(kernel))
 
-    def _position_scores(self, q_HBNK: jax.Array, n_mem: int, n_cmem: int) -> jax.Array:
+    def memory_keys_values(self, mem_BMD: jax.Array, cmem_BCD: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Keys and values [H,B,C+M,K] of [cmem; mem], as the segment path computes them."""
+        memory_BSD = jnp.concatenate([cmem_BCD, mem_BMD], axis=1).astype(self.cfg.dtype)
+        return tuple(project(memory_BSD, (self._cast(self.key), self._cast(self.value))))
+
+    def _position_scores(self, q_HBNK: jax.Array, n_mem: int, n_cmem: int, deterministic: bool) -> jax.Array:
         """Position term [H,B,N,C+M+N] of scaled queries against [cmem; mem; segment].
 
         (q + v)·R is split as q·R + v·R: q is then shared with the content term (one tensor
@@ -135,7 +139,7 @@ class RelativeAttention(nn.Module):
         tables = [(self.pos_kernel, self.v_bias, n_mem + N)]
         if n_cmem:
             tables.insert(0, (self.cmem_pos_kernel, self.cmem_v_bias, n_cmem + N))
-        r_parts = [self._projected_table(kernel, P, self.deterministic) for kernel, _, P in tables]
+        r_parts = [self._projected_table(kernel, P, deterministic) for kernel, _, P in tables]
         bias_HP = jnp.concatenate([jnp.einsum("hk,phk->hp", self._cast(bias), r_PHK)
                                    for (_, bias, _), r_PHK in zip(tables, r_parts)], axis=-1)
         r_PHK = jnp.concatenate(r_parts)
@@ -151,17 +155,17 @@ class RelativeAttention(nn.Module):
         r = self._projected_table(self.pos_kernel, n_mem + N, deterministic=True)
         return r, self._projected_table(self.cmem_pos_kernel, n_cmem + N, deterministic=True) if n_cmem else None
 
-    def decode(self, x_B1D: jax.Array, k_BTHK: jax.Array, v_BTHK: jax.Array, r_PHK: jax.Array,
+    def decode(self, x_B1D: jax.Array, k_HBTK: jax.Array, v_HBTK: jax.Array, r_PHK: jax.Array,
                rc_PHK: jax.Array | None, mask_B1T: jax.Array, position: jax.Array, n_cmem: int, n_mem: int):
         """One query at segment offset `position` against cached keys/values of
         [cmem; mem; segment so far]. Returns (output [B,1,d], updated k and v caches)."""
         C, M, N = n_cmem, n_mem, self.cfg.segment_length
         x_B1D = x_B1D.astype(self.cfg.dtype)
         q_B1HK = self.queries(x_B1D)
-        k_new, v_new = self.keys_values(x_B1D)
-        k_BTHK = jax.lax.dynamic_update_slice_in_dim(k_BTHK, k_new.astype(k_BTHK.dtype), C + M + position, axis=1)
-        v_BTHK = jax.lax.dynamic_update_slice_in_dim(v_BTHK, v_new.astype(v_BTHK.dtype), C + M + position, axis=1)
-        content_BH1T = jnp.einsum("bnhk,bthk->bhnt", q_B1HK + self._cast(self.u_bias), k_BTHK)
+        k_new, v_new = (head_major(t) for t in self.keys_values(x_B1D))
+        k_HBTK = jax.lax.dynamic_update_slice_in_dim(k_HBTK, k_new.astype(k_HBTK.dtype), C + M + position, axis=2)
+        v_HBTK = jax.lax.dynamic_update_slice_in_dim(v_HBTK, v_new.astype(v_HBTK.dtype), C + M + position, axis=2)
+        content_BH1T = jnp.einsum("bnhk,hbtk->bhnt", q_B1HK + self._cast(self.u_bias), k_HBTK)
 
         def position_term(bias, table_PHK, n_keys):
             # Key j is at distance n_before + position - j: column N - 1 - position + j of the
@@ -175,10 +179,10 @@ class RelativeAttention(nn.Module):
             position_BH1T = jnp.concatenate([position_term(self.cmem_v_bias, rc_PHK, C), position_BH1T], axis=-1)
         logits = (content_BH1T + position_BH1T).astype(jnp.float32)
         probs = softmax(logits, mask_B1T[:, None]).astype(self.cfg.dtype)
-        return self.out(jnp.einsum("bhnt,bthk->bnhk", probs, v_BTHK)), k_BTHK, v_BTHK
+        return self.out(jnp.einsum("bhnt,hbtk->bnhk", probs, v_HBTK)), k_HBTK, v_HBTK
 
     def __call__(self, x_BND: jax.Array, mem_BMD: jax.Array, cmem_BCD: jax.Array, mask_B1NT: jax.Array,
-                 memory_kv: tuple[jax.Array, jax.Array] | None = None
+                 memory_kv: tuple[jax.Array, jax.Array] | None = None, deterministic: bool = True
                  ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
         """Returns (output [B,N,d], attention probabilities [B,H,N,T], (scaled queries [H,B,N,K],
         keys [H,B,T,K], values [H,B,T,K])); keys and values are of [cmem; mem; segment].
@@ -190,17 +194,16 @@ class RelativeAttention(nn.Module):
         q_HBNK, k_HBTK, v_HBTK = project(x_BND.astype(dtype), (self._query_kernel(), wk, wv))
         if C + M:  # the memories need no input gradient, so they get their own GEMM
             if memory_kv is None:
-                memory_BSD = jnp.concatenate([cmem_BCD, mem_BMD], axis=1).astype(dtype)
-                memory_kv = tuple(project(memory_BSD, (wk, wv)))
+                memory_kv = self.memory_keys_values(mem_BMD, cmem_BCD)
             k_mem, v_mem = (t.astype(dtype) for t in memory_kv)
             k_HBTK, v_HBTK = jnp.concatenate([k_mem, k_HBTK], axis=2), jnp.concatenate([v_mem, v_HBTK], axis=2)
         # (q + u)·k = q·k + u·k: the u·k row [H,B,T] is the same for every query.
         content_HBNT = (jnp.einsum("hbnk,hbtk->hbnt", q_HBNK, k_HBTK)
                         + jnp.einsum("hk,hbtk->hbt", self._cast(self.u_bias), k_HBTK)[:, :, None, :])
-        position_HBNT = self._position_scores(q_HBNK, M, C)
+        position_HBNT = self._position_scores(q_HBNK, M, C, deterministic)
         logits = (content_HBNT + position_HBNT).astype(jnp.float32)
         probs_HBNT = softmax(logits, mask_B1NT[:, 0][None])
-        dropped = self.dropout(probs_HBNT, deterministic=self.deterministic).astype(dtype)
+        dropped = self.dropout(probs_HBNT, deterministic=deterministic).astype(dtype)
         # Read head-major, then move the small [H,B,N,K] result; asked for [B,N,H,K] directly,
         # XLA transposed the score-sized probabilities and their gradient in the backward pass.
         read_BNHK = jnp.transpose(jnp.einsum("hbnt,hbtk->hbnk", dropped, v_HBTK), (1, 2, 0, 3))

@@ -16,7 +16,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from ctx.memory import Memory
+
 T = TypeVar("T")
+# The Memory fields a checkpoint holds (the carried keys and values are derived data).
+SAVED_MEMORY_FIELDS = ("mem", "cmem", "mem_mask", "cmem_mask")
 
 
 # Model fields that shape parameters: a checkpoint only restores into the same values.
@@ -95,6 +99,21 @@ def _without_empty(tree: Any) -> Any:
     return jax.tree.map(lambda x: None if _is_empty(x) else x, tree)
 
 
+def _is_memory(node: Any) -> bool:
+    return isinstance(node, Memory)
+
+
+def _saved_form(tree: Any) -> Any:
+    """Memory as a dict of its four arrays: the keys and values only evaluation carries are
+    never saved, and checkpoints keep the tree they always had."""
+    return jax.tree.map(lambda m: {f: getattr(m, f) for f in SAVED_MEMORY_FIELDS} if _is_memory(m) else m,
+                        tree, is_leaf=_is_memory)
+
+
+def _from_saved_form(restored: Any, abstract: Any) -> Any:
+    return jax.tree.map(lambda a, r: Memory(**r) if _is_memory(a) else r, abstract, restored, is_leaf=_is_memory)
+
+
 def _with_empty(restored: Any, abstract: Any) -> Any:
     """Put back the zero-size arrays `_without_empty` left out, on the abstract's shardings."""
     leaves, treedef = jax.tree.flatten(abstract)
@@ -138,15 +157,16 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_state: dict, config: dict) -> None:
         self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_without_empty(state)), data=ocp.args.JsonSave(data_state),
+            state=ocp.args.StandardSave(_without_empty(_saved_form(state))), data=ocp.args.JsonSave(data_state),
             config=ocp.args.JsonSave(config)), force=True)
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
         """Restore onto the shardings in `abstract_state` (any device count)."""
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_without_empty(abstract_state)), data=ocp.args.JsonRestore(),
+            state=ocp.args.StandardRestore(_without_empty(_saved_form(abstract_state))), data=ocp.args.JsonRestore(),
             config=ocp.args.JsonRestore()))
-        return _with_empty(restored.state, abstract_state), restored.data, restored.config
+        state = _from_saved_form(restored.state, abstract_state)
+        return _with_empty(state, abstract_state), restored.data, restored.config
 
     def restore_latest(self, abstract_state: Any, fallback: bool = False) -> tuple[int, Any, dict] | None:
         """(step, state, data) of the newest readable checkpoint, or None if there is none.

@@ -66,7 +66,7 @@ class ModelConfig:
     scan_unroll: int = 0
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "ModelConfig":
+    def from_config(cls, cfg: ModelConfigLike) -> "ModelConfig":
         if isinstance(cfg, ModelConfig):
             return cfg
         validate_model(cfg)
@@ -98,6 +98,11 @@ class ModelConfig:
     @property
     def has_compression_params(self) -> bool:
         return self.compresses and self.compression in LEARNED_COMPRESSIONS
+
+
+# What the library's model functions accept: the typed config, or the ConfigDict `model`
+# section (converted once by ModelConfig.from_config, which validates it).
+ModelConfigLike = ModelConfig | ml_collections.ConfigDict
 
 
 def _get(cfg: Any, name: str) -> Any:

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ctx.config import ModelConfig
+from ctx.config import ModelConfig, ModelConfigLike
 from ctx.memory import Memory, init_memory
 from ctx.model import CompressiveTransformer
 
@@ -18,7 +18,7 @@ def memory_arrays(memory: Memory) -> dict[str, np.ndarray]:
     return {k: np.asarray(getattr(memory, k)) for k in ("mem", "cmem", "mem_mask", "cmem_mask")}
 
 
-def derived_temporal_range(model_config: Any) -> int:
+def derived_temporal_range(model_config: ModelConfigLike) -> int:
     """How far back the last position of a segment can see through l layers: each layer
     reaches from position p to S(p) - R, with S(p) = n_s * floor(p / n_s) its segment's start
     and R = n_m + c * n_cm (derivation in tests/test_model.py). When R is a multiple of n_s
@@ -31,7 +31,7 @@ def derived_temporal_range(model_config: Any) -> int:
     return n_s - 1 - oldest
 
 
-def dependence_by_distance(model_config: Any, seed: int = 0) -> np.ndarray:
+def dependence_by_distance(model_config: ModelConfigLike, seed: int = 0) -> np.ndarray:
     """[T] bools: does the token d positions before the last one change the last position's
     logits? Measured on a random sequence, batch row r with token r changed. A freshly
     initialised model suffices: what can be reached is architectural."""
@@ -57,7 +57,7 @@ def dependence_by_distance(model_config: Any, seed: int = 0) -> np.ndarray:
     return changed[::-1]
 
 
-def measured_temporal_range(model_config: Any, seed: int = 0) -> int:
+def measured_temporal_range(model_config: ModelConfigLike, seed: int = 0) -> int:
     """The largest distance back at which the input still changes the last position's logits."""
     return int(np.flatnonzero(dependence_by_distance(model_config, seed)).max())
 
@@ -85,10 +85,10 @@ def inspect_segment(model, params: Any, tokens, memory: Memory, buckets: int = 4
             if len(groups) else np.zeros((cfg.n_layers, 0))
         mean_age[kind] = np.array([ages[kind][:, g].mean() for g in groups]) if len(groups) else np.zeros(0)
     return {
-        "attention_mass": np.asarray(aux["attention_mass"]),  # [L, 3] (compressed, memory, segment)
+        "attention_mass": np.asarray(aux.attention_mass),  # [L, 3] (compressed, memory, segment)
         "attention_by_age": by_age,  # kind -> [L, buckets]
         "mean_age_tokens": mean_age,  # kind -> [buckets]
-        "compression_loss_per_layer": np.asarray(aux["compression_loss_per_layer"]),
+        "compression_loss_per_layer": np.asarray(aux.compression_loss_per_layer),
         "logits": np.asarray(logits),
         "memory": new_memory,
     }

@@ -32,7 +32,7 @@ from ctx.data.datasets import PG19_WORDS, check_data_config, load_corpus
 from ctx.data.source import TokenizedCorpus
 from ctx.data.stream import SEGMENT_KEYS, eval_chunks
 from ctx.memory import init_memory, select_rows
-from ctx.model import memory_keys_values
+from ctx.model import CompressiveTransformer
 from ctx.progress import progress as progress_bar
 from ctx.restore import restore_for_inference
 from ctx.sharding import check_batch_fits, device_chunk, make_mesh, memory_shardings, process_rows, replicated, to_host
@@ -46,16 +46,14 @@ def make_eval_chunk_fn(model):
     to segment (each segment adds its own and the new compressed slots'), instead of
     projecting all n_cm + n_m memories again in every segment."""
 
-    def segment(params, carry, batch):
-        memory, kv = carry
-        logits, memory, aux = model.apply({"params": params}, batch["tokens"], memory, reset=batch["reset"],
-                                          memory_kv=kv)
-        return (memory, aux["memory_kv"]), losses.token_nll(logits, batch["targets"]) * batch["weights"]
+    def segment(params, memory, batch):
+        logits, memory, _ = model.apply({"params": params}, batch["tokens"], memory, reset=batch["reset"])
+        return memory, losses.token_nll(logits, batch["targets"]) * batch["weights"]
 
     def chunk_fn(params, memory, chunk):
-        kv = memory_keys_values(model.apply({"params": params}, None, memory, prefill=True))
-        (memory, _), nll = jax.lax.scan(lambda c, b: segment(params, c, b), (memory, kv), chunk)
-        return memory, nll
+        memory = model.apply({"params": params}, memory, method=CompressiveTransformer.with_memory_keys_values)
+        memory, nll = jax.lax.scan(lambda m, b: segment(params, m, b), memory, chunk)
+        return memory.without_keys_values(), nll
 
     return jax.jit(chunk_fn, donate_argnums=(1,))
 

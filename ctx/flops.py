@@ -20,12 +20,11 @@ sees only the compression loss (counted the same).
 """
 from __future__ import annotations
 
-from typing import Any
 
-from ctx.config import ModelConfig
+from ctx.config import ModelConfig, ModelConfigLike
 
 
-def forward_flops_per_token(config: Any, batch_size: int) -> float:
+def forward_flops_per_token(config: ModelConfigLike, batch_size: int) -> float:
     """config: the model config; batch_size: the global batch (rows per segment), over which
     the position tables' projection is shared."""
     if batch_size < 1:
@@ -52,11 +51,11 @@ def forward_flops_per_token(config: Any, batch_size: int) -> float:
     return cfg.n_layers * layer + 2 * d * cfg.vocab_size
 
 
-def train_flops_per_token(config: Any, batch_size: int) -> float:
+def train_flops_per_token(config: ModelConfigLike, batch_size: int) -> float:
     return 3 * forward_flops_per_token(config, batch_size)
 
 
-def parameter_count(config: Any) -> dict[str, int]:
+def parameter_count(config: ModelConfigLike) -> dict[str, int]:
     """Parameters of the whole model and of the compression network alone."""
     cfg = ModelConfig.from_config(config)
     d, H, K = cfg.d_model, cfg.n_heads, cfg.head_dim

@@ -3,37 +3,68 @@
 Memory is pure data threaded through jitted calls. Rows are independent streams:
 `reset_rows` empties the rows that start a new document, and `update_masks` advances the
 validity masks exactly as the per-layer FIFO update (`fifo_update`) advances the contents.
+Evaluation also carries the memories' keys and values (parameters are fixed there, so they
+need not be projected again each segment); they are optional fields of the same pytree, so
+resets and row selection treat them with the memories they were projected from.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from ctx.config import ModelConfig
+from ctx.config import ModelConfig, ModelConfigLike
 
 # What a segment's attention reads, in key order: compressed memory, memory, the segment itself
-# (the order of every per-kind statistic, e.g. aux["attention_mass"][..., k]).
+# (the order of every per-kind statistic, e.g. aux.attention_mass[..., k]).
 KEY_KINDS = ("compressed", "memory", "segment")
 
 
 @flax.struct.dataclass
+class LayerMemory:
+    """What the layers carry from segment to segment, stacked on a leading L axis (the layer
+    scan hands each layer its slice): the memories and, when carried, their keys and values."""
+
+    mem: jax.Array  # [(L,) B, n_m, d]
+    cmem: jax.Array  # [(L,) B, n_cm, d]
+    keys: jax.Array | None = None  # [(L,) H, B, n_cm + n_m, K] of [cmem; mem], or None
+    values: jax.Array | None = None
+
+
+@flax.struct.dataclass
 class Memory:
-    """mem [L,B,n_m,d] and cmem [L,B,n_cm,d], oldest first; masks say which slots hold data."""
+    """mem [L,B,n_m,d] and cmem [L,B,n_cm,d], oldest first; masks say which slots hold data;
+    optionally the keys and values [L,H,B,n_cm+n_m,K] of [cmem; mem] (`carries_keys_values`)."""
 
     mem: jax.Array
     cmem: jax.Array
     mem_mask: jax.Array  # bool [B, n_m]
     cmem_mask: jax.Array  # bool [B, n_cm]
+    keys: jax.Array | None = None
+    values: jax.Array | None = None
 
     @property
     def batch_size(self) -> int:
         return self.mem_mask.shape[0]
 
+    @property
+    def carries_keys_values(self) -> bool:
+        return self.keys is not None
 
-def init_memory(config: Any, batch_size: int, dtype: Any = None) -> Memory:
+    @property
+    def layers(self) -> LayerMemory:
+        return LayerMemory(mem=self.mem, cmem=self.cmem, keys=self.keys, values=self.values)
+
+    def with_layers(self, layers: LayerMemory) -> Memory:
+        return self.replace(mem=layers.mem, cmem=layers.cmem, keys=layers.keys, values=layers.values)
+
+    def without_keys_values(self) -> Memory:
+        return self.replace(keys=None, values=None)
+
+
+def init_memory(config: ModelConfigLike, batch_size: int, dtype: Any = None) -> Memory:
     """Empty memory for `batch_size` streams (zeros, every slot invalid)."""
     cfg = ModelConfig.from_config(config)
     dtype = dtype or jnp.dtype(cfg.dtype)
@@ -46,25 +77,30 @@ def init_memory(config: Any, batch_size: int, dtype: Any = None) -> Memory:
     )
 
 
+def _map_rows(memory: Memory, fn: Callable[[jax.Array, int], jax.Array]) -> Memory:
+    """Apply fn(array, its batch axis) to every array of `memory` (the carried keys/values too)."""
+    batch_axis = {"mem": 1, "cmem": 1, "mem_mask": 0, "cmem_mask": 0, "keys": 2, "values": 2}
+    return memory.replace(**{name: fn(getattr(memory, name), axis) for name, axis in batch_axis.items()
+                             if getattr(memory, name) is not None})
+
+
 def reset_rows(memory: Memory, reset: jax.Array | None) -> Memory:
     """Clear (zero and invalidate) the rows where `reset[B]` is true; others are untouched."""
     if reset is None:
         return memory
-    keep = ~reset.astype(bool)
-    keep_LB = keep[None, :, None, None]
-    return Memory(
-        mem=jnp.where(keep_LB, memory.mem, jnp.zeros((), memory.mem.dtype)),
-        cmem=jnp.where(keep_LB, memory.cmem, jnp.zeros((), memory.cmem.dtype)),
-        mem_mask=memory.mem_mask & keep[:, None],
-        cmem_mask=memory.cmem_mask & keep[:, None],
-    )
+    keep_B = ~reset.astype(bool)
+
+    def clear(x, axis):
+        keep = jnp.expand_dims(keep_B, [a for a in range(x.ndim) if a != axis])
+        return jnp.where(keep, x, jnp.zeros((), x.dtype))
+
+    return _map_rows(memory, clear)
 
 
 def select_rows(memory: Memory, rows: Sequence[int]) -> Memory:
     """The memory of batch rows `rows`, in that order: evaluation's batch shrinking."""
     index = jnp.asarray(rows, jnp.int32)
-    return Memory(mem=memory.mem[:, index], cmem=memory.cmem[:, index],
-                  mem_mask=memory.mem_mask[index], cmem_mask=memory.cmem_mask[index])
+    return _map_rows(memory, lambda x, axis: jnp.take(x, index, axis=axis))
 
 
 def keep_newest(x_BTD: jax.Array, n: int, axis: int = 1) -> jax.Array:

@@ -1,7 +1,8 @@
 """CompressiveTransformer: embed -> layers under nn.scan (memory on the scan axis) -> logits.
 
 `apply(variables, tokens, memory, reset=..., deterministic=...)` is pure: it returns the
-logits, the next Memory (stop-gradient-ed) and `aux` (compression loss and attention mass).
+logits, the next Memory (stop-gradient-ed) and a SegmentAux (compression loss, attention mass);
+`CompressiveTransformer`'s docstring lists the other entry points (sampling, carried keys/values).
 
 Shape letters, in names like `x_BND` (as in nanodo) and throughout ctx, each with one meaning:
   L layers            B batch rows (streams)     N segment length n_s
@@ -13,7 +14,7 @@ Shape letters, in names like `x_BND` (as in nanodo) and throughout ctx, each wit
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Callable
 
 import flax.linen as nn
 import flax.struct
@@ -23,8 +24,8 @@ import jax.numpy as jnp
 from ctx import losses
 from ctx.attention import RelativeAttention, attention_mask, head_major
 from ctx.compression import Compressor
-from ctx.config import ModelConfig
-from ctx.memory import Memory, advance_memory_kv, fifo_update, reset_rows, shift_in, update_masks
+from ctx.config import ModelConfig, ModelConfigLike
+from ctx.memory import LayerMemory, Memory, advance_memory_kv, fifo_update, reset_rows, shift_in, update_masks
 from ctx.ops import LayerNorm, relu
 
 REMAT_POLICIES = {
@@ -33,14 +34,77 @@ REMAT_POLICIES = {
 }
 
 
+@flax.struct.dataclass
+class SegmentAux:
+    """What a segment reports besides its logits and memory: per layer (a scalar and [3] inside
+    one layer's step; [L] and [L, 3] once the layer scan has stacked them)."""
+
+    compression_loss_per_layer: jax.Array
+    attention_mass: jax.Array  # mean attention mass on KEY_KINDS (compressed, memory, segment)
+
+    @property
+    def compression_loss(self) -> jax.Array:
+        """The auxiliary loss training adds: the mean over layers."""
+        return self.compression_loss_per_layer.mean()
+
+
+@flax.struct.dataclass
+class LayerCache:
+    """Sampling's per-layer cache ([L, ...] stacked): keys and values of [cmem; mem; segment so
+    far] and the projected position tables (distances descending)."""
+
+    keys: jax.Array  # [(L,) H, B, n_cm + n_m + n_s, K]
+    values: jax.Array
+    r: jax.Array  # [(L,) n_m + n_s, H, K]
+    rc: jax.Array  # [(L,) n_cm + n_s, H, K] (empty without compressed memory)
+
+
+@flax.struct.dataclass
+class DecodeCache:
+    """What sampling carries from token to token, so each token is computed once instead of
+    re-running its segment."""
+
+    layers: LayerCache
+    memory_mask: jax.Array  # [B, n_cm + n_m]
+    position: jax.Array  # offset of the next token in the current segment
+
+
 class Block(nn.Module):
-    """One layer: attention over [cmem; mem; x], MLP, then this layer's memory update."""
+    """One layer: attention over [cmem; mem; x], MLP, then this layer's memory update.
+
+    Its three steps take (x, this layer's slice of a stacked pytree, inputs shared by all
+    layers), the form the layer scan maps over."""
 
     cfg: ModelConfig
-    deterministic: bool = True
-    mode: str = "segment"  # or 'prefill' / 'decode' (sampling with cached keys and values)
 
-    def _compress(self, attention: RelativeAttention, evicted_BND: jax.Array, probs_BHNT: jax.Array,
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.ln_attention = LayerNorm(dtype=cfg.dtype)
+        self.ln_mlp = LayerNorm(dtype=cfg.dtype)
+        self.attention = RelativeAttention(cfg)
+        self.mlp_in = nn.Dense(cfg.d_ff, dtype=cfg.dtype)
+        self.mlp_out = nn.Dense(cfg.d_model, dtype=cfg.dtype)
+        self.dropout = nn.Dropout(cfg.dropout)
+        if cfg.compresses:
+            self.compress = Compressor(cfg)
+
+    def _residual(self, x_BND: jax.Array, attend: Callable, deterministic: bool):
+        """The layer around an attention call; returns (x, attention input, attend's other outputs)."""
+        dropout = partial(self.dropout, deterministic=deterministic)
+
+        def mlp(y_BND):
+            return self.mlp_out(dropout(relu(self.mlp_in(y_BND))))
+
+        if self.cfg.layer_norm == "pre":
+            attention_in = self.ln_attention(x_BND)
+            out, *extra = attend(attention_in)
+            x_BND = x_BND + dropout(out)
+            return x_BND + dropout(mlp(self.ln_mlp(x_BND))), attention_in, extra
+        out, *extra = attend(x_BND)  # post-LN, the paper's Algorithm 1: attention sees the residual
+        y = self.ln_attention(x_BND + dropout(out))
+        return self.ln_mlp(y + dropout(mlp(y))), x_BND, extra
+
+    def _compress(self, evicted_BND: jax.Array, probs_BHNT: jax.Array,
                   qkv: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         """Compress the evicted memories and compute the compression loss. `qkv` is the
         attention's head-major (queries, keys, values): the evicted entries are rows
@@ -50,81 +114,91 @@ class Block(nn.Module):
         usage_BN = None
         if cfg.compression == "most_used":  # attention each evicted entry got, over heads and queries
             start = cfg.compressed_length
-            usage_BN = probs_BHNT[..., start:start + cfg.segment_length].mean(axis=(1, 2))
-        compressor = Compressor(cfg, name="compress")
-        compressed_BED = compressor(evicted_BND, jax.lax.stop_gradient(usage_BN) if usage_BN is not None else None)
+            usage_BN = jax.lax.stop_gradient(probs_BHNT[..., start:start + cfg.segment_length].mean(axis=(1, 2)))
+        compressed_BED = self.compress(evicted_BND, usage_BN)
         if cfg.compression_loss == "attention":
             q_HBNK, k_HBTK, v_HBTK = qkv
             evicted = slice(cfg.compressed_length, cfg.compressed_length + cfg.segment_length)
-            compressed_kv = map(head_major, attention.keys_values(compressed_BED, stop_gradient=True))
+            compressed_kv = map(head_major, self.attention.keys_values(compressed_BED, stop_gradient=True))
             loss = losses.attention_reconstruction_loss(q_HBNK, (k_HBTK[:, :, evicted], v_HBTK[:, :, evicted]),
                                                         tuple(compressed_kv))
         elif cfg.compression_loss == "autoencoder":
-            loss = losses.autoencoder_loss(evicted_BND, compressor.decode(compressed_BED))
+            loss = losses.autoencoder_loss(evicted_BND, self.compress.decode(compressed_BED))
         else:
             loss = jnp.zeros((), jnp.float32)
         return jax.lax.stop_gradient(compressed_BED), loss
 
-    @nn.compact
-    def __call__(self, x_BND: jax.Array, *inputs: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-        """mode 'segment': (x, mem, cmem, mask) -> x, (mem, cmem, compression loss, attention mass);
-        given also the memories' keys and values (x, mem, cmem, mask, k, v), it uses them and
-        returns them advanced as well: (..., attention mass, k, v).
-        mode 'prefill': (_, mem, cmem) -> _, (keys, values, position tables) for sampling.
-        mode 'decode': (x [B,1,d], keys, values, tables..., mask, position) -> x, (keys, values).
-        """
+    def segment(self, x_BND: jax.Array, layer: LayerMemory, mask_B1NT: jax.Array,
+                deterministic: bool) -> tuple[jax.Array, tuple[LayerMemory, SegmentAux]]:
+        """One segment through this layer: (x, (this layer's next memory, its aux)). Carried
+        keys/values (`layer.keys`) are used instead of projecting the memories, and advanced."""
         cfg = self.cfg
-        dropout = partial(nn.Dropout(cfg.dropout), deterministic=self.deterministic)
-        ln_attention = LayerNorm(dtype=cfg.dtype, name="ln_attention")
-        ln_mlp = LayerNorm(dtype=cfg.dtype, name="ln_mlp")
-        attention = RelativeAttention(cfg, self.deterministic, name="attention")
-
-        def mlp(y_BND):
-            y_BNF = relu(nn.Dense(cfg.d_ff, dtype=cfg.dtype, name="mlp_in")(y_BND))
-            return nn.Dense(cfg.d_model, dtype=cfg.dtype, name="mlp_out")(dropout(y_BNF))
-
-        def residual(x, attend):
-            """The layer around an attention call; returns (x, attention input, attend's output)."""
-            if cfg.layer_norm == "pre":
-                attention_in = ln_attention(x)
-                out, *extra = attend(attention_in)
-                x = x + dropout(out)
-                return x + dropout(mlp(ln_mlp(x))), attention_in, extra
-            out, *extra = attend(x)  # post-LN, the paper's Algorithm 1: attention sees the residual
-            y = ln_attention(x + dropout(out))
-            return ln_mlp(y + dropout(mlp(y))), x, extra
-
-        if self.mode == "prefill":
-            mem_BMD, cmem_BCD = inputs
-            k, v = attention.keys_values(jnp.concatenate([cmem_BCD, mem_BMD], axis=1).astype(cfg.dtype))
-            r, rc = attention.position_tables(cfg.memory_length, cfg.compressed_length)
-            rc = jnp.zeros((0,) + r.shape[1:], r.dtype) if rc is None else rc
-            return x_BND, (k, v, r, rc)
-        if self.mode == "decode":
-            k, v, r, rc, mask_B1T, position = inputs
-            x_BND, _, (k, v) = residual(x_BND, lambda a: attention.decode(
-                a, k, v, r, rc, mask_B1T, position, cfg.compressed_length, cfg.memory_length))
-            return x_BND, (k, v)
-
-        mem_BMD, cmem_BCD, mask_B1NT, *memory_kv = inputs
-        x_BND, attention_in_BND, (probs_BHNT, qkv) = residual(
-            x_BND, lambda a: attention(a, mem_BMD, cmem_BCD, mask_B1NT, tuple(memory_kv) or None))
-        new_mem_BMD, evicted_BND = fifo_update(mem_BMD, jax.lax.stop_gradient(attention_in_BND))
-        new_cmem_BCD, loss, compressed_BED = cmem_BCD, jnp.zeros((), jnp.float32), None
+        carried = None if layer.keys is None else (layer.keys, layer.values)
+        x_BND, attention_in_BND, (probs_BHNT, qkv) = self._residual(x_BND, lambda a: self.attention(
+            a, layer.mem, layer.cmem, mask_B1NT, carried, deterministic), deterministic)
+        new_mem_BMD, evicted_BND = fifo_update(layer.mem, jax.lax.stop_gradient(attention_in_BND))
+        new_cmem_BCD, loss, compressed_BED = layer.cmem, jnp.zeros((), jnp.float32), None
         if cfg.compresses:
-            compressed_BED, loss = self._compress(attention, evicted_BND, probs_BHNT, qkv)
-            new_cmem_BCD = shift_in(cmem_BCD, compressed_BED)
-        C, M = cmem_BCD.shape[1], mem_BMD.shape[1]
-        if memory_kv:
-            compressed_kv = (map(head_major, attention.keys_values(compressed_BED)) if compressed_BED is not None
-                             else (None, None))
-            memory_kv = [advance_memory_kv(kv, full[:, :, C + M:], new, C)
-                         for kv, full, new in zip(memory_kv, qkv[1:], compressed_kv)]
+            compressed_BED, loss = self._compress(evicted_BND, probs_BHNT, qkv)
+            new_cmem_BCD = shift_in(layer.cmem, compressed_BED)
+        C, M = layer.cmem.shape[1], layer.mem.shape[1]
+        next_layer = LayerMemory(mem=new_mem_BMD, cmem=new_cmem_BCD)
+        if carried is not None:
+            compressed_kv = ((None, None) if compressed_BED is None
+                             else map(head_major, self.attention.keys_values(compressed_BED)))
+            keys, values = (advance_memory_kv(kv, full[:, :, C + M:], new, C)
+                            for kv, full, new in zip(carried, qkv[1:], compressed_kv))
+            next_layer = next_layer.replace(keys=keys, values=values)
         mass_BHNT = jax.lax.stop_gradient(probs_BHNT)
         self.sow("intermediates", "attention_probs", mass_BHNT)
         attention_mass = jnp.stack([mass_BHNT[..., :C].sum(-1).mean(), mass_BHNT[..., C:C + M].sum(-1).mean(),
                                     mass_BHNT[..., C + M:].sum(-1).mean()])
-        return x_BND, (new_mem_BMD, new_cmem_BCD, loss, attention_mass, *memory_kv)
+        return x_BND, (next_layer, SegmentAux(compression_loss_per_layer=loss, attention_mass=attention_mass))
+
+    def memory_keys_values(self, carry: None, layer: LayerMemory) -> tuple[None, LayerMemory]:
+        """This layer's memories with their keys and values."""
+        keys, values = self.attention.memory_keys_values(layer.mem, layer.cmem)
+        return carry, layer.replace(keys=keys, values=values)
+
+    def prefill(self, carry: None, layer: LayerMemory) -> tuple[None, LayerCache]:
+        """This layer's decode cache for a new segment after memories `layer`."""
+        cfg = self.cfg
+        _, with_kv = self.memory_keys_values(carry, layer)
+        pad_HBNK = jnp.zeros(with_kv.keys.shape[:2] + (cfg.segment_length,) + with_kv.keys.shape[3:],
+                             with_kv.keys.dtype)
+        r, rc = self.attention.position_tables(cfg.memory_length, cfg.compressed_length)
+        return carry, LayerCache(keys=jnp.concatenate([with_kv.keys, pad_HBNK], axis=2),
+                                 values=jnp.concatenate([with_kv.values, pad_HBNK], axis=2),
+                                 r=r, rc=jnp.zeros((0,) + r.shape[1:], r.dtype) if rc is None else rc)
+
+    def decode(self, x_B1D: jax.Array, layer: LayerCache, shared: tuple[jax.Array, jax.Array]
+               ) -> tuple[jax.Array, LayerCache]:
+        """One token through this layer; `shared` is (mask [B,1,T], the token's offset in its segment)."""
+        cfg = self.cfg
+        mask_B1T, position = shared
+        x_B1D, _, (keys, values) = self._residual(x_B1D, lambda a: self.attention.decode(
+            a, layer.keys, layer.values, layer.r, layer.rc, mask_B1T, position, cfg.compressed_length,
+            cfg.memory_length), deterministic=True)
+        return x_B1D, layer.replace(keys=keys, values=values)
+
+
+def layer_stack(cfg: ModelConfig) -> type[nn.Module]:
+    """Block scanned over the layers: each step maps over its stacked per-layer pytree (axis 0)
+    and broadcasts the rest; parameters are stacked on axis 0."""
+    block = Block
+    if cfg.remat != "none":
+        # A fully unrolled stack puts forward and backward in one loop-free body, where XLA
+        # would merge the recomputation back into the forward pass: remat needs its barriers
+        # there. A scanned stack keeps them apart by the loop, and barriers would only cost.
+        unrolled = cfg.layers_per_scan_iteration >= cfg.n_layers
+        block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=unrolled,
+                         static_argnums=(4,), methods=["segment"])  # (self, x, layer, mask, deterministic)
+    scan = dict(variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True, "dropout": True},
+                length=cfg.n_layers, unroll=cfg.layers_per_scan_iteration)
+    return nn.scan(block, methods={"segment": dict(scan, in_axes=(0, nn.broadcast, nn.broadcast)),
+                                   "memory_keys_values": dict(scan, in_axes=0),
+                                   "prefill": dict(scan, in_axes=0),
+                                   "decode": dict(scan, in_axes=(0, nn.broadcast))})
 
 
 class Embedding(nn.Module):
@@ -145,112 +219,70 @@ class Embedding(nn.Module):
 
 
 class CompressiveTransformer(nn.Module):
-    """The Compressive Transformer LM (n_cm = 0: Transformer-XL; n_m = n_cm = 0: vanilla)."""
+    """The Compressive Transformer LM (n_cm = 0: Transformer-XL; n_m = n_cm = 0: vanilla).
 
-    config: Any  # config.model (ConfigDict) or a ModelConfig
+    Entry points, each `model.apply(variables, ..., method=...)` on small pytrees:
+      __call__ (the default)   one training/evaluation segment -> (logits, next Memory, SegmentAux)
+      with_memory_keys_values  Memory -> the same Memory carrying its keys and values
+      prefill                  Memory -> DecodeCache for sampling the segment after it
+      decode                   one token per row and a DecodeCache -> (logits, next DecodeCache)
+    """
+
+    config: ModelConfigLike
 
     @property
     def model_config(self) -> ModelConfig:
         return ModelConfig.from_config(self.config)
 
-    def _layers(self, cfg: ModelConfig, deterministic: bool, mode: str, in_axes: tuple) -> nn.Module:
-        block = Block
-        if cfg.remat != "none" and mode == "segment":
-            # A fully unrolled stack puts forward and backward in one loop-free body, where XLA
-            # would merge the recomputation back into the forward pass: remat needs its barriers
-            # there. A scanned stack keeps them apart by the loop, and barriers would only cost.
-            unrolled = cfg.layers_per_scan_iteration >= cfg.n_layers
-            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=unrolled)
-        return nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
-                       split_rngs={"params": True, "dropout": True}, in_axes=in_axes,
-                       length=cfg.n_layers, unroll=cfg.layers_per_scan_iteration)(
-                           cfg, deterministic, mode, name="layers")
-
-    def _embed(self, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
-        return Embedding(cfg, name="embed")(tokens)
-
-    def _logits(self, cfg: ModelConfig, x_BND: jax.Array) -> jax.Array:
-        if cfg.layer_norm == "pre":
-            x_BND = LayerNorm(dtype=cfg.dtype, name="ln_final")(x_BND)
-        return nn.Dense(cfg.vocab_size, dtype=cfg.dtype, name="logits")(x_BND).astype(jnp.float32)
-
-    @nn.compact
-    def __call__(self, tokens_BN: jax.Array | None, memory: Memory, reset: jax.Array | None = None,
-                 deterministic: bool = True, *, cache: "DecodeCache | None" = None, prefill: bool = False,
-                 memory_kv: tuple[jax.Array, jax.Array] | None = None):
-        """One segment: (logits [B,n_s,V], next memory, aux).
-
-        `memory_kv`: the memories' keys and values [L,H,B,n_cm+n_m,K] (`memory_keys_values`),
-        used instead of projecting the memories again; aux["memory_kv"] holds the next
-        segment's. Evaluation carries them (parameters are fixed there); training cannot.
-
-        For sampling (ctx.sample): `prefill=True` returns a DecodeCache of the memory's keys and
-        values; with `cache`, `tokens_BN` is one token per row [B,1] at offset `cache.position`
-        of the current segment, and the result is (logits [B,1,V], updated cache).
-        """
+    def setup(self) -> None:
         cfg = self.model_config
-        if prefill:
-            return self._prefill(cfg, memory)
-        if cache is not None:
-            return self._decode(cfg, tokens_BN, cache)
+        self.embed = Embedding(cfg)
+        self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.layers = layer_stack(cfg)(cfg)
+        if cfg.layer_norm == "pre":
+            self.ln_final = LayerNorm(dtype=cfg.dtype)
+        self.logits = nn.Dense(cfg.vocab_size, dtype=cfg.dtype)
+
+    def _logits(self, x_BND: jax.Array) -> jax.Array:
+        if self.model_config.layer_norm == "pre":
+            x_BND = self.ln_final(x_BND)
+        return self.logits(x_BND).astype(jnp.float32)
+
+    def __call__(self, tokens_BN: jax.Array, memory: Memory, reset: jax.Array | None = None,
+                 deterministic: bool = True) -> tuple[jax.Array, Memory, SegmentAux]:
+        """One segment: (logits [B,n_s,V], next memory, aux), rows in `reset` starting afresh.
+
+        A memory that carries its keys and values (`with_memory_keys_values`) is read without
+        projecting the memories again, and the next one carries them too: evaluation does
+        this (parameters are fixed there); training cannot."""
+        cfg = self.model_config
         if tokens_BN.ndim != 2 or tokens_BN.shape[1] != cfg.segment_length:
             raise ValueError(f"tokens must be int [batch, segment_length={cfg.segment_length}], "
                              f"got shape {tokens_BN.shape}")
         memory = reset_rows(memory, reset)
-        kv = () if memory_kv is None else tuple(memory_kv)
-        if kv and reset is not None:  # as reset_rows zeroes the memories they were projected from
-            keep = ~reset.astype(bool)[None, None, :, None, None]
-            kv = tuple(jnp.where(keep, t, jnp.zeros((), t.dtype)) for t in kv)
-        x_BND = nn.Dropout(cfg.dropout)(self._embed(cfg, tokens_BN), deterministic=deterministic)
+        x_BND = self.embed_dropout(self.embed(tokens_BN), deterministic=deterministic)
         mask_B1NT = attention_mask(memory.mem_mask, memory.cmem_mask, cfg.segment_length)
-        layers = self._layers(cfg, deterministic, "segment", (0, 0, nn.broadcast) + (0,) * len(kv))
-        x_BND, (mem, cmem, compression_losses, attention_mass, *kv) = layers(
-            x_BND, memory.mem, memory.cmem, mask_B1NT, *kv)
-        logits_BNV = self._logits(cfg, x_BND)
+        x_BND, (layers, aux) = self.layers.segment(x_BND, memory.layers, mask_B1NT, deterministic)
         mem_mask, cmem_mask = update_masks(memory, cfg)
-        new_memory = Memory(mem=mem, cmem=cmem, mem_mask=mem_mask, cmem_mask=cmem_mask)
-        aux = {
-            "compression_loss": compression_losses.mean(),
-            "compression_loss_per_layer": compression_losses,
-            "attention_mass": attention_mass,  # [L, 3]: mass on (cmem, mem, segment)
-        }
-        if kv:
-            aux["memory_kv"] = tuple(kv)
-        return logits_BNV, jax.lax.stop_gradient(new_memory), aux
+        new_memory = memory.with_layers(layers).replace(mem_mask=mem_mask, cmem_mask=cmem_mask)
+        return self._logits(x_BND), jax.lax.stop_gradient(new_memory), aux
 
-    def _prefill(self, cfg: ModelConfig, memory: Memory) -> "DecodeCache":
-        layers = self._layers(cfg, True, "prefill", (0, 0))
-        _, (k, v, r, rc) = layers(jnp.zeros(()), memory.mem, memory.cmem)
-        N = cfg.segment_length
-        pad = jnp.zeros(k.shape[:2] + (N,) + k.shape[3:], k.dtype)
-        return DecodeCache(k=jnp.concatenate([k, pad], axis=2), v=jnp.concatenate([v, pad], axis=2), r=r, rc=rc,
-                           memory_mask=jnp.concatenate([memory.cmem_mask, memory.mem_mask], axis=1),
+    def with_memory_keys_values(self, memory: Memory) -> Memory:
+        """`memory` with the keys and values [L,H,B,n_cm+n_m,K] of its memories."""
+        _, layers = self.layers.memory_keys_values(None, memory.layers)
+        return memory.with_layers(layers)
+
+    def prefill(self, memory: Memory) -> DecodeCache:
+        """The decode cache for sampling the segment that follows `memory`."""
+        _, layers = self.layers.prefill(None, memory.without_keys_values().layers)
+        return DecodeCache(layers=layers, memory_mask=jnp.concatenate([memory.cmem_mask, memory.mem_mask], axis=1),
                            position=jnp.zeros((), jnp.int32))
 
-    def _decode(self, cfg: ModelConfig, token_B1: jax.Array, cache: "DecodeCache"):
-        N = cfg.segment_length
+    def decode(self, token_B1: jax.Array, cache: DecodeCache) -> tuple[jax.Array, DecodeCache]:
+        """One token per row [B,1] at offset `cache.position` of the current segment:
+        (logits [B,1,V], the cache with its keys and values)."""
+        N = self.model_config.segment_length
         segment_mask = jnp.broadcast_to(jnp.arange(N) <= cache.position, (cache.memory_mask.shape[0], N))
         mask_B1T = jnp.concatenate([cache.memory_mask, segment_mask], axis=1)[:, None]
-        layers = self._layers(cfg, True, "decode", (0, 0, 0, 0, nn.broadcast, nn.broadcast))
-        x_B1D, (k, v) = layers(self._embed(cfg, token_B1), cache.k, cache.v, cache.r, cache.rc, mask_B1T,
-                               cache.position)
-        return self._logits(cfg, x_B1D), cache.replace(k=k, v=v, position=cache.position + 1)
-
-
-def memory_keys_values(cache: "DecodeCache") -> tuple[jax.Array, jax.Array]:
-    """The memories' keys and values [L,H,B,n_cm+n_m,K] of a prefill cache, as `memory_kv` takes them."""
-    S = cache.memory_mask.shape[1]
-    return tuple(jnp.transpose(t[:, :, :S], (0, 3, 1, 2, 4)) for t in (cache.k, cache.v))
-
-
-@flax.struct.dataclass
-class DecodeCache:
-    """Per-layer keys/values of [cmem; mem; current segment] and projected position tables,
-    so sampling computes each token once instead of re-running its segment."""
-
-    k: jax.Array  # [L, B, n_cm + n_m + n_s, H, K]
-    v: jax.Array
-    r: jax.Array  # [L, n_m + n_s, H, K]
-    rc: jax.Array  # [L, n_cm + n_s, H, K] (empty without compressed memory)
-    memory_mask: jax.Array  # [B, n_cm + n_m]
-    position: jax.Array  # offset of the next token in the current segment
+        x_B1D, layers = self.layers.decode(self.embed(token_B1), cache.layers, (mask_B1T, cache.position))
+        return self._logits(x_B1D), cache.replace(layers=layers, position=cache.position + 1)

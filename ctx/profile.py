@@ -22,6 +22,24 @@ _CALLER = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = [^\n]*?calls=%?([\w.\-]+)"
 _COMPUTATION = re.compile(r"^%?([\w.\-]+) \([^\n]*\{\n(.*?)^\}", re.MULTILINE | re.DOTALL)
 _WRAPPER = re.compile(r"^(while|body|cond|closed_call|eval_jaxpr|checkpoint|rematted_computation|"
                       r"(jit|jvp|transpose|vmap|remat)\(.*\))$")
+# Flax names a call of a module's method `module.method` (`layers.segment`, `attention._residual`;
+# the root module by its class): ops are named by the modules that own them (`layers/attention/...`).
+_METHOD_FRAME = re.compile(r"^([A-Za-z_]\w*)\.\w+$")
+
+
+def _source_path(op_name: str) -> str:
+    parts: list[str] = []
+    for part in op_name.split("/"):
+        if _WRAPPER.match(part):
+            continue
+        frame = _METHOD_FRAME.match(part)
+        if frame:
+            if frame.group(1)[0].isupper():  # the root module
+                continue
+            part = frame.group(1)
+        if not parts or parts[-1] != part:
+            parts.append(part)
+    return "/".join(parts)
 
 
 def instruction_sources(hlo_text: str) -> dict[str, str]:
@@ -39,8 +57,8 @@ def instruction_sources(hlo_text: str) -> dict[str, str]:
     sources = {}
     for name, op_name in op_names.items():
         direction = "B " if "transpose(jvp(" in op_name else "F "
-        path = "/".join(part for part in op_name.split("/") if not _WRAPPER.match(part))
-        sources[name] = sources[name.replace(".", "_")] = direction + (path or "(loop or call plumbing)")
+        sources[name] = sources[name.replace(".", "_")] = direction + (_source_path(op_name)
+                                                                      or "(loop or call plumbing)")
     return sources
 
 

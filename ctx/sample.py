@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ctx.cli import FLAGS, define_config_flags, run_main
-from ctx.config import ModelConfig
+from ctx.config import ModelConfig, ModelConfigLike
 from ctx.memory import init_memory
 from ctx.model import CompressiveTransformer
 from ctx.restore import restore_for_inference
@@ -59,15 +59,14 @@ def _steps(cfg: ModelConfig):
     repeated `generate` calls (a notebook loop) reuse their compiled programs."""
     model = CompressiveTransformer(cfg)
     advance = jax.jit(lambda p, segment, memory: model.apply(p, segment, memory)[1])
-    prefill = jax.jit(lambda p, memory: model.apply(p, None, memory, prefill=True))
-    decode = jax.jit(lambda p, token, cache: model.apply(p, token, None, cache=cache))
+    prefill = jax.jit(lambda p, memory: model.apply(p, memory, method=CompressiveTransformer.prefill))
+    decode = jax.jit(lambda p, token, cache: model.apply(p, token, cache, method=CompressiveTransformer.decode))
     return advance, prefill, decode
 
 
-def generate(params: Any, config: Any, prompt_tokens, num_tokens: int, rng: jax.Array, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, bos_id: int = 0) -> Sample:
+def generate(params: Any, model_config: ModelConfigLike, prompt_tokens, num_tokens: int, rng: jax.Array,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, bos_id: int = 0) -> Sample:
     """Continue `prompt_tokens` ([P] or [B, P] ids) by `num_tokens` tokens per row."""
-    model_config = config.model if "model" in config else config
     cfg = ModelConfig.from_config(model_config)
     prompt = np.asarray(prompt_tokens, np.int64)
     prompt = prompt[None] if prompt.ndim == 1 else prompt
@@ -121,7 +120,7 @@ def main() -> None:
     restored = restore_for_inference(config, FLAGS.workdir, None if FLAGS.step < 0 else FLAGS.step,
                                      make_mesh(config.mesh, jax.devices()[:1]))
     prompt = restored.tokenizer.encode(FLAGS.prompt)
-    sample = generate(restored.params, config, prompt, FLAGS.num_tokens, jax.random.PRNGKey(FLAGS.seed),
+    sample = generate(restored.params, config.model, prompt, FLAGS.num_tokens, jax.random.PRNGKey(FLAGS.seed),
                       temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
                       bos_id=restored.tokenizer.bos_id)
     sys.stdout.write(FLAGS.prompt + restored.tokenizer.decode(sample.tokens[0]) + "\n")

@@ -77,15 +77,15 @@ class Trainer:
                 rngs={"dropout": dropout_rng})
             lm_loss = losses.weighted_mean_nll(logits, batch["targets"], batch["weights"])
             # The two losses reach disjoint parameters, so their sum trains each on its own.
-            return lm_loss + aux["compression_loss"], (lm_loss, new_memory, aux)
+            return lm_loss + aux.compression_loss, (lm_loss, new_memory, aux)
 
         grads, (lm_loss, new_memory, aux) = jax.grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        mass = aux["attention_mass"].mean(axis=0)
+        mass = aux.attention_mass.mean(axis=0)
         metrics = {
             "loss": lm_loss,
-            "compression_loss": aux["compression_loss"],
+            "compression_loss": aux.compression_loss,
             "grad_norm": optax.tree.norm(grads),
             "learning_rate": learning_rate(self.config.train, self.config.train.peak_lr)(
                 opt_state.gradient_step),

@@ -210,7 +210,7 @@ def test_eval_chunk_carries_the_memories_keys_and_values_exactly(overrides):
 
     if cfg.compressed_length + cfg.memory_length not in (0, n_s):  # else the segment's rows look alike
         assert memory_projections(lambda v: model.apply(v, chunk["tokens"][0], memory), variables) > 0
-        once = memory_projections(lambda v: model.apply(v, None, memory, prefill=True), variables)
+        once = memory_projections(lambda v: model.apply(v, memory, method=model.with_memory_keys_values), variables)
         assert memory_projections(chunk_fn, variables["params"], memory, chunk) == once  # not x segments
     final, nll = chunk_fn(variables["params"], jax.tree.map(jnp.copy, memory), chunk)
     expected = []

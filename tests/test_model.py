@@ -35,7 +35,7 @@ def test_model_matches_brute_force_over_segments(overrides):
         np.testing.assert_allclose(np.asarray(memory.cmem), ref_cmem, rtol=1e-4, atol=1e-5)
         # The attention-reconstruction loss reuses the attention's keys of the evicted rows.
         if mcfg.compresses and mcfg.compression_loss == "attention":
-            np.testing.assert_allclose(np.asarray(aux["compression_loss_per_layer"]), ref_loss, rtol=1e-4, atol=1e-9)
+            np.testing.assert_allclose(np.asarray(aux.compression_loss_per_layer), ref_loss, rtol=1e-4, atol=1e-9)
             assert s < 2 or ref_loss.min() > 0  # real memories are evicted from the third segment on
 
 
@@ -159,7 +159,7 @@ def test_gradient_isolation(compression, compression_loss):
         return losses.weighted_mean_nll(logits[:, :-1], segment[:, 1:], jnp.ones_like(segment[:, 1:]))
 
     def compression_loss_fn(params):
-        return model.apply({"params": params}, segment, memory)[2]["compression_loss"]
+        return model.apply({"params": params}, segment, memory)[2].compression_loss
 
     both = jax.jit(lambda p: (jax.grad(lm_loss)(p), jax.grad(compression_loss_fn)(p)))
     lm_grads, compression_grads = both(variables["params"])
@@ -221,7 +221,7 @@ def test_remat_and_unrolled_layers_give_the_same_gradients(variant):
 
     def loss(m, params):
         logits, _, aux = m.apply({"params": params}, tokens, memory)
-        return logits.mean() + aux["compression_loss"]
+        return logits.mean() + aux.compression_loss
 
     g1 = jax.jit(jax.grad(lambda p: loss(model, p)))(variables["params"])
     g2 = jax.jit(jax.grad(lambda p: loss(remat_model, p)))(variables["params"])
@@ -277,3 +277,38 @@ def test_compression_convolutions_match_lax_conv():
     kernel2 = jnp.asarray(rng.normal(size=(2, 5, 5)), jnp.float32)
     expected = jax.lax.conv_general_dilated(x, kernel2, (1,), ((2, 0),), rhs_dilation=(2,), dimension_numbers=dims)
     np.testing.assert_allclose(causal_dilated_conv(x, kernel2, 2), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(compressed_length=0, memory_length=8)])
+def test_carried_keys_values_stay_the_projection_of_the_memory(overrides):
+    """Memory's optional keys/values are always what projecting its memories gives: after a
+    segment that advanced them, after a reset and after row selection (evaluation's batch
+    shrinking), all handled by the Memory functions in one place."""
+    cfg = tiny_model_config(**overrides)
+    model, variables, memory = build(cfg, batch_size=3)
+    tokens = random_tokens(model.model_config, 3, 3)
+    n_s = model.model_config.segment_length
+
+    def project(m):
+        return model.apply(variables, m.without_keys_values(), method=model.with_memory_keys_values)
+
+    def assert_projected(m):
+        again = project(m)
+        np.testing.assert_allclose(np.asarray(m.keys), np.asarray(again.keys), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(m.values), np.asarray(again.values), atol=1e-5)
+
+    for s in range(2):
+        _, memory, _ = model.apply(variables, jnp.asarray(tokens[:, s * n_s:(s + 1) * n_s]), memory)
+    carried = project(memory)
+    assert carried.carries_keys_values and carried.keys.shape[2] == 3  # [L, H, B, S, K]
+    _, advanced, _ = model.apply(variables, jnp.asarray(tokens[:, 2 * n_s:]), carried,
+                                 reset=jnp.asarray([False, True, False]))
+    assert advanced.carries_keys_values
+    assert_projected(advanced)
+    cleared = ctx.memory.reset_rows(carried, jnp.asarray([True, False, False]))
+    assert_projected(cleared)
+    assert not np.asarray(cleared.keys[:, :, 0]).any() and not np.asarray(cleared.mem_mask[0]).any()
+    chosen = ctx.memory.select_rows(carried, (2, 0))
+    assert_projected(chosen)
+    np.testing.assert_array_equal(np.asarray(chosen.keys), np.asarray(carried.keys)[:, :, [2, 0]])
+    np.testing.assert_array_equal(np.asarray(chosen.mem_mask), np.asarray(carried.mem_mask)[[2, 0]])

@@ -25,7 +25,10 @@ def test_old_checkpoint_has_the_parameter_tree_of_todays_model():
     model = ctx.CompressiveTransformer(cfg.model)
     fresh = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, cfg.model.segment_length), jnp.int32),
                                               ctx.init_memory(cfg.model, 1))["params"])
-    shapes = lambda tree: {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+    def shapes(tree):
+        return {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
     assert shapes(restored.params) == shapes(fresh)
     assert restored.step == 4
 

@@ -8,6 +8,7 @@ from jax.ad_checkpoint import print_saved_residuals
 
 from ctx.attention import attention_mask
 from ctx.config import ModelConfig
+from ctx.memory import LayerMemory
 from ctx.model import Block
 from ctx.ops import LayerNorm, relu, softmax
 from tests.helpers import tiny_model_config
@@ -66,12 +67,12 @@ def test_a_layer_keeps_one_tensor_per_op_for_its_backward(capsys):
     B, N, T = 2, cfg.segment_length, cfg.compressed_length + cfg.memory_length + cfg.segment_length
     x, mem, cmem = (jnp.ones((B, n, cfg.d_model)) for n in (N, cfg.memory_length, cfg.compressed_length))
     mask = attention_mask(jnp.ones((B, cfg.memory_length), bool), jnp.ones((B, cfg.compressed_length), bool), N)
-    block = Block(cfg)
-    params = block.init(jax.random.key(0), x, mem, cmem, mask)
+    block, layer = Block(cfg), LayerMemory(mem=mem, cmem=cmem)
+    params = block.init(jax.random.key(0), x, layer, mask, True, method=Block.segment)
 
     def loss(p, x):
-        y, (_, _, compression_loss, _) = block.apply(p, x, mem, cmem, mask)
-        return y.sum() + compression_loss
+        y, (_, aux) = block.apply(p, x, layer, mask, True, method=Block.segment)
+        return y.sum() + aux.compression_loss_per_layer
 
     print_saved_residuals(loss, params, x)
     kept = capsys.readouterr().out.splitlines()
