@@ -8,12 +8,13 @@ one optimizer step (truncated back-propagation: the memory entering a segment is
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import ml_collections
@@ -93,92 +94,132 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, hooks: H
             lock.release()
 
 
-def _run(config, workdir, trainer, train_corpus, valid_corpus, stop: StopRequest, hooks: Hooks) -> dict[str, Any]:
-    is_main = jax.process_index() == 0
-    tokenizer = train_corpus.tokenizer
+@dataclasses.dataclass
+class _Position:
+    """Where the run is: the device state after `step` segments and the last metrics row."""
+
+    step: int
+    state: Any
+    memory: Any
+    rng: jax.Array
+    last: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def _keep_tokenizer_copy(workdir: str, tokenizer) -> None:
+    """A copy of a SentencePiece model in the workdir, where evaluation and sampling find it."""
     copy = epath.Path(workdir) / "tokenizer.model"
-    if is_main and hasattr(tokenizer, "path") and not copy.exists():
-        copy.write_bytes(epath.Path(tokenizer.path).read_bytes())  # evaluation finds it here
-    checkpoint_dir = os.path.join(workdir, "checkpoints")
-    checkpointer = Checkpointer(checkpoint_dir, config.train.max_checkpoints_to_keep)
-    writer = MetricWriter(workdir, enabled=is_main)
-    stream = TrainStream(train_corpus, config.train.batch_size, trainer.model_config.segment_length,
-                         seed=config.seed, shuffle=config.data.shuffle, rows=process_rows(config.train.batch_size))
+    if hasattr(tokenizer, "path") and not copy.exists():
+        copy.write_bytes(epath.Path(tokenizer.path).read_bytes())
+
+
+def _restore_or_start(config, workdir: str, trainer: Trainer, checkpointer: Checkpointer, stream: TrainStream,
+                      tokenizer) -> _Position:
+    """The latest readable checkpoint (its stream position restored too), or a fresh start."""
     restored = checkpointer.restore_latest(trainer.abstract_checkpoint(),
                                            fallback=config.train.on_corrupt_checkpoint == "previous")
     if restored is None:
-        state = trainer.init_state(jax.random.PRNGKey(config.seed))
-        memory = trainer.init_memory()
-        rng = jax.device_put(jax.random.PRNGKey(config.seed + 1), replicated(trainer.mesh))
-        step = 0
-    else:
-        step, device_state, data_state = restored
-        state, memory, rng = device_state["train_state"], device_state["memory"], device_state["rng"]
-        if data_state.get("tokenizer", tokenizer.fingerprint) != tokenizer.fingerprint:
-            raise ValueError(f"the run in {workdir} was trained with tokenizer {data_state['tokenizer']}, "
-                             f"but data.tokenizer={config.data.tokenizer} is {tokenizer.fingerprint}; "
-                             f"use the run's copy, {os.path.join(workdir, 'tokenizer.model')}")
-        stream.restore(data_state)
-        if is_main:
-            print(f"Resumed from checkpoint {step} in {checkpoint_dir}", flush=True)
+        return _Position(step=0, state=trainer.init_state(jax.random.PRNGKey(config.seed)),
+                         memory=trainer.init_memory(),
+                         rng=jax.device_put(jax.random.PRNGKey(config.seed + 1), replicated(trainer.mesh)))
+    step, device_state, data_state = restored
+    if data_state.get("tokenizer", tokenizer.fingerprint) != tokenizer.fingerprint:
+        raise ValueError(f"the run in {workdir} was trained with tokenizer {data_state['tokenizer']}, "
+                         f"but data.tokenizer={config.data.tokenizer} is {tokenizer.fingerprint}; "
+                         f"use the run's copy, {os.path.join(workdir, 'tokenizer.model')}")
+    stream.restore(data_state)
+    if jax.process_index() == 0:
+        print(f"Resumed from checkpoint {step} in {checkpointer.directory}", flush=True)
+    return _Position(step=step, state=device_state["train_state"], memory=device_state["memory"],
+                     rng=device_state["rng"])
 
-    eval_batch = config.eval.batch_size or config.train.batch_size
-    eval_chunk = config.eval.segments_per_call or config.train.segments_per_call
+
+def _metric_rows(metrics: dict, first_step: int, k: int, seconds: float, tokens_per_segment: int,
+                 num_devices: int) -> Iterator[dict[str, float]]:
+    """One row per segment of a chunk, in order; a non-finite loss or gradient stops the run
+    at its row (the rows before it are still given)."""
+    for i in range(k):
+        row = {"step": first_step + i + 1, **{key: float(v[i]) for key, v in metrics.items()},
+               "tokens_per_sec": tokens_per_segment * k / seconds, "num_devices": num_devices}
+        bad = [q for q in ("loss", "compression_loss", "grad_norm") if not math.isfinite(row[q])]
+        if bad:
+            raise FloatingPointError(f"non-finite {', '.join(bad)} at step {row['step']}")
+        yield row
+
+
+def _save_due(train: ml_collections.ConfigDict, step: int) -> bool:
+    return step % train.checkpoint_every == 0 or step == train.num_steps
+
+
+def _validation_due(train: ml_collections.ConfigDict, step: int) -> bool:
+    return bool(train.eval_every and step % train.eval_every == 0) or step == train.num_steps
+
+
+def _validation_row(step: int, validation: dict[str, Any]) -> dict[str, Any]:
+    return {"step": step, "split": "validation", "loss": validation["total_nll"] / validation["tokens"],
+            **{key: validation[key] for key in ("token_perplexity", "bits_per_token", "bits_per_byte", "tokens")}}
+
+
+def _run(config, workdir, trainer, train_corpus, valid_corpus, stop: StopRequest, hooks: Hooks) -> dict[str, Any]:
+    """The loop: per chunk, train G segments, record their metrics, save and validate when due,
+    and stop at num_steps or, all processes together, after a SIGTERM."""
+    is_main = jax.process_index() == 0
+    tokenizer = train_corpus.tokenizer
+    if is_main:
+        _keep_tokenizer_copy(workdir, tokenizer)
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.max_checkpoints_to_keep)
+    writer = MetricWriter(workdir, enabled=is_main)
+    stream = TrainStream(train_corpus, config.train.batch_size, trainer.model_config.segment_length,
+                         seed=config.seed, shuffle=config.data.shuffle, rows=process_rows(config.train.batch_size))
+    at = _restore_or_start(config, workdir, trainer, checkpointer, stream, tokenizer)
     eval_fn = make_eval_chunk_fn(trainer.model)  # compiled once for every validation
 
     def validate(params):
-        return evaluate_corpus(trainer.model, params, valid_corpus, trainer.mesh, eval_batch, eval_chunk,
+        return evaluate_corpus(trainer.model, params, valid_corpus, trainer.mesh,
+                               config.eval.batch_size or config.train.batch_size,
+                               config.eval.segments_per_call or config.train.segments_per_call,
                                shrink_batch=config.eval.shrink_batch, chunk_fn=eval_fn)
 
-    config_json = config.to_dict()
-    tokens_per_segment = config.train.batch_size * trainer.model_config.segment_length
-    bar = progress(is_main, total=config.train.num_steps, initial=step, desc="train", unit="seg")
-    last, validation, preempted, saved_step = {}, None, False, step
-    chunks = ChunkPrefetcher(stream, step, config.train.num_steps, lambda s: _chunk_length(s, config))
-
     def save(data_state):
-        checkpointer.save(step, {"train_state": state, "memory": memory, "rng": rng},
-                          {**data_state, "tokenizer": tokenizer.fingerprint}, config_json)
-        hooks.after_save(step)
+        checkpointer.save(at.step, {"train_state": at.state, "memory": at.memory, "rng": at.rng},
+                          {**data_state, "tokenizer": tokenizer.fingerprint}, config.to_dict())
+        hooks.after_save(at.step)
 
+    num_steps = config.train.num_steps
+    tokens_per_segment = config.train.batch_size * trainer.model_config.segment_length
+    bar = progress(is_main, total=num_steps, initial=at.step, desc="train", unit="seg")
+    validation, preempted, saved_step = None, False, at.step
+    chunks = ChunkPrefetcher(stream, at.step, num_steps, lambda s: _chunk_length(s, config))
     try:
-        while step < config.train.num_steps:
+        while at.step < num_steps:
             start = time.perf_counter()
             k, host_chunk, data_state = next(chunks)
-            chunk = device_chunk(trainer.mesh, host_chunk)
-            state, memory, rng, metrics = trainer.train_chunk(state, memory, rng, chunk)
-            metrics = jax.device_get(metrics)
-            seconds = time.perf_counter() - start
-            for i in range(k):
-                row = {"step": step + i + 1, **{key: float(v[i]) for key, v in metrics.items()},
-                       "tokens_per_sec": tokens_per_segment * k / seconds, "num_devices": trainer.mesh.size}
-                bad = [q for q in ("loss", "compression_loss", "grad_norm") if not math.isfinite(row[q])]
-                if bad:
-                    checkpointer.wait()
-                    raise FloatingPointError(
-                        f"non-finite {', '.join(bad)} at step {row['step']}; the run stopped without saving "
-                        f"that state, and the last good checkpoint ({checkpointer.latest_step()}) is kept")
-                writer.write(row)
-                last = row
-            step += k
+            at.state, at.memory, at.rng, metrics = trainer.train_chunk(
+                at.state, at.memory, at.rng, device_chunk(trainer.mesh, host_chunk))
+            try:
+                for row in _metric_rows(jax.device_get(metrics), at.step, k, time.perf_counter() - start,
+                                        tokens_per_segment, trainer.mesh.size):
+                    writer.write(row)
+                    at.last = row
+            except FloatingPointError as error:
+                checkpointer.wait()
+                raise FloatingPointError(f"{error}; the run stopped without saving that state, and the last good "
+                                         f"checkpoint ({checkpointer.latest_step()}) is kept") from None
+            at.step += k
             if bar is not None:
                 bar.update(k)
-                bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_sec']:,.0f}")
+                bar.set_postfix(loss=f"{at.last['loss']:.3f}", tok_s=f"{at.last['tokens_per_sec']:,.0f}")
             # Read the flag once (a SIGTERM landing between two reads would stop without a save),
             # and for all processes at once: any one's SIGTERM stops every one at this step.
             stopping = any_process(stop.requested)
-            if step % config.train.checkpoint_every == 0 or step == config.train.num_steps or stopping:
+            if _save_due(config.train, at.step) or stopping:
                 save(data_state)
-                saved_step = step
-            if (config.train.eval_every and step % config.train.eval_every == 0) or step == config.train.num_steps:
-                validation = validate(state.params)
-                writer.write({"step": step, "split": "validation",
-                              "loss": validation["total_nll"] / validation["tokens"],
-                              **{key: validation[key] for key in ("token_perplexity", "bits_per_token",
-                                                                  "bits_per_byte", "tokens")}})
+                saved_step = at.step
+            if _validation_due(config.train, at.step):
+                validation = validate(at.state.params)
+                writer.write(_validation_row(at.step, validation))
             writer.flush()
-            hooks.after_chunk(step)
-            if stopping and step < config.train.num_steps:
+            hooks.after_chunk(at.step)
+            if stopping and at.step < num_steps:
                 preempted = True
                 break
     finally:
@@ -188,9 +229,10 @@ def _run(config, workdir, trainer, train_corpus, valid_corpus, stop: StopRequest
         checkpointer.close()
         writer.close()
     if validation is None and not preempted:  # already at num_steps: report on the restored state
-        validation = validate(state.params)
-    return {"train": last, "validation": validation, "step": step, "saved_step": saved_step, "params": state.params,
-            "preempted": preempted, "unigram_bits_per_token": valid_corpus.unigram_bits_per_token()}
+        validation = validate(at.state.params)
+    return {"train": at.last, "validation": validation, "step": at.step, "saved_step": saved_step,
+            "params": at.state.params, "preempted": preempted,
+            "unigram_bits_per_token": valid_corpus.unigram_bits_per_token()}
 
 
 def main() -> None:
