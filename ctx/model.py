@@ -13,6 +13,7 @@ Shape letters, in names like `x_BND` (as in nanodo) and throughout ctx, each wit
 """
 from __future__ import annotations
 
+import warnings
 from functools import partial
 from typing import Callable
 
@@ -46,6 +47,11 @@ class SegmentAux:
     def compression_loss(self) -> jax.Array:
         """The auxiliary loss training adds: the mean over layers."""
         return self.compression_loss_per_layer.mean()
+
+    def __getitem__(self, name: str) -> jax.Array:
+        """aux["compression_loss"], as when aux was a dict; the old spelling still works."""
+        warnings.warn(f'aux["{name}"] is now aux.{name}', DeprecationWarning, stacklevel=2)
+        return getattr(self, name)
 
 
 @flax.struct.dataclass

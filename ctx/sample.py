@@ -13,11 +13,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
+import warnings
 from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from ctx.cli import FLAGS, define_config_flags, run_main
@@ -67,6 +69,9 @@ def _steps(cfg: ModelConfig):
 def generate(params: Any, model_config: ModelConfigLike, prompt_tokens, num_tokens: int, rng: jax.Array,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, bos_id: int = 0) -> Sample:
     """Continue `prompt_tokens` ([P] or [B, P] ids) by `num_tokens` tokens per row."""
+    if isinstance(model_config, ml_collections.ConfigDict) and "model" in model_config:
+        warnings.warn("sample.generate takes the model config: pass config.model", DeprecationWarning, stacklevel=2)
+        model_config = model_config.model
     cfg = ModelConfig.from_config(model_config)
     prompt = np.asarray(prompt_tokens, np.int64)
     prompt = prompt[None] if prompt.ndim == 1 else prompt

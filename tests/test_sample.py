@@ -118,3 +118,19 @@ def test_inspect_segment_reports_mass_by_kind_and_age():
     assert report["compression_loss_per_layer"].shape == (2,) and (report["compression_loss_per_layer"] > 0).all()
     arrays = memory_arrays(memory)
     assert arrays["cmem"].shape == (2, 2, 8, 16) and arrays["cmem_mask"].all()
+
+
+def test_old_spellings_still_work_with_a_deprecation_warning():
+    """aux was a dict and generate took the whole config: both still work, and say the new form."""
+    from experiments import demo
+
+    cfg = demo.get_config()
+    cfg.model.update(n_layers=1, d_model=16, n_heads=2, d_ff=32)
+    model, variables, memory = build(cfg.model, batch_size=1)
+    _, _, aux = model.apply(variables, jnp.zeros((1, cfg.model.segment_length), jnp.int32), memory)
+    with pytest.warns(DeprecationWarning, match=r"aux\.compression_loss"):
+        assert aux["compression_loss"] == aux.compression_loss
+    with pytest.warns(DeprecationWarning, match="pass config.model"):
+        old = generate(variables["params"], cfg, [1, 2], 3, jax.random.PRNGKey(0))
+    new = generate(variables["params"], cfg.model, [1, 2], 3, jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(old.tokens, new.tokens)
