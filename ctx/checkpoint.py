@@ -16,6 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from ctx.distributed import any_process, smallest_on_any_process, wait_for_all_processes
 from ctx.memory import Memory
 
 T = TypeVar("T")
@@ -171,37 +172,52 @@ class Checkpointer:
     def restore_latest(self, abstract_state: Any, fallback: bool = False) -> tuple[int, Any, dict] | None:
         """(step, state, data) of the newest readable checkpoint, or None if there is none.
 
-        A half-written step (an interrupted async save) is never listed: orbax commits a
-        step by renaming its folder. A committed step that cannot be read is an error naming
-        it, unless `fallback`, which moves on to the previous step. Never a silent fresh start.
+        A half-written step (an interrupted async save, on any host) is never listed: orbax
+        commits a step by renaming its folder once every process has written its part. A
+        committed step that cannot be read is an error naming it, unless `fallback`, which moves
+        on to the previous step. Never a silent fresh start. With several processes every
+        decision is taken together, so all of them restore the same step: a step that only some
+        list is not used, and a step that one cannot read is unread by all.
         """
         steps = sorted(self.all_steps(), reverse=True)
+        listed_everywhere = smallest_on_any_process(steps[0] if steps else -1)
+        steps = [s for s in steps if s <= listed_everywhere]
         for i, step in enumerate(steps):
+            reason = None
             try:
                 state, data, _ = self.restore(step, abstract_state)
-                return step, state, data
             except Exception as error:  # orbax/tensorstore raise many types for damaged files
                 first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
                 reason = f"{type(error).__name__}: {first_line}"
-                older = steps[i + 1] if i + 1 < len(steps) else None
-                if not fallback or older is None:
-                    hint = (f"set --config.train.on_corrupt_checkpoint=previous to resume from step {older}"
-                            if older is not None else "no older checkpoint is left to fall back to")
-                    raise CheckpointError(f"checkpoint {step} in {self.directory}/{step} cannot be read ({reason}); "
-                                          f"{hint}") from None
-                self._set_aside(step)
-                print(f"warning: checkpoint {step} cannot be read ({reason}); moved it to "
-                      f"{self.directory}/corrupt-{step} and trying step {older}", flush=True)
+            if not any_process(reason is not None):
+                return step, state, data
+            if reason is None:
+                reason = "another process could not read it"
+            older = steps[i + 1] if i + 1 < len(steps) else None
+            if not fallback or older is None:
+                hint = (f"set --config.train.on_corrupt_checkpoint=previous to resume from step {older}"
+                        if older is not None else "no older checkpoint is left to fall back to")
+                raise CheckpointError(f"checkpoint {step} in {self.directory}/{step} cannot be read ({reason}); "
+                                      f"{hint}") from None
+            self._set_aside(step)
+            print(f"warning: checkpoint {step} cannot be read ({reason}); moved it to "
+                  f"{self.directory}/corrupt-{step} and trying step {older}", flush=True)
         return None
 
     def _set_aside(self, step: int) -> None:
-        """Rename a damaged step out of orbax's sight (kept for inspection, never deleted)."""
+        """Rename a damaged step out of orbax's sight (kept for inspection, never deleted); the
+        first process renames it, and every process then lists the steps again."""
+        if jax.process_index() == 0:
+            self._rename_aside(step)
+        wait_for_all_processes(f"ctx-set-aside-{step}")
+        self.reload()
+
+    def _rename_aside(self, step: int) -> None:
         source = epath.Path(self.directory) / str(step)
         target = epath.Path(self.directory) / f"corrupt-{step}"
         if target.exists():
             target = epath.Path(self.directory) / f"corrupt-{step}-{len(list(epath.Path(self.directory).iterdir()))}"
         source.rename(target)
-        self.manager.reload()
 
     def restore_params(self, step: int, abstract_params: Any) -> Any:
         """Only the parameters of checkpoint `step`, onto the shardings in `abstract_params`."""

@@ -60,3 +60,16 @@ def any_process(flag: bool) -> bool:
     if jax.process_count() == 1:
         return flag
     return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+
+
+def smallest_on_any_process(value: int) -> int:
+    """The smallest of every process's `value`, the same answer on all of them."""
+    if jax.process_count() == 1:
+        return value
+    return int(np.min(multihost_utils.process_allgather(np.asarray(value, np.int64))))
+
+
+def wait_for_all_processes(name: str) -> None:
+    """Return once every process has reached the point called `name`."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)

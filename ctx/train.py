@@ -55,6 +55,9 @@ class Hooks:
     def after_save(self, step: int) -> None:
         """Checkpoint `step` has been handed to the (asynchronous) checkpointer."""
 
+    def before_validation(self, step: int) -> None:
+        """The validation due at `step` is about to start."""
+
     def after_chunk(self, step: int) -> None:
         """A chunk ending at `step` is done: saved if due, validated if due, stop not yet decided."""
 
@@ -215,6 +218,7 @@ def _run(config, workdir, trainer, train_corpus, valid_corpus, stop: StopRequest
                 save(data_state)
                 saved_step = at.step
             if _validation_due(config.train, at.step):
+                hooks.before_validation(at.step)
                 validation = validate(at.state.params)
                 writer.write(_validation_row(at.step, validation))
             writer.flush()

@@ -116,6 +116,7 @@ while :; do
     run gcloud compute tpus queued-resources delete "$name" "${where[@]}" --force --quiet
   fi
   if [[ "$status" == 0 || $dry_run == 1 ]]; then break; fi
+  if [[ "$status" == 2 ]]; then echo "error: the run rejected its input (exit 2); not restarted" >&2; exit 2; fi
   attempt=$((attempt + 1))
   if (( attempt > max_restarts )); then echo "error: the run failed $attempt times (last status $status)" >&2; exit 1; fi
   echo "run ended with status $status (preempted?); resuming from the last checkpoint ($attempt/$max_restarts)" >&2

@@ -121,3 +121,31 @@ def test_compile_only_reports_memory_for_a_simulated_mesh(fsdp):
     assert report["batch_size"] == 8 * fsdp  # per-device batch x devices
     assert report["per_device_bytes"]["argument_size_in_bytes"] > 0
     assert 0 < report["per_device_memory_estimate_gib"] < 1
+
+
+def test_slurm_script_restarts_a_failed_run_but_not_bad_input_or_a_preemption(tmp_path):
+    """A fake srun on PATH exits with the statuses listed in a file, one per call: the script
+    starts the run again after a failure (a lost node), up to --max_restarts times, and passes
+    exit 2 (bad input) and 143 (SIGTERM; SLURM requeues) straight through."""
+    fake = tmp_path / "bin" / "srun"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/bash\necho call >> "$CALLS"\nstatus=$(head -n1 "$STATUSES")\n'
+                    'sed -i 1d "$STATUSES"\nexit "$status"\n')
+    fake.chmod(0o755)
+
+    def slurm(statuses, *flags):
+        (tmp_path / "statuses").write_text("".join(f"{s}\n" for s in statuses))
+        (tmp_path / "calls").write_text("")
+        out = bash("launch/slurm_gpu.sbatch", "--workdir=/shared/run", *flags, "--", "--config=experiments/pg19.py",
+                   PATH=f"{fake.parent}:{os.environ['PATH']}", CALLS=str(tmp_path / "calls"),
+                   STATUSES=str(tmp_path / "statuses"))
+        return out, len((tmp_path / "calls").read_text().split())
+
+    out, calls = slurm([134, 1, 0])
+    assert out.returncode == 0 and calls == 3 and "restarting from the last checkpoint (2/3)" in out.stderr
+    out, calls = slurm([1, 1], "--max_restarts=1")
+    assert out.returncode == 1 and calls == 2 and "failed 2 times" in out.stderr
+    for status in (2, 143):
+        out, calls = slurm([status, 0])
+        assert out.returncode == status and calls == 1
+    assert slurm([0], "--max_restarts=x")[0].returncode == 2

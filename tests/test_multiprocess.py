@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, TINY_CLI_FLAGS, read_metrics
+from tests.helpers import ROOT, TINY_CLI_FLAGS, read_metrics, script
 
 
 def free_port() -> int:
@@ -29,15 +29,41 @@ ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
 
 
 def start(module, workdir, *args, processes=2):
-    """`python -m ctx.<module>` on `processes` processes joined by jax.distributed, each logging to a
-    file (no pipe can fill up)."""
+    """`python -m ctx.<module>` on `processes` processes joined by jax.distributed."""
     port = free_port()
-    logs = [open(os.path.join(workdir.parent, f"{workdir.name}-{module}-{i}-{port}.log"), "w+")
-            for i in range(processes)]
-    procs = [subprocess.Popen(command(module, workdir, *args) + [
-        f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}", f"--process_id={i}"],
-        stdout=log, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=ENV) for i, log in enumerate(logs)]
+    return start_processes(workdir, module, [command(module, workdir, *args) + [
+        f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}", f"--process_id={i}"]
+        for i in range(processes)])
+
+
+def start_processes(workdir, name, commands):
+    """Start `commands`, process i logging to a file of its own (no pipe can fill up)."""
+    logs = [open(os.path.join(workdir.parent, f"{workdir.name}-{name}-{i}-{free_port()}.log"), "w+")
+            for i in range(len(commands))]
+    procs = [subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=ENV)
+             for argv, log in zip(commands, logs)]
     return procs, logs
+
+
+def start_with_faults(workdir, num_steps, faults, *overrides):
+    """tests/scripts/train_with_faults.py on len(faults) processes joined by jax.distributed;
+    process i gets --fault=faults[i] (None: no fault)."""
+    port = free_port()
+    return start_processes(workdir, "faults", [
+        [sys.executable, script("train_with_faults.py"), str(workdir), str(num_steps), "4",
+         f"--distributed={port}:{len(faults)}:{i}", *([f"--fault={fault}"] if fault else []), *overrides]
+        for i, fault in enumerate(faults)])
+
+
+def wait_all(procs, logs, timeout):
+    """Exit codes of every process; a hang fails the test with every process's log."""
+    try:
+        return [p.wait(timeout=timeout) for p in procs]
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running after {timeout} s:\n" + "\n".join(read_logs(logs)))
+    finally:
+        for p in procs:
+            p.kill()
 
 
 def read_logs(logs):
@@ -154,3 +180,42 @@ def test_a_lost_process_ends_the_others_in_bounded_time_and_a_restart_resumes(tm
     saved = max(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
     out = run("train", workdir, f"--config.train.num_steps={saved + 4}", "--config.train.checkpoint_every=8")
     assert f"Resumed from checkpoint {saved}" in out[0]
+
+
+# The loop takes its stop decision after a chunk's metrics, before its save and validation: a
+# SIGTERM during either (or just after the decision) stops every process one chunk later.
+@pytest.mark.parametrize("fault", ["sigterm_after_step:8", "sigterm_during_save:8", "sigterm_during_validation:8"])
+def test_sigterm_to_one_process_at_any_moment_stops_all_at_one_step(tmp_path, fault):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    validation = "train.eval_every=8"
+    procs, logs = start_processes(straight, "straight", [
+        [sys.executable, script("train_with_faults.py"), str(straight), "16", "4", validation]])
+    assert wait_all(procs, logs, 300) == [0], read_logs(logs)[0][-3000:]
+    procs, logs = start_with_faults(interrupted, 16, [None, fault], validation)
+    codes = wait_all(procs, logs, 300)
+    texts = read_logs(logs)
+    assert codes == [143, 143], "\n".join(t[-2500:] for t in texts)
+    assert all("RESULT 10 True" in t for t in texts)  # both stopped after step 10, the next chunk
+    assert max(int(s) for s in os.listdir(interrupted / "checkpoints") if s.isdigit()) == 10
+    procs, logs = start_with_faults(interrupted, 16, [None, None], validation)
+    assert wait_all(procs, logs, 300) == [0, 0], "\n".join(read_logs(logs))
+    assert "Resumed from checkpoint 10" in read_logs(logs)[0]
+    np.testing.assert_allclose(losses(interrupted), losses(straight), rtol=1e-5)
+
+
+def test_a_host_killed_during_a_save_leaves_no_step_that_some_hosts_load(tmp_path):
+    """SIGKILL of process 1 just after it handed checkpoint 8 to the asynchronous checkpointer:
+    orbax commits a step only once every process has written its part, so step 8 never
+    appears, and on restart both processes resume from step 4, the last one both completed."""
+    straight, workdir = tmp_path / "straight", tmp_path / "run"
+    procs, logs = start_processes(straight, "straight", [
+        [sys.executable, script("train_with_faults.py"), str(straight), "12", "4"]])
+    assert wait_all(procs, logs, 300) == [0], read_logs(logs)[0][-3000:]
+    procs, logs = start_with_faults(workdir, 12, [None, "kill_during_save:8"])
+    codes = wait_all(procs, logs, 120)  # process 0 ends once process 1 misses its heartbeats (10 s)
+    assert codes[1] == -signal.SIGKILL and codes[0] != 0, codes
+    assert sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit()) == [4]
+    procs, logs = start_with_faults(workdir, 12, [None, None])
+    texts = read_logs(logs) if wait_all(procs, logs, 300) == [0, 0] else pytest.fail("\n".join(read_logs(logs)))
+    assert "Resumed from checkpoint 4" in texts[0] and all("RESULT 12 False" in t for t in texts)
+    np.testing.assert_allclose(losses(workdir)[-8:], losses(straight)[-8:], rtol=1e-5)
