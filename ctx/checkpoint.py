@@ -6,9 +6,15 @@ Checkpoint N is the state after N training segments.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import logging
 import os
+import re
+import sys
 import time
+import warnings
 from typing import Any, Callable, TypeVar
 
 import jax
@@ -70,7 +76,65 @@ def _plain(value):
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that exists but cannot be read."""
+    """A checkpoint that exists but cannot be read, or one that the machine would not let us write."""
+
+
+# A write the file system refused: what the user can do about it, by errno.
+_WRITE_FIXES = {
+    errno.ENOSPC: "free space on that file system",
+    errno.EDQUOT: "free space or raise the disk quota",
+    errno.EFBIG: "raise the file-size limit (ulimit -f) or use a --workdir on another file system",
+    errno.EROFS: "make the file system writable or use another --workdir",
+    errno.EACCES: "make the folder writable for this user or use another --workdir",
+    errno.EPERM: "make the folder writable for this user or use another --workdir",
+    errno.ENOENT: "the folder vanished while the run wrote to it; restore it or use another --workdir",
+}
+
+
+def _refused_write(error: BaseException) -> int | None:
+    """The errno of a file-system refusal behind `error` (orbax and tensorstore wrap it in
+    other exceptions and report it as `os_error_code`), or None for any other failure."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _WRITE_FIXES:
+            return seen.errno
+        found = re.search(r"os_error_code='?(\d+)", str(seen))
+        if found and int(found.group(1)) in _WRITE_FIXES:
+            return int(found.group(1))
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+class _WriteErrorEcho(logging.Filter):
+    """Drops orbax's and asyncio's logged tracebacks of a refused write (hundreds of lines per
+    failed save): the failure surfaces once, as the CheckpointError that names path and fix."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
+        return "os_error_code=" not in text
+
+
+_ECHO_FILTER = _WriteErrorEcho()
+for _name in ("absl", "asyncio"):
+    logging.getLogger(_name).addFilter(_ECHO_FILTER)
+
+
+def _mute_closed_loop_callbacks() -> None:
+    """When a write is refused, tensorstore's threads finish the save's other writes and call
+    back into orbax's event loop, already closed; each reports a 'RuntimeError: Event loop is
+    closed' traceback as unraisable (hundreds per failed save, often before ctx sees the
+    failure, hence installed with the first Checkpointer). Those alone are dropped: the failure
+    surfaces as a CheckpointError; every other unraisable exception reaches the hook it had."""
+    previous = sys.unraisablehook
+    if getattr(previous, "mutes_closed_loop", False):
+        return
+
+    def hook(unraisable):
+        if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.mutes_closed_loop = True
+    sys.unraisablehook = hook
 
 
 def read_latest_config(directory: str) -> dict | None:
@@ -145,6 +209,8 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
         self.manager = _listed(lambda: ocp.CheckpointManager(self.directory, options=options,
                                                              item_names=("state", "data", "config")))
+        self._writing: int | None = None  # the step of the latest save started
+        _mute_closed_loop_callbacks()
 
     def reload(self) -> None:
         """See steps that another process committed or deleted since this manager listed them."""
@@ -157,9 +223,45 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state: Any, data_state: dict, config: dict) -> None:
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_without_empty(_saved_form(state))), data=ocp.args.JsonSave(data_state),
-            config=ocp.args.JsonSave(config)), force=True)
+        """Start writing checkpoint `step` (asynchronously: `write_failure`, `wait` and `close`
+        report a write that failed)."""
+        self._writing = step
+        with self._writes():
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(_without_empty(_saved_form(state))), data=ocp.args.JsonSave(data_state),
+                config=ocp.args.JsonSave(config)), force=True)
+
+    def write_failure(self) -> CheckpointError | None:
+        """The failure of an asynchronous checkpoint write so far, if any (so that a run stops
+        at once instead of at its next save)."""
+        try:
+            with self._writes():
+                self.manager.check_for_errors()
+        except CheckpointError as error:
+            return error
+        return None
+
+    @contextlib.contextmanager
+    def _writes(self):
+        """A write the file system refused (full, read-only, vanished) becomes one CheckpointError
+        naming the path, the reason and the fix; other failures pass unchanged."""
+        try:
+            yield
+        except Exception as error:
+            code = _refused_write(error)
+            if code is None:
+                raise
+            # The failed save's other writes are abandoned coroutines, which Python would
+            # report at exit: this error already says what happened.
+            warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+            named = re.search(re.escape(self.directory) + r"/(\d+)", str(error))
+            step = int(named.group(1)) if named else self._writing
+            kept = [int(p.name) for p in epath.Path(self.directory).iterdir() if p.name.isdigit()] \
+                if epath.Path(self.directory).is_dir() else []
+            resume = (f"checkpoint {max(kept)} and earlier are kept: run the same command again to resume from it"
+                      if kept else "no earlier checkpoint exists")
+            raise CheckpointError(f"checkpoint {step} could not be written to {self.directory}/{step} "
+                                  f"({os.strerror(code)}); {_WRITE_FIXES[code]}, then {resume}") from None
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
         """Restore onto the shardings in `abstract_state` (any device count)."""
@@ -237,8 +339,11 @@ class Checkpointer:
                                   f"read ({type(error).__name__}); the checkpoint is damaged") from None
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._writes():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()

@@ -23,7 +23,7 @@ from etils import epath
 from ctx import aot
 from ctx.backend import announce
 from ctx.cli import FLAGS, define_config_flags, run_main
-from ctx.checkpoint import Checkpointer, check_resumable_training, read_latest_config
+from ctx.checkpoint import CheckpointError, Checkpointer, check_resumable_training, read_latest_config
 from ctx.config import validate, with_global_batch
 from ctx.data.datasets import load_corpus
 from ctx.data.prefetch import ChunkPrefetcher
@@ -222,6 +222,9 @@ def _run(config, workdir, trainer, train_corpus, valid_corpus, stop: StopRequest
                 validation = validate(at.state.params)
                 writer.write(_validation_row(at.step, validation))
             writer.flush()
+            failure = checkpointer.write_failure()
+            if any_process(failure is not None):
+                raise failure or CheckpointError("a checkpoint write failed on another process; see its log")
             hooks.after_chunk(at.step)
             if stopping and at.step < num_steps:
                 preempted = True

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ctx import train
-from tests.helpers import ROOT, read_metrics, script, tiny_train_config
+from tests.helpers import ROOT, TINY_CLI_FLAGS, read_metrics, script, tiny_train_config
 
 
 def start_training(workdir, num_steps, checkpoint_every, *args):
@@ -204,3 +204,29 @@ def test_config_file_errors_are_one_line_naming_the_flag(tmp_path):
     assert out.returncode == 2 and out.stderr.strip() == (
         "error: --config.model.nofield: the config has no field model.nofield (its fields: ctx/config.py)")
     assert not (tmp_path / "w").exists()
+
+
+def test_a_checkpoint_write_the_file_system_refuses_ends_in_one_line_and_loses_nothing(tmp_path):
+    workdir = tmp_path / "run"
+    command = [sys.executable, "-m", "ctx.train", "--config=experiments/demo.py", f"--workdir={workdir}",
+               *TINY_CLI_FLAGS, "--config.train.checkpoint_every=4"]
+    # No compilation cache: its entries are files over the limit too.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("JAX_PERSISTENT") and k != "JAX_COMPILATION_CACHE_DIR"}
+    first = subprocess.run([*command, "--config.train.num_steps=4"], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    # The kernel refuses writes past 58 KiB per file (EFBIG, as a full disk refuses any write
+    # with ENOSPC): checkpoints are larger, metrics and events are not.
+    refused = subprocess.run(["bash", "-c", 'trap "" XFSZ; ulimit -f 58; exec "$@"', "bash", *command,
+                              "--config.train.num_steps=12"], capture_output=True, text=True, cwd=ROOT, env=env)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert lines[-1].startswith(f"error: checkpoint 8 could not be written to {workdir}/checkpoints/8 "
+                                "(File too large); raise the file-size limit"), lines[-1]
+    assert lines[-1].endswith("checkpoint 4 and earlier are kept: run the same command again to resume from it")
+    assert not [line for line in lines if "ERROR:absl" in line or "ERROR:asyncio" in line], refused.stderr[-3000:]
+    assert len(lines) < 60, refused.stderr
+    resumed = subprocess.run([*command, "--config.train.num_steps=12"], capture_output=True, text=True, cwd=ROOT,
+                             env=env)
+    assert resumed.returncode == 0 and "Resumed from checkpoint 4" in resumed.stdout, resumed.stderr[-2000:]
+    assert sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())[-1] == 12
