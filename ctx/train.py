@@ -136,13 +136,13 @@ def _restore_or_start(config, workdir: str, trainer: Trainer, checkpointer: Chec
                      rng=device_state["rng"])
 
 
-def _metric_rows(metrics: dict, first_step: int, k: int, seconds: float, tokens_per_segment: int,
+def _metric_rows(metrics: dict, first_step: int, segments: int, seconds: float, tokens_per_segment: int,
                  num_devices: int) -> Iterator[dict[str, float]]:
     """One row per segment of a chunk, in order; a non-finite loss or gradient stops the run
     at its row (the rows before it are still given)."""
-    for i in range(k):
+    for i in range(segments):
         row = {"step": first_step + i + 1, **{key: float(v[i]) for key, v in metrics.items()},
-               "tokens_per_sec": tokens_per_segment * k / seconds, "num_devices": num_devices}
+               "tokens_per_sec": tokens_per_segment * segments / seconds, "num_devices": num_devices}
         bad = [q for q in ("loss", "compression_loss", "grad_norm") if not math.isfinite(row[q])]
         if bad:
             raise FloatingPointError(f"non-finite {', '.join(bad)} at step {row['step']}")
@@ -195,11 +195,11 @@ def _run(config, workdir, trainer, train_corpus, valid_corpus, stop: StopRequest
     try:
         while at.step < num_steps:
             start = time.perf_counter()
-            k, host_chunk, data_state = next(chunks)
+            segments, host_chunk, data_state = next(chunks)
             at.state, at.memory, at.rng, metrics = trainer.train_chunk(
                 at.state, at.memory, at.rng, device_chunk(trainer.mesh, host_chunk))
             try:
-                for row in _metric_rows(jax.device_get(metrics), at.step, k, time.perf_counter() - start,
+                for row in _metric_rows(jax.device_get(metrics), at.step, segments, time.perf_counter() - start,
                                         tokens_per_segment, trainer.mesh.size):
                     writer.write(row)
                     at.last = row
@@ -207,9 +207,9 @@ def _run(config, workdir, trainer, train_corpus, valid_corpus, stop: StopRequest
                 checkpointer.wait()
                 raise FloatingPointError(f"{error}; the run stopped without saving that state, and the last good "
                                          f"checkpoint ({checkpointer.latest_step()}) is kept") from None
-            at.step += k
+            at.step += segments
             if bar is not None:
-                bar.update(k)
+                bar.update(segments)
                 bar.set_postfix(loss=f"{at.last['loss']:.3f}", tok_s=f"{at.last['tokens_per_sec']:,.0f}")
             # Read the flag once (a SIGTERM landing between two reads would stop without a save),
             # and for all processes at once: any one's SIGTERM stops every one at this step.
