@@ -127,8 +127,10 @@ class RelativeAttention(nn.Module):
         memory_BSD = jnp.concatenate([cmem_BCD, mem_BMD], axis=1).astype(self.cfg.dtype)
         return tuple(project(memory_BSD, (self._cast(self.key), self._cast(self.value))))
 
-    def _position_scores(self, q_HBNK: jax.Array, n_mem: int, n_cmem: int, deterministic: bool) -> jax.Array:
-        """Position term [H,B,N,C+M+N] of scaled queries against [cmem; mem; segment].
+    def _position_scores(self, q_HBNK: jax.Array, n_mem: int, n_cmem: int, deterministic: bool,
+                         batch_major: bool = False) -> jax.Array:
+        """Position term [H,B,N,C+M+N] (batch_major: [B,H,N,C+M+N]) of scaled queries against
+        [cmem; mem; segment].
 
         (q + v)·R is split as q·R + v·R: q is then shared with the content term (one tensor
         kept for the backward pass instead of one per bias) and v·R is a [H,P] row. The
@@ -143,7 +145,9 @@ class RelativeAttention(nn.Module):
         bias_HP = jnp.concatenate([jnp.einsum("hk,phk->hp", self._cast(bias), r_PHK)
                                    for (_, bias, _), r_PHK in zip(tables, r_parts)], axis=-1)
         r_PHK = jnp.concatenate(r_parts)
-        shifted = relative_shift(jnp.einsum("hbnk,phk->hbnp", q_HBNK, r_PHK) + bias_HP[:, None, None, :])
+        spec, bias_rows = (("hbnk,phk->bhnp", bias_HP[None, :, None, :]) if batch_major
+                           else ("hbnk,phk->hbnp", bias_HP[:, None, None, :]))
+        shifted = relative_shift(jnp.einsum(spec, q_HBNK, r_PHK) + bias_rows)
         if n_cmem:
             shifted = jnp.concatenate([shifted[..., :n_cmem], shifted[..., n_cmem + N:]], axis=-1)
         return shifted
@@ -181,6 +185,40 @@ class RelativeAttention(nn.Module):
         probs = softmax(logits, mask_B1T[:, None]).astype(self.cfg.dtype)
         return self.out(jnp.einsum("bhnt,hbtk->bnhk", probs, v_HBTK)), k_HBTK, v_HBTK
 
+    def _keys_values_with_memory(self, x_BND, mem_BMD, cmem_BCD, memory_kv):
+        """Scaled queries [H,B,N,K] of the segment, and keys and values [H,B,T,K] of
+        [cmem; mem; segment]: the segment's from one GEMM, the memories' from another (they
+        need no input gradient) unless carried in `memory_kv`."""
+        dtype = self.cfg.dtype
+        wk, wv = self._cast(self.key), self._cast(self.value)
+        q_HBNK, k_HBTK, v_HBTK = project(x_BND.astype(dtype), (self._query_kernel(), wk, wv))
+        if cmem_BCD.shape[1] + mem_BMD.shape[1]:
+            if memory_kv is None:
+                memory_kv = self.memory_keys_values(mem_BMD, cmem_BCD)
+            k_mem, v_mem = (t.astype(dtype) for t in memory_kv)
+            k_HBTK, v_HBTK = jnp.concatenate([k_mem, k_HBTK], axis=2), jnp.concatenate([v_mem, v_HBTK], axis=2)
+        return q_HBNK, k_HBTK, v_HBTK
+
+    def _fused(self, x_BND, mem_BMD, cmem_BCD, mask_B1NT, memory_kv):
+        """The attention through jax.nn.dot_product_attention: the content term is the kernel's
+        own product of the queries q + u (already scaled, so scale 1) with the keys; the shifted
+        position term, with the mask folded in as a large negative value (a boolean mask would
+        make the kernel compute a useless bias gradient), is its additive bias, in the compute
+        dtype. cuDNN fuses the logits, softmax, probabilities and their backward; on other
+        backends the same call runs as XLA ops. No probabilities are returned."""
+        C, M = cmem_BCD.shape[1], mem_BMD.shape[1]
+        qkv = self._keys_values_with_memory(x_BND, mem_BMD, cmem_BCD, memory_kv)
+        q_HBNK, k_HBTK, v_HBTK = qkv
+        bias_BHNT = self._position_scores(q_HBNK, M, C, deterministic=True, batch_major=True)
+        big = jnp.asarray(jnp.finfo(jnp.dtype(self.cfg.dtype)).min / 2, self.cfg.dtype)
+        bias_BHNT = jnp.where(mask_B1NT, bias_BHNT.astype(self.cfg.dtype), big)
+        query_BNHK = jnp.transpose(q_HBNK + self._cast(self.u_bias)[:, None, None, :], (1, 2, 0, 3))
+        key_BTHK, value_BTHK = (jnp.transpose(t, (1, 2, 0, 3)) for t in (k_HBTK, v_HBTK))
+        read_BNHK = jax.nn.dot_product_attention(
+            query_BNHK, key_BTHK, value_BTHK, bias=bias_BHNT, scale=1.0,
+            implementation="cudnn" if jax.default_backend() == "gpu" else "xla")
+        return self.out(read_BNHK.astype(self.cfg.dtype)), None, qkv
+
     def __call__(self, x_BND: jax.Array, mem_BMD: jax.Array, cmem_BCD: jax.Array, mask_B1NT: jax.Array,
                  memory_kv: tuple[jax.Array, jax.Array] | None = None, deterministic: bool = True
                  ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
@@ -190,13 +228,9 @@ class RelativeAttention(nn.Module):
         carries them from segment to segment instead of projecting the memories again)."""
         C, M = cmem_BCD.shape[1], mem_BMD.shape[1]
         dtype = self.cfg.dtype
-        wk, wv = self._cast(self.key), self._cast(self.value)
-        q_HBNK, k_HBTK, v_HBTK = project(x_BND.astype(dtype), (self._query_kernel(), wk, wv))
-        if C + M:  # the memories need no input gradient, so they get their own GEMM
-            if memory_kv is None:
-                memory_kv = self.memory_keys_values(mem_BMD, cmem_BCD)
-            k_mem, v_mem = (t.astype(dtype) for t in memory_kv)
-            k_HBTK, v_HBTK = jnp.concatenate([k_mem, k_HBTK], axis=2), jnp.concatenate([v_mem, v_HBTK], axis=2)
+        if self.cfg.fused_attention:
+            return self._fused(x_BND, mem_BMD, cmem_BCD, mask_B1NT, memory_kv)
+        q_HBNK, k_HBTK, v_HBTK = self._keys_values_with_memory(x_BND, mem_BMD, cmem_BCD, memory_kv)
         # (q + u)·k = q·k + u·k: the u·k row [H,B,T] is the same for every query.
         content_HBNT = (jnp.einsum("hbnk,hbtk->hbnt", q_HBNK, k_HBTK)
                         + jnp.einsum("hk,hbtk->hbt", self._cast(self.u_bias), k_HBTK)[:, :, None, :])

@@ -9,6 +9,8 @@ import sys
 
 import jax
 
+from ctx.config import ModelConfig
+
 INSTALL_HINT = {"gpu": "pip install -e '.[cuda]' (jax's CUDA 12 plugin)",
                 "tpu": "pip install -e '.[tpu]' (libtpu)"}
 
@@ -52,3 +54,11 @@ def announce(command: str) -> None:
     warning = unused_accelerators(jax.default_backend(), system_accelerators())
     if warning:
         print(warning, file=sys.stderr, flush=True)
+
+
+def attention_line(cfg: ModelConfig) -> str:
+    """Which attention a run's segments use (model.attention_impl, 'auto' resolved here)."""
+    if not cfg.fused_attention:
+        return f"xla (model.attention_impl={cfg.attention_impl})"
+    kernel = "cuDNN" if jax.default_backend() == "gpu" else f"XLA ops on {jax.default_backend()}, no cuDNN here"
+    return f"fused, jax.nn.dot_product_attention ({kernel}; model.attention_impl={cfg.attention_impl})"

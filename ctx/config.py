@@ -9,6 +9,7 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
+import jax
 import ml_collections
 
 COMPRESSIONS = ("conv", "max", "mean", "dilated_conv", "most_used")
@@ -16,6 +17,7 @@ COMPRESSION_LOSSES = ("attention", "autoencoder", "none")
 LAYER_NORMS = ("pre", "post")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots")
+ATTENTION_IMPLS = ("xla", "cudnn", "auto")
 LEARNED_COMPRESSIONS = ("conv", "dilated_conv")
 # Deepest layer stack that scan_unroll=0 unrolls: up to here an unrolled stack compiles as fast
 # as one scanned layer and skips the scan's stacked copies of what the backward pass keeps;
@@ -64,6 +66,13 @@ class ModelConfig:
     # compile as fast as one scanned layer), deeper ones scanned one layer at a time, which keeps
     # compile time flat in depth.
     scan_unroll: int = 0
+    # How a segment's attention is computed; parameters and checkpoints are the same for all.
+    # 'xla': scores, softmax and probabilities as XLA ops (the reference, the CPU default).
+    # 'cudnn': jax.nn.dot_product_attention's fused kernel (cuDNN on GPUs; elsewhere the same
+    # call's XLA version) with the shifted position term as its bias; it returns no
+    # probabilities and drops no attention weights, so it needs dropout 0 and no 'most_used'.
+    # 'auto': 'cudnn' on GPUs when the config allows it, else 'xla'.
+    attention_impl: str = "xla"
 
     @classmethod
     def from_config(cls, cfg: ModelConfigLike) -> "ModelConfig":
@@ -84,6 +93,15 @@ class ModelConfig:
         if self.scan_unroll:
             return self.scan_unroll
         return self.n_layers if self.n_layers <= UNROLL_LAYERS_UP_TO else 1
+
+    @property
+    def fused_attention(self) -> bool:
+        """Whether segments attend through the fused kernel: attention_impl, with 'auto'
+        resolved for this backend and config."""
+        if self.attention_impl == "cudnn":
+            return True
+        return (self.attention_impl == "auto" and self.dropout == 0 and self.compression != "most_used"
+                and jax.default_backend() == "gpu")
 
     @property
     def compresses(self) -> bool:
@@ -152,8 +170,14 @@ def validate_model(cfg: Any) -> None:
     _require(isinstance(g("dropout"), (int, float)) and 0.0 <= g("dropout") < 1.0,
              f"model.dropout must be in [0, 1), got {g('dropout')!r}")
     for name, allowed in (("compression", COMPRESSIONS), ("compression_loss", COMPRESSION_LOSSES),
-                          ("layer_norm", LAYER_NORMS), ("dtype", DTYPES), ("remat", REMAT_POLICIES)):
+                          ("layer_norm", LAYER_NORMS), ("dtype", DTYPES), ("remat", REMAT_POLICIES),
+                          ("attention_impl", ATTENTION_IMPLS)):
         _require(g(name) in allowed, f"model.{name}={g(name)!r} is unknown; choose one of {list(allowed)}")
+    if g("attention_impl") == "cudnn":
+        _require(g("dropout") == 0, f"model.attention_impl='cudnn' has no attention dropout, and "
+                 f"model.dropout={g('dropout')} asks for it; set model.dropout=0 or attention_impl='xla'")
+        _require(g("compression") != "most_used", "model.compression='most_used' reads the attention "
+                 "probabilities, which model.attention_impl='cudnn' never forms; use attention_impl='xla'")
     rates = g("dilation_rates")
     _require(all(isinstance(r, int) and r > 0 for r in rates),
              f"model.dilation_rates must be positive integers, got {rates!r}")

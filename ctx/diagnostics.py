@@ -2,6 +2,7 @@
 per-layer compression loss, and the memories as NumPy arrays (their plots: ctx.plots)."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -65,8 +66,10 @@ def measured_temporal_range(model_config: ModelConfigLike, seed: int = 0) -> int
 def inspect_segment(model, params: Any, tokens, memory: Memory, buckets: int = 4) -> dict[str, Any]:
     """Run one segment and report per layer: attention mass on each memory kind, split into
     `buckets` age groups (oldest first), the mean age in tokens of each group, and the
-    compression loss. Also returns the next memory, so a notebook can walk a text."""
-    cfg = model.model_config
+    compression loss. Also returns the next memory, so a notebook can walk a text. The fused
+    attention forms no probabilities, so this always runs the XLA one (same parameters)."""
+    cfg = dataclasses.replace(model.model_config, attention_impl="xla")
+    model = CompressiveTransformer(cfg)
     (logits, new_memory, aux), state = jax.jit(
         lambda p, t, m: model.apply({"params": p}, t, m, mutable=["intermediates"]))(params, tokens, memory)
     probs = np.asarray(state["intermediates"]["layers"]["attention_probs"][0])  # [L,B,H,N,T]

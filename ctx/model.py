@@ -41,7 +41,9 @@ class SegmentAux:
     one layer's step; [L] and [L, 3] once the layer scan has stacked them)."""
 
     compression_loss_per_layer: jax.Array
-    attention_mass: jax.Array  # mean attention mass on KEY_KINDS (compressed, memory, segment)
+    # Mean attention mass on KEY_KINDS (compressed, memory, segment); None with the fused
+    # attention (model.attention_impl), which forms no probabilities.
+    attention_mass: jax.Array | None
 
     @property
     def compression_loss(self) -> jax.Array:
@@ -155,10 +157,12 @@ class Block(nn.Module):
             keys, values = (advance_memory_kv(kv, full[:, :, C + M:], new, C)
                             for kv, full, new in zip(carried, qkv[1:], compressed_kv))
             next_layer = next_layer.replace(keys=keys, values=values)
-        mass_BHNT = jax.lax.stop_gradient(probs_BHNT)
-        self.sow("intermediates", "attention_probs", mass_BHNT)
-        attention_mass = jnp.stack([mass_BHNT[..., :C].sum(-1).mean(), mass_BHNT[..., C:C + M].sum(-1).mean(),
-                                    mass_BHNT[..., C + M:].sum(-1).mean()])
+        attention_mass = None  # the fused attention forms no probabilities to sum
+        if probs_BHNT is not None:
+            mass_BHNT = jax.lax.stop_gradient(probs_BHNT)
+            self.sow("intermediates", "attention_probs", mass_BHNT)
+            attention_mass = jnp.stack([mass_BHNT[..., :C].sum(-1).mean(), mass_BHNT[..., C:C + M].sum(-1).mean(),
+                                        mass_BHNT[..., C + M:].sum(-1).mean()])
         return x_BND, (next_layer, SegmentAux(compression_loss_per_layer=loss, attention_mass=attention_mass))
 
     def memory_keys_values(self, carry: None, layer: LayerMemory) -> tuple[None, LayerMemory]:

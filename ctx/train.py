@@ -21,7 +21,7 @@ import ml_collections
 from etils import epath
 
 from ctx import aot
-from ctx.backend import announce
+from ctx.backend import announce, attention_line
 from ctx.cli import FLAGS, define_config_flags, run_main
 from ctx.checkpoint import CheckpointError, Checkpointer, check_resumable_training, read_latest_config
 from ctx.config import validate, with_global_batch
@@ -77,6 +77,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, hooks: H
         raise ValueError(f"--workdir={workdir} exists and is not a directory")
     trainer = Trainer(config)
     is_main = jax.process_index() == 0
+    if is_main:
+        print(f"ctx.train: attention {attention_line(trainer.model_config)}", flush=True)
     train_corpus = load_corpus(config.data, "train", progress=is_main)
     valid_corpus = load_corpus(config.data, "validation", progress=is_main)
     tokenizer = train_corpus.tokenizer

@@ -82,7 +82,6 @@ class Trainer:
         grads, (lm_loss, new_memory, aux) = jax.grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        mass = aux.attention_mass.mean(axis=0)
         metrics = {
             "loss": lm_loss,
             "compression_loss": aux.compression_loss,
@@ -90,10 +89,11 @@ class Trainer:
             "learning_rate": learning_rate(self.config.train, self.config.train.peak_lr)(
                 opt_state.gradient_step),
             "target_tokens": batch["weights"].sum(),
-            "attention_mass_compressed": mass[0],
-            "attention_mass_memory": mass[1],
-            "attention_mass_segment": mass[2],
         }
+        if aux.attention_mass is not None:
+            mass = aux.attention_mass.mean(axis=0)
+            metrics.update(attention_mass_compressed=mass[0], attention_mass_memory=mass[1],
+                           attention_mass_segment=mass[2])
         return (TrainState(step=state.step + 1, params=params, opt_state=opt_state), new_memory, rng), metrics
 
     def _train_chunk(self, state: TrainState, memory: Memory, rng: jax.Array, chunk: dict[str, jax.Array]):

@@ -1,0 +1,98 @@
+"""model.attention_impl: the fused path (jax.nn.dot_product_attention with the shifted position
+term as bias; on CPU the same call's XLA version) equals the XLA reference in everything a
+segment produces and in every parameter's gradient, with the same parameters."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ctx
+from ctx import diagnostics, evaluate
+from ctx.backend import attention_line
+from ctx.config import ModelConfig, validate_model
+from ctx.memory import reset_rows
+from tests.helpers import build, random_tokens, tiny_model_config
+
+CASES = [
+    dict(),  # Compressive Transformer
+    dict(compressed_length=0, memory_length=8),  # Transformer-XL
+    dict(layer_norm="post", compression="mean", compression_loss="none"),
+    dict(compression="dilated_conv", compression_loss="autoencoder", memory_length=6, compressed_length=6),
+]
+
+
+@pytest.mark.parametrize("overrides", CASES)
+def test_fused_attention_equals_xla_in_outputs_and_every_gradient(overrides):
+    reference, variables, memory = build(tiny_model_config(**overrides), batch_size=3)
+    fused = ctx.CompressiveTransformer(tiny_model_config(attention_impl="cudnn", **overrides))
+    assert fused.model_config.fused_attention and not reference.model_config.fused_attention
+    cfg = reference.model_config
+    tokens = jnp.asarray(random_tokens(cfg, 3, 4)).reshape(3, 4, cfg.segment_length)
+    weights = jnp.asarray(np.random.default_rng(2).normal(size=(3, cfg.segment_length, cfg.vocab_size)),
+                          jnp.float32)
+
+    def loss(params, model, memory, segment):
+        logits, new_memory, aux = model.apply({"params": params}, segment, memory)
+        return (logits * weights).sum() + aux.compression_loss, (logits, new_memory, aux.compression_loss_per_layer)
+
+    step_x, step_f = (jax.jit(jax.grad(lambda p, m, t, model=model: loss(p, model, m, t), has_aux=True))
+                      for model in (reference, fused))
+    for s in range(4):
+        if s == 2:  # row 1 starts a new document: its memory is empty, then partly filled
+            memory = reset_rows(memory, jnp.asarray([False, True, False]))
+        grads_x, (logits_x, next_x, loss_x) = step_x(variables["params"], memory, tokens[:, s])
+        grads_f, (logits_f, next_f, loss_f) = step_f(variables["params"], memory, tokens[:, s])
+        np.testing.assert_allclose(logits_f, logits_x, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(loss_f, loss_x, rtol=1e-5, atol=1e-7)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), next_f, next_x)
+        for (path, g_f), g_x in zip(jax.tree_util.tree_leaves_with_path(grads_f), jax.tree.leaves(grads_x)):
+            np.testing.assert_allclose(g_f, g_x, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+        memory = next_x
+
+
+def test_evaluation_carries_keys_values_through_the_fused_attention_too():
+    reference, variables, memory = build(tiny_model_config(), batch_size=2)
+    fused = ctx.CompressiveTransformer(tiny_model_config(attention_impl="cudnn"))
+    cfg = reference.model_config
+    tokens = random_tokens(cfg, 2, 3).reshape(2, 3, cfg.segment_length).transpose(1, 0, 2)
+    chunk = {"tokens": jnp.asarray(tokens), "targets": jnp.asarray(np.roll(tokens, -1, axis=-1)),
+             "weights": jnp.ones(tokens.shape), "reset": jnp.asarray([[True, True], [False, True], [False, False]])}
+    _, nll_x = evaluate.make_eval_chunk_fn(reference)(variables["params"], jax.tree.map(jnp.copy, memory), chunk)
+    _, nll_f = evaluate.make_eval_chunk_fn(fused)(variables["params"], jax.tree.map(jnp.copy, memory), chunk)
+    np.testing.assert_allclose(nll_f, nll_x, rtol=1e-5, atol=1e-5)
+
+
+def test_a_fused_attention_the_config_cannot_use_is_a_clear_error_and_auto_picks_xla_here():
+    with pytest.raises(ValueError, match="has no attention dropout.*model.dropout=0"):
+        validate_model(tiny_model_config(attention_impl="cudnn", dropout=0.1))
+    with pytest.raises(ValueError, match="most_used.*reads the attention probabilities"):
+        validate_model(tiny_model_config(attention_impl="cudnn", compression="most_used", compression_loss="none"))
+    with pytest.raises(ValueError, match="attention_impl='flash' is unknown"):
+        validate_model(tiny_model_config(attention_impl="flash"))
+    assert not ModelConfig.from_config(tiny_model_config(attention_impl="auto")).fused_attention  # CPU
+
+
+def test_diagnostics_read_probabilities_of_a_fused_model():
+    model, variables, memory = build(tiny_model_config(attention_impl="cudnn"), batch_size=2)
+    tokens = jnp.zeros((2, model.model_config.segment_length), jnp.int32)
+    report = diagnostics.inspect_segment(model, variables["params"], tokens, memory)
+    assert report["attention_mass"].shape == (2, 3) and np.allclose(report["attention_mass"].sum(-1), 1.0)
+
+
+def test_bfloat16_fused_attention_agrees_with_xla_to_bf16_precision():
+    """In bf16 the two paths round differently (the fused one adds the mask to a bf16 bias):
+    logits agree to 0.05 absolute on values of order 1."""
+    reference, variables, memory = build(tiny_model_config(dtype="bfloat16"), batch_size=2)
+    fused = ctx.CompressiveTransformer(tiny_model_config(dtype="bfloat16", attention_impl="cudnn"))
+    tokens = jnp.asarray(random_tokens(reference.model_config, 2, 1))
+    for _ in range(2):
+        logits_x, memory_x, _ = reference.apply(variables, tokens, memory)
+        logits_f, _, _ = fused.apply(variables, tokens, memory)
+        np.testing.assert_allclose(np.asarray(logits_f), np.asarray(logits_x), atol=5e-2)
+        memory = memory_x
+
+
+def test_the_run_log_says_which_attention_it_uses():
+    assert attention_line(ModelConfig()) == "xla (model.attention_impl=xla)"
+    line = attention_line(ModelConfig(attention_impl="cudnn"))
+    assert line.startswith("fused, jax.nn.dot_product_attention") and "no cuDNN here" in line  # on CPU
