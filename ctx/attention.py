@@ -199,13 +199,16 @@ class RelativeAttention(nn.Module):
             k_HBTK, v_HBTK = jnp.concatenate([k_mem, k_HBTK], axis=2), jnp.concatenate([v_mem, v_HBTK], axis=2)
         return q_HBNK, k_HBTK, v_HBTK
 
-    def _fused(self, x_BND, mem_BMD, cmem_BCD, mask_B1NT, memory_kv):
+    def _fused(self, x_BND, mem_BMD, cmem_BCD, mask_B1NT, memory_kv, deterministic):
         """The attention through jax.nn.dot_product_attention: the content term is the kernel's
         own product of the queries q + u (already scaled, so scale 1) with the keys; the shifted
         position term, with the mask folded in as a large negative value (a boolean mask would
         make the kernel compute a useless bias gradient), is its additive bias, in the compute
         dtype. cuDNN fuses the logits, softmax, probabilities and their backward; on other
         backends the same call runs as XLA ops. No probabilities are returned."""
+        if self.cfg.dropout and not deterministic:  # validate_model refuses it; a hand-made ModelConfig may not
+            raise ValueError(f"the fused attention has no attention dropout, and model.dropout={self.cfg.dropout} "
+                             "asks for it; set dropout=0 or attention_impl='xla'")
         C, M = cmem_BCD.shape[1], mem_BMD.shape[1]
         qkv = self._keys_values_with_memory(x_BND, mem_BMD, cmem_BCD, memory_kv)
         q_HBNK, k_HBTK, v_HBTK = qkv
@@ -229,7 +232,7 @@ class RelativeAttention(nn.Module):
         C, M = cmem_BCD.shape[1], mem_BMD.shape[1]
         dtype = self.cfg.dtype
         if self.cfg.fused_attention:
-            return self._fused(x_BND, mem_BMD, cmem_BCD, mask_B1NT, memory_kv)
+            return self._fused(x_BND, mem_BMD, cmem_BCD, mask_B1NT, memory_kv, deterministic)
         q_HBNK, k_HBTK, v_HBTK = self._keys_values_with_memory(x_BND, mem_BMD, cmem_BCD, memory_kv)
         # (q + u)·k = q·k + u·k: the u·k row [H,B,T] is the same for every query.
         content_HBNT = (jnp.einsum("hbnk,hbtk->hbnt", q_HBNK, k_HBTK)

@@ -96,3 +96,13 @@ def test_the_run_log_says_which_attention_it_uses():
     assert attention_line(ModelConfig()) == "xla (model.attention_impl=xla)"
     line = attention_line(ModelConfig(attention_impl="cudnn"))
     assert line.startswith("fused, jax.nn.dot_product_attention") and "no cuDNN here" in line  # on CPU
+
+
+def test_a_hand_made_config_never_gets_its_attention_dropout_silently_dropped():
+    cfg = ModelConfig(attention_impl="cudnn", dropout=0.1)  # the dataclass, not validated
+    model = ctx.CompressiveTransformer(cfg)
+    memory = ctx.init_memory(cfg, 1)
+    tokens = jnp.zeros((1, cfg.segment_length), jnp.int32)
+    variables = model.init(jax.random.key(0), tokens, memory)  # deterministic: no dropout asked
+    with pytest.raises(ValueError, match="no attention dropout"):
+        model.apply(variables, tokens, memory, deterministic=False, rngs={"dropout": jax.random.key(1)})
