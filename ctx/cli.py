@@ -5,6 +5,7 @@ on stderr naming what is wrong and exit status 2, not a traceback; `--verbose` s
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
 from typing import Callable
@@ -13,7 +14,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from ctx.checkpoint import CheckpointError
-from ctx.distributed import HEARTBEAT_TIMEOUT_SECONDS, initialize
+from ctx.distributed import HEARTBEAT_TIMEOUT_SECONDS, initialize, is_runtime_failure, lost_processes
 from ctx.run_guard import WorkdirLocked
 
 FLAGS = flags.FLAGS
@@ -63,10 +64,31 @@ def run_main(main: Callable[[], None], needs_config: bool = True) -> None:
     except Exception as error:  # noqa: BLE001 - every failure of a CLI ends as one line
         if "--verbose" in sys.argv or "--verbose=true" in sys.argv:
             raise
+        if is_runtime_failure(error):
+            _stop_after_lost_contact(error)
         user_error = isinstance(error, USER_ERRORS)
         prefix = "error" if user_error else f"error ({type(error).__name__}; --verbose shows the traceback)"
         print(f"{prefix}: {_one_line(error)}", file=sys.stderr)
         sys.exit(2 if user_error else 1)
+
+
+def _stop_after_lost_contact(error: BaseException) -> None:
+    """A collective failed in a multi-process run: say so at once, then name the process that
+    was lost once the runtime knows (the runtime may end this process first, with its own
+    message naming it), and end with status 1, which the launchers restart (status 2 means bad
+    input: no restart). os._exit skips the runtime's shutdown barrier, which would wait for the
+    lost process and then abort with a core dump."""
+    timeout = FLAGS.heartbeat_timeout_seconds
+    print(f"error: a collective between the processes failed ({_one_line(error)[:300]}); this process "
+          "stops too. Run the job again (the launchers do): it resumes from the last checkpoint every "
+          f"process completed. Asking which process was lost (up to --heartbeat_timeout_seconds={timeout}).",
+          file=sys.stderr, flush=True)
+    lost = lost_processes(timeout)
+    if lost:
+        print(f"error: process {', '.join(map(str, lost))} stopped sending heartbeats: "
+              f"{'it was' if len(lost) == 1 else 'they were'} lost.", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
 
 
 def _input_message(error: BaseException) -> str:

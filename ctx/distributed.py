@@ -7,6 +7,8 @@ detects itself on Cloud TPU pod slices and under SLURM. ctx grows no cluster man
 from __future__ import annotations
 
 import os
+import re
+import threading
 
 import jax
 import numpy as np
@@ -50,6 +52,54 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id, heartbeat_timeout_seconds=heartbeat_timeout_seconds)
     return True
+
+# How the runtime words a failed collective or RPC: an absl status code first ("UNKNOWN: Gloo
+# AllGather failed: ... Connection closed by peer"); ctx's own errors never start this way.
+_RUNTIME_STATUS = re.compile(r"^(UNKNOWN|INTERNAL|UNAVAILABLE|DEADLINE_EXCEEDED|ABORTED|CANCELLED|DATA_LOSS): ")
+
+
+def _causes(error: BaseException | None):
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def is_runtime_failure(error: BaseException) -> bool:
+    """Whether `error` is (or was caused by) the runtime's report of a failed collective or RPC
+    in a multi-process run, typically a peer that died (orbax wraps a failed commit barrier in a
+    TimeoutError): not a mistake in the input, so a restart can cure it."""
+    return jax.process_count() > 1 and any(_RUNTIME_STATUS.match(str(e)) for e in _causes(error))
+
+
+def lost_processes(heartbeat_timeout_seconds: int) -> list[int] | None:
+    """The processes the distributed runtime no longer hears from, or None if it cannot tell.
+
+    Asks the coordinator which processes are alive; it answers once every live process has asked
+    (each process that saw the failed collective does) and a dead one has missed its heartbeats,
+    so this waits about the heartbeat timeout at most.
+    """
+    from jax._src import distributed as jax_distributed  # the runtime client; no public accessor
+
+    client = jax_distributed.global_state.client
+    if client is None:
+        return None
+    everyone = list(range(jax.process_count()))
+    answer: dict[str, object] = {}
+
+    def ask() -> None:
+        try:
+            answer["live"] = client.get_live_nodes(everyone)
+        except Exception as error:  # noqa: BLE001 - the coordinator itself may be the one lost
+            answer["error"] = error
+
+    asking = threading.Thread(target=ask, daemon=True)
+    asking.start()
+    asking.join(heartbeat_timeout_seconds + 10)
+    if "live" not in answer:
+        return None
+    return [p for p in everyone if p not in answer["live"]]
 
 
 def any_process(flag: bool) -> bool:

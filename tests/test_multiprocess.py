@@ -158,9 +158,10 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step_and_the_run_resumes(t
 
 
 def test_a_lost_process_ends_the_others_in_bounded_time_and_a_restart_resumes(tmp_path):
-    """SIGKILL of process 1 (a VM gone): process 0 does not wait in a collective forever; the
-    distributed runtime ends it, non-zero, once process 1 misses its heartbeats; a restart
-    resumes from the last checkpoint both completed."""
+    """SIGKILL of process 1 (a VM gone): process 0 does not wait in a collective forever; it says
+    so at once and names process 1 once that one misses its heartbeats, ending with a status the
+    launchers restart (not 2, which means bad input); a restart resumes from the last checkpoint
+    both completed."""
     workdir = tmp_path / "run"
     args = ["--config.train.num_steps=100000", "--config.train.checkpoint_every=8", "--heartbeat_timeout_seconds=10"]
     procs, logs = start("train", workdir, *args)
@@ -176,7 +177,13 @@ def test_a_lost_process_ends_the_others_in_bounded_time_and_a_restart_resumes(tm
         pytest.fail("process 0 still waits a minute after process 1 was lost:\n" + read_logs(logs)[0][-3000:])
     finally:
         procs[0].kill()
-    assert code != 0 and time.time() - killed < 60
+    log = read_logs(logs)[0]
+    # ctx names process 1 itself unless the runtime, which learns of the loss at the same moment,
+    # ends process 0 first with its own message naming it (then the status is SIGABRT's 134).
+    named = ("error: process 1 stopped sending heartbeats: it was lost." in log
+             or "unhealthy (stopped sending heartbeats):\n1" in log)
+    assert code in (1, 134, -signal.SIGABRT) and named and time.time() - killed < 60, log[-3000:]
+    assert "error: a collective between the processes failed" in log and "resumes from the last" in log
     saved = max(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
     out = run("train", workdir, f"--config.train.num_steps={saved + 4}", "--config.train.checkpoint_every=8")
     assert f"Resumed from checkpoint {saved}" in out[0]
