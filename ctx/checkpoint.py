@@ -107,11 +107,17 @@ def _refused_write(error: BaseException) -> int | None:
 
 class _WriteErrorEcho(logging.Filter):
     """Drops orbax's and asyncio's logged tracebacks of a refused write (hundreds of lines per
-    failed save): the failure surfaces once, as the CheckpointError that names path and fix."""
+    failed save): the failure surfaces once, as the CheckpointError that names path and fix.
+    Once that is raised, the failed save's abandoned writer threads fail too as the process
+    ends ('cannot schedule new futures after interpreter shutdown'): their tracebacks go too."""
+
+    refusal_reported = False
 
     def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
-        return "os_error_code=" not in text
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and (self.refusal_reported or _refused_write(error)):
+            return False
+        return "os_error_code=" not in record.getMessage()
 
 
 _ECHO_FILTER = _WriteErrorEcho()
@@ -206,7 +212,11 @@ class Checkpointer:
         directory = os.fspath(directory)
         # orbax needs absolute paths; URLs (gs://...) are already absolute.
         self.directory = directory if "://" in directory else os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+        # The step folder is made before save returns: made in the background, a folder the file
+        # system refuses (read-only, vanished) leaves orbax's writer threads waiting 20 minutes
+        # for it, and the process with them.
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, async_options=ocp.AsyncOptions(
+            create_directories_asynchronously=False))
         self.manager = _listed(lambda: ocp.CheckpointManager(self.directory, options=options,
                                                              item_names=("state", "data", "config")))
         self._writing: int | None = None  # the step of the latest save started
@@ -225,6 +235,8 @@ class Checkpointer:
     def save(self, step: int, state: Any, data_state: dict, config: dict) -> None:
         """Start writing checkpoint `step` (asynchronously: `write_failure`, `wait` and `close`
         report a write that failed)."""
+        with self._writes():  # the previous write's failure, named after its own step
+            self.manager.wait_until_finished()
         self._writing = step
         with self._writes():
             self.manager.save(step, args=ocp.args.Composite(
@@ -260,6 +272,7 @@ class Checkpointer:
                 if epath.Path(self.directory).is_dir() else []
             resume = (f"checkpoint {max(kept)} and earlier are kept: run the same command again to resume from it"
                       if kept else "no earlier checkpoint exists")
+            _ECHO_FILTER.refusal_reported = True
             raise CheckpointError(f"checkpoint {step} could not be written to {self.directory}/{step} "
                                   f"({os.strerror(code)}); {_WRITE_FIXES[code]}, then {resume}") from None
 
@@ -345,5 +358,9 @@ class Checkpointer:
     def close(self) -> None:
         try:
             self.wait()
-        finally:
+        except BaseException:
+            with contextlib.suppress(Exception):  # the same failure again: the first report says it
+                self.manager.close()
+            raise
+        with self._writes():
             self.manager.close()

@@ -230,3 +230,35 @@ def test_a_checkpoint_write_the_file_system_refuses_ends_in_one_line_and_loses_n
                              env=env)
     assert resumed.returncode == 0 and "Resumed from checkpoint 4" in resumed.stdout, resumed.stderr[-2000:]
     assert sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())[-1] == 12
+
+
+def _user_namespaces_work() -> bool:
+    return subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"],
+                          capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _user_namespaces_work(), reason="needs unprivileged user namespaces to mount a tmpfs")
+@pytest.mark.parametrize("fault, reason, fix", [
+    ("full", "No space left on device", "free space on that file system"),
+    ("read_only", "Read-only file system", "make the file system writable or use another --workdir")])
+def test_a_full_or_read_only_disk_ends_in_one_line_and_the_run_resumes_once_fixed(tmp_path, fault, reason, fix):
+    """A real file system (a small tmpfs over checkpoints/, mounted in a user namespace) fills up
+    or turns read-only after checkpoint 4: the save of checkpoint 8 ends the run in one line, exit
+    2, checkpoint 4 stays; once space is freed (or the disk writable) the same command resumes."""
+    workdir = tmp_path / "run"
+    command = [sys.executable, "-m", "ctx.train", "--config=experiments/demo.py", f"--workdir={workdir}",
+               *TINY_CLI_FLAGS, "--config.train.checkpoint_every=4"]
+    done = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", script("checkpoints_on_a_small_disk.sh"),
+                           fault, str(workdir), *command], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:], (workdir / "first.out").read_text()[-2000:])
+    refused = (workdir / "refused.err").read_text()
+    lines = refused.strip().splitlines()
+    assert (workdir / "refused.rc").read_text().strip() == "2", refused[-3000:]
+    assert lines[-1].startswith(f"error: checkpoint 8 could not be written to {workdir}/checkpoints/8 "
+                                f"({reason}); {fix}, then"), lines[-1]
+    assert lines[-1].endswith("checkpoint 4 and earlier are kept: run the same command again to resume from it")
+    assert [line for line in lines if not line.startswith("train:")] == lines[-1:], refused[-3000:]  # bar, error
+    assert (workdir / "kept").read_text().split() == ["4"]
+    resumed = (workdir / "resumed.out").read_text()
+    assert (workdir / "resumed.rc").read_text().strip() == "0" and "Resumed from checkpoint 4" in resumed, resumed[-2000:]
