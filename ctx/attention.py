@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ctx.config import ModelConfig
+from ctx.flash_attention import flash_attention
 from ctx.ops import softmax
 
 
@@ -200,27 +201,34 @@ class RelativeAttention(nn.Module):
         return q_HBNK, k_HBTK, v_HBTK
 
     def _fused(self, x_BND, mem_BMD, cmem_BCD, mask_B1NT, memory_kv, deterministic):
-        """The attention through jax.nn.dot_product_attention: the content term is the kernel's
-        own product of the queries q + u (already scaled, so scale 1) with the keys; the shifted
-        position term, with the mask folded in as a large negative value (a boolean mask would
-        make the kernel compute a useless bias gradient), is its additive bias, in the compute
-        dtype. cuDNN fuses the logits, softmax, probabilities and their backward; on other
-        backends the same call runs as XLA ops. No probabilities are returned."""
+        """The attention through a fused kernel, which never writes the probabilities: the
+        content term is the kernel's own product of the queries q + u (already scaled, so scale
+        1) with the keys; the shifted position term, with the mask folded in as a large negative
+        value (a boolean mask would make cuDNN compute a useless bias gradient), is its additive
+        bias, in the compute dtype. 'cudnn': jax.nn.dot_product_attention, batch-major (cuDNN
+        on GPUs, the same call's XLA ops elsewhere); 'pallas_tpu': ctx.flash_attention,
+        head-major like the rest of the segment path. No probabilities are returned."""
         if self.cfg.dropout and not deterministic:  # validate_model refuses it; a hand-made ModelConfig may not
             raise ValueError(f"the fused attention has no attention dropout, and model.dropout={self.cfg.dropout} "
                              "asks for it; set dropout=0 or attention_impl='xla'")
         C, M = cmem_BCD.shape[1], mem_BMD.shape[1]
+        dtype = self.cfg.dtype
         qkv = self._keys_values_with_memory(x_BND, mem_BMD, cmem_BCD, memory_kv)
         q_HBNK, k_HBTK, v_HBTK = qkv
-        bias_BHNT = self._position_scores(q_HBNK, M, C, deterministic=True, batch_major=True)
-        big = jnp.asarray(jnp.finfo(jnp.dtype(self.cfg.dtype)).min / 2, self.cfg.dtype)
-        bias_BHNT = jnp.where(mask_B1NT, bias_BHNT.astype(self.cfg.dtype), big)
-        query_BNHK = jnp.transpose(q_HBNK + self._cast(self.u_bias)[:, None, None, :], (1, 2, 0, 3))
-        key_BTHK, value_BTHK = (jnp.transpose(t, (1, 2, 0, 3)) for t in (k_HBTK, v_HBTK))
-        read_BNHK = jax.nn.dot_product_attention(
-            query_BNHK, key_BTHK, value_BTHK, bias=bias_BHNT, scale=1.0,
-            implementation="cudnn" if jax.default_backend() == "gpu" else "xla")
-        return self.out(read_BNHK.astype(self.cfg.dtype)), None, qkv
+        query_HBNK = q_HBNK + self._cast(self.u_bias)[:, None, None, :]
+        big = jnp.asarray(jnp.finfo(jnp.dtype(dtype)).min / 2, dtype)
+        if self.cfg.attention_kernel == "pallas_tpu":
+            bias_HBNT = self._position_scores(q_HBNK, M, C, deterministic=True)
+            bias_HBNT = jnp.where(mask_B1NT[:, 0][None], bias_HBNT.astype(dtype), big)
+            read_BNHK = jnp.transpose(flash_attention(query_HBNK, k_HBTK, v_HBTK, bias_HBNT), (1, 2, 0, 3))
+        else:
+            bias_BHNT = self._position_scores(q_HBNK, M, C, deterministic=True, batch_major=True)
+            bias_BHNT = jnp.where(mask_B1NT, bias_BHNT.astype(dtype), big)
+            query_BNHK, key_BTHK, value_BTHK = (jnp.transpose(t, (1, 2, 0, 3)) for t in (query_HBNK, k_HBTK, v_HBTK))
+            read_BNHK = jax.nn.dot_product_attention(
+                query_BNHK, key_BTHK, value_BTHK, bias=bias_BHNT, scale=1.0,
+                implementation="cudnn" if jax.default_backend() == "gpu" else "xla")
+        return self.out(read_BNHK.astype(dtype)), None, qkv
 
     def __call__(self, x_BND: jax.Array, mem_BMD: jax.Array, cmem_BCD: jax.Array, mask_B1NT: jax.Array,
                  memory_kv: tuple[jax.Array, jax.Array] | None = None, deterministic: bool = True

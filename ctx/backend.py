@@ -58,7 +58,11 @@ def announce(command: str) -> None:
 
 def attention_line(cfg: ModelConfig) -> str:
     """Which attention a run's segments use (model.attention_impl, 'auto' resolved here)."""
-    if not cfg.fused_attention:
+    kernel, backend = cfg.attention_kernel, jax.default_backend()
+    if kernel == "xla":
         return f"xla (model.attention_impl={cfg.attention_impl})"
-    kernel = "cuDNN" if jax.default_backend() == "gpu" else f"XLA ops on {jax.default_backend()}, no cuDNN here"
-    return f"fused, jax.nn.dot_product_attention ({kernel}; model.attention_impl={cfg.attention_impl})"
+    if kernel == "pallas_tpu":
+        how = "Mosaic" if backend == "tpu" else f"Pallas interpret mode on {backend}: slow, for tests"
+        return f"fused, ctx's Pallas flash kernel ({how}; model.attention_impl={cfg.attention_impl})"
+    how = "cuDNN" if backend == "gpu" else f"XLA ops on {backend}, no cuDNN here"
+    return f"fused, jax.nn.dot_product_attention ({how}; model.attention_impl={cfg.attention_impl})"

@@ -86,7 +86,7 @@ def run_benchmark(config: ml_collections.ConfigDict, chunks: int = 3,
         op_time = write_summary(trace_dir, compiled.as_text(), steps=G)
     tokens_per_step = config.train.batch_size * cfg.segment_length
 
-    eval_fn = make_eval_chunk_fn(trainer.model)
+    eval_fn = make_eval_chunk_fn(trainer.model, trainer.mesh)
     eval_memory = trainer.init_memory()
     eval_memory, _ = _timed(lambda m: eval_fn(state.params, m, device_chunks[0])[0], eval_memory)  # compile
     eval_seconds = []

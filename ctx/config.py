@@ -17,7 +17,8 @@ COMPRESSION_LOSSES = ("attention", "autoencoder", "none")
 LAYER_NORMS = ("pre", "post")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots")
-ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+ATTENTION_IMPLS = ("xla", "cudnn", "pallas_tpu", "auto")
+FUSED_ATTENTION_IMPLS = ("cudnn", "pallas_tpu")
 LEARNED_COMPRESSIONS = ("conv", "dilated_conv")
 # Deepest layer stack that scan_unroll=0 unrolls: up to here an unrolled stack compiles as fast
 # as one scanned layer and skips the scan's stacked copies of what the backward pass keeps;
@@ -69,9 +70,12 @@ class ModelConfig:
     # How a segment's attention is computed; parameters and checkpoints are the same for all.
     # 'xla': scores, softmax and probabilities as XLA ops (the reference, the CPU default).
     # 'cudnn': jax.nn.dot_product_attention's fused kernel (cuDNN on GPUs; elsewhere the same
-    # call's XLA version) with the shifted position term as its bias; it returns no
-    # probabilities and drops no attention weights, so it needs dropout 0 and no 'most_used'.
-    # 'auto': 'cudnn' on GPUs when the config allows it, else 'xla'.
+    # call's XLA version) with the shifted position term as its bias.
+    # 'pallas_tpu': ctx's flash-style Pallas kernel (ctx/flash_attention.py) with the same bias,
+    # lowered through Mosaic for TPUs and run in Pallas interpret mode elsewhere (slow: tests).
+    # The fused kernels return no probabilities and drop no attention weights, so they need
+    # dropout 0 and no 'most_used'.
+    # 'auto': 'cudnn' on GPUs, 'pallas_tpu' on TPUs, when the config allows it; else 'xla'.
     attention_impl: str = "xla"
 
     @classmethod
@@ -95,13 +99,18 @@ class ModelConfig:
         return self.n_layers if self.n_layers <= UNROLL_LAYERS_UP_TO else 1
 
     @property
+    def attention_kernel(self) -> str:
+        """How segments attend: 'xla', 'cudnn' or 'pallas_tpu' (attention_impl, with 'auto'
+        resolved for this backend and config)."""
+        if self.attention_impl != "auto":
+            return self.attention_impl
+        allowed = self.dropout == 0 and self.compression != "most_used"
+        return {"gpu": "cudnn", "tpu": "pallas_tpu"}.get(jax.default_backend(), "xla") if allowed else "xla"
+
+    @property
     def fused_attention(self) -> bool:
-        """Whether segments attend through the fused kernel: attention_impl, with 'auto'
-        resolved for this backend and config."""
-        if self.attention_impl == "cudnn":
-            return True
-        return (self.attention_impl == "auto" and self.dropout == 0 and self.compression != "most_used"
-                and jax.default_backend() == "gpu")
+        """Whether segments attend through a fused kernel, which forms no probabilities."""
+        return self.attention_kernel in FUSED_ATTENTION_IMPLS
 
     @property
     def compresses(self) -> bool:
@@ -173,11 +182,12 @@ def validate_model(cfg: Any) -> None:
                           ("layer_norm", LAYER_NORMS), ("dtype", DTYPES), ("remat", REMAT_POLICIES),
                           ("attention_impl", ATTENTION_IMPLS)):
         _require(g(name) in allowed, f"model.{name}={g(name)!r} is unknown; choose one of {list(allowed)}")
-    if g("attention_impl") == "cudnn":
-        _require(g("dropout") == 0, f"model.attention_impl='cudnn' has no attention dropout, and "
+    if g("attention_impl") in FUSED_ATTENTION_IMPLS:
+        impl = g("attention_impl")
+        _require(g("dropout") == 0, f"model.attention_impl='{impl}' has no attention dropout, and "
                  f"model.dropout={g('dropout')} asks for it; set model.dropout=0 or attention_impl='xla'")
         _require(g("compression") != "most_used", "model.compression='most_used' reads the attention "
-                 "probabilities, which model.attention_impl='cudnn' never forms; use attention_impl='xla'")
+                 f"probabilities, which model.attention_impl='{impl}' never forms; use attention_impl='xla'")
     rates = g("dilation_rates")
     _require(all(isinstance(r, int) and r > 0 for r in rates),
              f"model.dilation_rates must be positive integers, got {rates!r}")

@@ -35,12 +35,14 @@ from ctx.memory import init_memory, select_rows
 from ctx.model import CompressiveTransformer
 from ctx.progress import progress as progress_bar
 from ctx.restore import restore_for_inference
-from ctx.sharding import check_batch_fits, device_chunk, make_mesh, memory_shardings, process_rows, replicated, to_host
+from ctx.sharding import (check_batch_fits, device_chunk, make_mesh, memory_shardings, process_rows, replicated,
+                          to_host, tracing_on)
 
 
 
-def make_eval_chunk_fn(model):
-    """jit(params, memory, chunk) -> (memory, nll [G,B,n_s]) with a scan over G segments.
+def make_eval_chunk_fn(model, mesh=None):
+    """jit(params, memory, chunk) -> (memory, nll [G,B,n_s]) with a scan over G segments (on
+    `mesh`, where the arrays lie, if given).
 
     The memories' keys and values are projected once per chunk and then carried from segment
     to segment (each segment adds its own and the new compressed slots'), instead of
@@ -51,8 +53,9 @@ def make_eval_chunk_fn(model):
         return memory, losses.token_nll(logits, batch["targets"]) * batch["weights"]
 
     def chunk_fn(params, memory, chunk):
-        memory = model.apply({"params": params}, memory, method=CompressiveTransformer.with_memory_keys_values)
-        memory, nll = jax.lax.scan(lambda m, b: segment(params, m, b), memory, chunk)
+        with tracing_on(mesh):
+            memory = model.apply({"params": params}, memory, method=CompressiveTransformer.with_memory_keys_values)
+            memory, nll = jax.lax.scan(lambda m, b: segment(params, m, b), memory, chunk)
         return memory.without_keys_values(), nll
 
     return jax.jit(chunk_fn, donate_argnums=(1,))
@@ -110,7 +113,7 @@ def evaluate_corpus(model, params, corpus: TokenizedCorpus, mesh, batch_size: in
     sums = NllSums.zeros(n_docs, int(lengths.max()))
     if mesh.shape["fsdp"] == 1:
         params = jax.device_put(params, replicated(mesh))
-    chunk_fn = chunk_fn or make_eval_chunk_fn(model)
+    chunk_fn = chunk_fn or make_eval_chunk_fn(model, mesh)
     # Static rows: every process passes the same plain tuple, one compile per (rare) shrink.
     keep_rows = jax.jit(select_rows, static_argnums=1, out_shardings=memory_shardings(mesh))
     held, memory = None, None

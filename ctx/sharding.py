@@ -5,6 +5,8 @@ for models too big to replicate, each parameter's largest divisible dimension.
 """
 from __future__ import annotations
 
+import contextlib
+
 from typing import Any
 
 import jax
@@ -97,3 +99,9 @@ def check_batch_fits(batch_size: int, mesh: Mesh) -> None:
     if batch_size % shards:
         raise ValueError(f"train.batch_size={batch_size} must be a multiple of the {shards} batch shards "
                          f"(mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})")
+
+
+def tracing_on(mesh: Mesh | None):
+    """Context in which a jitted function traces with `mesh` as its abstract mesh, so that code
+    XLA cannot partition itself (the Pallas attention kernel) can shard_map over its axes."""
+    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if mesh is not None else contextlib.nullcontext()

@@ -176,7 +176,7 @@ def _run(config, workdir, trainer, train_corpus, valid_corpus, stop: StopRequest
     stream = TrainStream(train_corpus, config.train.batch_size, trainer.model_config.segment_length,
                          seed=config.seed, shuffle=config.data.shuffle, rows=process_rows(config.train.batch_size))
     at = _restore_or_start(config, workdir, trainer, checkpointer, stream, tokenizer)
-    eval_fn = make_eval_chunk_fn(trainer.model)  # compiled once for every validation
+    eval_fn = make_eval_chunk_fn(trainer.model, trainer.mesh)  # compiled once for every validation
 
     def validate(params):
         return evaluate_corpus(trainer.model, params, valid_corpus, trainer.mesh,

@@ -20,7 +20,7 @@ from ctx.config import ModelConfig
 from ctx.memory import Memory, init_memory
 from ctx.model import CompressiveTransformer
 from ctx.optim import learning_rate, make_optimizer
-from ctx.sharding import check_batch_fits, make_mesh, memory_shardings, replicated, tree_param_sharding
+from ctx.sharding import check_batch_fits, make_mesh, memory_shardings, replicated, tracing_on, tree_param_sharding
 
 
 @flax.struct.dataclass
@@ -97,5 +97,6 @@ class Trainer:
         return (TrainState(step=state.step + 1, params=params, opt_state=opt_state), new_memory, rng), metrics
 
     def _train_chunk(self, state: TrainState, memory: Memory, rng: jax.Array, chunk: dict[str, jax.Array]):
-        (state, memory, rng), metrics = jax.lax.scan(self._segment_step, (state, memory, rng), chunk)
+        with tracing_on(self.mesh):
+            (state, memory, rng), metrics = jax.lax.scan(self._segment_step, (state, memory, rng), chunk)
         return state, memory, rng, metrics

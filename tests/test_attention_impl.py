@@ -1,6 +1,7 @@
-"""model.attention_impl: the fused path (jax.nn.dot_product_attention with the shifted position
-term as bias; on CPU the same call's XLA version) equals the XLA reference in everything a
-segment produces and in every parameter's gradient, with the same parameters."""
+"""model.attention_impl: the fused paths, with the shifted position term as an additive bias,
+equal the XLA reference in everything a segment produces and in every parameter's gradient,
+with the same parameters. 'cudnn' is jax.nn.dot_product_attention (on CPU the same call's XLA
+version); 'pallas_tpu' is ctx's Pallas kernel, here in interpret mode (the kernel a TPU runs)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,10 +22,14 @@ CASES = [
 ]
 
 
+FUSED = ["cudnn", "pallas_tpu"]
+
+
+@pytest.mark.parametrize("kernel", FUSED)
 @pytest.mark.parametrize("overrides", CASES)
-def test_fused_attention_equals_xla_in_outputs_and_every_gradient(overrides):
+def test_fused_attention_equals_xla_in_outputs_and_every_gradient(overrides, kernel):
     reference, variables, memory = build(tiny_model_config(**overrides), batch_size=3)
-    fused = ctx.CompressiveTransformer(tiny_model_config(attention_impl="cudnn", **overrides))
+    fused = ctx.CompressiveTransformer(tiny_model_config(attention_impl=kernel, **overrides))
     assert fused.model_config.fused_attention and not reference.model_config.fused_attention
     cfg = reference.model_config
     tokens = jnp.asarray(random_tokens(cfg, 3, 4)).reshape(3, 4, cfg.segment_length)
@@ -50,9 +55,10 @@ def test_fused_attention_equals_xla_in_outputs_and_every_gradient(overrides):
         memory = next_x
 
 
-def test_evaluation_carries_keys_values_through_the_fused_attention_too():
+@pytest.mark.parametrize("kernel", FUSED)
+def test_evaluation_carries_keys_values_through_the_fused_attention_too(kernel):
     reference, variables, memory = build(tiny_model_config(), batch_size=2)
-    fused = ctx.CompressiveTransformer(tiny_model_config(attention_impl="cudnn"))
+    fused = ctx.CompressiveTransformer(tiny_model_config(attention_impl=kernel))
     cfg = reference.model_config
     tokens = random_tokens(cfg, 2, 3).reshape(2, 3, cfg.segment_length).transpose(1, 0, 2)
     chunk = {"tokens": jnp.asarray(tokens), "targets": jnp.asarray(np.roll(tokens, -1, axis=-1)),
@@ -62,14 +68,15 @@ def test_evaluation_carries_keys_values_through_the_fused_attention_too():
     np.testing.assert_allclose(nll_f, nll_x, rtol=1e-5, atol=1e-5)
 
 
-def test_a_fused_attention_the_config_cannot_use_is_a_clear_error_and_auto_picks_xla_here():
-    with pytest.raises(ValueError, match="has no attention dropout.*model.dropout=0"):
-        validate_model(tiny_model_config(attention_impl="cudnn", dropout=0.1))
+@pytest.mark.parametrize("kernel", FUSED)
+def test_a_fused_attention_the_config_cannot_use_is_a_clear_error_and_auto_picks_xla_here(kernel):
+    with pytest.raises(ValueError, match=f"attention_impl='{kernel}' has no attention dropout.*model.dropout=0"):
+        validate_model(tiny_model_config(attention_impl=kernel, dropout=0.1))
     with pytest.raises(ValueError, match="most_used.*reads the attention probabilities"):
-        validate_model(tiny_model_config(attention_impl="cudnn", compression="most_used", compression_loss="none"))
+        validate_model(tiny_model_config(attention_impl=kernel, compression="most_used", compression_loss="none"))
     with pytest.raises(ValueError, match="attention_impl='flash' is unknown"):
         validate_model(tiny_model_config(attention_impl="flash"))
-    assert not ModelConfig.from_config(tiny_model_config(attention_impl="auto")).fused_attention  # CPU
+    assert ModelConfig.from_config(tiny_model_config(attention_impl="auto")).attention_kernel == "xla"  # CPU
 
 
 def test_diagnostics_read_probabilities_of_a_fused_model():
@@ -79,11 +86,12 @@ def test_diagnostics_read_probabilities_of_a_fused_model():
     assert report["attention_mass"].shape == (2, 3) and np.allclose(report["attention_mass"].sum(-1), 1.0)
 
 
-def test_bfloat16_fused_attention_agrees_with_xla_to_bf16_precision():
-    """In bf16 the two paths round differently (the fused one adds the mask to a bf16 bias):
+@pytest.mark.parametrize("kernel", FUSED)
+def test_bfloat16_fused_attention_agrees_with_xla_to_bf16_precision(kernel):
+    """In bf16 the paths round differently (the fused ones add the mask to a bf16 bias):
     logits agree to 0.05 absolute on values of order 1."""
     reference, variables, memory = build(tiny_model_config(dtype="bfloat16"), batch_size=2)
-    fused = ctx.CompressiveTransformer(tiny_model_config(dtype="bfloat16", attention_impl="cudnn"))
+    fused = ctx.CompressiveTransformer(tiny_model_config(dtype="bfloat16", attention_impl=kernel))
     tokens = jnp.asarray(random_tokens(reference.model_config, 2, 1))
     for _ in range(2):
         logits_x, memory_x, _ = reference.apply(variables, tokens, memory)
@@ -96,6 +104,8 @@ def test_the_run_log_says_which_attention_it_uses():
     assert attention_line(ModelConfig()) == "xla (model.attention_impl=xla)"
     line = attention_line(ModelConfig(attention_impl="cudnn"))
     assert line.startswith("fused, jax.nn.dot_product_attention") and "no cuDNN here" in line  # on CPU
+    line = attention_line(ModelConfig(attention_impl="pallas_tpu"))
+    assert line.startswith("fused, ctx's Pallas flash kernel (Pallas interpret mode on cpu")
 
 
 def test_a_hand_made_config_never_gets_its_attention_dropout_silently_dropped():
