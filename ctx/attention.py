@@ -207,7 +207,8 @@ class RelativeAttention(nn.Module):
         value (a boolean mask would make cuDNN compute a useless bias gradient), is its additive
         bias, in the compute dtype. 'cudnn': jax.nn.dot_product_attention, batch-major (cuDNN
         on GPUs, the same call's XLA ops elsewhere); 'pallas_tpu': ctx.flash_attention,
-        head-major like the rest of the segment path. No probabilities are returned."""
+        head-major like the rest of the segment path, which also returns the attention mass per
+        key range from its row statistics. No probabilities are returned."""
         if self.cfg.dropout and not deterministic:  # validate_model refuses it; a hand-made ModelConfig may not
             raise ValueError(f"the fused attention has no attention dropout, and model.dropout={self.cfg.dropout} "
                              "asks for it; set dropout=0 or attention_impl='xla'")
@@ -217,10 +218,13 @@ class RelativeAttention(nn.Module):
         q_HBNK, k_HBTK, v_HBTK = qkv
         query_HBNK = q_HBNK + self._cast(self.u_bias)[:, None, None, :]
         big = jnp.asarray(jnp.finfo(jnp.dtype(dtype)).min / 2, dtype)
+        mass = None
         if self.cfg.attention_kernel == "pallas_tpu":
             bias_HBNT = self._position_scores(q_HBNK, M, C, deterministic=True)
             bias_HBNT = jnp.where(mask_B1NT[:, 0][None], bias_HBNT.astype(dtype), big)
-            read_BNHK = jnp.transpose(flash_attention(query_HBNK, k_HBTK, v_HBTK, bias_HBNT), (1, 2, 0, 3))
+            read_HBNK, mass_HBNR = flash_attention(query_HBNK, k_HBTK, v_HBTK, bias_HBNT, (C, C + M))
+            read_BNHK = jnp.transpose(read_HBNK, (1, 2, 0, 3))
+            mass = jax.lax.stop_gradient(mass_HBNR.mean(axis=(0, 1, 2)))
         else:
             bias_BHNT = self._position_scores(q_HBNK, M, C, deterministic=True, batch_major=True)
             bias_BHNT = jnp.where(mask_B1NT, bias_BHNT.astype(dtype), big)
@@ -228,13 +232,15 @@ class RelativeAttention(nn.Module):
             read_BNHK = jax.nn.dot_product_attention(
                 query_BNHK, key_BTHK, value_BTHK, bias=bias_BHNT, scale=1.0,
                 implementation="cudnn" if jax.default_backend() == "gpu" else "xla")
-        return self.out(read_BNHK.astype(dtype)), None, qkv
+        return self.out(read_BNHK.astype(dtype)), None, qkv, mass
 
     def __call__(self, x_BND: jax.Array, mem_BMD: jax.Array, cmem_BCD: jax.Array, mask_B1NT: jax.Array,
                  memory_kv: tuple[jax.Array, jax.Array] | None = None, deterministic: bool = True
-                 ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+                 ) -> tuple[jax.Array, jax.Array | None, tuple[jax.Array, jax.Array, jax.Array], jax.Array | None]:
         """Returns (output [B,N,d], attention probabilities [B,H,N,T], (scaled queries [H,B,N,K],
-        keys [H,B,T,K], values [H,B,T,K])); keys and values are of [cmem; mem; segment].
+        keys [H,B,T,K], values [H,B,T,K]), attention mass [3]); keys and values are of [cmem;
+        mem; segment], the mass is the mean attention a query gives each of the three (no
+        gradient). The fused kernels return no probabilities, and cuDNN no mass.
         `memory_kv`: the memories' keys and values [H,B,C+M,K] when already known (evaluation
         carries them from segment to segment instead of projecting the memories again)."""
         C, M = cmem_BCD.shape[1], mem_BMD.shape[1]
@@ -252,4 +258,7 @@ class RelativeAttention(nn.Module):
         # Read head-major, then move the small [H,B,N,K] result; asked for [B,N,H,K] directly,
         # XLA transposed the score-sized probabilities and their gradient in the backward pass.
         read_BNHK = jnp.transpose(jnp.einsum("hbnt,hbtk->hbnk", dropped, v_HBTK), (1, 2, 0, 3))
-        return self.out(read_BNHK), jnp.transpose(probs_HBNT, (1, 0, 2, 3)), (q_HBNK, k_HBTK, v_HBTK)
+        mass_HBNT = jax.lax.stop_gradient(probs_HBNT)
+        mass = jnp.stack([mass_HBNT[..., :C].sum(-1).mean(), mass_HBNT[..., C:C + M].sum(-1).mean(),
+                          mass_HBNT[..., C + M:].sum(-1).mean()])
+        return self.out(read_BNHK), jnp.transpose(probs_HBNT, (1, 0, 2, 3)), (q_HBNK, k_HBTK, v_HBTK), mass

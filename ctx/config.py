@@ -74,7 +74,7 @@ class ModelConfig:
     # 'pallas_tpu': ctx's flash-style Pallas kernel (ctx/flash_attention.py) with the same bias,
     # lowered through Mosaic for TPUs and run in Pallas interpret mode elsewhere (slow: tests).
     # The fused kernels return no probabilities and drop no attention weights, so they need
-    # dropout 0 and no 'most_used'.
+    # dropout 0 and no 'most_used' (the Pallas kernel still returns the attention mass metrics).
     # 'auto': 'cudnn' on GPUs, 'pallas_tpu' on TPUs, when the config allows it; else 'xla'.
     attention_impl: str = "xla"
 

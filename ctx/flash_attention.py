@@ -49,7 +49,8 @@ def _logits(q_ref, k_ref, bias_ref) -> jax.Array:
     return s + bias_ref[...].astype(jnp.float32)
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, out_ref, lse_ref, max_ref, sum_ref, acc_ref):
+def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, out_ref, lse_ref, mass_ref, max_ref, sum_ref, acc_ref,
+                    mass_acc, *, key_block_size: int, ranges: tuple[tuple[int, int], ...]):
     key_block = pl.program_id(3)
 
     @pl.when(key_block == 0)
@@ -57,6 +58,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, out_ref, lse_ref, max_ref, su
         max_ref[...] = jnp.full(max_ref.shape, -jnp.inf, jnp.float32)
         sum_ref[...] = jnp.zeros(sum_ref.shape, jnp.float32)
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+        mass_acc[...] = jnp.zeros(mass_acc.shape, jnp.float32)
 
     s = _logits(q_ref, k_ref, bias_ref)
     previous = max_ref[...]
@@ -67,11 +69,21 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, out_ref, lse_ref, max_ref, su
     acc_ref[...] = rescale * acc_ref[...] + jnp.dot(p.astype(v_ref.dtype), v_ref[...],
                                                     preferred_element_type=jnp.float32)
     max_ref[...] = new_max
+    # The attention each query gives each key range (cmem, mem, segment): row sums of the same
+    # unnormalised probabilities, one lane per range, rescaled like the row sum.
+    key = key_block * key_block_size + jax.lax.broadcasted_iota(jnp.int32, p.shape, 1)
+    lane = jax.lax.broadcasted_iota(jnp.int32, mass_acc.shape, 1)
+    tile_mass = jnp.zeros(mass_acc.shape, jnp.float32)
+    for r, (lo, hi) in enumerate(ranges):
+        in_range = jnp.sum(jnp.where((key >= lo) & (key < hi), p, 0.0), axis=-1, keepdims=True)
+        tile_mass = tile_mass + jnp.where(lane == r, in_range, 0.0)
+    mass_acc[...] = rescale * mass_acc[...] + tile_mass
 
     @pl.when(key_block == pl.num_programs(3) - 1)
     def _finish():
         out_ref[...] = (acc_ref[...] / sum_ref[...]).astype(out_ref.dtype)
         lse_ref[...] = max_ref[...] + jnp.log(sum_ref[...])
+        mass_ref[...] = mass_acc[...] / sum_ref[...]
 
 
 def _backward_kernel(q_ref, k_ref, v_ref, bias_ref, lse_ref, delta_ref, dout_ref,
@@ -101,16 +113,28 @@ def _backward_kernel(q_ref, k_ref, v_ref, bias_ref, lse_ref, delta_ref, dout_ref
         dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
 
 
-def _cost(q, k, bias, passes: int) -> pl.CostEstimate:
-    """What one call reads and writes (each input once per tile row it is streamed for) and its
-    GEMM FLOPs: `passes` products of [N,K]x[K,T] per head and batch row."""
+def _cost(q, k, bias, backward: bool, n_ranges: int = 0) -> pl.CostEstimate:
+    """What one call moves between HBM and VMEM and computes, per head and batch row. A block
+    whose index does not change along the inner grid axis is fetched once; the others once per
+    outer block. Forward: q once, k and v once per query block, the bias once; out, the
+    log-sum-exp and the range masses written once; two GEMMs (q·k, p·v). Backward: k, v and the
+    bias once, q, dout, the log-sum-exp and delta once per key block; dk, dv and the bias
+    gradient written once, the float32 dq partials once per key block; five GEMMs (q·k again,
+    pᵀ·dout, dout·vᵀ, dsᵀ·q, ds·k)."""
     H, B, N, K = q.shape
     T = k.shape[2]
     bq, bk = block_sizes(N, T)
-    itemsize = q.dtype.itemsize
-    streamed = H * B * (N * K * (T // bk) + 2 * T * K * (N // bq)) * itemsize
-    return pl.CostEstimate(flops=2 * passes * H * B * N * T * K, transcendentals=H * B * N * T,
-                           bytes_accessed=int(streamed + bias.size * bias.dtype.itemsize))
+    item, rows = q.dtype.itemsize, H * B
+    scores = N * T * bias.dtype.itemsize
+    if backward:
+        per_row = (2 * T * K * item + scores + (T // bk) * (2 * N * K * item + 2 * N * 4)
+                   + 2 * T * K * item + scores + (T // bk) * N * K * 4)
+        gemms = 5
+    else:
+        per_row = N * K * item + (N // bq) * 2 * T * K * item + scores + N * K * item + N * 4 * (1 + n_ranges)
+        gemms = 2
+    return pl.CostEstimate(flops=2 * gemms * rows * N * T * K, transcendentals=rows * N * T,
+                           bytes_accessed=int(rows * per_row))
 
 
 # Heads, batch rows and the outer block axis are independent; the inner one is a reduction.
@@ -136,17 +160,20 @@ def _grid(q, k, queries_outer: bool):
     return grid, specs, at
 
 
-def _forward_call(q, k, v, bias, interpret: bool):
-    grid, spec, _ = _grid(q, k, queries_outer=True)
+def _forward_call(q, k, v, bias, ranges, interpret: bool):
+    grid, spec, at = _grid(q, k, queries_outer=True)
     bq, K = spec["query"].block_shape[2:]
+    mass = pl.BlockSpec((None, None, bq, len(ranges)), at(lambda h, b, i, j: (h, b, i, 0)))
+    kernel = functools.partial(_forward_kernel, key_block_size=spec["key"].block_shape[2], ranges=ranges)
     return pl.pallas_call(
-        _forward_kernel, grid=grid,
-        in_specs=[spec["query"], spec["key"], spec["key"], spec["tile"]], out_specs=[spec["query"], spec["row"]],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(q.shape[:3] + (1,), jnp.float32)],
+        kernel, grid=grid,
+        in_specs=[spec["query"], spec["key"], spec["key"], spec["tile"]], out_specs=[spec["query"], spec["row"], mass],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(q.shape[:3] + (1,), jnp.float32),
+                   jax.ShapeDtypeStruct(q.shape[:3] + (len(ranges),), jnp.float32)],
         scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
-                        pltpu.VMEM((bq, K), jnp.float32)],
-        compiler_params=_SEMANTICS, cost_estimate=_cost(q, k, bias, passes=2), interpret=interpret,
-        name="relative_attention_forward",
+                        pltpu.VMEM((bq, K), jnp.float32), pltpu.VMEM((bq, len(ranges)), jnp.float32)],
+        compiler_params=_SEMANTICS, cost_estimate=_cost(q, k, bias, backward=False, n_ranges=len(ranges)),
+        interpret=interpret, name="relative_attention_forward",
     )(q, k, v, bias)
 
 
@@ -163,21 +190,22 @@ def _backward_call(q, k, v, bias, lse, delta, dout, interpret: bool):
         out_shape=[jax.ShapeDtypeStruct((key_blocks,) + q.shape, jnp.float32), jax.ShapeDtypeStruct(k.shape, k.dtype),
                    jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(bias.shape, bias.dtype)],
         scratch_shapes=[pltpu.VMEM((bk, K), jnp.float32), pltpu.VMEM((bk, K), jnp.float32)],
-        compiler_params=_SEMANTICS, cost_estimate=_cost(q, k, bias, passes=4), interpret=interpret,
+        compiler_params=_SEMANTICS, cost_estimate=_cost(q, k, bias, backward=True), interpret=interpret,
         name="relative_attention_backward",
     )(q, k, v, bias, lse, delta, dout)
     return jnp.sum(dq_parts, axis=0).astype(q.dtype), dk, dv, dbias
 
 
-def _on_platform(call, *args):
-    """`call(*args, interpret=...)`: the Mosaic kernel when lowered for TPU, interpreted elsewhere.
+def _on_platform(call, *args, **static):
+    """`call(*args, **static, interpret=...)`: the Mosaic kernel when lowered for TPU,
+    interpreted elsewhere.
 
     XLA cannot partition a Mosaic call, so under a device mesh (the abstract mesh the trainer
     and evaluation trace in) each device runs the kernel on its own batch rows: every operand
     is [H, B, ...] with the batch sharded over the mesh's axes, heads and rows independent."""
     def run(*local):
-        return jax.lax.platform_dependent(*local, tpu=functools.partial(call, interpret=False),
-                                          default=functools.partial(call, interpret=True))
+        return jax.lax.platform_dependent(*local, tpu=functools.partial(call, **static, interpret=False),
+                                          default=functools.partial(call, **static, interpret=True))
 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
@@ -186,19 +214,28 @@ def _on_platform(call, *args):
     return jax.shard_map(run, mesh=mesh, in_specs=rows, out_specs=rows, check_vma=False)(*args)
 
 
-@jax.custom_vjp
-def flash_attention(q_HBNK: jax.Array, k_HBTK: jax.Array, v_HBTK: jax.Array, bias_HBNT: jax.Array) -> jax.Array:
-    """softmax(q·kᵀ + bias)·v per head and batch row, [H,B,N,K], without the probabilities in HBM."""
-    return _on_platform(_forward_call, q_HBNK, k_HBTK, v_HBTK, bias_HBNT)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def flash_attention(q_HBNK: jax.Array, k_HBTK: jax.Array, v_HBTK: jax.Array, bias_HBNT: jax.Array,
+                    key_ranges: tuple[int, ...] = ()) -> tuple[jax.Array, jax.Array]:
+    """softmax(q·kᵀ + bias)·v per head and batch row, [H,B,N,K], without the probabilities in
+    HBM; and the attention each query gives each range of keys, [H,B,N,R], split at the
+    `key_ranges` boundaries (R = len(key_ranges) + 1; a statistic, with no gradient)."""
+    return _forward(q_HBNK, k_HBTK, v_HBTK, bias_HBNT, key_ranges)[0]
 
 
-def _forward(q, k, v, bias):
-    out, lse = _on_platform(_forward_call, q, k, v, bias)
-    return out, (q, k, v, bias, out, lse)
+def _ranges(key_ranges: tuple[int, ...], n_keys: int) -> tuple[tuple[int, int], ...]:
+    bounds = (0, *key_ranges, n_keys)
+    return tuple(zip(bounds[:-1], bounds[1:]))
 
 
-def _backward(residuals, dout):
+def _forward(q, k, v, bias, key_ranges):
+    out, lse, mass = _on_platform(_forward_call, q, k, v, bias, ranges=_ranges(key_ranges, k.shape[2]))
+    return (out, mass), (q, k, v, bias, out, lse)
+
+
+def _backward(key_ranges, residuals, cotangents):
     q, k, v, bias, out, lse = residuals
+    dout = cotangents[0]
     delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     return _on_platform(_backward_call, q, k, v, bias, lse, delta, dout.astype(q.dtype))
 

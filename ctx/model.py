@@ -142,8 +142,8 @@ class Block(nn.Module):
         keys/values (`layer.keys`) are used instead of projecting the memories, and advanced."""
         cfg = self.cfg
         carried = None if layer.keys is None else (layer.keys, layer.values)
-        x_BND, attention_in_BND, (probs_BHNT, qkv) = self._residual(x_BND, lambda a: self.attention(
-            a, layer.mem, layer.cmem, mask_B1NT, carried, deterministic), deterministic)
+        x_BND, attention_in_BND, (probs_BHNT, qkv, attention_mass) = self._residual(
+            x_BND, lambda a: self.attention(a, layer.mem, layer.cmem, mask_B1NT, carried, deterministic), deterministic)
         new_mem_BMD, evicted_BND = fifo_update(layer.mem, jax.lax.stop_gradient(attention_in_BND))
         new_cmem_BCD, loss, compressed_BED = layer.cmem, jnp.zeros((), jnp.float32), None
         if cfg.compresses:
@@ -157,12 +157,8 @@ class Block(nn.Module):
             keys, values = (advance_memory_kv(kv, full[:, :, C + M:], new, C)
                             for kv, full, new in zip(carried, qkv[1:], compressed_kv))
             next_layer = next_layer.replace(keys=keys, values=values)
-        attention_mass = None  # the fused attention forms no probabilities to sum
-        if probs_BHNT is not None:
-            mass_BHNT = jax.lax.stop_gradient(probs_BHNT)
-            self.sow("intermediates", "attention_probs", mass_BHNT)
-            attention_mass = jnp.stack([mass_BHNT[..., :C].sum(-1).mean(), mass_BHNT[..., C:C + M].sum(-1).mean(),
-                                        mass_BHNT[..., C + M:].sum(-1).mean()])
+        if probs_BHNT is not None:  # the fused kernels form none
+            self.sow("intermediates", "attention_probs", jax.lax.stop_gradient(probs_BHNT))
         return x_BND, (next_layer, SegmentAux(compression_loss_per_layer=loss, attention_mass=attention_mass))
 
     def memory_keys_values(self, carry: None, layer: LayerMemory) -> tuple[None, LayerMemory]:

@@ -38,15 +38,20 @@ def test_fused_attention_equals_xla_in_outputs_and_every_gradient(overrides, ker
 
     def loss(params, model, memory, segment):
         logits, new_memory, aux = model.apply({"params": params}, segment, memory)
-        return (logits * weights).sum() + aux.compression_loss, (logits, new_memory, aux.compression_loss_per_layer)
+        return (logits * weights).sum() + aux.compression_loss, (logits, new_memory, aux.compression_loss_per_layer,
+                                                                 aux.attention_mass)
 
     step_x, step_f = (jax.jit(jax.grad(lambda p, m, t, model=model: loss(p, model, m, t), has_aux=True))
                       for model in (reference, fused))
     for s in range(4):
         if s == 2:  # row 1 starts a new document: its memory is empty, then partly filled
             memory = reset_rows(memory, jnp.asarray([False, True, False]))
-        grads_x, (logits_x, next_x, loss_x) = step_x(variables["params"], memory, tokens[:, s])
-        grads_f, (logits_f, next_f, loss_f) = step_f(variables["params"], memory, tokens[:, s])
+        grads_x, (logits_x, next_x, loss_x, mass_x) = step_x(variables["params"], memory, tokens[:, s])
+        grads_f, (logits_f, next_f, loss_f, mass_f) = step_f(variables["params"], memory, tokens[:, s])
+        if kernel == "pallas_tpu":  # from the kernel's row statistics; cuDNN gives none
+            np.testing.assert_allclose(mass_f, mass_x, rtol=1e-5, atol=1e-6)
+        else:
+            assert mass_f is None
         np.testing.assert_allclose(logits_f, logits_x, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(loss_f, loss_x, rtol=1e-5, atol=1e-7)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), next_f, next_x)

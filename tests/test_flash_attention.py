@@ -40,6 +40,11 @@ def test_block_sizes_divide_the_axes_in_tpu_tiles_or_take_them_whole():
     assert block_sizes(5, 12) == (5, 12)
 
 
+def attend(q, k, v, bias):
+    """The kernel's output, with key ranges split at 150 and 300 (across key blocks of 128)."""
+    return flash_attention(q, k, v, bias, (150, 300))[0]
+
+
 @pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
 def test_the_kernel_equals_naive_attention_in_the_output_and_every_gradient(dtype, tolerance):
     q, k, v, bias = inputs(2, 1, 512, 640, 8, dtype)  # 2 query blocks x 5 key blocks
@@ -49,9 +54,9 @@ def test_the_kernel_equals_naive_attention_in_the_output_and_every_gradient(dtyp
     def loss(attention):
         return lambda *args: jnp.sum(attention(*args).astype(jnp.float32) * weights)
 
-    got, want = jax.jit(flash_attention)(q, k, v, bias), naive_attention(q, k, v, bias)
+    got, want = jax.jit(attend)(q, k, v, bias), naive_attention(q, k, v, bias)
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tolerance)
-    grads = jax.jit(jax.grad(loss(flash_attention), argnums=(0, 1, 2, 3)))(q, k, v, bias)
+    grads = jax.jit(jax.grad(loss(attend), argnums=(0, 1, 2, 3)))(q, k, v, bias)
     expected = jax.grad(loss(naive_attention), argnums=(0, 1, 2, 3))(q, k, v, bias)
     for name, g, e in zip("q k v bias".split(), grads, expected):
         assert g.dtype == e.dtype == dtype, name
@@ -59,6 +64,16 @@ def test_the_kernel_equals_naive_attention_in_the_output_and_every_gradient(dtyp
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(e, np.float32), atol=tolerance * scale,
                                    err_msg=name)
     assert not np.any(np.asarray(grads[3], np.float32)[..., :100])  # masked keys get no gradient
+
+
+def test_the_kernel_returns_the_attention_each_query_gives_each_key_range():
+    q, k, v, bias = inputs(2, 2, 512, 640, 8, jnp.float32)
+    _, mass = jax.jit(flash_attention, static_argnums=4)(q, k, v, bias, (150, 300))
+    probs = np.asarray(jax.nn.softmax(jnp.einsum("hbnk,hbtk->hbnt", q, k) + bias, axis=-1))
+    expected = np.stack([probs[..., :150].sum(-1), probs[..., 150:300].sum(-1), probs[..., 300:].sum(-1)], -1)
+    assert mass.shape == (2, 2, 512, 3)
+    np.testing.assert_allclose(mass, expected, atol=1e-5)
+    np.testing.assert_allclose(mass.sum(-1), 1.0, atol=1e-5)
 
 
 def test_the_kernel_lowers_through_mosaic_for_tpu_at_the_pg19_shape_with_its_cost():
@@ -72,9 +87,9 @@ def test_the_kernel_lowers_through_mosaic_for_tpu_at_the_pg19_shape_with_its_cos
                 for shape in [(H, B, N, K), (H, B, T, K), (H, B, T, K), (H, B, N, T)]]
 
     def loss(*args):
-        return jnp.sum(flash_attention(*args).astype(jnp.float32))
+        return jnp.sum(attend(*args).astype(jnp.float32))
 
-    forward = target.compile(jax.jit(flash_attention).lower(*abstract))
+    forward = target.compile(jax.jit(attend).lower(*abstract))
     both = target.compile(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(*abstract))
     assert forward.as_text().count("tpu_custom_call") == 1 and both.as_text().count("tpu_custom_call") == 2
     cost = forward.cost_analysis()
