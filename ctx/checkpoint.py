@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from ctx.distributed import any_process, smallest_on_any_process, wait_for_all_processes
+from ctx.distributed import any_process, causes, smallest_on_any_process, wait_for_all_processes
 from ctx.memory import Memory
 
 T = TypeVar("T")
@@ -94,14 +94,12 @@ _WRITE_FIXES = {
 def _refused_write(error: BaseException) -> int | None:
     """The errno of a file-system refusal behind `error` (orbax and tensorstore wrap it in
     other exceptions and report it as `os_error_code`), or None for any other failure."""
-    seen = error
-    while seen is not None:
+    for seen in causes(error):
         if isinstance(seen, OSError) and seen.errno in _WRITE_FIXES:
             return seen.errno
         found = re.search(r"os_error_code='?(\d+)", str(seen))
         if found and int(found.group(1)) in _WRITE_FIXES:
             return int(found.group(1))
-        seen = seen.__cause__ or seen.__context__
     return None
 
 
@@ -235,8 +233,7 @@ class Checkpointer:
     def save(self, step: int, state: Any, data_state: dict, config: dict) -> None:
         """Start writing checkpoint `step` (asynchronously: `write_failure`, `wait` and `close`
         report a write that failed)."""
-        with self._writes():  # the previous write's failure, named after its own step
-            self.manager.wait_until_finished()
+        self.wait()  # the previous write's failure, named after its own step
         self._writing = step
         with self._writes():
             self.manager.save(step, args=ocp.args.Composite(

@@ -6,9 +6,11 @@ detects itself on Cloud TPU pod slices and under SLURM. ctx grows no cluster man
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
+from typing import Iterator
 
 import jax
 import numpy as np
@@ -58,7 +60,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 _RUNTIME_STATUS = re.compile(r"^(UNKNOWN|INTERNAL|UNAVAILABLE|DEADLINE_EXCEEDED|ABORTED|CANCELLED|DATA_LOSS): ")
 
 
-def _causes(error: BaseException | None):
+def causes(error: BaseException | None) -> Iterator[BaseException]:
+    """`error`, then what caused it (`raise ... from` or during handling), and so on."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
@@ -70,7 +73,7 @@ def is_runtime_failure(error: BaseException) -> bool:
     """Whether `error` is (or was caused by) the runtime's report of a failed collective or RPC
     in a multi-process run, typically a peer that died (orbax wraps a failed commit barrier in a
     TimeoutError): not a mistake in the input, so a restart can cure it."""
-    return jax.process_count() > 1 and any(_RUNTIME_STATUS.match(str(e)) for e in _causes(error))
+    return jax.process_count() > 1 and any(_RUNTIME_STATUS.match(str(e)) for e in causes(error))
 
 
 def lost_processes(heartbeat_timeout_seconds: int) -> list[int] | None:
@@ -86,13 +89,11 @@ def lost_processes(heartbeat_timeout_seconds: int) -> list[int] | None:
     if client is None:
         return None
     everyone = list(range(jax.process_count()))
-    answer: dict[str, object] = {}
+    answer: dict[str, dict] = {}
 
     def ask() -> None:
-        try:
+        with contextlib.suppress(Exception):  # the coordinator itself may be the one lost
             answer["live"] = client.get_live_nodes(everyone)
-        except Exception as error:  # noqa: BLE001 - the coordinator itself may be the one lost
-            answer["error"] = error
 
     asking = threading.Thread(target=ask, daemon=True)
     asking.start()

@@ -3,7 +3,8 @@ relative attention's `attention_impl="pallas_tpu"`.
 
 The probabilities never reach HBM: each (query block, key block) tile computes its logits
 q·k + bias in VMEM, folds them into a running softmax (row maximum, row sum, weighted values)
-and moves on; the forward writes the output and one log-sum-exp per query. The backward
+and moves on; the forward writes the output, one log-sum-exp per query and the attention each
+query gives each key range (the memory-kind metrics). The backward
 recomputes each tile's probabilities from that log-sum-exp and accumulates the key and value
 gradients over the query blocks; the query gradient comes out as one partial sum per key block
 (summed by XLA: a few query-sized arrays instead of a second pass over the tiles), and the
@@ -216,7 +217,7 @@ def _on_platform(call, *args, **static):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def flash_attention(q_HBNK: jax.Array, k_HBTK: jax.Array, v_HBTK: jax.Array, bias_HBNT: jax.Array,
-                    key_ranges: tuple[int, ...] = ()) -> tuple[jax.Array, jax.Array]:
+                    key_ranges: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
     """softmax(q·kᵀ + bias)·v per head and batch row, [H,B,N,K], without the probabilities in
     HBM; and the attention each query gives each range of keys, [H,B,N,R], split at the
     `key_ranges` boundaries (R = len(key_ranges) + 1; a statistic, with no gradient)."""

@@ -41,8 +41,8 @@ class SegmentAux:
     one layer's step; [L] and [L, 3] once the layer scan has stacked them)."""
 
     compression_loss_per_layer: jax.Array
-    # Mean attention mass on KEY_KINDS (compressed, memory, segment); None with the fused
-    # attention (model.attention_impl), which forms no probabilities.
+    # Mean attention mass on KEY_KINDS (compressed, memory, segment); None under
+    # model.attention_impl='cudnn', whose kernel returns no such statistic.
     attention_mass: jax.Array | None
 
     @property

@@ -238,7 +238,9 @@ def _user_namespaces_work() -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _user_namespaces_work(), reason="needs unprivileged user namespaces to mount a tmpfs")
+@pytest.mark.skipif(not _user_namespaces_work(),
+                    reason="this kernel forbids unprivileged user namespaces (unshare), needed to mount a small "
+                    "tmpfs; the file-size-limit test above covers the same refused-write path")
 @pytest.mark.parametrize("fault, reason, fix", [
     ("full", "No space left on device", "free space on that file system"),
     ("read_only", "Read-only file system", "make the file system writable or use another --workdir")])
