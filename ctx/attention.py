@@ -97,7 +97,8 @@ class RelativeAttention(nn.Module):
             self.cmem_pos_kernel = self.param("cmem_pos_kernel", _dense_init(), shape)
             self.cmem_v_bias = self.param("cmem_v_bias", nn.initializers.zeros, shape[1:])
         self.out = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), dtype=cfg.dtype, name="out")
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout)  # of the position table, as in Sonnet and Transformer-XL
+        self.weight_dropout = nn.Dropout(cfg.attention_dropout_rate)
 
     def _cast(self, w: jax.Array) -> jax.Array:
         return w.astype(self.cfg.dtype)
@@ -209,9 +210,11 @@ class RelativeAttention(nn.Module):
         on GPUs, the same call's XLA ops elsewhere); 'pallas_tpu': ctx.flash_attention,
         head-major like the rest of the segment path, which also returns the attention mass per
         key range from its row statistics. No probabilities are returned."""
-        if self.cfg.dropout and not deterministic:  # validate_model refuses it; a hand-made ModelConfig may not
-            raise ValueError(f"the fused attention has no attention dropout, and model.dropout={self.cfg.dropout} "
-                             "asks for it; set dropout=0 or attention_impl='xla'")
+        rate = self.cfg.attention_dropout_rate
+        if rate and not deterministic:  # validate_model refuses it; a hand-made ModelConfig may not
+            raise ValueError(f"the fused attention has no attention dropout, and the config asks for {rate} "
+                             "(model.attention_dropout, or model.dropout while it is None); set "
+                             "attention_dropout=0 or attention_impl='xla'")
         C, M = cmem_BCD.shape[1], mem_BMD.shape[1]
         dtype = self.cfg.dtype
         qkv = self._keys_values_with_memory(x_BND, mem_BMD, cmem_BCD, memory_kv)
@@ -220,13 +223,13 @@ class RelativeAttention(nn.Module):
         big = jnp.asarray(jnp.finfo(jnp.dtype(dtype)).min / 2, dtype)
         mass = None
         if self.cfg.attention_kernel == "pallas_tpu":
-            bias_HBNT = self._position_scores(q_HBNK, M, C, deterministic=True)
+            bias_HBNT = self._position_scores(q_HBNK, M, C, deterministic)
             bias_HBNT = jnp.where(mask_B1NT[:, 0][None], bias_HBNT.astype(dtype), big)
             read_HBNK, mass_HBNR = flash_attention(query_HBNK, k_HBTK, v_HBTK, bias_HBNT, (C, C + M))
             read_BNHK = jnp.transpose(read_HBNK, (1, 2, 0, 3))
             mass = jax.lax.stop_gradient(mass_HBNR.mean(axis=(0, 1, 2)))
         else:
-            bias_BHNT = self._position_scores(q_HBNK, M, C, deterministic=True, batch_major=True)
+            bias_BHNT = self._position_scores(q_HBNK, M, C, deterministic, batch_major=True)
             bias_BHNT = jnp.where(mask_B1NT, bias_BHNT.astype(dtype), big)
             query_BNHK, key_BTHK, value_BTHK = (jnp.transpose(t, (1, 2, 0, 3)) for t in (query_HBNK, k_HBTK, v_HBTK))
             read_BNHK = jax.nn.dot_product_attention(
@@ -254,7 +257,7 @@ class RelativeAttention(nn.Module):
         position_HBNT = self._position_scores(q_HBNK, M, C, deterministic)
         logits = (content_HBNT + position_HBNT).astype(jnp.float32)
         probs_HBNT = softmax(logits, mask_B1NT[:, 0][None])
-        dropped = self.dropout(probs_HBNT, deterministic=deterministic).astype(dtype)
+        dropped = self.weight_dropout(probs_HBNT, deterministic=deterministic).astype(dtype)
         # Read head-major, then move the small [H,B,N,K] result; asked for [B,N,H,K] directly,
         # XLA transposed the score-sized probabilities and their gradient in the backward pass.
         read_BNHK = jnp.transpose(jnp.einsum("hbnt,hbtk->hbnk", dropped, v_HBTK), (1, 2, 0, 3))

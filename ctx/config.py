@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 import jax
 import ml_collections
+from ml_collections import config_dict
 
 COMPRESSIONS = ("conv", "max", "mean", "dilated_conv", "most_used")
 COMPRESSION_LOSSES = ("attention", "autoencoder", "none")
@@ -33,6 +34,7 @@ class ConfigError(ValueError):
 def model_config(**overrides: Any) -> ml_collections.ConfigDict:
     """The model section of a config: ModelConfig's defaults, with `overrides`."""
     cfg = ml_collections.ConfigDict(dataclasses.asdict(ModelConfig()))
+    cfg.attention_dropout = config_dict.placeholder(float)  # None, and still settable from the command line
     cfg.update(overrides)
     return cfg
 
@@ -49,6 +51,11 @@ class ModelConfig:
     n_heads: int = 4
     d_ff: int = 256
     dropout: float = 0.0
+    # Dropout of the attention weights. None: model.dropout, one rate everywhere as in Sonnet
+    # (Rae et al. 2019 do not report theirs). A rate of its own (Transformer-XL's `dropatt`)
+    # lets a config keep dropout on the residuals, embeddings and position table and train
+    # with the fused attention, which has no weights to drop (it needs 0 here).
+    attention_dropout: float | None = None
     segment_length: int = 16  # n_s
     memory_length: int = 16  # n_m
     compressed_length: int = 16  # n_cm
@@ -73,8 +80,9 @@ class ModelConfig:
     # call's XLA version) with the shifted position term as its bias.
     # 'pallas_tpu': ctx's flash-style Pallas kernel (ctx/flash_attention.py) with the same bias,
     # lowered through Mosaic for TPUs and run in Pallas interpret mode elsewhere (slow: tests).
-    # The fused kernels return no probabilities and drop no attention weights, so they need
-    # dropout 0 and no 'most_used' (the Pallas kernel still returns the attention mass metrics).
+    # The fused kernels return no probabilities and drop no attention weights, so they need an
+    # attention_dropout of 0 and no 'most_used' (the Pallas kernel still returns the attention
+    # mass metrics).
     # 'auto': 'cudnn' on GPUs, 'pallas_tpu' on TPUs, when the config allows it; else 'xla'.
     attention_impl: str = "xla"
 
@@ -104,8 +112,14 @@ class ModelConfig:
         resolved for this backend and config)."""
         if self.attention_impl != "auto":
             return self.attention_impl
-        allowed = self.dropout == 0 and self.compression != "most_used"
+        allowed = self.attention_dropout_rate == 0 and self.compression != "most_used"
         return {"gpu": "cudnn", "tpu": "pallas_tpu"}.get(jax.default_backend(), "xla") if allowed else "xla"
+
+    @property
+    def attention_dropout_rate(self) -> float:
+        """The rate at which attention weights are dropped in training (attention_dropout, or
+        dropout when it is None)."""
+        return self.dropout if self.attention_dropout is None else self.attention_dropout
 
     @property
     def fused_attention(self) -> bool:
@@ -136,6 +150,10 @@ def _get(cfg: Any, name: str) -> Any:
     if isinstance(cfg, Mapping):
         return cfg[name]
     return getattr(cfg, name)
+
+
+def _is_rate(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value < 1.0
 
 
 def _fields(cfg: Any) -> set[str]:
@@ -176,16 +194,21 @@ def validate_model(cfg: Any) -> None:
              "change one of them")
     _require(g("d_model") % 2 == 0,
              f"model.d_model ({g('d_model')}) must be even (sinusoid position tables pair sin/cos)")
-    _require(isinstance(g("dropout"), (int, float)) and 0.0 <= g("dropout") < 1.0,
-             f"model.dropout must be in [0, 1), got {g('dropout')!r}")
+    _require(_is_rate(g("dropout")), f"model.dropout must be in [0, 1), got {g('dropout')!r}")
+    _require(g("attention_dropout") is None or _is_rate(g("attention_dropout")),
+             f"model.attention_dropout must be in [0, 1), or None for model.dropout's rate, "
+             f"got {g('attention_dropout')!r}")
     for name, allowed in (("compression", COMPRESSIONS), ("compression_loss", COMPRESSION_LOSSES),
                           ("layer_norm", LAYER_NORMS), ("dtype", DTYPES), ("remat", REMAT_POLICIES),
                           ("attention_impl", ATTENTION_IMPLS)):
         _require(g(name) in allowed, f"model.{name}={g(name)!r} is unknown; choose one of {list(allowed)}")
     if g("attention_impl") in FUSED_ATTENTION_IMPLS:
         impl = g("attention_impl")
-        _require(g("dropout") == 0, f"model.attention_impl='{impl}' has no attention dropout, and "
-                 f"model.dropout={g('dropout')} asks for it; set model.dropout=0 or attention_impl='xla'")
+        rate = g("dropout") if g("attention_dropout") is None else g("attention_dropout")
+        source = "model.dropout, which it follows while unset" if g("attention_dropout") is None else "set there"
+        _require(rate == 0, f"model.attention_impl='{impl}' has no attention dropout, and model.attention_dropout "
+                 f"is {rate} ({source}); set --config.model.attention_dropout=0 (the other dropouts stay) "
+                 "or attention_impl='xla'")
         _require(g("compression") != "most_used", "model.compression='most_used' reads the attention "
                  f"probabilities, which model.attention_impl='{impl}' never forms; use attention_impl='xla'")
     rates = g("dilation_rates")

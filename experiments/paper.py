@@ -1,6 +1,11 @@
 """What the paper's three language-model configs share (paper §5; docs/paper-notes.md §6): Adam with warmup from
 1e-6 to 3e-4 and cosine decay to 1e-6, global-norm clip 0.1, and updates every 4 segments
-after 60k steps. Each task file sets its sizes on top."""
+after 60k steps. Each task file sets its sizes on top.
+
+The dropout rate applies to the attention weights too (model.attention_dropout unset), as
+Sonnet's one rate does; the paper does not say otherwise. The fused attention drops no
+weights, so it needs `--config.model.attention_dropout=0` (the other dropout stays): a
+different regulariser, to be chosen knowingly."""
 from ctx.config import default_config
 
 

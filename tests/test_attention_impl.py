@@ -2,6 +2,8 @@
 equal the XLA reference in everything a segment produces and in every parameter's gradient,
 with the same parameters. 'cudnn' is jax.nn.dot_product_attention (on CPU the same call's XLA
 version); 'pallas_tpu' is ctx's Pallas kernel, here in interpret mode (the kernel a TPU runs)."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,8 +77,13 @@ def test_evaluation_carries_keys_values_through_the_fused_attention_too(kernel):
 
 @pytest.mark.parametrize("kernel", FUSED)
 def test_a_fused_attention_the_config_cannot_use_is_a_clear_error_and_auto_picks_xla_here(kernel):
-    with pytest.raises(ValueError, match=f"attention_impl='{kernel}' has no attention dropout.*model.dropout=0"):
+    with pytest.raises(ValueError, match=f"attention_impl='{kernel}' has no attention dropout, and "
+                       r"model.attention_dropout is 0.1 \(model.dropout, which it follows while unset\); "
+                       "set --config.model.attention_dropout=0"):
         validate_model(tiny_model_config(attention_impl=kernel, dropout=0.1))
+    with pytest.raises(ValueError, match=r"model.attention_dropout is 0.2 \(set there\)"):
+        validate_model(tiny_model_config(attention_impl=kernel, attention_dropout=0.2))
+    validate_model(tiny_model_config(attention_impl=kernel, dropout=0.1, attention_dropout=0.0))
     with pytest.raises(ValueError, match="most_used.*reads the attention probabilities"):
         validate_model(tiny_model_config(attention_impl=kernel, compression="most_used", compression_loss="none"))
     with pytest.raises(ValueError, match="attention_impl='flash' is unknown"):
@@ -113,11 +120,65 @@ def test_the_run_log_says_which_attention_it_uses():
     assert line.startswith("fused, ctx's Pallas flash kernel (Pallas interpret mode on cpu")
 
 
+def test_auto_picks_the_fused_attention_only_when_no_attention_weights_are_dropped(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert ModelConfig(attention_impl="auto").attention_kernel == "cudnn"
+    assert ModelConfig(attention_impl="auto", dropout=0.1).attention_kernel == "xla"  # attention_dropout follows
+    assert ModelConfig(attention_impl="auto", dropout=0.1, attention_dropout=0.0).attention_kernel == "cudnn"
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert ModelConfig(attention_impl="auto", dropout=0.1, attention_dropout=0.0).attention_kernel == "pallas_tpu"
+
+
+def _training_step(model, variables, memory, tokens, seed):
+    """Logits and every parameter's gradient of one training-mode (dropout) step."""
+    def loss(params):
+        logits, _, aux = model.apply({"params": params}, tokens, memory, deterministic=False,
+                                     rngs={"dropout": jax.random.key(seed)})
+        return (logits ** 2).mean() + aux.compression_loss, logits
+    return jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
+
+
+@pytest.mark.parametrize("kernel", FUSED)
+def test_fused_attention_trains_with_dropout_everywhere_but_the_weights_like_xla(kernel):
+    """With attention_dropout=0 the fused paths keep model.dropout on the embeddings, residuals
+    and position table, drawing the very masks the XLA path draws."""
+    overrides = dict(dropout=0.3, attention_dropout=0.0)
+    reference, variables, memory = build(tiny_model_config(**overrides), batch_size=2)
+    fused = ctx.CompressiveTransformer(tiny_model_config(attention_impl=kernel, **overrides))
+    tokens = jnp.asarray(random_tokens(reference.model_config, 2, 1))
+    grads_x, logits_x = _training_step(reference, variables, memory, tokens, seed=5)
+    grads_f, logits_f = _training_step(fused, variables, memory, tokens, seed=5)
+    evaluation, _, _ = reference.apply(variables, tokens, memory)
+    assert np.abs(np.asarray(logits_x - evaluation)).max() > 1e-2  # dropout did drop
+    np.testing.assert_allclose(logits_f, logits_x, rtol=1e-5, atol=1e-5)
+    for (path, g_f), g_x in zip(jax.tree_util.tree_leaves_with_path(grads_f), jax.tree.leaves(grads_x)):
+        np.testing.assert_allclose(g_f, g_x, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("dropout, attention_dropout, drops", [
+    (0.0, 0.5, True),  # only the attention weights: the XLA path drops them
+    (0.0, None, False),  # follows dropout: nothing is dropped anywhere
+    (0.0, 0.0, False),
+])
+def test_attention_dropout_has_a_rate_of_its_own(dropout, attention_dropout, drops):
+    cfg = tiny_model_config(dropout=dropout, attention_dropout=attention_dropout)
+    model, variables, memory = build(cfg, batch_size=2)
+    tokens = jnp.asarray(random_tokens(model.model_config, 2, 1))
+    _, training = _training_step(model, variables, memory, tokens, seed=3)
+    evaluation, _, _ = model.apply(variables, tokens, memory)
+    assert (np.abs(np.asarray(training - evaluation)).max() > 1e-3) == drops
+    assert ModelConfig(dropout=0.2).attention_dropout_rate == 0.2
+    assert ModelConfig(dropout=0.2, attention_dropout=0.0).attention_dropout_rate == 0.0
+
+
 def test_a_hand_made_config_never_gets_its_attention_dropout_silently_dropped():
     cfg = ModelConfig(attention_impl="cudnn", dropout=0.1)  # the dataclass, not validated
     model = ctx.CompressiveTransformer(cfg)
     memory = ctx.init_memory(cfg, 1)
     tokens = jnp.zeros((1, cfg.segment_length), jnp.int32)
     variables = model.init(jax.random.key(0), tokens, memory)  # deterministic: no dropout asked
-    with pytest.raises(ValueError, match="no attention dropout"):
-        model.apply(variables, tokens, memory, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    rngs = {"dropout": jax.random.key(1)}
+    with pytest.raises(ValueError, match=r"no attention dropout, and the config asks for 0.1 \(model.attention_"):
+        model.apply(variables, tokens, memory, deterministic=False, rngs=rngs)
+    kept = ctx.CompressiveTransformer(dataclasses.replace(cfg, attention_dropout=0.0))
+    assert np.isfinite(kept.apply(variables, tokens, memory, deterministic=False, rngs=rngs)[0]).all()

@@ -1,3 +1,7 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 import ctx
@@ -20,6 +24,7 @@ from experiments import demo
     (dict(remat="some"), r"model.remat='some' is unknown"),
     (dict(vocab_size=1), r"model.vocab_size must be at least 2"),
     (dict(dropout=1.0), r"model.dropout must be in \[0, 1\)"),
+    (dict(attention_dropout=-0.1), r"model.attention_dropout must be in \[0, 1\), or None for model.dropout's rate"),
     (dict(scan_unroll=-2), r"model.scan_unroll must be a non-negative integer \(layers per scan iteration, "
                            r"0 = auto\), got -2"),
     (dict(compression="max", compression_loss="autoencoder"), r"'autoencoder' needs a learned compression"),
@@ -141,3 +146,28 @@ def test_per_device_batch_sets_the_global_batch():
     cfg.train.per_device_batch_size = -1
     with pytest.raises(ConfigError, match="train.per_device_batch_size must be a non-negative integer"):
         validate(cfg)
+
+
+_PRINT_MODEL = """
+from absl import app
+from ctx.cli import FLAGS, define_config_flags
+from ctx.config import ModelConfig
+define_config_flags()
+app.run(lambda argv: print(repr(FLAGS.config.model.attention_dropout), ModelConfig.from_config(FLAGS.config.model)))
+"""
+
+
+def _parsed_model(*overrides):
+    """The model section the CLIs build from --config=experiments/pg19.py and the overrides."""
+    root = Path(__file__).parents[1]
+    done = subprocess.run([sys.executable, "-c", _PRINT_MODEL, "--config=experiments/pg19.py", *overrides],
+                          cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_attention_dropout_starts_unset_and_is_settable_from_the_command_line():
+    line = _parsed_model()
+    assert line.startswith("None ModelConfig(") and "dropout=0.1, attention_dropout=None" in line
+    line = _parsed_model("--config.model.attention_dropout=0", "--config.model.attention_impl=cudnn")
+    assert line.startswith("0.0 ") and "dropout=0.1, attention_dropout=0.0" in line
