@@ -1,9 +1,10 @@
 """Transformer-XL relative multi-head attention over [compressed memory; memory; segment].
 
 Positions follow DeepMind's Sonnet CompressiveTransformer (docs/paper-notes.md §2): the
-content term spans all keys; the position term has one sinusoid table, projection and bias `v` for
-memory + segment, and a separate set for compressed memory, as if the compressed memory
-came directly before the segment. `u` is shared because it sits in the content term.
+content term spans all keys; the position term (ctx.relative_position) has one sinusoid table,
+projection and bias `v` for memory + segment, and a separate set for compressed memory, as if
+the compressed memory came directly before the segment. `u` is shared because it sits in the
+content term.
 
 Layout: the segment path works head-major ([H, B, N, ...]). Every attention product is
 then a batched GEMM whose output is already in the layout the next op reads, so the
@@ -26,26 +27,7 @@ import numpy as np
 from ctx.config import ModelConfig
 from ctx.flash_attention import flash_attention
 from ctx.ops import softmax
-
-
-def sinusoid_table(distances: jax.Array, d: int) -> jax.Array:
-    """R_delta = [sin(delta * w), cos(delta * w)], w_k = 10000^(-2k/d); shape [P, d]."""
-    inv_freq = 1.0 / (10000.0 ** (np.arange(0, d, 2, dtype=np.float32) / d))
-    angles = distances.astype(jnp.float32)[:, None] * inv_freq[None, :]
-    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
-
-
-def relative_shift(x_NP: jax.Array) -> jax.Array:
-    """Turn scores against distances into scores against keys with one pad and reshapes.
-
-    Input column k holds distance P-1-k; output [i, j] = input[i, j + N-1-i], i.e. the
-    score of query i against key j at distance (P-N) + i - j. Entries with j > (P-N) + i
-    (the future) are garbage and must be masked by the caller.
-    """
-    *lead, N, P = x_NP.shape
-    padded = jnp.pad(x_NP, [(0, 0)] * len(lead) + [(0, 0), (1, 0)])
-    shifted = padded.reshape(*lead, P + 1, N)[..., 1:, :]
-    return shifted.reshape(*lead, N, P)
+from ctx.relative_position import position_scores, sinusoid_table
 
 
 def attention_mask(mem_mask_BM: jax.Array, cmem_mask_BC: jax.Array, n_s: int) -> jax.Array:
@@ -129,30 +111,16 @@ class RelativeAttention(nn.Module):
         memory_BSD = jnp.concatenate([cmem_BCD, mem_BMD], axis=1).astype(self.cfg.dtype)
         return tuple(project(memory_BSD, (self._cast(self.key), self._cast(self.value))))
 
-    def _position_scores(self, q_HBNK: jax.Array, n_mem: int, n_cmem: int, deterministic: bool,
-                         batch_major: bool = False) -> jax.Array:
-        """Position term [H,B,N,C+M+N] (batch_major: [B,H,N,C+M+N]) of scaled queries against
-        [cmem; mem; segment].
-
-        (q + v)·R is split as q·R + v·R: q is then shared with the content term (one tensor
-        kept for the backward pass instead of one per bias) and v·R is a [H,P] row. The
-        compressed memory's table is laid before the memory's, so one GEMM and one relative
-        shift serve both; the shifted columns C .. C+N (the cmem table's distances below
-        n_cmem, which no key has) are dropped."""
-        N = q_HBNK.shape[2]
-        tables = [(self.pos_kernel, self.v_bias, n_mem + N)]
+    def _position_inputs(self, n_queries: int, n_mem: int, n_cmem: int, deterministic: bool
+                         ) -> tuple[jax.Array, jax.Array]:
+        """The projected tables [H,P,K] of `relative_position.position_scores` (the compressed
+        memory's first, when there is one) and their v biases [H,R,K]."""
+        tables = [(self.pos_kernel, self.v_bias, n_mem + n_queries)]
         if n_cmem:
-            tables.insert(0, (self.cmem_pos_kernel, self.cmem_v_bias, n_cmem + N))
-        r_parts = [self._projected_table(kernel, P, deterministic) for kernel, _, P in tables]
-        bias_HP = jnp.concatenate([jnp.einsum("hk,phk->hp", self._cast(bias), r_PHK)
-                                   for (_, bias, _), r_PHK in zip(tables, r_parts)], axis=-1)
-        r_PHK = jnp.concatenate(r_parts)
-        spec, bias_rows = (("hbnk,phk->bhnp", bias_HP[None, :, None, :]) if batch_major
-                           else ("hbnk,phk->hbnp", bias_HP[:, None, None, :]))
-        shifted = relative_shift(jnp.einsum(spec, q_HBNK, r_PHK) + bias_rows)
-        if n_cmem:
-            shifted = jnp.concatenate([shifted[..., :n_cmem], shifted[..., n_cmem + N:]], axis=-1)
-        return shifted
+            tables.insert(0, (self.cmem_pos_kernel, self.cmem_v_bias, n_cmem + n_queries))
+        r_HPK = jnp.concatenate([jnp.transpose(self._projected_table(kernel, P, deterministic), (1, 0, 2))
+                                 for kernel, _, P in tables], axis=1)
+        return r_HPK, jnp.stack([self._cast(bias) for _, bias, _ in tables], axis=1)
 
     def position_tables(self, n_mem: int, n_cmem: int) -> tuple[jax.Array, jax.Array | None]:
         """Projected sinusoid tables (distances descending) for memory+segment and cmem+segment;
@@ -202,14 +170,15 @@ class RelativeAttention(nn.Module):
         return q_HBNK, k_HBTK, v_HBTK
 
     def _fused(self, x_BND, mem_BMD, cmem_BCD, mask_B1NT, memory_kv, deterministic):
-        """The attention through a fused kernel, which never writes the probabilities: the
-        content term is the kernel's own product of the queries q + u (already scaled, so scale
-        1) with the keys; the shifted position term, with the mask folded in as a large negative
-        value (a boolean mask would make cuDNN compute a useless bias gradient), is its additive
-        bias, in the compute dtype. 'cudnn': jax.nn.dot_product_attention, batch-major (cuDNN
-        on GPUs, the same call's XLA ops elsewhere); 'pallas_tpu': ctx.flash_attention,
-        head-major like the rest of the segment path, which also returns the attention mass per
-        key range from its row statistics. No probabilities are returned."""
+        """The attention through a fused kernel, which never writes the probabilities.
+        'pallas_tpu': ctx.flash_attention, head-major like the rest of the segment path, which
+        computes the content and position terms and the mask tile by tile from the queries,
+        u, v, the projected tables and the memory-validity row, and also returns the attention
+        mass per key range from its row statistics. 'cudnn': jax.nn.dot_product_attention,
+        batch-major (cuDNN on GPUs, the same call's XLA ops elsewhere), given the queries q + u
+        (already scaled, so scale 1) and the shifted position term as its additive bias in the
+        compute dtype, with the mask folded in as a large negative value (a boolean mask would
+        make cuDNN compute a useless bias gradient). No probabilities are returned."""
         rate = self.cfg.attention_dropout_rate
         if rate and not deterministic:  # validate_model refuses it; a hand-made ModelConfig may not
             raise ValueError(f"the fused attention has no attention dropout, and the config asks for {rate} "
@@ -219,17 +188,18 @@ class RelativeAttention(nn.Module):
         dtype = self.cfg.dtype
         qkv = self._keys_values_with_memory(x_BND, mem_BMD, cmem_BCD, memory_kv)
         q_HBNK, k_HBTK, v_HBTK = qkv
-        query_HBNK = q_HBNK + self._cast(self.u_bias)[:, None, None, :]
-        big = jnp.asarray(jnp.finfo(jnp.dtype(dtype)).min / 2, dtype)
+        r_HPK, v_HRK = self._position_inputs(q_HBNK.shape[2], M, C, deterministic)
         mass = None
         if self.cfg.attention_kernel == "pallas_tpu":
-            bias_HBNT = self._position_scores(q_HBNK, M, C, deterministic)
-            bias_HBNT = jnp.where(mask_B1NT[:, 0][None], bias_HBNT.astype(dtype), big)
-            read_HBNK, mass_HBNR = flash_attention(query_HBNK, k_HBTK, v_HBTK, bias_HBNT, (C, C + M))
+            visible_BT = mask_B1NT[:, 0, -1, :]  # the last query sees every valid memory slot and the segment
+            read_HBNK, mass_HBNR = flash_attention(q_HBNK, self._cast(self.u_bias), k_HBTK, v_HBTK, v_HRK, r_HPK,
+                                                   visible_BT, C, M)
             read_BNHK = jnp.transpose(read_HBNK, (1, 2, 0, 3))
             mass = jax.lax.stop_gradient(mass_HBNR.mean(axis=(0, 1, 2)))
         else:
-            bias_BHNT = self._position_scores(q_HBNK, M, C, deterministic, batch_major=True)
+            query_HBNK = q_HBNK + self._cast(self.u_bias)[:, None, None, :]
+            big = jnp.asarray(jnp.finfo(jnp.dtype(dtype)).min / 2, dtype)
+            bias_BHNT = position_scores(q_HBNK, v_HRK, r_HPK, C, batch_major=True)
             bias_BHNT = jnp.where(mask_B1NT, bias_BHNT.astype(dtype), big)
             query_BNHK, key_BTHK, value_BTHK = (jnp.transpose(t, (1, 2, 0, 3)) for t in (query_HBNK, k_HBTK, v_HBTK))
             read_BNHK = jax.nn.dot_product_attention(
@@ -254,7 +224,8 @@ class RelativeAttention(nn.Module):
         # (q + u)·k = q·k + u·k: the u·k row [H,B,T] is the same for every query.
         content_HBNT = (jnp.einsum("hbnk,hbtk->hbnt", q_HBNK, k_HBTK)
                         + jnp.einsum("hk,hbtk->hbt", self._cast(self.u_bias), k_HBTK)[:, :, None, :])
-        position_HBNT = self._position_scores(q_HBNK, M, C, deterministic)
+        r_HPK, v_HRK = self._position_inputs(q_HBNK.shape[2], M, C, deterministic)
+        position_HBNT = position_scores(q_HBNK, v_HRK, r_HPK, C)
         logits = (content_HBNT + position_HBNT).astype(jnp.float32)
         probs_HBNT = softmax(logits, mask_B1NT[:, 0][None])
         dropped = self.weight_dropout(probs_HBNT, deterministic=deterministic).astype(dtype)

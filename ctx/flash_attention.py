@@ -1,19 +1,25 @@
-"""Flash-style attention with an additive bias, as a Pallas TPU kernel (Mosaic), for the
-relative attention's `attention_impl="pallas_tpu"`.
+"""Flash-style relative attention as a Pallas TPU kernel (Mosaic), for the relative
+attention's `attention_impl="pallas_tpu"`: neither the probabilities nor the position term
+reach HBM.
 
-The probabilities never reach HBM: each (query block, key block) tile computes its logits
-q·k + bias in VMEM, folds them into a running softmax (row maximum, row sum, weighted values)
-and moves on; the forward writes the output, one log-sum-exp per query and the attention each
-query gives each key range (the memory-kind metrics). The backward
-recomputes each tile's probabilities from that log-sum-exp and accumulates the key and value
-gradients over the query blocks; the query gradient comes out as one partial sum per key block
-(summed by XLA: a few query-sized arrays instead of a second pass over the tiles), and the
-logits' gradient is the bias's gradient, written once per tile, from which XLA's autodiff
-returns the position term's gradient (un-shift, position kernels, v biases).
+Each (query block, key block) tile computes in VMEM the content logits (q + u)·k, the position
+term (q + v)·R of its queries against the window of distances its keys span (one GEMM against
+the projected sinusoid table, which stays in VMEM for the head, then skewed onto the keys by a
+row-strided rotation, `pltpu.roll(stride=1)`: row i moves by i more than row i-1, which is
+exactly Transformer-XL's relative shift inside a tile) and the mask (the memory-validity row
+and the causal offset), folds them into a running softmax (row maximum, row sum, weighted
+values) and moves on. The forward writes the output, one log-sum-exp per query and the
+attention each query gives each key range (cmem, mem, segment: the memory-kind metrics). The
+backward recomputes each tile's probabilities from that log-sum-exp, accumulates the key and
+value gradients over the query blocks, returns the content query gradient as one partial sum
+per key block (summed by XLA) and writes the logits' gradient once; XLA turns that into the
+gradients of the queries' position term, the tables and the v biases through `jax.vjp` of the
+same term written as XLA ops (`ctx.relative_position.position_scores`). Un-skewing it in the
+kernel would need the inverse rotation (stride -1, which Mosaic does not lower).
 
-Layout is head-major, as the segment path makes it: q [H,B,N,K], k and v [H,B,T,K], bias
-[H,B,N,T] (the shifted position term with the mask folded in as a large negative value). The
-query q is already scaled and carries u (so the kernel's scale is 1).
+Layout is head-major, as the segment path makes it: q [H,B,N,K] (scaled, without biases), k and
+v [H,B,T,K] of [cmem; mem; segment], the tables [H,P,K] and their v biases [H,R,K] as
+`position_scores` takes them.
 
 On a TPU backend the kernel lowers through Mosaic; on any other it runs in Pallas interpret
 mode (same kernel, same numbers, slowly), so CPU tests check the very code a TPU runs.
@@ -22,6 +28,7 @@ topology on a CPU machine lowers the Mosaic kernel.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -30,9 +37,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
+from ctx.relative_position import position_scores
+
 # TPU tiles: the last two dimensions of a block are multiples of (8, 128) or the whole axis.
 _KEY_BLOCKS = (512, 256, 128)
 _QUERY_BLOCKS = (256, 128, 64, 32, 16, 8)
+_LANES = 128
+# The logit of a key a query must not see; exp() of it minus any real logit is exactly 0.
+_HIDDEN = -0.5 * float(jnp.finfo(jnp.float32).max)
 
 
 def _block(length: int, choices: tuple[int, ...]) -> int:
@@ -40,18 +52,92 @@ def _block(length: int, choices: tuple[int, ...]) -> int:
     return next((b for b in choices if b <= length and length % b == 0), length)
 
 
-def block_sizes(n_queries: int, n_keys: int) -> tuple[int, int]:
-    return _block(n_queries, _QUERY_BLOCKS), _block(n_keys, _KEY_BLOCKS)
+def block_sizes(n_queries: int, n_keys: int, n_cmem: int = 0) -> tuple[int, int]:
+    """Query and key blocks; key blocks that end where the compressed memory does are preferred
+    (a tile that holds both kinds of key computes the position term against two tables)."""
+    key_block = _block(n_keys, _KEY_BLOCKS)
+    whole = _block(n_keys, tuple(b for b in _KEY_BLOCKS if n_cmem % b == 0))
+    return _block(n_queries, _QUERY_BLOCKS), whole if whole < n_keys else key_block
 
 
-def _logits(q_ref, k_ref, bias_ref) -> jax.Array:
-    """One tile's logits q·k + bias, in float32."""
-    s = jax.lax.dot_general(q_ref[...], k_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    return s + bias_ref[...].astype(jnp.float32)
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Where the keys and distances of a call are, and its tiles (static)."""
+
+    n_cmem: int
+    n_mem: int
+    n_queries: int
+    query_block: int
+    key_block: int
+
+    @classmethod
+    def of(cls, q, k, n_cmem: int, n_mem: int) -> "_Layout":
+        return cls(n_cmem, n_mem, q.shape[2], *block_sizes(q.shape[2], k.shape[2], n_cmem))
+
+    @property
+    def window(self) -> int:
+        """Distances one tile spans (query_block + key_block - 1), in whole lane groups."""
+        return -(-(self.query_block + self.key_block - 1) // _LANES) * _LANES
+
+    @property
+    def straddles(self) -> bool:
+        """Whether a key block can hold both compressed-memory and memory keys, whose
+        distances come from different tables (then a tile computes both and picks per key)."""
+        return self.n_cmem % self.key_block != 0
+
+    @property
+    def aligned(self) -> bool:
+        """Whether every window starts on a sublane group (the tiles are TPU-sized)."""
+        return all(x % 8 == 0 for x in (self.n_queries, self.query_block, self.key_block, self.n_cmem))
+
+    def padded_rows(self, rows: int) -> int:
+        """Table rows with zeros after the last, so the windows of the future keys (masked)
+        stay inside it."""
+        return -(-(rows + self.n_queries + self.window) // 8) * 8
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, out_ref, lse_ref, mass_ref, max_ref, sum_ref, acc_ref,
-                    mass_acc, *, key_block_size: int, ranges: tuple[tuple[int, int], ...]):
+def _skewed_window(q, v_row, r_ref, first_query, first_virtual_key, lay: _Layout):
+    """The position term [bq, bk] of the tile's queries against its keys, from the table's
+    window of the distances they span. With the tables laid as `position_scores` lays them
+    (distances descending, the compressed memory's first, then N unused rows), key j of
+    virtual index vj = j (cmem) or j + N (memory, segment) is column vj + N-1-i of the table
+    for query i, so the window starts at vj0 + N - q0 - bq and row i of the tile needs its
+    columns from bq-1-i on: a rotation by i more per row."""
+    start = first_virtual_key + lay.n_queries - first_query - lay.query_block
+    if lay.aligned:
+        start = pl.multiple_of(start, 8)
+    window = r_ref[pl.ds(start, lay.window), :].astype(q.dtype)
+    band = jax.lax.dot_general(q + v_row, window, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return pltpu.roll(band, lay.window - lay.query_block + 1, 1, stride=1, stride_axis=0)[:, :lay.key_block]
+
+
+def _logits(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, query_block, key_block, lay: _Layout):
+    """One tile's logits (q + u)·k + (q + v)·R, with the hidden keys at _HIDDEN, in float32;
+    and the content queries q + u."""
+    q = q_ref[...]
+    content_q = q + u_ref[...]
+    s = jax.lax.dot_general(content_q, k_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    first_query, first_key = query_block * lay.query_block, key_block * lay.key_block
+    shape = (lay.query_block, lay.key_block)
+    key = first_key + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+    C, N = lay.n_cmem, lay.n_queries
+    if not C:
+        position = _skewed_window(q, vb_ref[0:1, :], r_ref, first_query, first_key, lay)
+    elif lay.straddles:
+        position = jnp.where(key < C, _skewed_window(q, vb_ref[0:1, :], r_ref, first_query, first_key, lay),
+                             _skewed_window(q, vb_ref[1:2, :], r_ref, first_query, first_key + N, lay))
+    else:
+        in_memory = first_key >= C
+        position = _skewed_window(q, jnp.where(in_memory, vb_ref[1:2, :], vb_ref[0:1, :]), r_ref, first_query,
+                                  first_key + jnp.where(in_memory, N, 0), lay)
+    query = first_query + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
+    segment_key = key - (C + lay.n_mem)
+    seen = (visible_ref[...] != 0) & (segment_key <= query)
+    return jnp.where(seen, s + position, _HIDDEN), content_q
+
+
+def _forward_kernel(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, v_ref, out_ref, lse_ref, mass_ref,
+                    max_ref, sum_ref, acc_ref, mass_acc, *, lay: _Layout, ranges: tuple[tuple[int, int], ...]):
     key_block = pl.program_id(3)
 
     @pl.when(key_block == 0)
@@ -61,7 +147,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, out_ref, lse_ref, mass_ref, m
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
         mass_acc[...] = jnp.zeros(mass_acc.shape, jnp.float32)
 
-    s = _logits(q_ref, k_ref, bias_ref)
+    s, _ = _logits(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, pl.program_id(2), key_block, lay)
     previous = max_ref[...]
     new_max = jnp.maximum(previous, jnp.max(s, axis=-1, keepdims=True))
     p = jnp.exp(s - new_max)
@@ -72,7 +158,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, out_ref, lse_ref, mass_ref, m
     max_ref[...] = new_max
     # The attention each query gives each key range (cmem, mem, segment): row sums of the same
     # unnormalised probabilities, one lane per range, rescaled like the row sum.
-    key = key_block * key_block_size + jax.lax.broadcasted_iota(jnp.int32, p.shape, 1)
+    key = key_block * lay.key_block + jax.lax.broadcasted_iota(jnp.int32, p.shape, 1)
     lane = jax.lax.broadcasted_iota(jnp.int32, mass_acc.shape, 1)
     tile_mass = jnp.zeros(mass_acc.shape, jnp.float32)
     for r, (lo, hi) in enumerate(ranges):
@@ -87,8 +173,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, out_ref, lse_ref, mass_ref, m
         mass_ref[...] = mass_acc[...] / sum_ref[...]
 
 
-def _backward_kernel(q_ref, k_ref, v_ref, bias_ref, lse_ref, delta_ref, dout_ref,
-                     dq_ref, dk_ref, dv_ref, dbias_ref, dk_acc, dv_acc):
+def _backward_kernel(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, v_ref, lse_ref, delta_ref, dout_ref,
+                     dq_ref, dk_ref, dv_ref, ds_ref, dk_acc, dv_acc, *, lay: _Layout):
     query_block = pl.program_id(3)
 
     @pl.when(query_block == 0)
@@ -96,15 +182,16 @@ def _backward_kernel(q_ref, k_ref, v_ref, bias_ref, lse_ref, delta_ref, dout_ref
         dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
         dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
 
-    p = jnp.exp(_logits(q_ref, k_ref, bias_ref) - lse_ref[...])
+    s, content_q = _logits(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, query_block, pl.program_id(2), lay)
+    p = jnp.exp(s - lse_ref[...])
     dout = dout_ref[...]
     dv_acc[...] += jax.lax.dot_general(p.astype(dout.dtype), dout, (((0,), (0,)), ((), ())),
                                        preferred_element_type=jnp.float32)
     dp = jax.lax.dot_general(dout, v_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     ds = p * (dp - delta_ref[...])
-    dbias_ref[...] = ds.astype(dbias_ref.dtype)
-    ds_low = ds.astype(q_ref.dtype)
-    dk_acc[...] += jax.lax.dot_general(ds_low, q_ref[...], (((0,), (0,)), ((), ())),
+    ds_ref[...] = ds.astype(ds_ref.dtype)
+    ds_low = ds.astype(content_q.dtype)
+    dk_acc[...] += jax.lax.dot_general(ds_low, content_q, (((0,), (0,)), ((), ())),
                                        preferred_element_type=jnp.float32)
     dq_ref[...] = jnp.dot(ds_low, k_ref[...], preferred_element_type=jnp.float32)
 
@@ -114,41 +201,44 @@ def _backward_kernel(q_ref, k_ref, v_ref, bias_ref, lse_ref, delta_ref, dout_ref
         dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
 
 
-def _cost(q, k, bias, backward: bool, n_ranges: int = 0) -> pl.CostEstimate:
-    """What one call moves between HBM and VMEM and computes, per head and batch row. A block
-    whose index does not change along the inner grid axis is fetched once; the others once per
-    outer block. Forward: q once, k and v once per query block, the bias once; out, the
-    log-sum-exp and the range masses written once; two GEMMs (q·k, p·v). Backward: k, v and the
-    bias once, q, dout, the log-sum-exp and delta once per key block; dk, dv and the bias
-    gradient written once, the float32 dq partials once per key block; five GEMMs (q·k again,
-    pᵀ·dout, dout·vᵀ, dsᵀ·q, ds·k)."""
+def _cost(q, k, lay: _Layout, table_rows: int, backward: bool, n_ranges: int = 0) -> pl.CostEstimate:
+    """What one call moves between HBM and VMEM and computes. A block whose index does not
+    change along the inner grid axis is fetched once; the others once per outer block. The
+    table (float32) and biases are fetched once per head, the validity row once per tile row.
+    Forward: q once, k, v and the validity row once per query block; out, the log-sum-exp and
+    the range masses written once; three GEMMs per tile (q·k, the window's q·R over
+    `window / key_block` times the keys, p·v). Backward: k, v once, q, dout, the log-sum-exp,
+    delta and the validity row once per key block; dk, dv and the logits' gradient written
+    once, the float32 dq partials once per key block; six GEMMs (the forward's two products
+    again, pᵀ·dout, dout·vᵀ, dsᵀ·q, ds·k)."""
     H, B, N, K = q.shape
     T = k.shape[2]
-    bq, bk = block_sizes(N, T)
+    bq, bk = lay.query_block, lay.key_block
     item, rows = q.dtype.itemsize, H * B
-    scores = N * T * bias.dtype.itemsize
+    tables = H * (table_rows * K * 4 + 2 * K * item)
+    position = (lay.window / bk) * (2 if lay.straddles else 1)
     if backward:
-        per_row = (2 * T * K * item + scores + (T // bk) * (2 * N * K * item + 2 * N * 4)
-                   + 2 * T * K * item + scores + (T // bk) * N * K * 4)
-        gemms = 5
+        per_row = ((T // bk) * (2 * N * K * item + 2 * N * 4 + N * K * 4 + T * 4)
+                   + 4 * T * K * item + N * T * item)
+        gemms = 5 + position
     else:
-        per_row = N * K * item + (N // bq) * 2 * T * K * item + scores + N * K * item + N * 4 * (1 + n_ranges)
-        gemms = 2
-    return pl.CostEstimate(flops=2 * gemms * rows * N * T * K, transcendentals=rows * N * T,
-                           bytes_accessed=int(rows * per_row))
+        per_row = N * K * item + (N // bq) * (2 * T * K * item + T * 4) + N * K * item + N * 4 * (1 + n_ranges)
+        gemms = 2 + position
+    return pl.CostEstimate(flops=int(2 * gemms * rows * N * T * K), transcendentals=rows * N * T,
+                           bytes_accessed=int(rows * per_row + tables))
 
 
 # Heads, batch rows and the outer block axis are independent; the inner one is a reduction.
 _SEMANTICS = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
 
 
-def _grid(q, k, queries_outer: bool):
+def _grid(q, k, r, lay: _Layout, queries_outer: bool):
     """The grid (h, b, outer block, inner block) and the block specs of its operands: the
     forward streams key blocks past each query block, the backward query blocks past each key
     block. `at` turns an index map of (h, b, query block i, key block j) into the grid's."""
     H, B, N, K = q.shape
     T = k.shape[2]
-    bq, bk = block_sizes(N, T)
+    bq, bk = lay.query_block, lay.key_block
 
     def at(index):
         return lambda h, b, x, y: index(h, b, *((x, y) if queries_outer else (y, x)))
@@ -156,54 +246,65 @@ def _grid(q, k, queries_outer: bool):
     specs = {"query": pl.BlockSpec((None, None, bq, K), at(lambda h, b, i, j: (h, b, i, 0))),
              "key": pl.BlockSpec((None, None, bk, K), at(lambda h, b, i, j: (h, b, j, 0))),
              "tile": pl.BlockSpec((None, None, bq, bk), at(lambda h, b, i, j: (h, b, i, j))),
-             "row": pl.BlockSpec((None, None, bq, 1), at(lambda h, b, i, j: (h, b, i, 0)))}
+             "row": pl.BlockSpec((None, None, bq, 1), at(lambda h, b, i, j: (h, b, i, 0))),
+             "u": pl.BlockSpec((None, 1, K), at(lambda h, b, i, j: (h, 0, 0))),
+             "v_biases": pl.BlockSpec((None, 2, K), at(lambda h, b, i, j: (h, 0, 0))),
+             "table": pl.BlockSpec((None,) + r.shape[1:], at(lambda h, b, i, j: (h, 0, 0))),
+             "visible": pl.BlockSpec((None, 1, bk), at(lambda h, b, i, j: (b, 0, j)))}
     grid = (H, B, N // bq, T // bk) if queries_outer else (H, B, T // bk, N // bq)
     return grid, specs, at
 
 
-def _forward_call(q, k, v, bias, ranges, interpret: bool):
-    grid, spec, at = _grid(q, k, queries_outer=True)
-    bq, K = spec["query"].block_shape[2:]
+def _kernel_inputs(specs) -> list[pl.BlockSpec]:
+    return [specs[name] for name in ("query", "u", "v_biases", "table", "visible", "key", "key")]
+
+
+def _forward_call(q, u, vb, r, visible, k, v, lay: _Layout, ranges, interpret: bool):
+    grid, spec, at = _grid(q, k, r, lay, queries_outer=True)
+    bq, K = lay.query_block, q.shape[3]
     mass = pl.BlockSpec((None, None, bq, len(ranges)), at(lambda h, b, i, j: (h, b, i, 0)))
-    kernel = functools.partial(_forward_kernel, key_block_size=spec["key"].block_shape[2], ranges=ranges)
     return pl.pallas_call(
-        kernel, grid=grid,
-        in_specs=[spec["query"], spec["key"], spec["key"], spec["tile"]], out_specs=[spec["query"], spec["row"], mass],
+        functools.partial(_forward_kernel, lay=lay, ranges=ranges), grid=grid,
+        in_specs=_kernel_inputs(spec), out_specs=[spec["query"], spec["row"], mass],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(q.shape[:3] + (1,), jnp.float32),
                    jax.ShapeDtypeStruct(q.shape[:3] + (len(ranges),), jnp.float32)],
         scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
                         pltpu.VMEM((bq, K), jnp.float32), pltpu.VMEM((bq, len(ranges)), jnp.float32)],
-        compiler_params=_SEMANTICS, cost_estimate=_cost(q, k, bias, backward=False, n_ranges=len(ranges)),
+        compiler_params=_SEMANTICS, cost_estimate=_cost(q, k, lay, r.shape[1], backward=False, n_ranges=len(ranges)),
         interpret=interpret, name="relative_attention_forward",
-    )(q, k, v, bias)
+    )(q, u, vb, r, visible, k, v)
 
 
-def _backward_call(q, k, v, bias, lse, delta, dout, interpret: bool):
-    grid, spec, at = _grid(q, k, queries_outer=False)
-    bq, K = spec["query"].block_shape[2:]
-    bk = spec["key"].block_shape[2]
+def _backward_call(q, u, vb, r, visible, k, v, lse, delta, dout, lay: _Layout, interpret: bool):
+    grid, spec, at = _grid(q, k, r, lay, queries_outer=False)
+    bq, bk, K = lay.query_block, lay.key_block, q.shape[3]
     key_blocks = grid[2]
     partial_dq = pl.BlockSpec((None, None, None, bq, K), at(lambda h, b, i, j: (j, h, b, i, 0)))
-    dq_parts, dk, dv, dbias = pl.pallas_call(
-        _backward_kernel, grid=grid,
-        in_specs=[spec["query"], spec["key"], spec["key"], spec["tile"], spec["row"], spec["row"], spec["query"]],
+    dq_parts, dk, dv, ds = pl.pallas_call(
+        functools.partial(_backward_kernel, lay=lay), grid=grid,
+        in_specs=_kernel_inputs(spec) + [spec["row"], spec["row"], spec["query"]],
         out_specs=[partial_dq, spec["key"], spec["key"], spec["tile"]],
         out_shape=[jax.ShapeDtypeStruct((key_blocks,) + q.shape, jnp.float32), jax.ShapeDtypeStruct(k.shape, k.dtype),
-                   jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(bias.shape, bias.dtype)],
+                   jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(q.shape[:3] + k.shape[2:3], q.dtype)],
         scratch_shapes=[pltpu.VMEM((bk, K), jnp.float32), pltpu.VMEM((bk, K), jnp.float32)],
-        compiler_params=_SEMANTICS, cost_estimate=_cost(q, k, bias, backward=True), interpret=interpret,
+        compiler_params=_SEMANTICS, cost_estimate=_cost(q, k, lay, r.shape[1], backward=True), interpret=interpret,
         name="relative_attention_backward",
-    )(q, k, v, bias, lse, delta, dout)
-    return jnp.sum(dq_parts, axis=0).astype(q.dtype), dk, dv, dbias
+    )(q, u, vb, r, visible, k, v, lse, delta, dout)
+    return jnp.sum(dq_parts, axis=0).astype(q.dtype), dk, dv, ds
 
 
-def _on_platform(call, *args, **static):
+# The batch axis of each kernel operand (None: the same on every device); every result is
+# [H, B, ...].
+_BATCH_AXES = {"forward": (1, None, None, None, 0, 1, 1), "backward": (1, None, None, None, 0, 1, 1, 1, 1, 1)}
+
+
+def _on_platform(call, args, batch_axes, **static):
     """`call(*args, **static, interpret=...)`: the Mosaic kernel when lowered for TPU,
     interpreted elsewhere.
 
     XLA cannot partition a Mosaic call, so under a device mesh (the abstract mesh the trainer
-    and evaluation trace in) each device runs the kernel on its own batch rows: every operand
-    is [H, B, ...] with the batch sharded over the mesh's axes, heads and rows independent."""
+    and evaluation trace in) each device runs the kernel on its own batch rows: heads and rows
+    are independent, the tables and biases are the same for all."""
     def run(*local):
         return jax.lax.platform_dependent(*local, tpu=functools.partial(call, **static, interpret=False),
                                           default=functools.partial(call, **static, interpret=True))
@@ -211,34 +312,54 @@ def _on_platform(call, *args, **static):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return run(*args)
-    rows = P(None, mesh.axis_names)
-    return jax.shard_map(run, mesh=mesh, in_specs=rows, out_specs=rows, check_vma=False)(*args)
+    in_specs = tuple(P() if axis is None else P(*([None] * axis), mesh.axis_names) for axis in batch_axes)
+    return jax.shard_map(run, mesh=mesh, in_specs=in_specs, out_specs=P(None, mesh.axis_names),
+                         check_vma=False)(*args)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def flash_attention(q_HBNK: jax.Array, k_HBTK: jax.Array, v_HBTK: jax.Array, bias_HBNT: jax.Array,
-                    key_ranges: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-    """softmax(q·kᵀ + bias)·v per head and batch row, [H,B,N,K], without the probabilities in
-    HBM; and the attention each query gives each range of keys, [H,B,N,R], split at the
-    `key_ranges` boundaries (R = len(key_ranges) + 1; a statistic, with no gradient)."""
-    return _forward(q_HBNK, k_HBTK, v_HBTK, bias_HBNT, key_ranges)[0]
+def _kernel_operands(q, u, v_biases, r, visible, lay: _Layout):
+    """u as [H,1,K], two v-bias rows (the memory's twice without a compressed memory), the
+    table in float32 with zero rows after it (`_Layout.padded_rows`), validity as int32 [B,1,T]."""
+    rows = r.shape[1]
+    vb = v_biases if v_biases.shape[1] == 2 else jnp.concatenate([v_biases, v_biases], axis=1)
+    table = jnp.pad(r.astype(jnp.float32), ((0, 0), (0, lay.padded_rows(rows) - rows), (0, 0)))
+    return u[:, None, :].astype(q.dtype), vb.astype(q.dtype), table, visible.astype(jnp.int32)[:, None, :]
 
 
-def _ranges(key_ranges: tuple[int, ...], n_keys: int) -> tuple[tuple[int, int], ...]:
-    bounds = (0, *key_ranges, n_keys)
-    return tuple(zip(bounds[:-1], bounds[1:]))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def flash_attention(q_HBNK: jax.Array, u_HK: jax.Array, k_HBTK: jax.Array, v_HBTK: jax.Array,
+                    v_biases_HRK: jax.Array, r_HPK: jax.Array, visible_BT: jax.Array, n_cmem: int,
+                    n_mem: int) -> tuple[jax.Array, jax.Array]:
+    """softmax((q + u)·kᵀ + position_scores(q, v_biases, r) over the visible keys)·v per head
+    and batch row, [H,B,N,K], with neither the probabilities nor the position term in HBM;
+    and the attention each query gives the compressed memory, the memory and the segment,
+    [H,B,N,3] (a statistic, with no gradient). `visible_BT`: whether each key of
+    [cmem; mem; segment] holds a valid slot; the segment's keys are also hidden from the
+    queries before them."""
+    return _forward(q_HBNK, u_HK, k_HBTK, v_HBTK, v_biases_HRK, r_HPK, visible_BT, n_cmem, n_mem)[0]
 
 
-def _forward(q, k, v, bias, key_ranges):
-    out, lse, mass = _on_platform(_forward_call, q, k, v, bias, ranges=_ranges(key_ranges, k.shape[2]))
-    return (out, mass), (q, k, v, bias, out, lse)
+def _forward(q, u, k, v, v_biases, r, visible, n_cmem, n_mem):
+    lay = _Layout.of(q, k, n_cmem, n_mem)
+    u1, vb, table, visible_row = _kernel_operands(q, u, v_biases, r, visible, lay)
+    ranges = ((0, n_cmem), (n_cmem, n_cmem + n_mem), (n_cmem + n_mem, k.shape[2]))
+    out, lse, mass = _on_platform(_forward_call, (q, u1, vb, table, visible_row, k, v), _BATCH_AXES["forward"],
+                                  lay=lay, ranges=ranges)
+    return (out, mass), (q, u, k, v, v_biases, r, visible, out, lse)
 
 
-def _backward(key_ranges, residuals, cotangents):
-    q, k, v, bias, out, lse = residuals
+def _backward(n_cmem, n_mem, residuals, cotangents):
+    q, u, k, v, v_biases, r, visible, out, lse = residuals
     dout = cotangents[0]
+    lay = _Layout.of(q, k, n_cmem, n_mem)
     delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    return _on_platform(_backward_call, q, k, v, bias, lse, delta, dout.astype(q.dtype))
+    operands = (q, *_kernel_operands(q, u, v_biases, r, visible, lay), k, v, lse, delta, dout.astype(q.dtype))
+    dq_content, dk, dv, ds = _on_platform(_backward_call, operands, _BATCH_AXES["backward"], lay=lay)
+    # The logits' gradient is the position term's: XLA's transpose of the shift and the GEMMs.
+    _, position_vjp = jax.vjp(lambda q, vb, r: position_scores(q, vb, r, n_cmem), q, v_biases, r)
+    dq_position, dv_biases, dr = position_vjp(ds)
+    du = jnp.sum(dq_content.astype(jnp.float32), axis=(1, 2)).astype(u.dtype)
+    return dq_content + dq_position, du, dk, dv, dv_biases, dr, None
 
 
 flash_attention.defvjp(_forward, _backward)

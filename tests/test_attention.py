@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ctx.attention import RelativeAttention, attention_mask, relative_shift
+from ctx.attention import RelativeAttention, attention_mask
+from ctx.relative_position import relative_shift
 from ctx.config import ModelConfig
 from tests import reference
 from tests.helpers import tiny_model_config
