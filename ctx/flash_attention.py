@@ -206,11 +206,11 @@ def _cost(q, k, lay: _Layout, table_rows: int, backward: bool, n_ranges: int = 0
     change along the inner grid axis is fetched once; the others once per outer block. The
     table (float32) and biases are fetched once per head, the validity row once per tile row.
     Forward: q once, k, v and the validity row once per query block; out, the log-sum-exp and
-    the range masses written once; three GEMMs per tile (q·k, the window's q·R over
-    `window / key_block` times the keys, p·v). Backward: k, v once, q, dout, the log-sum-exp,
-    delta and the validity row once per key block; dk, dv and the logits' gradient written
-    once, the float32 dq partials once per key block; six GEMMs (the forward's two products
-    again, pᵀ·dout, dout·vᵀ, dsᵀ·q, ds·k)."""
+    the range masses written once; per tile q·k, p·v and the window's q·R, which spans
+    `window / key_block` times the keys (twice that where a tile uses both tables). Backward:
+    k, v once, q, dout, the log-sum-exp, delta and the validity row once per key block; dk,
+    dv and the logits' gradient written once, the float32 dq partials once per key block; the
+    forward's q·k and q·R again, pᵀ·dout, dout·vᵀ, dsᵀ·q, ds·k."""
     H, B, N, K = q.shape
     T = k.shape[2]
     bq, bk = lay.query_block, lay.key_block
