@@ -69,6 +69,7 @@ class _Layout:
     n_queries: int
     query_block: int
     key_block: int
+    interpret: bool = False  # run by Pallas' interpreter, not Mosaic (see _skew)
 
     @classmethod
     def of(cls, q, k, n_cmem: int, n_mem: int) -> "_Layout":
@@ -96,6 +97,20 @@ class _Layout:
         return -(-(rows + self.n_queries + self.window) // 8) * 8
 
 
+def _skew(band, lay: _Layout):
+    """Row i of the tile's band [bq, window] moved left by bq-1-i, keeping the key block's
+    columns: out[i, j] = band[i, j + bq-1-i]. On TPU one row-strided rotation
+    (`pltpu.roll(stride=1)`: row i by i more than row i-1). Interpreted, the same values by one
+    gather: JAX's interpreter splits a strided roll into one roll per row, and a program of
+    hundreds of rolls per tile is so large that XLA:CPU's loader of a cached executable
+    overflows its stack (a segfault on the second run of the same program)."""
+    if not lay.interpret:
+        return pltpu.roll(band, lay.window - lay.query_block + 1, 1, stride=1, stride_axis=0)[:, :lay.key_block]
+    rows = jax.lax.broadcasted_iota(jnp.int32, (lay.query_block, lay.key_block), 0)
+    columns = jax.lax.broadcasted_iota(jnp.int32, (lay.query_block, lay.key_block), 1)
+    return jnp.take_along_axis(band, columns + lay.query_block - 1 - rows, axis=1)
+
+
 def _skewed_window(q, v_row, r_ref, first_query, first_virtual_key, lay: _Layout):
     """The position term [bq, bk] of the tile's queries against its keys, from the table's
     window of the distances they span. With the tables laid as `position_scores` lays them
@@ -108,7 +123,7 @@ def _skewed_window(q, v_row, r_ref, first_query, first_virtual_key, lay: _Layout
         start = pl.multiple_of(start, 8)
     window = r_ref[pl.ds(start, lay.window), :].astype(q.dtype)
     band = jax.lax.dot_general(q + v_row, window, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    return pltpu.roll(band, lay.window - lay.query_block + 1, 1, stride=1, stride_axis=0)[:, :lay.key_block]
+    return _skew(band, lay)
 
 
 def _logits(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, query_block, key_block, lay: _Layout):
@@ -260,6 +275,7 @@ def _kernel_inputs(specs) -> list[pl.BlockSpec]:
 
 
 def _forward_call(q, u, vb, r, visible, k, v, lay: _Layout, ranges, interpret: bool):
+    lay = dataclasses.replace(lay, interpret=interpret)
     grid, spec, at = _grid(q, k, r, lay, queries_outer=True)
     bq, K = lay.query_block, q.shape[3]
     mass = pl.BlockSpec((None, None, bq, len(ranges)), at(lambda h, b, i, j: (h, b, i, 0)))
@@ -276,6 +292,7 @@ def _forward_call(q, u, vb, r, visible, k, v, lay: _Layout, ranges, interpret: b
 
 
 def _backward_call(q, u, vb, r, visible, k, v, lse, delta, dout, lay: _Layout, interpret: bool):
+    lay = dataclasses.replace(lay, interpret=interpret)
     grid, spec, at = _grid(q, k, r, lay, queries_outer=False)
     bq, bk, K = lay.query_block, lay.key_block, q.shape[3]
     key_blocks = grid[2]

@@ -3,6 +3,8 @@ interpret mode on CPU it equals naive relative attention in the output and in al
 gradients over several query and key blocks, and it lowers through Mosaic into TPU programs
 compiled ahead of time with libtpu (the kernel alone at the PG-19 shape, and a whole training
 chunk). Needs libtpu for the compiles (the [tpu] extra, which the test set-up installs)."""
+import dataclasses
+import os
 import subprocess
 import sys
 
@@ -10,10 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import SingleDeviceSharding
 
 from ctx import aot, train
-from ctx.flash_attention import block_sizes, flash_attention
+from ctx.flash_attention import _Layout, _skew, block_sizes, flash_attention
 from ctx.relative_position import position_scores
 from experiments import demo
 from tests.helpers import ROOT, read_metrics, script, simulated_devices_env, tiny_train_config
@@ -35,17 +38,6 @@ def naive_attention(q, u, k, v, v_biases, r, visible, n_cmem, n_mem):
 # blocks (256) and key blocks, compressed memory in whole key blocks (128 of 7 x 128), the
 # compressed memory ending inside a key block (192 of 2 x 512: both tables in one tile), and a
 # Transformer-XL.
-@pytest.fixture(autouse=True)
-def no_persistent_cache():
-    """XLA:CPU (jax 0.10.2) segfaults loading the cached executable of a training step whose
-    interpreted kernel tiles hold both compressed-memory and memory keys (compiled fresh it
-    runs, and is right); the suite's compilation cache would load it on the second run."""
-    enabled = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
-    yield
-    jax.config.update("jax_enable_compilation_cache", enabled)
-
-
 LAYOUTS = [(256, 128, 512), (192, 320, 512), (0, 384, 256)]
 
 
@@ -98,6 +90,46 @@ def test_the_kernel_equals_naive_attention_in_the_output_and_every_gradient(layo
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(e, np.float32), atol=tolerance * scale,
                                    err_msg=name)
     assert not np.any(np.asarray(grads[2], np.float32)[:, 1, :100])  # empty slots' keys get no gradient
+
+
+def test_the_interpreted_skew_is_the_row_strided_rotation_a_tpu_runs():
+    """Interpreted, a tile skews its position band by one gather instead of `pltpu.roll`
+    (whose interpreter is one roll per row); both give the same tile."""
+    lay = _Layout(n_cmem=0, n_mem=16, n_queries=16, query_block=8, key_block=16)
+    band = jax.random.normal(jax.random.key(3), (lay.query_block, lay.window), jnp.float32)
+    rolled = jax.jit(lambda b: pltpu.roll(b, lay.window - lay.query_block + 1, 1, stride=1, stride_axis=0))(band)
+    interpreted = _skew(band, dataclasses.replace(lay, interpret=True))
+    np.testing.assert_array_equal(interpreted, rolled[:, :lay.key_block])
+    # Row i starts at column bq-1-i of the band: the last query is nearest to every key.
+    np.testing.assert_array_equal(interpreted[-1], band[-1, :lay.key_block])
+    np.testing.assert_array_equal(interpreted[0], band[0, lay.query_block - 1:][:lay.key_block])
+
+
+_GRADIENT_FROM_THE_CACHE = """
+import sys, jax, jax.numpy as jnp
+jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+from ctx.flash_attention import flash_attention
+from tests.test_flash_attention import LAYOUTS, inputs
+n_cmem, n_mem, N = LAYOUTS[1]
+loss = lambda *a: jnp.sum(flash_attention(*a, n_cmem, n_mem)[0])
+print("gradient sum", float(jnp.sum(jax.jit(jax.grad(loss))(*inputs(n_cmem, n_mem, N, jnp.float32)))))
+"""
+
+
+@pytest.mark.slow
+def test_the_kernels_gradient_program_runs_again_from_the_compilation_cache(tmp_path):
+    """The interpreted training program of a layout whose tiles use both tables, written to
+    JAX's persistent compilation cache by one process, loads and runs in the next (it once was
+    so large that XLA:CPU's loader overflowed its stack and the second process segfaulted)."""
+    runs = [subprocess.run([sys.executable, "-c", _GRADIENT_FROM_THE_CACHE, str(tmp_path / "cache")], cwd=ROOT,
+                           env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=600)
+            for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-3000:]
+    assert any((tmp_path / "cache").iterdir())
+    assert runs[0].stdout.splitlines()[-1] == runs[1].stdout.splitlines()[-1]
 
 
 def test_the_kernel_returns_the_attention_each_query_gives_each_key_range():
