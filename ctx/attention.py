@@ -174,7 +174,9 @@ class RelativeAttention(nn.Module):
         'pallas_tpu': ctx.flash_attention, head-major like the rest of the segment path, which
         computes the content and position terms and the mask tile by tile from the queries,
         u, v, the projected tables and the memory-validity row, and also returns the attention
-        mass per key range from its row statistics. 'cudnn': jax.nn.dot_product_attention,
+        mass per key range from its row statistics and, for 'most_used', the attention each evicted
+        key receives (a kernel over those keys that recomputes their probabilities from the
+        forward's log-sum-exp). 'cudnn': jax.nn.dot_product_attention,
         batch-major (cuDNN on GPUs, the same call's XLA ops elsewhere), given the queries q + u
         (already scaled, so scale 1) and the shifted position term as its additive bias in the
         compute dtype, with the mask folded in as a large negative value (a boolean mask would
@@ -189,13 +191,17 @@ class RelativeAttention(nn.Module):
         qkv = self._keys_values_with_memory(x_BND, mem_BMD, cmem_BCD, memory_kv)
         q_HBNK, k_HBTK, v_HBTK = qkv
         r_HPK, v_HRK = self._position_inputs(q_HBNK.shape[2], M, C, deterministic)
-        mass = None
+        mass = usage_BN = None
         if self.cfg.attention_kernel == "pallas_tpu":
             visible_BT = mask_B1NT[:, 0, -1, :]  # the last query sees every valid memory slot and the segment
-            read_HBNK, mass_HBNR = flash_attention(q_HBNK, self._cast(self.u_bias), k_HBTK, v_HBTK, v_HRK, r_HPK,
-                                                   visible_BT, C, M)
+            N = q_HBNK.shape[2]
+            read_HBNK, mass_HBNR, usage_HBN = flash_attention(
+                q_HBNK, self._cast(self.u_bias), k_HBTK, v_HBTK, v_HRK, r_HPK, visible_BT, C, M,
+                (C, C + N) if self._reports_usage else None)
             read_BNHK = jnp.transpose(read_HBNK, (1, 2, 0, 3))
             mass = jax.lax.stop_gradient(mass_HBNR.mean(axis=(0, 1, 2)))
+            if usage_HBN is not None:
+                usage_BN = jax.lax.stop_gradient(usage_HBN.mean(axis=0) / N)
         else:
             query_HBNK = q_HBNK + self._cast(self.u_bias)[:, None, None, :]
             big = jnp.asarray(jnp.finfo(jnp.dtype(dtype)).min / 2, dtype)
@@ -205,15 +211,23 @@ class RelativeAttention(nn.Module):
             read_BNHK = jax.nn.dot_product_attention(
                 query_BNHK, key_BTHK, value_BTHK, bias=bias_BHNT, scale=1.0,
                 implementation="cudnn" if jax.default_backend() == "gpu" else "xla")
-        return self.out(read_BNHK.astype(dtype)), None, qkv, mass
+        return self.out(read_BNHK.astype(dtype)), None, qkv, mass, usage_BN
+
+    @property
+    def _reports_usage(self) -> bool:
+        """Whether a segment reports the attention its evicted memories received ('most_used')."""
+        return self.cfg.compresses and self.cfg.compression == "most_used"
 
     def __call__(self, x_BND: jax.Array, mem_BMD: jax.Array, cmem_BCD: jax.Array, mask_B1NT: jax.Array,
                  memory_kv: tuple[jax.Array, jax.Array] | None = None, deterministic: bool = True
-                 ) -> tuple[jax.Array, jax.Array | None, tuple[jax.Array, jax.Array, jax.Array], jax.Array | None]:
+                 ) -> tuple[jax.Array, jax.Array | None, tuple[jax.Array, jax.Array, jax.Array], jax.Array | None,
+                            jax.Array | None]:
         """Returns (output [B,N,d], attention probabilities [B,H,N,T], (scaled queries [H,B,N,K],
-        keys [H,B,T,K], values [H,B,T,K]), attention mass [3]); keys and values are of [cmem;
-        mem; segment], the mass is the mean attention a query gives each of the three (no
-        gradient). The fused kernels return no probabilities, and cuDNN no mass.
+        keys [H,B,T,K], values [H,B,T,K]), attention mass [3], usage [B,N]); keys and values are
+        of [cmem; mem; segment], the mass is the mean attention a query gives each of the three,
+        the usage (for 'most_used' compression, else None) the mean attention each evicted
+        memory (keys C .. C+N) receives over heads and queries; neither has a gradient. The
+        fused kernels return no probabilities, and cuDNN no mass.
         `memory_kv`: the memories' keys and values [H,B,C+M,K] when already known (evaluation
         carries them from segment to segment instead of projecting the memories again)."""
         C, M = cmem_BCD.shape[1], mem_BMD.shape[1]
@@ -235,4 +249,6 @@ class RelativeAttention(nn.Module):
         mass_HBNT = jax.lax.stop_gradient(probs_HBNT)
         mass = jnp.stack([mass_HBNT[..., :C].sum(-1).mean(), mass_HBNT[..., C:C + M].sum(-1).mean(),
                           mass_HBNT[..., C + M:].sum(-1).mean()])
-        return self.out(read_BNHK), jnp.transpose(probs_HBNT, (1, 0, 2, 3)), (q_HBNK, k_HBTK, v_HBTK), mass
+        usage_BN = mass_HBNT[..., C:C + q_HBNK.shape[2]].mean(axis=(0, 2)) if self._reports_usage else None
+        return (self.out(read_BNHK), jnp.transpose(probs_HBNT, (1, 0, 2, 3)), (q_HBNK, k_HBTK, v_HBTK), mass,
+                usage_BN)

@@ -81,8 +81,9 @@ class ModelConfig:
     # 'pallas_tpu': ctx's flash-style Pallas kernel (ctx/flash_attention.py) with the same bias,
     # lowered through Mosaic for TPUs and run in Pallas interpret mode elsewhere (slow: tests).
     # The fused kernels return no probabilities and drop no attention weights, so they need an
-    # attention_dropout of 0 and no 'most_used' (the Pallas kernel still returns the attention
-    # mass metrics).
+    # attention_dropout of 0; the Pallas kernel still returns the attention mass metrics and the
+    # attention the evicted memories receive ('most_used'), cuDNN neither, so 'cudnn' refuses
+    # 'most_used'.
     # 'auto': 'cudnn' on GPUs, 'pallas_tpu' on TPUs, when the config allows it; else 'xla'.
     attention_impl: str = "xla"
 
@@ -112,8 +113,10 @@ class ModelConfig:
         resolved for this backend and config)."""
         if self.attention_impl != "auto":
             return self.attention_impl
-        allowed = self.attention_dropout_rate == 0 and self.compression != "most_used"
-        return {"gpu": "cudnn", "tpu": "pallas_tpu"}.get(jax.default_backend(), "xla") if allowed else "xla"
+        fused = {"gpu": "cudnn", "tpu": "pallas_tpu"}.get(jax.default_backend(), "xla")
+        if self.attention_dropout_rate or (fused == "cudnn" and self.compression == "most_used"):
+            return "xla"
+        return fused
 
     @property
     def attention_dropout_rate(self) -> float:
@@ -209,8 +212,9 @@ def validate_model(cfg: Any) -> None:
         _require(rate == 0, f"model.attention_impl='{impl}' has no attention dropout, and model.attention_dropout "
                  f"is {rate} ({source}); set --config.model.attention_dropout=0 (the other dropouts stay) "
                  "or attention_impl='xla'")
-        _require(g("compression") != "most_used", "model.compression='most_used' reads the attention "
-                 f"probabilities, which model.attention_impl='{impl}' never forms; use attention_impl='xla'")
+        _require(impl != "cudnn" or g("compression") != "most_used", "model.compression='most_used' reads the "
+                 "attention each evicted memory receives, which cuDNN's fused kernel does not return; use "
+                 "attention_impl='pallas_tpu' (TPUs) or 'xla'")
     rates = g("dilation_rates")
     _require(all(isinstance(r, int) and r > 0 for r in rates),
              f"model.dilation_rates must be positive integers, got {rates!r}")

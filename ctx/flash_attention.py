@@ -9,7 +9,9 @@ row-strided rotation, `pltpu.roll(stride=1)`: row i moves by i more than row i-1
 exactly Transformer-XL's relative shift inside a tile) and the mask (the memory-validity row
 and the causal offset), folds them into a running softmax (row maximum, row sum, weighted
 values) and moves on. The forward writes the output, one log-sum-exp per query and the
-attention each query gives each key range (cmem, mem, segment: the memory-kind metrics). The
+attention each query gives each key range (cmem, mem, segment: the memory-kind metrics); when
+asked, a third kernel recomputes the probabilities of a range of keys from that log-sum-exp and
+sums them over the queries (the attention each key receives: `most_used` compression). The
 backward recomputes each tile's probabilities from that log-sum-exp, accumulates the key and
 value gradients over the query blocks, returns the content query gradient as one partial sum
 per key block (summed by XLA) and writes the logits' gradient once; XLA turns that into the
@@ -188,6 +190,28 @@ def _forward_kernel(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, v_ref, out_
         mass_ref[...] = mass_acc[...] / sum_ref[...]
 
 
+def _probabilities(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, lse_ref, query_block, key_block,
+                   lay: _Layout):
+    """One tile's attention probabilities, recomputed from the forward's log-sum-exp; and the
+    content queries."""
+    s, content_q = _logits(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, query_block, key_block, lay)
+    return jnp.exp(s - lse_ref[...]), content_q
+
+
+def _usage_kernel(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, lse_ref, usage_ref, *, lay: _Layout,
+                  first_key_block: int):
+    """The attention each key of a key block receives, summed over the query blocks."""
+    query_block = pl.program_id(3)
+
+    @pl.when(query_block == 0)
+    def _start():
+        usage_ref[...] = jnp.zeros(usage_ref.shape, jnp.float32)
+
+    p, _ = _probabilities(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, lse_ref, query_block,
+                          pl.program_id(2) + first_key_block, lay)
+    usage_ref[...] += jnp.sum(p, axis=0, keepdims=True)
+
+
 def _backward_kernel(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, v_ref, lse_ref, delta_ref, dout_ref,
                      dq_ref, dk_ref, dv_ref, ds_ref, dk_acc, dv_acc, *, lay: _Layout):
     query_block = pl.program_id(3)
@@ -197,8 +221,8 @@ def _backward_kernel(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, v_ref, lse
         dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
         dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
 
-    s, content_q = _logits(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, query_block, pl.program_id(2), lay)
-    p = jnp.exp(s - lse_ref[...])
+    p, content_q = _probabilities(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, lse_ref, query_block,
+                                  pl.program_id(2), lay)
     dout = dout_ref[...]
     dv_acc[...] += jax.lax.dot_general(p.astype(dout.dtype), dout, (((0,), (0,)), ((), ())),
                                        preferred_element_type=jnp.float32)
@@ -216,29 +240,29 @@ def _backward_kernel(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, v_ref, lse
         dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
 
 
-def _cost(q, k, lay: _Layout, table_rows: int, backward: bool, n_ranges: int = 0) -> pl.CostEstimate:
-    """What one call moves between HBM and VMEM and computes. A block whose index does not
-    change along the inner grid axis is fetched once; the others once per outer block. The
-    table (float32) and biases are fetched once per head, the validity row once per tile row.
-    Forward: q once, k, v and the validity row once per query block; out, the log-sum-exp and
-    the range masses written once; per tile q·k, p·v and the window's q·R, which spans
-    `window / key_block` times the keys (twice that where a tile uses both tables). Backward:
-    k, v once, q, dout, the log-sum-exp, delta and the validity row once per key block; dk,
-    dv and the logits' gradient written once, the float32 dq partials once per key block; the
-    forward's q·k and q·R again, pᵀ·dout, dout·vᵀ, dsᵀ·q, ds·k."""
+def _cost(q, lay: _Layout, table_rows: int, kind: str, n_keys: int, n_ranges: int = 0) -> pl.CostEstimate:
+    """What one call over `n_keys` keys moves between HBM and VMEM and computes. A block whose
+    index does not change along the inner grid axis is fetched once; the others once per outer
+    block. The table (float32) and biases are fetched once per head. Forward: q once, k, v and
+    the validity row once per query block; out, the log-sum-exp and the range masses written
+    once; per tile q·k, p·v and the window's q·R, which spans `window / key_block` times the
+    keys (twice that where a tile uses both tables). Backward: k, v and the validity row once,
+    q, dout, the log-sum-exp and delta once per key block; dk, dv and the logits' gradient
+    written once, the float32 dq partials once per key block; the forward's q·k and q·R again,
+    pᵀ·dout, dout·vᵀ, dsᵀ·q, ds·k. Usage: k and the validity row once, q and the log-sum-exp
+    once per key block, the usage written once; q·k and q·R."""
     H, B, N, K = q.shape
-    T = k.shape[2]
-    bq, bk = lay.query_block, lay.key_block
+    T, bq, bk = n_keys, lay.query_block, lay.key_block
     item, rows = q.dtype.itemsize, H * B
     tables = H * (table_rows * K * 4 + 2 * K * item)
     position = (lay.window / bk) * (2 if lay.straddles else 1)
-    if backward:
-        per_row = ((T // bk) * (2 * N * K * item + 2 * N * 4 + N * K * 4 + T * 4)
-                   + 4 * T * K * item + N * T * item)
-        gemms = 5 + position
-    else:
-        per_row = N * K * item + (N // bq) * (2 * T * K * item + T * 4) + N * K * item + N * 4 * (1 + n_ranges)
-        gemms = 2 + position
+    per_row, gemms = {
+        "forward": (N * K * item + (N // bq) * (2 * T * K * item + T * 4) + N * K * item + N * 4 * (1 + n_ranges),
+                    2 + position),
+        "backward": ((T // bk) * (2 * N * K * item + 2 * N * 4 + N * K * 4) + T * 4 + 4 * T * K * item
+                     + N * T * item, 5 + position),
+        "usage": ((T // bk) * (N * K * item + N * 4) + T * K * item + 2 * T * 4, 1 + position),
+    }[kind]
     return pl.CostEstimate(flops=int(2 * gemms * rows * N * T * K), transcendentals=rows * N * T,
                            bytes_accessed=int(rows * per_row + tables))
 
@@ -247,16 +271,20 @@ def _cost(q, k, lay: _Layout, table_rows: int, backward: bool, n_ranges: int = 0
 _SEMANTICS = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
 
 
-def _grid(q, k, r, lay: _Layout, queries_outer: bool):
+def _grid(q, k, r, lay: _Layout, queries_outer: bool, key_blocks: tuple[int, int] | None = None):
     """The grid (h, b, outer block, inner block) and the block specs of its operands: the
-    forward streams key blocks past each query block, the backward query blocks past each key
-    block. `at` turns an index map of (h, b, query block i, key block j) into the grid's."""
+    forward streams key blocks past each query block, the backward and the usage query blocks
+    past each key block; `key_blocks` (first, end) limits the grid to those (default all). `at`
+    turns an index map of (h, b, query block i, key block j) into the grid's."""
     H, B, N, K = q.shape
-    T = k.shape[2]
     bq, bk = lay.query_block, lay.key_block
+    first, end = key_blocks or (0, k.shape[2] // bk)
 
     def at(index):
-        return lambda h, b, x, y: index(h, b, *((x, y) if queries_outer else (y, x)))
+        def grid_index(h, b, x, y):
+            i, j = (x, y) if queries_outer else (y, x)
+            return index(h, b, i, j + first)
+        return grid_index
 
     specs = {"query": pl.BlockSpec((None, None, bq, K), at(lambda h, b, i, j: (h, b, i, 0))),
              "key": pl.BlockSpec((None, None, bk, K), at(lambda h, b, i, j: (h, b, j, 0))),
@@ -266,7 +294,7 @@ def _grid(q, k, r, lay: _Layout, queries_outer: bool):
              "v_biases": pl.BlockSpec((None, 2, K), at(lambda h, b, i, j: (h, 0, 0))),
              "table": pl.BlockSpec((None,) + r.shape[1:], at(lambda h, b, i, j: (h, 0, 0))),
              "visible": pl.BlockSpec((None, 1, bk), at(lambda h, b, i, j: (b, 0, j)))}
-    grid = (H, B, N // bq, T // bk) if queries_outer else (H, B, T // bk, N // bq)
+    grid = (H, B, N // bq, end - first) if queries_outer else (H, B, end - first, N // bq)
     return grid, specs, at
 
 
@@ -286,7 +314,7 @@ def _forward_call(q, u, vb, r, visible, k, v, lay: _Layout, ranges, interpret: b
                    jax.ShapeDtypeStruct(q.shape[:3] + (len(ranges),), jnp.float32)],
         scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
                         pltpu.VMEM((bq, K), jnp.float32), pltpu.VMEM((bq, len(ranges)), jnp.float32)],
-        compiler_params=_SEMANTICS, cost_estimate=_cost(q, k, lay, r.shape[1], backward=False, n_ranges=len(ranges)),
+        compiler_params=_SEMANTICS, cost_estimate=_cost(q, lay, r.shape[1], "forward", k.shape[2], len(ranges)),
         interpret=interpret, name="relative_attention_forward",
     )(q, u, vb, r, visible, k, v)
 
@@ -304,15 +332,32 @@ def _backward_call(q, u, vb, r, visible, k, v, lse, delta, dout, lay: _Layout, i
         out_shape=[jax.ShapeDtypeStruct((key_blocks,) + q.shape, jnp.float32), jax.ShapeDtypeStruct(k.shape, k.dtype),
                    jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(q.shape[:3] + k.shape[2:3], q.dtype)],
         scratch_shapes=[pltpu.VMEM((bk, K), jnp.float32), pltpu.VMEM((bk, K), jnp.float32)],
-        compiler_params=_SEMANTICS, cost_estimate=_cost(q, k, lay, r.shape[1], backward=True), interpret=interpret,
-        name="relative_attention_backward",
+        compiler_params=_SEMANTICS, cost_estimate=_cost(q, lay, r.shape[1], "backward", k.shape[2]),
+        interpret=interpret, name="relative_attention_backward",
     )(q, u, vb, r, visible, k, v, lse, delta, dout)
     return jnp.sum(dq_parts, axis=0).astype(q.dtype), dk, dv, ds
 
 
+def _usage_call(q, u, vb, r, visible, k, lse, lay: _Layout, key_blocks: tuple[int, int], interpret: bool):
+    """[H,B,1,keys]: the attention each key of the key blocks (first, end) receives, summed
+    over the queries."""
+    lay = dataclasses.replace(lay, interpret=interpret)
+    grid, spec, _ = _grid(q, k, r, lay, queries_outer=False, key_blocks=key_blocks)
+    n_keys = (key_blocks[1] - key_blocks[0]) * lay.key_block
+    return pl.pallas_call(
+        functools.partial(_usage_kernel, lay=lay, first_key_block=key_blocks[0]), grid=grid,
+        in_specs=_kernel_inputs(spec)[:-1] + [spec["row"]],
+        out_specs=pl.BlockSpec((None, None, 1, lay.key_block), lambda h, b, j, i: (h, b, 0, j)),
+        out_shape=jax.ShapeDtypeStruct(q.shape[:2] + (1, n_keys), jnp.float32),
+        compiler_params=_SEMANTICS, cost_estimate=_cost(q, lay, r.shape[1], "usage", n_keys), interpret=interpret,
+        name="relative_attention_key_usage",
+    )(q, u, vb, r, visible, k, lse)
+
+
 # The batch axis of each kernel operand (None: the same on every device); every result is
 # [H, B, ...].
-_BATCH_AXES = {"forward": (1, None, None, None, 0, 1, 1), "backward": (1, None, None, None, 0, 1, 1, 1, 1, 1)}
+_BATCH_AXES = {"forward": (1, None, None, None, 0, 1, 1), "backward": (1, None, None, None, 0, 1, 1, 1, 1, 1),
+               "usage": (1, None, None, None, 0, 1, 1)}
 
 
 def _on_platform(call, args, batch_axes, **static):
@@ -343,29 +388,37 @@ def _kernel_operands(q, u, v_biases, r, visible, lay: _Layout):
     return u[:, None, :].astype(q.dtype), vb.astype(q.dtype), table, visible.astype(jnp.int32)[:, None, :]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
 def flash_attention(q_HBNK: jax.Array, u_HK: jax.Array, k_HBTK: jax.Array, v_HBTK: jax.Array,
                     v_biases_HRK: jax.Array, r_HPK: jax.Array, visible_BT: jax.Array, n_cmem: int,
-                    n_mem: int) -> tuple[jax.Array, jax.Array]:
+                    n_mem: int, usage_keys: tuple[int, int] | None = None
+                    ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """softmax((q + u)·kᵀ + position_scores(q, v_biases, r) over the visible keys)·v per head
     and batch row, [H,B,N,K], with neither the probabilities nor the position term in HBM;
-    and the attention each query gives the compressed memory, the memory and the segment,
-    [H,B,N,3] (a statistic, with no gradient). `visible_BT`: whether each key of
-    [cmem; mem; segment] holds a valid slot; the segment's keys are also hidden from the
-    queries before them."""
-    return _forward(q_HBNK, u_HK, k_HBTK, v_HBTK, v_biases_HRK, r_HPK, visible_BT, n_cmem, n_mem)[0]
+    the attention each query gives the compressed memory, the memory and the segment,
+    [H,B,N,3]; and, for keys `usage_keys` = (first, end) when given, the attention each of
+    them receives summed over the queries, [H,B,end-first] (else None). The last two are
+    statistics, with no gradient. `visible_BT`: whether each key of [cmem; mem; segment]
+    holds a valid slot; the segment's keys are also hidden from the queries before them."""
+    return _forward(q_HBNK, u_HK, k_HBTK, v_HBTK, v_biases_HRK, r_HPK, visible_BT, n_cmem, n_mem, usage_keys)[0]
 
 
-def _forward(q, u, k, v, v_biases, r, visible, n_cmem, n_mem):
+def _forward(q, u, k, v, v_biases, r, visible, n_cmem, n_mem, usage_keys):
     lay = _Layout.of(q, k, n_cmem, n_mem)
-    u1, vb, table, visible_row = _kernel_operands(q, u, v_biases, r, visible, lay)
+    operands = _kernel_operands(q, u, v_biases, r, visible, lay)
     ranges = ((0, n_cmem), (n_cmem, n_cmem + n_mem), (n_cmem + n_mem, k.shape[2]))
-    out, lse, mass = _on_platform(_forward_call, (q, u1, vb, table, visible_row, k, v), _BATCH_AXES["forward"],
-                                  lay=lay, ranges=ranges)
-    return (out, mass), (q, u, k, v, v_biases, r, visible, out, lse)
+    out, lse, mass = _on_platform(_forward_call, (q, *operands, k, v), _BATCH_AXES["forward"], lay=lay, ranges=ranges)
+    usage = None
+    if usage_keys is not None:
+        first, end = usage_keys
+        blocks = (first // lay.key_block, -(-end // lay.key_block))
+        covered = _on_platform(_usage_call, (q, *operands, k, lse), _BATCH_AXES["usage"], lay=lay, key_blocks=blocks)
+        offset = blocks[0] * lay.key_block
+        usage = covered[:, :, 0, first - offset:end - offset]
+    return (out, mass, usage), (q, u, k, v, v_biases, r, visible, out, lse)
 
 
-def _backward(n_cmem, n_mem, residuals, cotangents):
+def _backward(n_cmem, n_mem, usage_keys, residuals, cotangents):
     q, u, k, v, v_biases, r, visible, out, lse = residuals
     dout = cotangents[0]
     lay = _Layout.of(q, k, n_cmem, n_mem)

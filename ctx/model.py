@@ -112,17 +112,14 @@ class Block(nn.Module):
         y = self.ln_attention(x_BND + dropout(out))
         return self.ln_mlp(y + dropout(mlp(y))), x_BND, extra
 
-    def _compress(self, evicted_BND: jax.Array, probs_BHNT: jax.Array,
+    def _compress(self, evicted_BND: jax.Array, usage_BN: jax.Array | None,
                   qkv: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        """Compress the evicted memories and compute the compression loss. `qkv` is the
-        attention's head-major (queries, keys, values): the evicted entries are rows
+        """Compress the evicted memories and compute the compression loss. `usage_BN`: the
+        attention each evicted entry got, over heads and queries (for 'most_used'). `qkv` is
+        the attention's head-major (queries, keys, values): the evicted entries are rows
         n_cm .. n_cm+n_s of its [cmem; mem; segment] keys and values, so the loss reuses them."""
         cfg = self.cfg
         evicted_BND = jax.lax.stop_gradient(evicted_BND)
-        usage_BN = None
-        if cfg.compression == "most_used":  # attention each evicted entry got, over heads and queries
-            start = cfg.compressed_length
-            usage_BN = jax.lax.stop_gradient(probs_BHNT[..., start:start + cfg.segment_length].mean(axis=(1, 2)))
         compressed_BED = self.compress(evicted_BND, usage_BN)
         if cfg.compression_loss == "attention":
             q_HBNK, k_HBTK, v_HBTK = qkv
@@ -142,12 +139,12 @@ class Block(nn.Module):
         keys/values (`layer.keys`) are used instead of projecting the memories, and advanced."""
         cfg = self.cfg
         carried = None if layer.keys is None else (layer.keys, layer.values)
-        x_BND, attention_in_BND, (probs_BHNT, qkv, attention_mass) = self._residual(
+        x_BND, attention_in_BND, (probs_BHNT, qkv, attention_mass, usage_BN) = self._residual(
             x_BND, lambda a: self.attention(a, layer.mem, layer.cmem, mask_B1NT, carried, deterministic), deterministic)
         new_mem_BMD, evicted_BND = fifo_update(layer.mem, jax.lax.stop_gradient(attention_in_BND))
         new_cmem_BCD, loss, compressed_BED = layer.cmem, jnp.zeros((), jnp.float32), None
         if cfg.compresses:
-            compressed_BED, loss = self._compress(evicted_BND, probs_BHNT, qkv)
+            compressed_BED, loss = self._compress(evicted_BND, usage_BN, qkv)
             new_cmem_BCD = shift_in(layer.cmem, compressed_BED)
         C, M = layer.cmem.shape[1], layer.mem.shape[1]
         next_layer = LayerMemory(mem=new_mem_BMD, cmem=new_cmem_BCD)

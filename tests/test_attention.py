@@ -44,7 +44,7 @@ def _attention_case(C, M, N=4, B=2):
 def test_attention_matches_brute_force(C, M):
     module, params, inputs, (mem_mask, cmem_mask) = _attention_case(C, M)
     x, mem, cmem, _ = inputs
-    out, probs, _, _ = module.apply({"params": params}, *inputs)
+    out, probs, *_ = module.apply({"params": params}, *inputs)
     p = reference._to_numpy(params)
     for b in range(x.shape[0]):
         ref_out, ref_probs = reference.attention(p, x[b], mem[b], cmem[b], mem_mask[b], cmem_mask[b])

@@ -25,10 +25,13 @@ CASES = [
 
 
 FUSED = ["cudnn", "pallas_tpu"]
+# 'most_used' ranks the evicted memories by the attention they received: the Pallas kernel
+# returns it (cuDNN returns nothing of the kind, and refuses it).
+MOST_USED = dict(compression="most_used", compression_loss="none")
 
 
-@pytest.mark.parametrize("kernel", FUSED)
-@pytest.mark.parametrize("overrides", CASES)
+@pytest.mark.parametrize("kernel, overrides", [(kernel, case) for kernel in FUSED for case in CASES]
+                         + [("pallas_tpu", MOST_USED)])
 def test_fused_attention_equals_xla_in_outputs_and_every_gradient(overrides, kernel):
     reference, variables, memory = build(tiny_model_config(**overrides), batch_size=3)
     fused = ctx.CompressiveTransformer(tiny_model_config(attention_impl=kernel, **overrides))
@@ -84,8 +87,12 @@ def test_a_fused_attention_the_config_cannot_use_is_a_clear_error_and_auto_picks
     with pytest.raises(ValueError, match=r"model.attention_dropout is 0.2 \(set there\)"):
         validate_model(tiny_model_config(attention_impl=kernel, attention_dropout=0.2))
     validate_model(tiny_model_config(attention_impl=kernel, dropout=0.1, attention_dropout=0.0))
-    with pytest.raises(ValueError, match="most_used.*reads the attention probabilities"):
-        validate_model(tiny_model_config(attention_impl=kernel, compression="most_used", compression_loss="none"))
+    if kernel == "cudnn":
+        with pytest.raises(ValueError, match="most_used.*which cuDNN's fused kernel does not return; use "
+                           "attention_impl='pallas_tpu'"):
+            validate_model(tiny_model_config(attention_impl=kernel, **MOST_USED))
+    else:
+        validate_model(tiny_model_config(attention_impl=kernel, **MOST_USED))
     with pytest.raises(ValueError, match="attention_impl='flash' is unknown"):
         validate_model(tiny_model_config(attention_impl="flash"))
     assert ModelConfig.from_config(tiny_model_config(attention_impl="auto")).attention_kernel == "xla"  # CPU
@@ -120,13 +127,15 @@ def test_the_run_log_says_which_attention_it_uses():
     assert line.startswith("fused, ctx's Pallas flash kernel (Pallas interpret mode on cpu")
 
 
-def test_auto_picks_the_fused_attention_only_when_no_attention_weights_are_dropped(monkeypatch):
+def test_auto_picks_a_fused_attention_only_for_a_config_it_can_run(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert ModelConfig(attention_impl="auto").attention_kernel == "cudnn"
     assert ModelConfig(attention_impl="auto", dropout=0.1).attention_kernel == "xla"  # attention_dropout follows
     assert ModelConfig(attention_impl="auto", dropout=0.1, attention_dropout=0.0).attention_kernel == "cudnn"
+    assert ModelConfig(attention_impl="auto", dropout=0.0, compression="most_used").attention_kernel == "xla"
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
     assert ModelConfig(attention_impl="auto", dropout=0.1, attention_dropout=0.0).attention_kernel == "pallas_tpu"
+    assert ModelConfig(attention_impl="auto", dropout=0.0, compression="most_used").attention_kernel == "pallas_tpu"
 
 
 def _training_step(model, variables, memory, tokens, seed):

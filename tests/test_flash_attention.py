@@ -132,16 +132,25 @@ def test_the_kernels_gradient_program_runs_again_from_the_compilation_cache(tmp_
     assert runs[0].stdout.splitlines()[-1] == runs[1].stdout.splitlines()[-1]
 
 
-def test_the_kernel_returns_the_attention_each_query_gives_each_key_range():
-    n_cmem, n_mem, N = LAYOUTS[1]  # the compressed memory ends inside a key block
+@pytest.mark.parametrize("layout", LAYOUTS[:2])
+def test_the_kernel_returns_the_attention_each_query_gives_each_key_range_and_each_evicted_key_receives(layout):
+    """The range masses (memory-kind metrics) and the usage of the keys `most_used` compression
+    ranks (the N oldest memory slots, C .. C+N: here over 4 key blocks of 128, and across the
+    end of a 512-key block where the compressed memory ends inside one)."""
+    n_cmem, n_mem, N = layout
     args = inputs(n_cmem, n_mem, N, jnp.float32)
-    _, mass = jax.jit(flash_attention, static_argnums=(7, 8))(*args, n_cmem, n_mem)
+    args[-1] = args[-1].at[1, :n_cmem + 40].set(False)  # row 1: empty up to 40 of the evicted slots
+    _, mass, usage = jax.jit(flash_attention, static_argnums=(7, 8, 9))(*args, n_cmem, n_mem, (n_cmem, n_cmem + N))
     probs = np.asarray(naive_attention(*args, n_cmem, n_mem)[1])
     bounds = (0, n_cmem, n_cmem + n_mem, probs.shape[-1])
     expected = np.stack([probs[..., lo:hi].sum(-1) for lo, hi in zip(bounds[:-1], bounds[1:])], -1)
     assert mass.shape == (2, 2, N, 3)
     np.testing.assert_allclose(mass, expected, atol=1e-5)
     np.testing.assert_allclose(mass.sum(-1), 1.0, atol=1e-5)
+    assert usage.shape == (2, 2, N)
+    np.testing.assert_allclose(usage, probs[..., n_cmem:n_cmem + N].sum(axis=2), rtol=1e-5, atol=1e-5)
+    assert not np.any(np.asarray(usage)[:, 1, :40]) and np.all(np.asarray(usage)[:, :, 40:] > 0)
+    assert jax.jit(flash_attention, static_argnums=(7, 8))(*args, n_cmem, n_mem)[2] is None  # only when asked
 
 
 @pytest.mark.parametrize("n_cmem, n_mem", [(512, 512), (448, 576), (0, 1024)])
@@ -149,7 +158,7 @@ def test_the_kernel_lowers_through_mosaic_for_tpu_at_the_pg19_shape_with_its_cos
     """8 heads, batch 2, 512 queries against 1,536 keys, head dim 128, bf16 (the PG-19 layout;
     one where the compressed memory ends inside a key block; a Transformer-XL): the forward
     and the backward each are one Mosaic call, with the kernel's own FLOP and byte counts (XLA
-    sees none otherwise)."""
+    sees none otherwise); the evicted keys' usage is one more."""
     target = aot.Target.tpu("v5p-8")
     H, B, N, K = 8, 2, 512, 128
     T, P = n_cmem + n_mem + N, (n_cmem + N if n_cmem else 0) + n_mem + N
@@ -164,9 +173,14 @@ def test_the_kernel_lowers_through_mosaic_for_tpu_at_the_pg19_shape_with_its_cos
     def loss(*args):
         return jnp.sum(attend(*args).astype(jnp.float32))
 
+    def attend_and_rank(*args):  # with the usage of the evicted keys, for 'most_used'
+        return flash_attention(*args, n_cmem, n_mem, (n_cmem, n_cmem + N))[::2]
+
     forward = target.compile(jax.jit(attend).lower(*abstract))
     both = target.compile(jax.jit(jax.grad(loss, argnums=tuple(range(6)))).lower(*abstract))
+    ranked = target.compile(jax.jit(attend_and_rank).lower(*abstract))
     assert forward.as_text().count("tpu_custom_call") == 1 and both.as_text().count("tpu_custom_call") == 2
+    assert ranked.as_text().count("tpu_custom_call") == 2
     cost = forward.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     assert cost["flops"] >= 3 * 2 * H * B * N * T * K  # q·k, the position windows, p·v
