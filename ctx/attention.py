@@ -180,24 +180,31 @@ class RelativeAttention(nn.Module):
         batch-major (cuDNN on GPUs, the same call's XLA ops elsewhere), given the queries q + u
         (already scaled, so scale 1) and the shifted position term as its additive bias in the
         compute dtype, with the mask folded in as a large negative value (a boolean mask would
-        make cuDNN compute a useless bias gradient). No probabilities are returned."""
-        rate = self.cfg.attention_dropout_rate
-        if rate and not deterministic:  # validate_model refuses it; a hand-made ModelConfig may not
-            raise ValueError(f"the fused attention has no attention dropout, and the config asks for {rate} "
+        make cuDNN compute a useless bias gradient). No probabilities are returned. The Pallas
+        kernel drops attention weights itself (a mask hashed from a seed this module draws and
+        the weight's indices); cuDNN's public API drops none."""
+        kernel = self.cfg.attention_kernel
+        rate = 0.0 if deterministic else self.cfg.attention_dropout_rate
+        if rate and kernel == "cudnn":  # validate_model refuses it; a hand-made ModelConfig may not
+            raise ValueError(f"the cudnn attention has no attention dropout, and the config asks for {rate} "
                              "(model.attention_dropout, or model.dropout while it is None); set "
-                             "attention_dropout=0 or attention_impl='xla'")
+                             "attention_dropout=0, or attention_impl='pallas_tpu' (TPUs) or 'xla'")
         C, M = cmem_BCD.shape[1], mem_BMD.shape[1]
         dtype = self.cfg.dtype
         qkv = self._keys_values_with_memory(x_BND, mem_BMD, cmem_BCD, memory_kv)
         q_HBNK, k_HBTK, v_HBTK = qkv
         r_HPK, v_HRK = self._position_inputs(q_HBNK.shape[2], M, C, deterministic)
         mass = usage_BN = None
-        if self.cfg.attention_kernel == "pallas_tpu":
+        if kernel == "pallas_tpu":
             visible_BT = mask_B1NT[:, 0, -1, :]  # the last query sees every valid memory slot and the segment
             N = q_HBNK.shape[2]
+            seed = None
+            if rate:  # drawn where the xla path's nn.Dropout of the weights draws
+                seed = jax.lax.bitcast_convert_type(jax.random.bits(self.make_rng("dropout"), (), jnp.uint32),
+                                                    jnp.int32)
             read_HBNK, mass_HBNR, usage_HBN = flash_attention(
                 q_HBNK, self._cast(self.u_bias), k_HBTK, v_HBTK, v_HRK, r_HPK, visible_BT, C, M,
-                (C, C + N) if self._reports_usage else None)
+                (C, C + N) if self._reports_usage else None, rate, seed)
             read_BNHK = jnp.transpose(read_HBNK, (1, 2, 0, 3))
             mass = jax.lax.stop_gradient(mass_HBNR.mean(axis=(0, 1, 2)))
             if usage_HBN is not None:

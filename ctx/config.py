@@ -78,12 +78,13 @@ class ModelConfig:
     # 'xla': scores, softmax and probabilities as XLA ops (the reference, the CPU default).
     # 'cudnn': jax.nn.dot_product_attention's fused kernel (cuDNN on GPUs; elsewhere the same
     # call's XLA version) with the shifted position term as its bias.
-    # 'pallas_tpu': ctx's flash-style Pallas kernel (ctx/flash_attention.py) with the same bias,
-    # lowered through Mosaic for TPUs and run in Pallas interpret mode elsewhere (slow: tests).
-    # The fused kernels return no probabilities and drop no attention weights, so they need an
-    # attention_dropout of 0; the Pallas kernel still returns the attention mass metrics and the
-    # attention the evicted memories receive ('most_used'), cuDNN neither, so 'cudnn' refuses
-    # 'most_used'.
+    # 'pallas_tpu': ctx's flash-style Pallas kernel (ctx/flash_attention.py), which computes the
+    # position term and the mask inside each tile, lowered through Mosaic for TPUs and run in
+    # Pallas interpret mode elsewhere (slow: tests).
+    # The fused kernels return no probabilities. The Pallas kernel drops attention weights itself
+    # and returns the attention mass metrics and the attention the evicted memories receive
+    # ('most_used'); cuDNN does none of these, so 'cudnn' needs an attention_dropout of 0 and
+    # refuses 'most_used'.
     # 'auto': 'cudnn' on GPUs, 'pallas_tpu' on TPUs, when the config allows it; else 'xla'.
     attention_impl: str = "xla"
 
@@ -114,7 +115,7 @@ class ModelConfig:
         if self.attention_impl != "auto":
             return self.attention_impl
         fused = {"gpu": "cudnn", "tpu": "pallas_tpu"}.get(jax.default_backend(), "xla")
-        if self.attention_dropout_rate or (fused == "cudnn" and self.compression == "most_used"):
+        if fused == "cudnn" and (self.attention_dropout_rate or self.compression == "most_used"):
             return "xla"
         return fused
 
@@ -205,15 +206,14 @@ def validate_model(cfg: Any) -> None:
                           ("layer_norm", LAYER_NORMS), ("dtype", DTYPES), ("remat", REMAT_POLICIES),
                           ("attention_impl", ATTENTION_IMPLS)):
         _require(g(name) in allowed, f"model.{name}={g(name)!r} is unknown; choose one of {list(allowed)}")
-    if g("attention_impl") in FUSED_ATTENTION_IMPLS:
-        impl = g("attention_impl")
+    if g("attention_impl") == "cudnn":
         rate = g("dropout") if g("attention_dropout") is None else g("attention_dropout")
         source = "model.dropout, which it follows while unset" if g("attention_dropout") is None else "set there"
-        _require(rate == 0, f"model.attention_impl='{impl}' has no attention dropout, and model.attention_dropout "
-                 f"is {rate} ({source}); set --config.model.attention_dropout=0 (the other dropouts stay) "
-                 "or attention_impl='xla'")
-        _require(impl != "cudnn" or g("compression") != "most_used", "model.compression='most_used' reads the "
-                 "attention each evicted memory receives, which cuDNN's fused kernel does not return; use "
+        _require(rate == 0, "model.attention_impl='cudnn' has no attention dropout, and model.attention_dropout "
+                 f"is {rate} ({source}); set --config.model.attention_dropout=0 (the other dropouts stay), "
+                 "or attention_impl='pallas_tpu' (TPUs) or 'xla'")
+        _require(g("compression") != "most_used", "model.compression='most_used' reads the attention each "
+                 "evicted memory receives, which cuDNN's fused kernel does not return; use "
                  "attention_impl='pallas_tpu' (TPUs) or 'xla'")
     rates = g("dilation_rates")
     _require(all(isinstance(r, int) and r > 0 for r in rates),

@@ -19,6 +19,14 @@ gradients of the queries' position term, the tables and the v biases through `ja
 same term written as XLA ops (`ctx.relative_position.position_scores`). Un-skewing it in the
 kernel would need the inverse rotation (stride -1, which Mosaic does not lower).
 
+Attention dropout happens in the tile too: whether a weight survives is a hash of (the batch
+row's seed, head, query, key), `kept_weights`, so the backward regenerates the forward's mask
+from indices alone and nothing of it reaches HBM. Integer hashing is ordinary vector code that
+runs alike in Mosaic and in interpret mode (the TPU's hardware PRNG has no interpreter here), and
+the row seeds are made from the global row index before the kernel is split across devices, so
+a row's mask does not depend on the mesh. The softmax statistics (log-sum-exp, range masses,
+key usage) are those of the undropped weights, as in the XLA path.
+
 Layout is head-major, as the segment path makes it: q [H,B,N,K] (scaled, without biases), k and
 v [H,B,T,K] of [cmem; mem; segment], the tables [H,P,K] and their v biases [H,R,K] as
 `position_scores` takes them.
@@ -71,11 +79,12 @@ class _Layout:
     n_queries: int
     query_block: int
     key_block: int
+    dropout: float = 0.0  # the rate at which attention weights are dropped
     interpret: bool = False  # run by Pallas' interpreter, not Mosaic (see _skew)
 
     @classmethod
-    def of(cls, q, k, n_cmem: int, n_mem: int) -> "_Layout":
-        return cls(n_cmem, n_mem, q.shape[2], *block_sizes(q.shape[2], k.shape[2], n_cmem))
+    def of(cls, q, k, n_cmem: int, n_mem: int, dropout: float = 0.0) -> "_Layout":
+        return cls(n_cmem, n_mem, q.shape[2], *block_sizes(q.shape[2], k.shape[2], n_cmem), dropout)
 
     @property
     def window(self) -> int:
@@ -97,6 +106,41 @@ class _Layout:
         """Table rows with zeros after the last, so the windows of the future keys (masked)
         stay inside it."""
         return -(-(rows + self.n_queries + self.window) // 8) * 8
+
+
+def _mix(x: jax.Array) -> jax.Array:
+    """A bijective scramble of int32 bits (MurmurHash3's finaliser), in operations Mosaic lowers."""
+    x = x ^ jax.lax.shift_right_logical(x, 16)
+    x = x * jnp.int32(-2048144789)  # 0x85ebca6b
+    x = x ^ jax.lax.shift_right_logical(x, 13)
+    x = x * jnp.int32(-1028477387)  # 0xc2b2ae35
+    return x ^ jax.lax.shift_right_logical(x, 16)
+
+
+def kept_weights(row_seed: jax.Array, head: jax.Array, query: jax.Array, key: jax.Array, rate: float) -> jax.Array:
+    """Whether the attention weight of (row, head, query, key) survives dropout at `rate`: a
+    counter-based hash of the four, so the backward (and a reference in XLA ops) regenerates
+    the forward's mask from indices alone. `row_seed` is per batch row (`row_seeds`); the
+    arguments broadcast against each other."""
+    bits = _mix(_mix(row_seed + head * jnp.int32(0x27D4EB2F)) ^ (query * jnp.int32(0x165667B1))
+                ^ (key * jnp.int32(-1640531535)))  # 0x9e3779b1
+    return (bits & 0xFFFFFF) >= int(round(rate * (1 << 24)))
+
+
+def row_seeds(seed: jax.Array, batch: int) -> jax.Array:
+    """[B] int32 seeds of the batch rows from one dropout seed, made before the kernel is split
+    across devices, so a row's mask does not depend on which device holds it."""
+    return _mix(jnp.asarray(seed, jnp.int32) ^ _mix(jnp.arange(batch, dtype=jnp.int32) + jnp.int32(0x3C6EF372)))
+
+
+def _dropped(p, seed_ref, first_query: int, first_key: int, lay: _Layout):
+    """The tile's weights after attention dropout (zeroed, the rest scaled by 1/(1-rate))."""
+    if not lay.dropout:
+        return p
+    query = first_query + jax.lax.broadcasted_iota(jnp.int32, p.shape, 0)
+    key = first_key + jax.lax.broadcasted_iota(jnp.int32, p.shape, 1)
+    keep = kept_weights(seed_ref[...], pl.program_id(0), query, key, lay.dropout)
+    return jnp.where(keep, p * (1.0 / (1.0 - lay.dropout)), 0.0)
 
 
 def _skew(band, lay: _Layout):
@@ -153,7 +197,7 @@ def _logits(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, query_block, key_bl
     return jnp.where(seen, s + position, _HIDDEN), content_q
 
 
-def _forward_kernel(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, v_ref, out_ref, lse_ref, mass_ref,
+def _forward_kernel(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, v_ref, seed_ref, out_ref, lse_ref, mass_ref,
                     max_ref, sum_ref, acc_ref, mass_acc, *, lay: _Layout, ranges: tuple[tuple[int, int], ...]):
     key_block = pl.program_id(3)
 
@@ -170,7 +214,8 @@ def _forward_kernel(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, v_ref, out_
     p = jnp.exp(s - new_max)
     rescale = jnp.exp(previous - new_max)
     sum_ref[...] = rescale * sum_ref[...] + jnp.sum(p, axis=-1, keepdims=True)
-    acc_ref[...] = rescale * acc_ref[...] + jnp.dot(p.astype(v_ref.dtype), v_ref[...],
+    weights = _dropped(p, seed_ref, pl.program_id(2) * lay.query_block, key_block * lay.key_block, lay)
+    acc_ref[...] = rescale * acc_ref[...] + jnp.dot(weights.astype(v_ref.dtype), v_ref[...],
                                                     preferred_element_type=jnp.float32)
     max_ref[...] = new_max
     # The attention each query gives each key range (cmem, mem, segment): row sums of the same
@@ -212,7 +257,7 @@ def _usage_kernel(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, lse_ref, usag
     usage_ref[...] += jnp.sum(p, axis=0, keepdims=True)
 
 
-def _backward_kernel(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, v_ref, lse_ref, delta_ref, dout_ref,
+def _backward_kernel(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, v_ref, seed_ref, lse_ref, delta_ref, dout_ref,
                      dq_ref, dk_ref, dv_ref, ds_ref, dk_acc, dv_acc, *, lay: _Layout):
     query_block = pl.program_id(3)
 
@@ -224,10 +269,13 @@ def _backward_kernel(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, v_ref, lse
     p, content_q = _probabilities(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, lse_ref, query_block,
                                   pl.program_id(2), lay)
     dout = dout_ref[...]
-    dv_acc[...] += jax.lax.dot_general(p.astype(dout.dtype), dout, (((0,), (0,)), ((), ())),
-                                       preferred_element_type=jnp.float32)
+    tile = (query_block * lay.query_block, pl.program_id(2) * lay.key_block)
+    dv_acc[...] += jax.lax.dot_general(_dropped(p, seed_ref, *tile, lay).astype(dout.dtype), dout,
+                                       (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
     dp = jax.lax.dot_general(dout, v_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    ds = p * (dp - delta_ref[...])
+    # With dropout, out = (p∘z)·v: the weights' gradient is dp∘z, and delta = rowsum(dout∘out)
+    # is still rowsum(p∘dp∘z), so the softmax's backward keeps its form.
+    ds = p * (_dropped(dp, seed_ref, *tile, lay) - delta_ref[...])
     ds_ref[...] = ds.astype(ds_ref.dtype)
     ds_low = ds.astype(content_q.dtype)
     dk_acc[...] += jax.lax.dot_general(ds_low, content_q, (((0,), (0,)), ((), ())),
@@ -293,7 +341,8 @@ def _grid(q, k, r, lay: _Layout, queries_outer: bool, key_blocks: tuple[int, int
              "u": pl.BlockSpec((None, 1, K), at(lambda h, b, i, j: (h, 0, 0))),
              "v_biases": pl.BlockSpec((None, 2, K), at(lambda h, b, i, j: (h, 0, 0))),
              "table": pl.BlockSpec((None,) + r.shape[1:], at(lambda h, b, i, j: (h, 0, 0))),
-             "visible": pl.BlockSpec((None, 1, bk), at(lambda h, b, i, j: (b, 0, j)))}
+             "visible": pl.BlockSpec((None, 1, bk), at(lambda h, b, i, j: (b, 0, j))),
+             "seed": pl.BlockSpec((None, 1, 1), at(lambda h, b, i, j: (b, 0, 0)))}
     grid = (H, B, N // bq, end - first) if queries_outer else (H, B, end - first, N // bq)
     return grid, specs, at
 
@@ -302,24 +351,24 @@ def _kernel_inputs(specs) -> list[pl.BlockSpec]:
     return [specs[name] for name in ("query", "u", "v_biases", "table", "visible", "key", "key")]
 
 
-def _forward_call(q, u, vb, r, visible, k, v, lay: _Layout, ranges, interpret: bool):
+def _forward_call(q, u, vb, r, visible, k, v, seeds, lay: _Layout, ranges, interpret: bool):
     lay = dataclasses.replace(lay, interpret=interpret)
     grid, spec, at = _grid(q, k, r, lay, queries_outer=True)
     bq, K = lay.query_block, q.shape[3]
     mass = pl.BlockSpec((None, None, bq, len(ranges)), at(lambda h, b, i, j: (h, b, i, 0)))
     return pl.pallas_call(
         functools.partial(_forward_kernel, lay=lay, ranges=ranges), grid=grid,
-        in_specs=_kernel_inputs(spec), out_specs=[spec["query"], spec["row"], mass],
+        in_specs=_kernel_inputs(spec) + [spec["seed"]], out_specs=[spec["query"], spec["row"], mass],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(q.shape[:3] + (1,), jnp.float32),
                    jax.ShapeDtypeStruct(q.shape[:3] + (len(ranges),), jnp.float32)],
         scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
                         pltpu.VMEM((bq, K), jnp.float32), pltpu.VMEM((bq, len(ranges)), jnp.float32)],
         compiler_params=_SEMANTICS, cost_estimate=_cost(q, lay, r.shape[1], "forward", k.shape[2], len(ranges)),
         interpret=interpret, name="relative_attention_forward",
-    )(q, u, vb, r, visible, k, v)
+    )(q, u, vb, r, visible, k, v, seeds)
 
 
-def _backward_call(q, u, vb, r, visible, k, v, lse, delta, dout, lay: _Layout, interpret: bool):
+def _backward_call(q, u, vb, r, visible, k, v, seeds, lse, delta, dout, lay: _Layout, interpret: bool):
     lay = dataclasses.replace(lay, interpret=interpret)
     grid, spec, at = _grid(q, k, r, lay, queries_outer=False)
     bq, bk, K = lay.query_block, lay.key_block, q.shape[3]
@@ -327,14 +376,14 @@ def _backward_call(q, u, vb, r, visible, k, v, lse, delta, dout, lay: _Layout, i
     partial_dq = pl.BlockSpec((None, None, None, bq, K), at(lambda h, b, i, j: (j, h, b, i, 0)))
     dq_parts, dk, dv, ds = pl.pallas_call(
         functools.partial(_backward_kernel, lay=lay), grid=grid,
-        in_specs=_kernel_inputs(spec) + [spec["row"], spec["row"], spec["query"]],
+        in_specs=_kernel_inputs(spec) + [spec["seed"], spec["row"], spec["row"], spec["query"]],
         out_specs=[partial_dq, spec["key"], spec["key"], spec["tile"]],
         out_shape=[jax.ShapeDtypeStruct((key_blocks,) + q.shape, jnp.float32), jax.ShapeDtypeStruct(k.shape, k.dtype),
                    jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(q.shape[:3] + k.shape[2:3], q.dtype)],
         scratch_shapes=[pltpu.VMEM((bk, K), jnp.float32), pltpu.VMEM((bk, K), jnp.float32)],
         compiler_params=_SEMANTICS, cost_estimate=_cost(q, lay, r.shape[1], "backward", k.shape[2]),
         interpret=interpret, name="relative_attention_backward",
-    )(q, u, vb, r, visible, k, v, lse, delta, dout)
+    )(q, u, vb, r, visible, k, v, seeds, lse, delta, dout)
     return jnp.sum(dq_parts, axis=0).astype(q.dtype), dk, dv, ds
 
 
@@ -356,7 +405,7 @@ def _usage_call(q, u, vb, r, visible, k, lse, lay: _Layout, key_blocks: tuple[in
 
 # The batch axis of each kernel operand (None: the same on every device); every result is
 # [H, B, ...].
-_BATCH_AXES = {"forward": (1, None, None, None, 0, 1, 1), "backward": (1, None, None, None, 0, 1, 1, 1, 1, 1),
+_BATCH_AXES = {"forward": (1, None, None, None, 0, 1, 1, 0), "backward": (1, None, None, None, 0, 1, 1, 0, 1, 1, 1),
                "usage": (1, None, None, None, 0, 1, 1)}
 
 
@@ -388,26 +437,37 @@ def _kernel_operands(q, u, v_biases, r, visible, lay: _Layout):
     return u[:, None, :].astype(q.dtype), vb.astype(q.dtype), table, visible.astype(jnp.int32)[:, None, :]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
 def flash_attention(q_HBNK: jax.Array, u_HK: jax.Array, k_HBTK: jax.Array, v_HBTK: jax.Array,
                     v_biases_HRK: jax.Array, r_HPK: jax.Array, visible_BT: jax.Array, n_cmem: int,
-                    n_mem: int, usage_keys: tuple[int, int] | None = None
-                    ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+                    n_mem: int, usage_keys: tuple[int, int] | None = None, dropout: float = 0.0,
+                    dropout_seed: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """softmax((q + u)·kᵀ + position_scores(q, v_biases, r) over the visible keys)·v per head
     and batch row, [H,B,N,K], with neither the probabilities nor the position term in HBM;
     the attention each query gives the compressed memory, the memory and the segment,
     [H,B,N,3]; and, for keys `usage_keys` = (first, end) when given, the attention each of
     them receives summed over the queries, [H,B,end-first] (else None). The last two are
-    statistics, with no gradient. `visible_BT`: whether each key of [cmem; mem; segment]
-    holds a valid slot; the segment's keys are also hidden from the queries before them."""
-    return _forward(q_HBNK, u_HK, k_HBTK, v_HBTK, v_biases_HRK, r_HPK, visible_BT, n_cmem, n_mem, usage_keys)[0]
+    statistics of the undropped weights, with no gradient. `visible_BT`: whether each key of
+    [cmem; mem; segment] holds a valid slot; the segment's keys are also hidden from the
+    queries before them. `dropout`: the rate at which the attention weights are dropped, with
+    the mask `kept_weights` draws from the int32 `dropout_seed`."""
+    if dropout and dropout_seed is None:
+        raise ValueError(f"attention dropout at {dropout} needs a dropout_seed")
+    seeds = row_seeds(0 if dropout_seed is None else dropout_seed, q_HBNK.shape[1])[:, None, None]
+    return _attention(q_HBNK, u_HK, k_HBTK, v_HBTK, v_biases_HRK, r_HPK, visible_BT, seeds, n_cmem, n_mem,
+                      usage_keys, float(dropout))
 
 
-def _forward(q, u, k, v, v_biases, r, visible, n_cmem, n_mem, usage_keys):
-    lay = _Layout.of(q, k, n_cmem, n_mem)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
+def _attention(q, u, k, v, v_biases, r, visible, seeds, n_cmem, n_mem, usage_keys, dropout):
+    return _forward(q, u, k, v, v_biases, r, visible, seeds, n_cmem, n_mem, usage_keys, dropout)[0]
+
+
+def _forward(q, u, k, v, v_biases, r, visible, seeds, n_cmem, n_mem, usage_keys, dropout):
+    lay = _Layout.of(q, k, n_cmem, n_mem, dropout)
     operands = _kernel_operands(q, u, v_biases, r, visible, lay)
     ranges = ((0, n_cmem), (n_cmem, n_cmem + n_mem), (n_cmem + n_mem, k.shape[2]))
-    out, lse, mass = _on_platform(_forward_call, (q, *operands, k, v), _BATCH_AXES["forward"], lay=lay, ranges=ranges)
+    out, lse, mass = _on_platform(_forward_call, (q, *operands, k, v, seeds), _BATCH_AXES["forward"], lay=lay,
+                                  ranges=ranges)
     usage = None
     if usage_keys is not None:
         first, end = usage_keys
@@ -415,21 +475,21 @@ def _forward(q, u, k, v, v_biases, r, visible, n_cmem, n_mem, usage_keys):
         covered = _on_platform(_usage_call, (q, *operands, k, lse), _BATCH_AXES["usage"], lay=lay, key_blocks=blocks)
         offset = blocks[0] * lay.key_block
         usage = covered[:, :, 0, first - offset:end - offset]
-    return (out, mass, usage), (q, u, k, v, v_biases, r, visible, out, lse)
+    return (out, mass, usage), (q, u, k, v, v_biases, r, visible, seeds, out, lse)
 
 
-def _backward(n_cmem, n_mem, usage_keys, residuals, cotangents):
-    q, u, k, v, v_biases, r, visible, out, lse = residuals
+def _backward(n_cmem, n_mem, usage_keys, dropout, residuals, cotangents):
+    q, u, k, v, v_biases, r, visible, seeds, out, lse = residuals
     dout = cotangents[0]
-    lay = _Layout.of(q, k, n_cmem, n_mem)
+    lay = _Layout.of(q, k, n_cmem, n_mem, dropout)
     delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    operands = (q, *_kernel_operands(q, u, v_biases, r, visible, lay), k, v, lse, delta, dout.astype(q.dtype))
+    operands = (q, *_kernel_operands(q, u, v_biases, r, visible, lay), k, v, seeds, lse, delta, dout.astype(q.dtype))
     dq_content, dk, dv, ds = _on_platform(_backward_call, operands, _BATCH_AXES["backward"], lay=lay)
     # The logits' gradient is the position term's: XLA's transpose of the shift and the GEMMs.
     _, position_vjp = jax.vjp(lambda q, vb, r: position_scores(q, vb, r, n_cmem), q, v_biases, r)
     dq_position, dv_biases, dr = position_vjp(ds)
     du = jnp.sum(dq_content.astype(jnp.float32), axis=(1, 2)).astype(u.dtype)
-    return dq_content + dq_position, du, dk, dv, dv_biases, dr, None
+    return dq_content + dq_position, du, dk, dv, dv_biases, dr, None, None
 
 
-flash_attention.defvjp(_forward, _backward)
+_attention.defvjp(_forward, _backward)

@@ -28,7 +28,7 @@ pg19=(--config=experiments/pg19.py --config.data.dataset=demo --config.data.toke
       --config.train.segments_per_call=4 --chunks=5 "${bf16[@]}")
 bench pg19_b32 180 "${pg19[@]}" --config.train.batch_size=32
 # The fused attention (model.attention_impl=cudnn) against the XLA one, both without attention
-# dropout (the fused kernel drops no weights) and with the config's other dropout, on the same batch.
+# dropout (cuDNN's fused kernel drops no weights) and with the config's other dropout, on the same batch.
 fused=(--config.model.attention_dropout=0.0 --config.model.attention_impl=cudnn)
 bench pg19_b32_xla_no_attention_dropout 180 "${pg19[@]}" --config.train.batch_size=32 --config.model.attention_dropout=0.0
 bench pg19_b32_cudnn 180 "${pg19[@]}" --config.train.batch_size=32 "${fused[@]}"

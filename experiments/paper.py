@@ -3,9 +3,10 @@
 after 60k steps. Each task file sets its sizes on top.
 
 The dropout rate applies to the attention weights too (model.attention_dropout unset), as
-Sonnet's one rate does; the paper does not say otherwise. The fused attention drops no
-weights, so it needs `--config.model.attention_dropout=0` (the other dropout stays): a
-different regulariser, to be chosen knowingly."""
+Sonnet's one rate does; the paper does not say otherwise. The Pallas attention (TPUs) drops
+them inside its kernel; cuDNN's (GPUs) drops no weights, so it needs
+`--config.model.attention_dropout=0` (the other dropout stays): a different regulariser, to be
+chosen knowingly."""
 from ctx.config import default_config
 
 

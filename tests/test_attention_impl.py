@@ -78,21 +78,18 @@ def test_evaluation_carries_keys_values_through_the_fused_attention_too(kernel):
     np.testing.assert_allclose(nll_f, nll_x, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kernel", FUSED)
-def test_a_fused_attention_the_config_cannot_use_is_a_clear_error_and_auto_picks_xla_here(kernel):
-    with pytest.raises(ValueError, match=f"attention_impl='{kernel}' has no attention dropout, and "
+def test_what_cudnn_cannot_run_is_a_clear_config_error_and_pallas_runs_all_of_it():
+    with pytest.raises(ValueError, match="attention_impl='cudnn' has no attention dropout, and "
                        r"model.attention_dropout is 0.1 \(model.dropout, which it follows while unset\); "
                        "set --config.model.attention_dropout=0"):
-        validate_model(tiny_model_config(attention_impl=kernel, dropout=0.1))
+        validate_model(tiny_model_config(attention_impl="cudnn", dropout=0.1))
     with pytest.raises(ValueError, match=r"model.attention_dropout is 0.2 \(set there\)"):
-        validate_model(tiny_model_config(attention_impl=kernel, attention_dropout=0.2))
-    validate_model(tiny_model_config(attention_impl=kernel, dropout=0.1, attention_dropout=0.0))
-    if kernel == "cudnn":
-        with pytest.raises(ValueError, match="most_used.*which cuDNN's fused kernel does not return; use "
-                           "attention_impl='pallas_tpu'"):
-            validate_model(tiny_model_config(attention_impl=kernel, **MOST_USED))
-    else:
-        validate_model(tiny_model_config(attention_impl=kernel, **MOST_USED))
+        validate_model(tiny_model_config(attention_impl="cudnn", attention_dropout=0.2))
+    validate_model(tiny_model_config(attention_impl="cudnn", dropout=0.1, attention_dropout=0.0))
+    with pytest.raises(ValueError, match="most_used.*which cuDNN's fused kernel does not return; use "
+                       "attention_impl='pallas_tpu'"):
+        validate_model(tiny_model_config(attention_impl="cudnn", **MOST_USED))
+    validate_model(tiny_model_config(attention_impl="pallas_tpu", dropout=0.1, **MOST_USED))
     with pytest.raises(ValueError, match="attention_impl='flash' is unknown"):
         validate_model(tiny_model_config(attention_impl="flash"))
     assert ModelConfig.from_config(tiny_model_config(attention_impl="auto")).attention_kernel == "xla"  # CPU
@@ -133,8 +130,8 @@ def test_auto_picks_a_fused_attention_only_for_a_config_it_can_run(monkeypatch):
     assert ModelConfig(attention_impl="auto", dropout=0.1).attention_kernel == "xla"  # attention_dropout follows
     assert ModelConfig(attention_impl="auto", dropout=0.1, attention_dropout=0.0).attention_kernel == "cudnn"
     assert ModelConfig(attention_impl="auto", dropout=0.0, compression="most_used").attention_kernel == "xla"
-    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    assert ModelConfig(attention_impl="auto", dropout=0.1, attention_dropout=0.0).attention_kernel == "pallas_tpu"
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")  # the Pallas kernel runs every config
+    assert ModelConfig(attention_impl="auto", dropout=0.1).attention_kernel == "pallas_tpu"
     assert ModelConfig(attention_impl="auto", dropout=0.0, compression="most_used").attention_kernel == "pallas_tpu"
 
 
@@ -178,6 +175,23 @@ def test_attention_dropout_has_a_rate_of_its_own(dropout, attention_dropout, dro
     assert (np.abs(np.asarray(training - evaluation)).max() > 1e-3) == drops
     assert ModelConfig(dropout=0.2).attention_dropout_rate == 0.2
     assert ModelConfig(dropout=0.2, attention_dropout=0.0).attention_dropout_rate == 0.0
+
+
+def test_the_pallas_kernel_drops_attention_weights_in_training_with_the_models_dropout_rng():
+    """attention_dropout > 0 with pallas_tpu: training-mode logits differ from evaluation's,
+    the same dropout rng gives the same step, another rng another one, gradients are finite
+    (the mask against naive attention: tests/test_flash_attention.py)."""
+    cfg = tiny_model_config(attention_impl="pallas_tpu", dropout=0.0, attention_dropout=0.5)
+    model, variables, memory = build(cfg, batch_size=2)
+    tokens = jnp.asarray(random_tokens(model.model_config, 2, 1))
+    grads, logits = _training_step(model, variables, memory, tokens, seed=3)
+    again = _training_step(model, variables, memory, tokens, seed=3)[1]
+    other = _training_step(model, variables, memory, tokens, seed=4)[1]
+    evaluation, _, _ = model.apply(variables, tokens, memory)
+    assert np.abs(np.asarray(logits - evaluation)).max() > 1e-2
+    np.testing.assert_array_equal(logits, again)
+    assert np.abs(np.asarray(logits - other)).max() > 1e-2
+    assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
 
 
 def test_a_hand_made_config_never_gets_its_attention_dropout_silently_dropped():

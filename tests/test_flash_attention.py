@@ -16,22 +16,32 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import SingleDeviceSharding
 
 from ctx import aot, train
-from ctx.flash_attention import _Layout, _skew, block_sizes, flash_attention
+from ctx.flash_attention import _Layout, _skew, block_sizes, flash_attention, kept_weights, row_seeds
 from ctx.relative_position import position_scores
 from experiments import demo
 from tests.helpers import ROOT, read_metrics, script, simulated_devices_env, tiny_train_config
 
 
-def naive_attention(q, u, k, v, v_biases, r, visible, n_cmem, n_mem):
+def dropout_mask(seed, H, B, N, T, rate):
+    """[H,B,N,T]: which weights the kernel keeps, by the same hash over the whole score array."""
+    return kept_weights(row_seeds(seed, B)[None, :, None, None], jnp.arange(H)[:, None, None, None],
+                        jnp.arange(N)[None, None, :, None], jnp.arange(T)[None, None, None, :], rate)
+
+
+def naive_attention(q, u, k, v, v_biases, r, visible, n_cmem, n_mem, dropout=0.0, seed=None):
     """The same attention as XLA ops: the position term from the reference
-    `position_scores`, the mask written out, softmax over all keys."""
-    N, T = q.shape[2], k.shape[2]
+    `position_scores`, the mask written out, softmax over all keys, then the weights dropped
+    with the kernel's mask."""
+    (H, B, N, _), T = q.shape, k.shape[2]
     logits = (jnp.einsum("hbnk,hbtk->hbnt", q + u[:, None, None, :], k, preferred_element_type=jnp.float32)
               + position_scores(q, v_biases, r, n_cmem).astype(jnp.float32))
     causal = np.arange(T)[None] - (n_cmem + n_mem) <= np.arange(N)[:, None]
     seen = visible[None, :, None, :] & causal[None, None]
     probs = jax.nn.softmax(jnp.where(seen, logits, -jnp.inf), axis=-1)
-    return jnp.einsum("hbnt,hbtk->hbnk", probs.astype(v.dtype), v), probs
+    weights = probs
+    if dropout:
+        weights = jnp.where(dropout_mask(seed, H, B, N, T, dropout), probs / (1 - dropout), 0.0)
+    return jnp.einsum("hbnt,hbtk->hbnk", weights.astype(v.dtype), v), probs
 
 
 # (n_cmem, n_mem, n_queries) with head dim 8: memory, segment and tables over several query
@@ -90,6 +100,43 @@ def test_the_kernel_equals_naive_attention_in_the_output_and_every_gradient(layo
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(e, np.float32), atol=tolerance * scale,
                                    err_msg=name)
     assert not np.any(np.asarray(grads[2], np.float32)[:, 1, :100])  # empty slots' keys get no gradient
+
+
+def test_the_kernel_drops_the_weights_naive_attention_drops_with_the_same_mask():
+    """Attention dropout inside the kernel: the output and all six gradients equal naive
+    attention's with the mask `kept_weights` hashes from the seed and the indices (the
+    backward regenerates the forward's); the mask keeps 1 - rate of the weights, and another
+    seed, head or row draws another one."""
+    n_cmem, n_mem, N = LAYOUTS[1]
+    rate, seed = 0.3, jnp.int32(1234)
+    args = inputs(n_cmem, n_mem, N, jnp.float32)
+    weights = jax.random.normal(jax.random.key(9), args[0].shape, jnp.float32)
+
+    def kernel(*a):
+        return flash_attention(*a, n_cmem, n_mem, None, rate, seed)[0]
+
+    def naive(*a):
+        return naive_attention(*a, n_cmem, n_mem, rate, seed)[0]
+
+    def loss(attention):
+        return lambda *a: jnp.sum(attention(*a) * weights)
+
+    got, want = jax.jit(kernel)(*args), naive(*args)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert np.abs(np.asarray(got - naive_attention(*args, n_cmem, n_mem)[0])).max() > 0.1  # it did drop
+    argnums = tuple(range(6))
+    grads = jax.jit(jax.grad(loss(kernel), argnums=argnums))(*args)
+    expected = jax.grad(loss(naive), argnums=argnums)(*args)
+    for name, g, e in zip("q u k v v_biases tables".split(), grads, expected):
+        np.testing.assert_allclose(g, e, atol=1e-5 * float(jnp.max(jnp.abs(e))), err_msg=name)
+
+    mask = np.asarray(dropout_mask(seed, 4, 2, 256, 1024, rate))
+    assert abs(mask.mean() - (1 - rate)) < 2e-3
+    # Independent masks agree on 0.7² + 0.3² = 58% of the weights.
+    assert 0.57 < (mask[0] == mask[1]).mean() < 0.59 and 0.57 < (mask[:, 0] == mask[:, 1]).mean() < 0.59
+    assert 0.57 < (mask == np.asarray(dropout_mask(jnp.int32(1235), 4, 2, 256, 1024, rate))).mean() < 0.59
+    with pytest.raises(ValueError, match="attention dropout at 0.3 needs a dropout_seed"):
+        flash_attention(*args, n_cmem, n_mem, None, rate)
 
 
 def test_the_interpreted_skew_is_the_row_strided_rotation_a_tpu_runs():
@@ -158,7 +205,7 @@ def test_the_kernel_lowers_through_mosaic_for_tpu_at_the_pg19_shape_with_its_cos
     """8 heads, batch 2, 512 queries against 1,536 keys, head dim 128, bf16 (the PG-19 layout;
     one where the compressed memory ends inside a key block; a Transformer-XL): the forward
     and the backward each are one Mosaic call, with the kernel's own FLOP and byte counts (XLA
-    sees none otherwise); the evicted keys' usage is one more."""
+    sees none otherwise); the evicted keys' usage is one more; dropout changes neither count."""
     target = aot.Target.tpu("v5p-8")
     H, B, N, K = 8, 2, 512, 128
     T, P = n_cmem + n_mem + N, (n_cmem + N if n_cmem else 0) + n_mem + N
@@ -176,11 +223,15 @@ def test_the_kernel_lowers_through_mosaic_for_tpu_at_the_pg19_shape_with_its_cos
     def attend_and_rank(*args):  # with the usage of the evicted keys, for 'most_used'
         return flash_attention(*args, n_cmem, n_mem, (n_cmem, n_cmem + N))[::2]
 
+    def dropped_loss(*args):  # with attention dropout
+        return jnp.sum(flash_attention(*args, n_cmem, n_mem, None, 0.1, jnp.int32(7))[0].astype(jnp.float32))
+
     forward = target.compile(jax.jit(attend).lower(*abstract))
     both = target.compile(jax.jit(jax.grad(loss, argnums=tuple(range(6)))).lower(*abstract))
     ranked = target.compile(jax.jit(attend_and_rank).lower(*abstract))
+    dropped = target.compile(jax.jit(jax.grad(dropped_loss, argnums=tuple(range(6)))).lower(*abstract))
     assert forward.as_text().count("tpu_custom_call") == 1 and both.as_text().count("tpu_custom_call") == 2
-    assert ranked.as_text().count("tpu_custom_call") == 2
+    assert ranked.as_text().count("tpu_custom_call") == 2 and dropped.as_text().count("tpu_custom_call") == 2
     cost = forward.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     assert cost["flops"] >= 3 * 2 * H * B * N * T * K  # q·k, the position windows, p·v
@@ -205,14 +256,16 @@ def test_a_training_chunk_with_the_pallas_attention_compiles_for_a_tpu_slice():
 
 
 @pytest.mark.slow
-def test_eight_devices_with_the_pallas_kernel_train_like_one_with_xla(tmp_path):
+def test_eight_devices_with_the_pallas_kernel_train_like_one_with_dropout_too(tmp_path):
     """The kernel runs per device inside a shard_map over the batch rows (XLA cannot partition
-    it): 8 simulated devices, with fsdp, give the losses of the XLA reference on one device."""
+    it), and drops attention weights with masks seeded by each row's global index: 8 simulated
+    devices, with fsdp and dropout 0.2 everywhere, give the losses of one device. (On one device
+    the kernel equals the XLA attention: tests/test_attention_impl.py.)"""
     one, eight = str(tmp_path / "one"), str(tmp_path / "eight")
     cfg = tiny_train_config(num_steps=4)
-    cfg.model.dropout = 0.0
+    cfg.model.attention_impl, cfg.model.dropout = "pallas_tpu", 0.2
     train.train_and_evaluate(cfg, one)
-    out = subprocess.run([sys.executable, script("train_run.py"), eight, "4", "2", "pallas_tpu"],
+    out = subprocess.run([sys.executable, script("train_run.py"), eight, "4", "2", "pallas_tpu", "0.2"],
                          env=simulated_devices_env(8, PYTHONPATH=ROOT), capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "attention fused, ctx's Pallas flash kernel (Pallas interpret mode on cpu" in out.stdout
