@@ -121,9 +121,10 @@ def kept_weights(row_seed: jax.Array, head: jax.Array, query: jax.Array, key: ja
     """Whether the attention weight of (row, head, query, key) survives dropout at `rate`: a
     counter-based hash of the four, so the backward (and a reference in XLA ops) regenerates
     the forward's mask from indices alone. `row_seed` is per batch row (`row_seeds`); the
-    arguments broadcast against each other."""
-    bits = _mix(_mix(row_seed + head * jnp.int32(0x27D4EB2F)) ^ (query * jnp.int32(0x165667B1))
-                ^ (key * jnp.int32(-1640531535)))  # 0x9e3779b1
+    arguments broadcast against each other. Each query's stream is mixed on its own (a column
+    of the tile), then with the key: one full mix per weight."""
+    stream = _mix(_mix(row_seed + head * jnp.int32(0x27D4EB2F)) ^ (query * jnp.int32(0x165667B1)))
+    bits = _mix(stream ^ (key * jnp.int32(-1640531535)))  # 0x9e3779b1
     return (bits & 0xFFFFFF) >= int(round(rate * (1 << 24)))
 
 
@@ -137,8 +138,8 @@ def _dropped(p, seed_ref, first_query: int, first_key: int, lay: _Layout):
     """The tile's weights after attention dropout (zeroed, the rest scaled by 1/(1-rate))."""
     if not lay.dropout:
         return p
-    query = first_query + jax.lax.broadcasted_iota(jnp.int32, p.shape, 0)
-    key = first_key + jax.lax.broadcasted_iota(jnp.int32, p.shape, 1)
+    query = first_query + jax.lax.broadcasted_iota(jnp.int32, (p.shape[0], 1), 0)
+    key = first_key + jax.lax.broadcasted_iota(jnp.int32, (1, p.shape[1]), 1)
     keep = kept_weights(seed_ref[...], pl.program_id(0), query, key, lay.dropout)
     return jnp.where(keep, p * (1.0 / (1.0 - lay.dropout)), 0.0)
 

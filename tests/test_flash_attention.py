@@ -106,7 +106,7 @@ def test_the_kernel_drops_the_weights_naive_attention_drops_with_the_same_mask()
     """Attention dropout inside the kernel: the output and all six gradients equal naive
     attention's with the mask `kept_weights` hashes from the seed and the indices (the
     backward regenerates the forward's); the mask keeps 1 - rate of the weights, and another
-    seed, head or row draws another one."""
+    seed, head, row, query or key draws another one."""
     n_cmem, n_mem, N = LAYOUTS[1]
     rate, seed = 0.3, jnp.int32(1234)
     args = inputs(n_cmem, n_mem, N, jnp.float32)
@@ -135,6 +135,8 @@ def test_the_kernel_drops_the_weights_naive_attention_drops_with_the_same_mask()
     # Independent masks agree on 0.7² + 0.3² = 58% of the weights.
     assert 0.57 < (mask[0] == mask[1]).mean() < 0.59 and 0.57 < (mask[:, 0] == mask[:, 1]).mean() < 0.59
     assert 0.57 < (mask == np.asarray(dropout_mask(jnp.int32(1235), 4, 2, 256, 1024, rate))).mean() < 0.59
+    assert 0.57 < (mask[..., 1:] == mask[..., :-1]).mean() < 0.59  # neighbouring keys
+    assert 0.57 < (mask[:, :, 1:] == mask[:, :, :-1]).mean() < 0.59  # neighbouring queries
     with pytest.raises(ValueError, match="attention dropout at 0.3 needs a dropout_seed"):
         flash_attention(*args, n_cmem, n_mem, None, rate)
 
