@@ -134,14 +134,19 @@ def row_seeds(seed: jax.Array, batch: int) -> jax.Array:
     return _mix(jnp.asarray(seed, jnp.int32) ^ _mix(jnp.arange(batch, dtype=jnp.int32) + jnp.int32(0x3C6EF372)))
 
 
-def _dropped(p, seed_ref, first_query: int, first_key: int, lay: _Layout):
-    """The tile's weights after attention dropout (zeroed, the rest scaled by 1/(1-rate))."""
+def _dropout_scale(seed_ref, first_query, first_key, lay: _Layout) -> jax.Array | None:
+    """[bq, bk]: 0 for the tile's dropped weights, 1/(1-rate) for the kept ones; None without
+    dropout. The backward hashes once and scales both the weights and their gradient."""
     if not lay.dropout:
-        return p
-    query = first_query + jax.lax.broadcasted_iota(jnp.int32, (p.shape[0], 1), 0)
-    key = first_key + jax.lax.broadcasted_iota(jnp.int32, (1, p.shape[1]), 1)
+        return None
+    query = first_query + jax.lax.broadcasted_iota(jnp.int32, (lay.query_block, 1), 0)
+    key = first_key + jax.lax.broadcasted_iota(jnp.int32, (1, lay.key_block), 1)
     keep = kept_weights(seed_ref[...], pl.program_id(0), query, key, lay.dropout)
-    return jnp.where(keep, p * (1.0 / (1.0 - lay.dropout)), 0.0)
+    return jnp.where(keep, 1.0 / (1.0 - lay.dropout), 0.0)
+
+
+def _dropped(x: jax.Array, scale: jax.Array | None) -> jax.Array:
+    return x if scale is None else x * scale
 
 
 def _skew(band, lay: _Layout):
@@ -215,7 +220,7 @@ def _forward_kernel(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, v_ref, seed
     p = jnp.exp(s - new_max)
     rescale = jnp.exp(previous - new_max)
     sum_ref[...] = rescale * sum_ref[...] + jnp.sum(p, axis=-1, keepdims=True)
-    weights = _dropped(p, seed_ref, pl.program_id(2) * lay.query_block, key_block * lay.key_block, lay)
+    weights = _dropped(p, _dropout_scale(seed_ref, pl.program_id(2) * lay.query_block, key_block * lay.key_block, lay))
     acc_ref[...] = rescale * acc_ref[...] + jnp.dot(weights.astype(v_ref.dtype), v_ref[...],
                                                     preferred_element_type=jnp.float32)
     max_ref[...] = new_max
@@ -270,13 +275,13 @@ def _backward_kernel(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, v_ref, see
     p, content_q = _probabilities(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, lse_ref, query_block,
                                   pl.program_id(2), lay)
     dout = dout_ref[...]
-    tile = (query_block * lay.query_block, pl.program_id(2) * lay.key_block)
-    dv_acc[...] += jax.lax.dot_general(_dropped(p, seed_ref, *tile, lay).astype(dout.dtype), dout,
+    scale = _dropout_scale(seed_ref, query_block * lay.query_block, pl.program_id(2) * lay.key_block, lay)
+    dv_acc[...] += jax.lax.dot_general(_dropped(p, scale).astype(dout.dtype), dout,
                                        (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
     dp = jax.lax.dot_general(dout, v_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     # With dropout, out = (p∘z)·v: the weights' gradient is dp∘z, and delta = rowsum(dout∘out)
     # is still rowsum(p∘dp∘z), so the softmax's backward keeps its form.
-    ds = p * (_dropped(dp, seed_ref, *tile, lay) - delta_ref[...])
+    ds = p * (_dropped(dp, scale) - delta_ref[...])
     ds_ref[...] = ds.astype(ds_ref.dtype)
     ds_low = ds.astype(content_q.dtype)
     dk_acc[...] += jax.lax.dot_general(ds_low, content_q, (((0,), (0,)), ((), ())),
