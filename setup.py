@@ -18,7 +18,9 @@ setup(
     description="Compressive Transformer in JAX/Flax: faithful to Rae et al. 2019, sharded, resumable",
     long_description=Path(__file__).with_name("README.md").read_text(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["ctx", "ctx.*", "experiments", "experiments.*"]),
+    # experiments/ (configs, loaded by path, and programs run from a checkout) is not installed:
+    # a top-level package of that name would clash with a user's own.
+    packages=find_packages(include=["ctx", "ctx.*"]),
     python_requires=">=3.11",
     install_requires=requirements,
     extras_require={

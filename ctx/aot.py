@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from ctx import topology as tpu_topology
-from ctx.config import validate, with_global_batch
+from ctx.config import ModelConfig, validate, with_global_batch
 from ctx.flops import train_flops_per_token
 from ctx.sharding import batch_sharding, make_mesh
 from ctx.trainer import Trainer
@@ -103,7 +103,7 @@ def _variant(config: ml_collections.ConfigDict, **fields: Any) -> ml_collections
 def _lower(config: ml_collections.ConfigDict, target: Target):
     """The training chunk lowered for the target's mesh, with abstract (shape-only) inputs."""
     config = with_global_batch(config, len(target.devices))
-    trainer = Trainer(config, make_mesh(config.mesh, target.devices))
+    trainer = Trainer(config, make_mesh(config.mesh, target.devices), platform=target.devices[0].platform)
     abstract = trainer.abstract_checkpoint()
     G, B, N = config.train.segments_per_call, config.train.batch_size, trainer.model_config.segment_length
     rows = batch_sharding(trainer.mesh, 1, 3)
@@ -194,7 +194,7 @@ def cost_estimate(config: ml_collections.ConfigDict, target: Target) -> dict[str
     global_config = with_global_batch(config, len(target.devices))
     B, N, chips = global_config.train.batch_size, config.model.segment_length, len(target.devices)
     flops, hbm_bytes, seconds = per_step("flops"), per_step("bytes accessed"), per_step("optimal_seconds")
-    model_flops = train_flops_per_token(config.model, B) * B * N / chips
+    model_flops = train_flops_per_token(ModelConfig.from_config(config.model), B) * B * N / chips
     roofline = (max(flops / target.peak_flops, hbm_bytes / target.hbm_bytes_per_sec)
                 if target.peak_flops and hbm_bytes else None)
     # XLA's step time is its own model of the chip; where it is missing, not positive (large

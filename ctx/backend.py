@@ -4,27 +4,15 @@ otherwise train on the host CPU in silence)."""
 from __future__ import annotations
 
 import os
-import re
 import sys
 
 import jax
 
 from ctx.config import ModelConfig
+from ctx.distributed import system_accelerators
 
 INSTALL_HINT = {"gpu": "pip install -e '.[cuda]' (jax's CUDA 12 plugin)",
                 "tpu": "pip install -e '.[tpu]' (libtpu)"}
-
-
-def system_accelerators(dev_dir: str = "/dev") -> dict[str, int]:
-    """Accelerators the operating system shows, whatever JAX sees: NVIDIA GPUs
-    (/dev/nvidiaN) and TPU chips (/dev/accelN on v4 and v5e, /dev/vfio/N on v5p and v6e)."""
-    def matching(folder: str, pattern: str) -> int:
-        try:
-            return sum(bool(re.fullmatch(pattern, name)) for name in os.listdir(folder))
-        except OSError:
-            return 0
-    return {"gpu": matching(dev_dir, r"nvidia\d+"),
-            "tpu": matching(dev_dir, r"accel\d+") + matching(os.path.join(dev_dir, "vfio"), r"\d+")}
 
 
 def backend_line() -> str:
@@ -56,13 +44,17 @@ def announce(command: str) -> None:
         print(warning, file=sys.stderr, flush=True)
 
 
-def attention_line(cfg: ModelConfig) -> str:
-    """Which attention a run's segments use (model.attention_impl, 'auto' resolved here)."""
-    kernel, backend = cfg.attention_kernel, jax.default_backend()
+def attention_line(cfg: ModelConfig, requested: str, platform: str) -> str:
+    """Which attention a run's segments use on `platform`: `cfg` has model.attention_impl
+    resolved, `requested` is what the config asked for (e.g. 'auto')."""
+    kernel, asked = cfg.attention_impl, f"model.attention_impl={requested}"
+    if requested == "auto":
+        asked += f" on {platform}" + (" (the config drops attention weights or uses most_used, which cuDNN "
+                                      "cannot)" if kernel == "xla" and platform == "gpu" else "")
     if kernel == "xla":
-        return f"xla (model.attention_impl={cfg.attention_impl})"
+        return f"xla ({asked})"
     if kernel == "pallas_tpu":
-        how = "Mosaic" if backend == "tpu" else f"Pallas interpret mode on {backend}: slow, for tests"
-        return f"fused, ctx's Pallas flash kernel ({how}; model.attention_impl={cfg.attention_impl})"
-    how = "cuDNN" if backend == "gpu" else f"XLA ops on {backend}, no cuDNN here"
-    return f"fused, jax.nn.dot_product_attention ({how}; model.attention_impl={cfg.attention_impl})"
+        how = "Mosaic" if platform == "tpu" else f"Pallas interpret mode on {platform}: slow, for tests"
+        return f"fused, ctx's Pallas flash kernel ({how}; {asked})"
+    how = "cuDNN" if platform == "gpu" else f"XLA ops on {platform}, no cuDNN here"
+    return f"fused, jax.nn.dot_product_attention ({how}; {asked})"

@@ -97,8 +97,8 @@ def run_benchmark(config: ml_collections.ConfigDict, chunks: int = 3,
     step = statistics.median(train_seconds)
     train_tps = tokens_per_step / step
     eval_tps = tokens_per_step / statistics.median(eval_seconds)
-    flops = train_flops_per_token(config.model, config.train.batch_size)
-    eval_flops = forward_flops_per_token(config.model, config.train.batch_size)
+    flops = train_flops_per_token(cfg, config.train.batch_size)
+    eval_flops = forward_flops_per_token(cfg, config.train.batch_size)
     matmul = matmul_flops_per_sec(cfg.dtype)
     device_stats = jax.devices()[0].memory_stats() or {}
     return {
@@ -118,7 +118,7 @@ def run_benchmark(config: ml_collections.ConfigDict, chunks: int = 3,
         "mfu_vs_peak": train_tps * flops / peak_flops_per_sec if peak_flops_per_sec else None,
         "compiled_memory_gib": compiled_memory(compiled)["per_device_memory_estimate_gib"],
         "eval_mfu": eval_tps * eval_flops / matmul,
-        "parameters": parameter_count(config.model)["total"],
+        "parameters": parameter_count(cfg)["total"],
         "tokens_per_step": tokens_per_step,
         "backend": jax.default_backend(),
         "devices": jax.device_count(),
@@ -137,9 +137,10 @@ if __name__ == "__main__":
     from absl import flags
 
     define_config_flags()
-    flags.DEFINE_integer("chunks", 3, "Timed chunks of segments_per_call segments (after one warm-up chunk).")
+    flags.DEFINE_integer("chunks", 3, "Timed chunks of segments_per_call segments (after one warm-up chunk).",
+                         lower_bound=1)
     flags.DEFINE_float("peak_tflops", 0.0, "The chip's datasheet TFLOP/s in the compute dtype (e.g. 989 for "
-                       "H100/H200 dense bf16); adds mfu_vs_peak. 0 = not reported.")
+                       "H100/H200 dense bf16); adds mfu_vs_peak. 0 = not reported.", lower_bound=0.0)
     flags.DEFINE_string("trace_dir", "", "Trace one more training chunk with jax.profiler into this folder "
                         "and write its time by source operation to op_time.json there.")
     run_main(main)

@@ -23,59 +23,16 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from ctx.distributed import any_process, causes, smallest_on_any_process, wait_for_all_processes
-from ctx.memory import Memory
+from ctx.errors import UserError
+from ctx.nn.memory import Memory
+from ctx.remote import is_remote
 
 T = TypeVar("T")
 # The Memory fields a checkpoint holds (the carried keys and values are derived data).
 SAVED_MEMORY_FIELDS = ("mem", "cmem", "mem_mask", "cmem_mask")
 
 
-# Model fields that shape parameters: a checkpoint only restores into the same values.
-PARAMETER_FIELDS = ("vocab_size", "n_layers", "d_model", "n_heads", "d_ff", "compression",
-                    "compression_rate", "dilation_rates", "layer_norm")
-
-
-def check_resumable(saved: dict, config: Any) -> None:
-    """A checkpoint restores only into a model whose parameter shapes are the same."""
-    differing = [f"model.{f}: checkpoint {saved['model'][f]!r}, config {config.model[f]!r}"
-                 for f in PARAMETER_FIELDS
-                 if f in saved["model"] and _plain(saved["model"][f]) != _plain(config.model[f])]
-    if (saved["model"].get("compressed_length", 0) > 0) != (config.model.compressed_length > 0):
-        # Compressed memory brings its own position projection and compression network.
-        differing.append(f"model.compressed_length: checkpoint {saved['model']['compressed_length']}, config "
-                         f"{config.model.compressed_length} (zero and non-zero have different parameters)")
-    if differing:
-        raise ValueError("the checkpoint's model differs in fields that shape parameters: "
-                         + "; ".join(differing) + ". Use the checkpoint's values or a new --workdir")
-
-
-# Fields that shape the saved training state beyond the parameters: the memory [L, B, n_m, d] and
-# [L, B, n_cm, d], and the data position (rows of B streams, segments of n_s tokens). Resuming
-# training needs the same values; evaluation may change them.
-STATE_FIELDS = (("train", "batch_size"), ("model", "memory_length"), ("model", "compressed_length"),
-                ("model", "segment_length"))
-
-
-def check_resumable_training(saved: dict, config: Any) -> None:
-    """Training resumes only into the saved state's shapes: refused here in one line naming the
-    fields, before orbax would fail on a good checkpoint and make it look damaged."""
-    check_resumable(saved, config)
-    differing = [f"{section}.{field}: checkpoint {saved[section][field]!r}, config {config[section][field]!r}"
-                 for section, field in STATE_FIELDS
-                 if field in saved.get(section, {}) and saved[section][field] != config[section][field]]
-    if differing:
-        fix = " ".join(f"--config.{s}.{f}={saved[s][f]}" for s, f in STATE_FIELDS
-                       if f in saved.get(s, {}) and saved[s][f] != config[s][f])
-        raise ValueError("the run's checkpoint holds memory and a data position of another shape ("
-                         + "; ".join(differing) + f"); resume with {fix}, or start a new --workdir "
-                         "(evaluation may change these)")
-
-
-def _plain(value):
-    return list(value) if isinstance(value, (list, tuple)) else value
-
-
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that exists but cannot be read, or one that the machine would not let us write."""
 
 
@@ -119,16 +76,20 @@ class _WriteErrorEcho(logging.Filter):
 
 
 _ECHO_FILTER = _WriteErrorEcho()
-for _name in ("absl", "asyncio"):
-    logging.getLogger(_name).addFilter(_ECHO_FILTER)
 
 
-def _mute_closed_loop_callbacks() -> None:
-    """When a write is refused, tensorstore's threads finish the save's other writes and call
-    back into orbax's event loop, already closed; each reports a 'RuntimeError: Event loop is
-    closed' traceback as unraisable (hundreds per failed save, often before ctx sees the
-    failure, hence installed with the first Checkpointer). Those alone are dropped: the failure
-    surfaces as a CheckpointError; every other unraisable exception reaches the hook it had."""
+def quiet_refused_writes() -> None:
+    """For a program that writes checkpoints, for its lifetime (its entry point calls this, not
+    an import): a refused write surfaces once, as the CheckpointError that names path and fix,
+    instead of hundreds of tracebacks. Drops orbax's and asyncio's logged echoes of it, the
+    'Event loop is closed' reports of tensorstore's threads finishing the abandoned writes
+    (every other unraisable exception reaches the hook it had), and Python's warnings about
+    the failed save's never-awaited coroutines at exit. Calling it again changes nothing."""
+    for name in ("absl", "asyncio"):
+        logger = logging.getLogger(name)
+        if _ECHO_FILTER not in logger.filters:
+            logger.addFilter(_ECHO_FILTER)
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
     previous = sys.unraisablehook
     if getattr(previous, "mutes_closed_loop", False):
         return
@@ -209,7 +170,7 @@ class Checkpointer:
     def __init__(self, directory: str, max_to_keep: int) -> None:
         directory = os.fspath(directory)
         # orbax needs absolute paths; URLs (gs://...) are already absolute.
-        self.directory = directory if "://" in directory else os.path.abspath(directory)
+        self.directory = directory if is_remote(directory) else os.path.abspath(directory)
         # The step folder is made before save returns: made in the background, a folder the file
         # system refuses (read-only, vanished) leaves orbax's writer threads waiting 20 minutes
         # for it, and the process with them.
@@ -218,7 +179,6 @@ class Checkpointer:
         self.manager = _listed(lambda: ocp.CheckpointManager(self.directory, options=options,
                                                              item_names=("state", "data", "config")))
         self._writing: int | None = None  # the step of the latest save started
-        _mute_closed_loop_callbacks()
 
     def reload(self) -> None:
         """See steps that another process committed or deleted since this manager listed them."""
@@ -260,9 +220,6 @@ class Checkpointer:
             code = _refused_write(error)
             if code is None:
                 raise
-            # The failed save's other writes are abandoned coroutines, which Python would
-            # report at exit: this error already says what happened.
-            warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
             named = re.search(re.escape(self.directory) + r"/(\d+)", str(error))
             step = int(named.group(1)) if named else self._writing
             kept = [int(p.name) for p in epath.Path(self.directory).iterdir() if p.name.isdigit()] \

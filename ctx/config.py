@@ -1,23 +1,28 @@
 """The config schema: defaults for every section and `validate()` with clear errors.
 
-Configs are ml_collections `ConfigDict`s (the JAX ecosystem's convention); the model
-converts its section into a frozen, hashable `ModelConfig` so Flax modules can hold it.
+Configs are ml_collections `ConfigDict`s (the JAX ecosystem's convention). The entry points
+convert the model section once into a frozen, hashable `ModelConfig` (`ModelConfig.from_config`,
+which validates it) and resolve `attention_impl='auto'` for the platform they run on
+(`resolve_attention`); everything below them takes that typed config.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
+import os
 from typing import Any, Mapping
 
-import jax
 import ml_collections
 from ml_collections import config_dict
+
+from ctx.errors import UserError
 
 COMPRESSIONS = ("conv", "max", "mean", "dilated_conv", "most_used")
 COMPRESSION_LOSSES = ("attention", "autoencoder", "none")
 LAYER_NORMS = ("pre", "post")
 DTYPES = ("float32", "bfloat16")
-REMAT_POLICIES = ("none", "full", "dots")
+REMAT_CHOICES = ("none", "full", "dots")
 ATTENTION_IMPLS = ("xla", "cudnn", "pallas_tpu", "auto")
 FUSED_ATTENTION_IMPLS = ("cudnn", "pallas_tpu")
 LEARNED_COMPRESSIONS = ("conv", "dilated_conv")
@@ -27,7 +32,7 @@ LEARNED_COMPRESSIONS = ("conv", "dilated_conv")
 UNROLL_LAYERS_UP_TO = 4
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """An impossible or unknown configuration; the message names the fields and the fix."""
 
 
@@ -74,26 +79,17 @@ class ModelConfig:
     # compile as fast as one scanned layer), deeper ones scanned one layer at a time, which keeps
     # compile time flat in depth.
     scan_unroll: int = 0
-    # How a segment's attention is computed; parameters and checkpoints are the same for all.
-    # 'xla': scores, softmax and probabilities as XLA ops (the reference, the CPU default).
-    # 'cudnn': jax.nn.dot_product_attention's fused kernel (cuDNN on GPUs; elsewhere the same
-    # call's XLA version) with the shifted position term as its bias.
-    # 'pallas_tpu': ctx's flash-style Pallas kernel (ctx/flash_attention.py), which computes the
-    # position term and the mask inside each tile, lowered through Mosaic for TPUs and run in
-    # Pallas interpret mode elsewhere (slow: tests).
-    # The fused kernels return no probabilities. The Pallas kernel drops attention weights itself
-    # and returns the attention mass metrics and the attention the evicted memories receive
-    # ('most_used'); cuDNN does none of these, so 'cudnn' needs an attention_dropout of 0 and
-    # refuses 'most_used'.
-    # 'auto': 'cudnn' on GPUs, 'pallas_tpu' on TPUs, when the config allows it; else 'xla'.
+    # How a segment's attention is computed: 'xla' (the reference), 'cudnn' (fused, GPUs),
+    # 'pallas_tpu' (fused, TPUs) or 'auto'; docs/architecture.md#attention-implementations.
     attention_impl: str = "xla"
 
     @classmethod
-    def from_config(cls, cfg: ModelConfigLike) -> "ModelConfig":
-        if isinstance(cfg, ModelConfig):
-            return cfg
-        validate_model(cfg)
-        values = {f.name: _get(cfg, f.name) for f in dataclasses.fields(cls)}
+    def from_config(cls, section: ml_collections.ConfigDict | Mapping[str, Any]) -> "ModelConfig":
+        """The typed copy of a config's model section, validated (ConfigError names the field)."""
+        if isinstance(section, ModelConfig):
+            return section
+        validate_model(section)
+        values = {f.name: _get(section, f.name) for f in dataclasses.fields(cls)}
         values["dilation_rates"] = tuple(int(r) for r in values["dilation_rates"])
         return cls(**values)
 
@@ -109,17 +105,6 @@ class ModelConfig:
         return self.n_layers if self.n_layers <= UNROLL_LAYERS_UP_TO else 1
 
     @property
-    def attention_kernel(self) -> str:
-        """How segments attend: 'xla', 'cudnn' or 'pallas_tpu' (attention_impl, with 'auto'
-        resolved for this backend and config)."""
-        if self.attention_impl != "auto":
-            return self.attention_impl
-        fused = {"gpu": "cudnn", "tpu": "pallas_tpu"}.get(jax.default_backend(), "xla")
-        if fused == "cudnn" and (self.attention_dropout_rate or self.compression == "most_used"):
-            return "xla"
-        return fused
-
-    @property
     def attention_dropout_rate(self) -> float:
         """The rate at which attention weights are dropped in training (attention_dropout, or
         dropout when it is None)."""
@@ -128,7 +113,7 @@ class ModelConfig:
     @property
     def fused_attention(self) -> bool:
         """Whether segments attend through a fused kernel, which forms no probabilities."""
-        return self.attention_kernel in FUSED_ATTENTION_IMPLS
+        return self.attention_impl in FUSED_ATTENTION_IMPLS
 
     @property
     def compresses(self) -> bool:
@@ -145,9 +130,16 @@ class ModelConfig:
         return self.compresses and self.compression in LEARNED_COMPRESSIONS
 
 
-# What the library's model functions accept: the typed config, or the ConfigDict `model`
-# section (converted once by ModelConfig.from_config, which validates it).
-ModelConfigLike = ModelConfig | ml_collections.ConfigDict
+def resolve_attention(cfg: ModelConfig, platform: str) -> ModelConfig:
+    """`cfg` with attention_impl='auto' replaced by what runs on `platform` ('cpu', 'gpu', 'tpu'):
+    the fused kernel of the platform where the config allows it, else 'xla'. Other values are
+    returned as they are."""
+    if cfg.attention_impl != "auto":
+        return cfg
+    fused = {"gpu": "cudnn", "tpu": "pallas_tpu"}.get(platform, "xla")
+    if fused == "cudnn" and (cfg.attention_dropout_rate or cfg.compression == "most_used"):
+        fused = "xla"
+    return dataclasses.replace(cfg, attention_impl=fused)
 
 
 def _get(cfg: Any, name: str) -> Any:
@@ -203,7 +195,7 @@ def validate_model(cfg: Any) -> None:
              f"model.attention_dropout must be in [0, 1), or None for model.dropout's rate, "
              f"got {g('attention_dropout')!r}")
     for name, allowed in (("compression", COMPRESSIONS), ("compression_loss", COMPRESSION_LOSSES),
-                          ("layer_norm", LAYER_NORMS), ("dtype", DTYPES), ("remat", REMAT_POLICIES),
+                          ("layer_norm", LAYER_NORMS), ("dtype", DTYPES), ("remat", REMAT_CHOICES),
                           ("attention_impl", ATTENTION_IMPLS)):
         _require(g(name) in allowed, f"model.{name}={g(name)!r} is unknown; choose one of {list(allowed)}")
     if g("attention_impl") == "cudnn":
@@ -284,6 +276,18 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.eval = ml_collections.ConfigDict(dict(batch_size=0, segments_per_call=0, shrink_batch=True))
     cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
     return cfg
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """The config a `--config=` flag names, `FILE.py` or `FILE.py:variant` (e.g.
+    "experiments/demo.py:txl"): the file's `get_config(variant)`, as the commands read it."""
+    path, _, variant = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: no such config file; configs are Python files like experiments/demo.py")
+    module_spec = importlib.util.spec_from_file_location(f"ctx_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(variant) if variant else module.get_config()
 
 
 def with_global_batch(cfg: ml_collections.ConfigDict, num_devices: int) -> ml_collections.ConfigDict:

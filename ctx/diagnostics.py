@@ -9,22 +9,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ctx.config import ModelConfig, ModelConfigLike
-from ctx.memory import Memory, init_memory
-from ctx.model import CompressiveTransformer
+from ctx.config import ModelConfig
+from ctx.nn.memory import Memory, init_memory
+from ctx.nn.transformer import CompressiveTransformer
 
 
-def memory_arrays(memory: Memory) -> dict[str, np.ndarray]:
-    """mem [L,B,n_m,d], cmem [L,B,n_cm,d] and their validity masks as NumPy."""
-    return {k: np.asarray(getattr(memory, k)) for k in ("mem", "cmem", "mem_mask", "cmem_mask")}
-
-
-def derived_temporal_range(model_config: ModelConfigLike) -> int:
+def derived_temporal_range(cfg: ModelConfig) -> int:
     """How far back the last position of a segment can see through l layers: each layer
     reaches from position p to S(p) - R, with S(p) = n_s * floor(p / n_s) its segment's start
     and R = n_m + c * n_cm (derivation in tests/test_model.py). When R is a multiple of n_s
     this is the paper's n_s - 1 + l * (n_m + c * n_cm); Transformer-XL has n_cm = 0."""
-    cfg = ModelConfig.from_config(model_config)
     n_s, reach = cfg.segment_length, cfg.memory_length + cfg.compression_rate * cfg.compressed_length
     oldest = n_s - 1  # the last position of the segment that starts at 0
     for _ in range(cfg.n_layers):
@@ -32,11 +26,10 @@ def derived_temporal_range(model_config: ModelConfigLike) -> int:
     return n_s - 1 - oldest
 
 
-def dependence_by_distance(model_config: ModelConfigLike, seed: int = 0) -> np.ndarray:
+def dependence_by_distance(cfg: ModelConfig, seed: int = 0) -> np.ndarray:
     """[T] bools: does the token d positions before the last one change the last position's
     logits? Measured on a random sequence, batch row r with token r changed. A freshly
     initialised model suffices: what can be reached is architectural."""
-    cfg = ModelConfig.from_config(model_config)
     n_s = cfg.segment_length
     n_segments = derived_temporal_range(cfg) // n_s + 3
     T = n_segments * n_s
@@ -58,9 +51,9 @@ def dependence_by_distance(model_config: ModelConfigLike, seed: int = 0) -> np.n
     return changed[::-1]
 
 
-def measured_temporal_range(model_config: ModelConfigLike, seed: int = 0) -> int:
+def measured_temporal_range(cfg: ModelConfig, seed: int = 0) -> int:
     """The largest distance back at which the input still changes the last position's logits."""
-    return int(np.flatnonzero(dependence_by_distance(model_config, seed)).max())
+    return int(np.flatnonzero(dependence_by_distance(cfg, seed)).max())
 
 
 def inspect_segment(model, params: Any, tokens, memory: Memory, buckets: int = 4) -> dict[str, Any]:
@@ -68,7 +61,7 @@ def inspect_segment(model, params: Any, tokens, memory: Memory, buckets: int = 4
     `buckets` age groups (oldest first), the mean age in tokens of each group, and the
     compression loss. Also returns the next memory, so a notebook can walk a text. The fused
     attention forms no probabilities, so this always runs the XLA one (same parameters)."""
-    cfg = dataclasses.replace(model.model_config, attention_impl="xla")
+    cfg = dataclasses.replace(model.config, attention_impl="xla")
     model = CompressiveTransformer(cfg)
     (logits, new_memory, aux), state = jax.jit(
         lambda p, t, m: model.apply({"params": p}, t, m, mutable=["intermediates"]))(params, tokens, memory)
@@ -96,17 +89,3 @@ def inspect_segment(model, params: Any, tokens, memory: Memory, buckets: int = 4
         "memory": new_memory,
     }
 
-
-_MOVED_TO_PLOTS = ("plot_attention_mass", "plot_attention_by_age", "plot_losses")
-
-
-def __getattr__(name: str):
-    """The plots moved to ctx.plots (all plotting in one module); the old names still work."""
-    if name in _MOVED_TO_PLOTS:
-        import warnings
-
-        from ctx import plots
-
-        warnings.warn(f"ctx.diagnostics.{name} moved to ctx.plots.{name}", DeprecationWarning, stacklevel=2)
-        return getattr(plots, name)
-    raise AttributeError(f"module 'ctx.diagnostics' has no attribute {name!r}")

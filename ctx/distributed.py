@@ -1,4 +1,5 @@
-"""Multi-host start-up with JAX's own runtime: one process per host, the same command on all.
+"""Process start-up with JAX's own runtime: which platform JAX starts (`use_the_cpu_where_
+nothing_else_is`), and multi-host runs: one process per host, the same command on all.
 
 `initialize()` calls `jax.distributed.initialize` when the run is multi-process:
 explicit flags (--coordinator_address, --num_processes, --process_id), or what JAX
@@ -15,6 +16,32 @@ from typing import Iterator
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+
+from ctx.errors import InputError
+
+
+def system_accelerators(dev_dir: str = "/dev") -> dict[str, int]:
+    """Accelerators the operating system shows, whatever JAX sees: NVIDIA GPUs
+    (/dev/nvidiaN) and TPU chips (/dev/accelN on v4 and v5e, /dev/vfio/N on v5p and v6e)."""
+    def matching(folder: str, pattern: str) -> int:
+        try:
+            return sum(bool(re.fullmatch(pattern, name)) for name in os.listdir(folder))
+        except OSError:
+            return 0
+    return {"gpu": matching(dev_dir, r"nvidia\d+"),
+            "tpu": matching(dev_dir, r"accel\d+") + matching(os.path.join(dev_dir, "vfio"), r"\d+")}
+
+
+def use_the_cpu_where_nothing_else_is() -> None:
+    """With libtpu installed (the [tpu] extra, which also compiles for TPU slices from any
+    machine), JAX's start-up probes for TPU chips and, on a machine with none, prints half a
+    dozen lines of libtpu errors before a command's own output. Where the system shows neither
+    a TPU chip nor a GPU and the user chose no platform (JAX_PLATFORMS), JAX is told to use the
+    CPU, which it would have used anyway; compiling for a TPU slice still works. Called by the
+    entry points before JAX starts, never at import."""
+    if os.environ.get("JAX_PLATFORMS") or any(system_accelerators().values()):
+        return
+    jax.config.update("jax_platforms", "cpu")
 
 
 def _multi_host_environment() -> bool:
@@ -41,16 +68,16 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     'on': always (JAX auto-detects the cluster); 'off': never.
     """
     if heartbeat_timeout_seconds < 1:
-        raise ValueError(f"--heartbeat_timeout_seconds={heartbeat_timeout_seconds} must be at least 1")
+        raise InputError(f"--heartbeat_timeout_seconds={heartbeat_timeout_seconds} must be at least 1")
     if mode not in ("auto", "on", "off"):
-        raise ValueError(f"--distributed={mode!r} is unknown; choose auto, on or off")
+        raise InputError(f"--distributed={mode!r} is unknown; choose auto, on or off")
     explicit = coordinator_address is not None or num_processes is not None or process_id is not None
     if mode == "off" or (mode == "auto" and not explicit and not _multi_host_environment()):
         return False
     if explicit and None in (coordinator_address, num_processes, process_id):
-        raise ValueError("--coordinator_address, --num_processes and --process_id go together; give all three")
+        raise InputError("--coordinator_address, --num_processes and --process_id go together; give all three")
     if explicit and not 0 <= process_id < num_processes:
-        raise ValueError(f"--process_id={process_id} must be in [0, --num_processes={num_processes})")
+        raise InputError(f"--process_id={process_id} must be in [0, --num_processes={num_processes})")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id, heartbeat_timeout_seconds=heartbeat_timeout_seconds)
     return True
@@ -83,9 +110,11 @@ def lost_processes(heartbeat_timeout_seconds: int) -> list[int] | None:
     (each process that saw the failed collective does) and a dead one has missed its heartbeats,
     so this waits about the heartbeat timeout at most.
     """
-    from jax._src import distributed as jax_distributed  # the runtime client; no public accessor
-
-    client = jax_distributed.global_state.client
+    try:  # the runtime client has no public accessor (present in jax 0.10.2 and 0.11.2)
+        from jax._src import distributed as jax_distributed
+        client = jax_distributed.global_state.client
+    except (ImportError, AttributeError):
+        return None
     if client is None:
         return None
     everyone = list(range(jax.process_count()))

@@ -24,19 +24,20 @@ import jax
 import ml_collections
 import numpy as np
 
-from ctx import losses
+from ctx.nn import losses
 from ctx.backend import announce
 from ctx.cli import FLAGS, define_config_flags, run_main
 from ctx.config import with_global_batch
 from ctx.data.datasets import PG19_WORDS, check_data_config, load_corpus
 from ctx.data.source import TokenizedCorpus
 from ctx.data.stream import SEGMENT_KEYS, eval_chunks
-from ctx.memory import init_memory, select_rows
-from ctx.model import CompressiveTransformer
+from ctx.nn.memory import init_memory, select_rows
+from ctx.nn.transformer import CompressiveTransformer
 from ctx.progress import progress as progress_bar
 from ctx.restore import restore_for_inference
 from ctx.sharding import (check_batch_fits, device_chunk, make_mesh, memory_shardings, process_rows, replicated,
                           to_host, tracing_on)
+from ctx.errors import InputError, MissingInput
 
 
 
@@ -107,7 +108,7 @@ def evaluate_corpus(model, params, corpus: TokenizedCorpus, mesh, batch_size: in
     shrink_batch: halve the batch as rows run out of documents (`eval_chunks`; one compile
     per size). chunk_fn: a `make_eval_chunk_fn(model)` to reuse, so that repeated
     validations during training compile once."""
-    cfg = model.model_config
+    cfg = model.config
     n_docs = len(corpus)
     lengths = np.diff(corpus.offsets)
     sums = NllSums.zeros(n_docs, int(lengths.max()))
@@ -178,12 +179,14 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: 
     check_batch_fits(batch_size, mesh)
     restored = restore_for_inference(config, workdir, step, mesh)
     model, params, step = restored.model, restored.params, restored.step
-    corpus = load_corpus(config.data, split, progress=progress and jax.process_index() == 0)
+    data = config.data.copy_and_resolve_references()  # read with the run's tokenizer; the caller's config stays
+    data.tokenizer = restored.tokenizer_path
+    corpus = load_corpus(data, split, progress=progress and jax.process_index() == 0)
     result = evaluate_corpus(model, params, corpus, mesh, batch_size,
                              config.eval.segments_per_call or config.train.segments_per_call, progress,
                              shrink_batch=config.eval.shrink_batch)
     return {"split": split, "step": step, "num_devices": mesh.size, "dataset": config.data.dataset,
-            "tokenizer": config.data.tokenizer, **result, **word_level(result, config.data.dataset, split),
+            "tokenizer": restored.tokenizer_path, **result, **word_level(result, config.data.dataset, split),
             "model": config.model.to_dict()}
 
 
@@ -208,11 +211,11 @@ def _read_report(path: str) -> dict[str, Any]:
         with open(path) as f:
             report = json.load(f)
     except OSError as error:
-        raise FileNotFoundError(f"--compare={path} cannot be read ({error.strerror})") from None
+        raise MissingInput(f"--compare={path} cannot be read ({error.strerror})") from None
     except json.JSONDecodeError as error:
-        raise ValueError(f"--compare={path} is not a JSON report ({error.msg} at line {error.lineno})") from None
+        raise InputError(f"--compare={path} is not a JSON report ({error.msg} at line {error.lineno})") from None
     if not isinstance(report, dict) or "by_position" not in report:
-        raise ValueError(f"--compare={path} is not a ctx.evaluate report (no by_position); pass an --output file")
+        raise InputError(f"--compare={path} is not a ctx.evaluate report (no by_position); pass an --output file")
     return report
 
 
@@ -220,10 +223,10 @@ def main() -> None:
     from ctx.plots import plot_loss_by_position
 
     if not FLAGS.workdir:
-        raise ValueError("--workdir is required (the training run to evaluate)")
+        raise InputError("--workdir is required (the training run to evaluate)")
     announce("ctx.evaluate")
     if FLAGS.output and not os.path.isdir(os.path.dirname(os.path.abspath(FLAGS.output))):
-        raise FileNotFoundError(f"--output={FLAGS.output}: its folder does not exist")
+        raise MissingInput(f"--output={FLAGS.output}: its folder does not exist")
     others = [_read_report(path) for path in FLAGS.compare]  # before the split is evaluated
     report = evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.split,
                                  None if FLAGS.step < 0 else FLAGS.step, progress=True)

@@ -20,16 +20,15 @@ sees only the compression loss (counted the same).
 """
 from __future__ import annotations
 
+from ctx.config import ModelConfig
+from ctx.errors import InputError
 
-from ctx.config import ModelConfig, ModelConfigLike
 
-
-def forward_flops_per_token(config: ModelConfigLike, batch_size: int) -> float:
-    """config: the model config; batch_size: the global batch (rows per segment), over which
+def forward_flops_per_token(cfg: ModelConfig, batch_size: int) -> float:
+    """cfg: the model config; batch_size: the global batch (rows per segment), over which
     the position tables' projection is shared."""
     if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive number of rows, got {batch_size}")
-    cfg = ModelConfig.from_config(config)
+        raise InputError(f"batch_size must be a positive number of rows, got {batch_size}")
     d, N, M, C, c = cfg.d_model, cfg.segment_length, cfg.memory_length, cfg.compressed_length, cfg.compression_rate
     T, P = C + M + N, (M + N) + ((C + N) if C else 0)
     layer = (2 * d * 3 * d + 2 * d * d
@@ -51,13 +50,12 @@ def forward_flops_per_token(config: ModelConfigLike, batch_size: int) -> float:
     return cfg.n_layers * layer + 2 * d * cfg.vocab_size
 
 
-def train_flops_per_token(config: ModelConfigLike, batch_size: int) -> float:
-    return 3 * forward_flops_per_token(config, batch_size)
+def train_flops_per_token(cfg: ModelConfig, batch_size: int) -> float:
+    return 3 * forward_flops_per_token(cfg, batch_size)
 
 
-def parameter_count(config: ModelConfigLike) -> dict[str, int]:
+def parameter_count(cfg: ModelConfig) -> dict[str, int]:
     """Parameters of the whole model and of the compression network alone."""
-    cfg = ModelConfig.from_config(config)
     d, H, K = cfg.d_model, cfg.n_heads, cfg.head_dim
     attention = 4 * d * H * K + 2 * H * K + d * H * K + d  # q k v pos, u v, out + bias
     if cfg.compresses:

@@ -5,7 +5,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ctx.memory import KEY_KINDS
+from ctx.nn.memory import KEY_KINDS
 
 
 def _pyplot(headless: bool = False):
@@ -56,14 +56,17 @@ def plot_attention_mass(attention_mass: np.ndarray, ax=None, title: str = "Atten
     plt = _pyplot()
 
     ax = ax or plt.subplots(figsize=(6, 3.5))[1]
-    bottom = np.zeros(attention_mass.shape[0])
+    layers = np.arange(attention_mass.shape[0])
+    bottom = np.zeros(len(layers))
     for k, kind in enumerate(KEY_KINDS):
-        ax.bar(np.arange(len(bottom)), attention_mass[:, k], bottom=bottom, label=kind)
+        ax.bar(layers, attention_mass[:, k], bottom=bottom, label=kind)
         bottom += attention_mass[:, k]
+    ax.set_xticks(layers)  # one tick per layer, whole numbers
     ax.set_xlabel("layer")
+    ax.set_ylim(0, 1)
     ax.set_ylabel("attention mass")
     ax.set_title(title)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)  # beside the bars, not over them
     return ax
 
 
@@ -96,8 +99,11 @@ def plot_losses(metrics: list[dict[str, Any]], ax=None):
         ax.plot([r["step"] for r in valid], [r["loss"] for r in valid], "o-", label="validation")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.legend(loc="upper right")
     twin = ax.twinx()
-    twin.plot([r["step"] for r in rows], [r["compression_loss"] for r in rows], color="tab:gray", alpha=0.6)
+    twin.plot([r["step"] for r in rows], [r["compression_loss"] for r in rows], color="tab:gray", alpha=0.6,
+              label="compression loss (right axis)")
     twin.set_ylabel("compression loss", color="tab:gray")
+    lines = ax.get_lines() + twin.get_lines()  # one legend for both axes
+    ax.legend(lines, [line.get_label() for line in lines], loc="upper center", bbox_to_anchor=(0.5, -0.2),
+              ncol=len(lines), fontsize="small")  # below the axes, clear of the curves
     return ax

@@ -17,6 +17,8 @@ import os
 import re
 from typing import Any
 
+from ctx.errors import MissingInput
+
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = [^\n]*?op_name=\"([^\"]*)\"", re.MULTILINE)
 _CALLER = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = [^\n]*?calls=%?([\w.\-]+)", re.MULTILINE)
 _COMPUTATION = re.compile(r"^%?([\w.\-]+) \([^\n]*\{\n(.*?)^\}", re.MULTILINE | re.DOTALL)
@@ -67,7 +69,7 @@ def load_trace_events(trace_dir: str) -> tuple[list[dict], dict[int, str]]:
     files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True),
                    key=os.path.getmtime)
     if not files:
-        raise FileNotFoundError(f"no *.trace.json.gz under {trace_dir} (was the trace made with "
+        raise MissingInput(f"no *.trace.json.gz under {trace_dir} (was the trace made with "
                                 "create_perfetto_trace=True?)")
     with gzip.open(files[-1]) as f:
         events = json.load(f)["traceEvents"]

@@ -16,11 +16,14 @@ import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
-from ctx.checkpoint import Checkpointer, check_resumable
-from ctx.config import ModelConfig, validate
+from ctx.checkpoint import Checkpointer
+from ctx.compat import check_resumable
+from ctx.config import ModelConfig, resolve_attention, validate
 from ctx.data.tokenizer import check_vocab, load_tokenizer
-from ctx.memory import init_memory
-from ctx.model import CompressiveTransformer
+from ctx.errors import InputError, MissingInput, UserError
+from ctx.nn.memory import init_memory
+from ctx.nn.transformer import CompressiveTransformer
+from ctx.remote import is_remote
 from ctx.sharding import tree_param_sharding
 
 
@@ -29,21 +32,23 @@ class Restored:
     model: CompressiveTransformer
     params: Any
     tokenizer: Any
+    tokenizer_path: str  # data.tokenizer, or the run's own copy when that is what it trained with
     step: int
 
 
-def resolve_tokenizer(config: ml_collections.ConfigDict, workdir: str, recorded: str | None) -> None:
-    """Use the run's own tokenizer copy when the configured one is not what it trained with."""
+def resolve_tokenizer(configured: str, workdir: str, recorded: str | None) -> str:
+    """The tokenizer to read a run with: the configured one (data.tokenizer), or the run's own
+    copy in its workdir when the configured one is not what it trained with (`recorded`)."""
     copy = os.path.join(workdir, "tokenizer.model")
     if recorded in (None, "bytes") or not epath.Path(copy).is_file():
-        return
-    configured = None
+        return configured
     try:
-        configured = load_tokenizer(config.data.tokenizer).fingerprint
-    except (ValueError, FileNotFoundError):
-        pass
-    if configured != recorded and load_tokenizer(copy).fingerprint == recorded:
-        config.data.tokenizer = copy
+        fingerprint = load_tokenizer(configured).fingerprint
+    except UserError:  # missing or unusable: the run's copy may still be right
+        fingerprint = None
+    if fingerprint != recorded and load_tokenizer(copy).fingerprint == recorded:
+        return copy
+    return configured
 
 
 # A run that trains while it is evaluated deletes old checkpoints (max_checkpoints_to_keep):
@@ -56,26 +61,26 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str, step:
     """Parameters of checkpoint `step` (default: latest) on `mesh`, and the run's tokenizer."""
     validate(config)
     checkpoint_dir = os.path.join(workdir, "checkpoints")
-    if "://" not in workdir and not os.path.isdir(checkpoint_dir):
-        raise FileNotFoundError(f"--workdir={workdir} has no checkpoints/ folder; train first or fix the path")
+    if not is_remote(workdir) and not os.path.isdir(checkpoint_dir):
+        raise MissingInput(f"--workdir={workdir} has no checkpoints/ folder; train first or fix the path")
     checkpointer = Checkpointer(checkpoint_dir, max_to_keep=1000)
     try:
         for attempt in range(READ_ATTEMPTS):
             steps = checkpointer.all_steps()
             if not steps:
-                raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}")
+                raise MissingInput(f"no checkpoint in {checkpoint_dir}")
             chosen = steps[-1] if step is None else step
             if chosen not in steps:
-                raise ValueError(f"--step={chosen} is not in {checkpoint_dir} (steps: {steps})")
+                raise InputError(f"--step={chosen} is not in {checkpoint_dir} (steps: {steps})")
             try:
-                model, params, tokenizer = _read(checkpointer, chosen, config, workdir, mesh)
+                model, params, tokenizer, tokenizer_path = _read(checkpointer, chosen, config, workdir, mesh)
                 break
             except Exception:  # noqa: BLE001 - re-raised unless a live run moved on while it was read
                 if step is not None or attempt + 1 == READ_ATTEMPTS or not _superseded(checkpointer, chosen):
                     raise
     finally:
         checkpointer.close()
-    return Restored(model=model, params=params, tokenizer=tokenizer, step=chosen)
+    return Restored(model=model, params=params, tokenizer=tokenizer, tokenizer_path=tokenizer_path, step=chosen)
 
 
 def _superseded(checkpointer: Checkpointer, step: int, seconds: float = 10.0) -> bool:
@@ -94,12 +99,14 @@ def _superseded(checkpointer: Checkpointer, step: int, seconds: float = 10.0) ->
 
 def _read(checkpointer: Checkpointer, step: int, config: ml_collections.ConfigDict, workdir: str, mesh):
     check_resumable(checkpointer.restore_config(step), config)
-    resolve_tokenizer(config, workdir, checkpointer.restore_data(step).get("tokenizer"))
-    tokenizer = load_tokenizer(config.data.tokenizer)
+    recorded = checkpointer.restore_data(step).get("tokenizer")
+    tokenizer_path = resolve_tokenizer(config.data.tokenizer, workdir, recorded)
+    tokenizer = load_tokenizer(tokenizer_path)
     check_vocab(tokenizer, config)
-    model = CompressiveTransformer(ModelConfig.from_config(config.model))
+    cfg = resolve_attention(ModelConfig.from_config(config.model), mesh.devices.flat[0].platform)
+    model = CompressiveTransformer(cfg)
     abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(
-        (1, config.model.segment_length), jnp.int32), init_memory(config.model, 1))["params"])
+        (1, cfg.segment_length), jnp.int32), init_memory(cfg, 1))["params"])
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             abstract, tree_param_sharding(mesh, abstract))
-    return model, checkpointer.restore_params(step, abstract), tokenizer
+    return model, checkpointer.restore_params(step, abstract), tokenizer, tokenizer_path

@@ -10,8 +10,11 @@ import os
 import signal
 import threading
 
+from ctx.errors import UserError
+from ctx.remote import is_remote
 
-class WorkdirLocked(RuntimeError):
+
+class WorkdirLocked(UserError, RuntimeError):
     """Another training process holds the workdir."""
 
 
@@ -21,7 +24,7 @@ class WorkdirLock:
 
     def __init__(self, workdir: str) -> None:
         self._file = None
-        if "://" in workdir:
+        if is_remote(workdir):
             return
         path = os.path.join(workdir, ".lock")
         self._file = open(path, "a+")

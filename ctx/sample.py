@@ -13,19 +13,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
-import warnings
 from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from ctx.cli import FLAGS, define_config_flags, run_main
-from ctx.config import ModelConfig, ModelConfigLike
-from ctx.memory import init_memory
-from ctx.model import CompressiveTransformer
+from ctx.config import ModelConfig
+from ctx.errors import InputError
+from ctx.nn.memory import init_memory
+from ctx.nn.transformer import CompressiveTransformer
 from ctx.restore import restore_for_inference
 from ctx.sharding import make_mesh
 
@@ -66,23 +65,19 @@ def _steps(cfg: ModelConfig):
     return advance, prefill, decode
 
 
-def generate(params: Any, model_config: ModelConfigLike, prompt_tokens, num_tokens: int, rng: jax.Array,
+def generate(params: Any, cfg: ModelConfig, prompt_tokens, num_tokens: int, rng: jax.Array,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, bos_id: int = 0) -> Sample:
     """Continue `prompt_tokens` ([P] or [B, P] ids) by `num_tokens` tokens per row."""
-    if isinstance(model_config, ml_collections.ConfigDict) and "model" in model_config:
-        warnings.warn("sample.generate takes the model config: pass config.model", DeprecationWarning, stacklevel=2)
-        model_config = model_config.model
-    cfg = ModelConfig.from_config(model_config)
     prompt = np.asarray(prompt_tokens, np.int64)
     prompt = prompt[None] if prompt.ndim == 1 else prompt
     if prompt.ndim != 2:
-        raise ValueError(f"prompt_tokens must be [P] or [batch, P] ids, got shape {prompt.shape}")
+        raise InputError(f"prompt_tokens must be [P] or [batch, P] ids, got shape {prompt.shape}")
     if prompt.size and (prompt.min() < 0 or prompt.max() >= cfg.vocab_size):
-        raise ValueError(f"prompt token ids must be in [0, {cfg.vocab_size}), got [{prompt.min()}, {prompt.max()}]")
+        raise InputError(f"prompt token ids must be in [0, {cfg.vocab_size}), got [{prompt.min()}, {prompt.max()}]")
     if num_tokens < 1:
-        raise ValueError(f"num_tokens must be positive, got {num_tokens}")
+        raise InputError(f"num_tokens must be positive, got {num_tokens}")
     if not 0.0 < top_p <= 1.0 or temperature < 0 or top_k < 0:
-        raise ValueError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+        raise InputError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
     variables = {"params": params}
     B, n_s = prompt.shape[0], cfg.segment_length
     inputs = np.concatenate([np.full((B, 1), bos_id), prompt], axis=1).astype(np.int32)
@@ -118,14 +113,14 @@ def generate(params: Any, model_config: ModelConfigLike, prompt_tokens, num_toke
 
 def main() -> None:
     if not FLAGS.workdir:
-        raise ValueError("--workdir is required (the training run to sample from)")
+        raise InputError("--workdir is required (the training run to sample from)")
     if not FLAGS.prompt:
-        raise ValueError("--prompt is empty; give some text to continue, e.g. --prompt='The'")
+        raise InputError("--prompt is empty; give some text to continue, e.g. --prompt='The'")
     config = FLAGS.config
     restored = restore_for_inference(config, FLAGS.workdir, None if FLAGS.step < 0 else FLAGS.step,
                                      make_mesh(config.mesh, jax.devices()[:1]))
     prompt = restored.tokenizer.encode(FLAGS.prompt)
-    sample = generate(restored.params, config.model, prompt, FLAGS.num_tokens, jax.random.PRNGKey(FLAGS.seed),
+    sample = generate(restored.params, restored.model.config, prompt, FLAGS.num_tokens, jax.random.PRNGKey(FLAGS.seed),
                       temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
                       bos_id=restored.tokenizer.bos_id)
     sys.stdout.write(FLAGS.prompt + restored.tokenizer.decode(sample.tokens[0]) + "\n")
@@ -136,10 +131,11 @@ if __name__ == "__main__":
 
     define_config_flags()
     flags.DEFINE_string("prompt", None, "Text to continue.")
-    flags.DEFINE_integer("num_tokens", 200, "How many tokens to generate.")
-    flags.DEFINE_float("temperature", 0.8, "Softmax temperature (0 = greedy).")
-    flags.DEFINE_integer("top_k", 0, "Keep only the k most likely tokens (0 = all).")
-    flags.DEFINE_float("top_p", 0.95, "Nucleus: keep the most likely tokens up to this mass.")
+    flags.DEFINE_integer("num_tokens", 200, "How many tokens to generate.", lower_bound=1)
+    flags.DEFINE_float("temperature", 0.8, "Softmax temperature (0 = greedy).", lower_bound=0.0)
+    flags.DEFINE_integer("top_k", 0, "Keep only the k most likely tokens (0 = all).", lower_bound=0)
+    flags.DEFINE_float("top_p", 0.95, "Nucleus: keep the most likely tokens up to this mass (0 < top_p <= 1).",
+                       lower_bound=0.0, upper_bound=1.0)
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
     flags.DEFINE_integer("step", -1, "Checkpoint step (default: the latest).")
     run_main(main)

@@ -6,15 +6,15 @@ for models too big to replicate, each parameter's largest divisible dimension.
 from __future__ import annotations
 
 import contextlib
-
 from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from ctx.data.stream import SEGMENT_KEYS
-from ctx.memory import Memory
+from ctx.errors import InputError
+from ctx.nn.memory import Memory
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -25,7 +25,7 @@ def make_mesh(mesh_cfg: Any, devices: list | None = None) -> Mesh:
     fsdp = int(mesh_cfg.fsdp)
     data = len(devices) // fsdp if mesh_cfg.data == -1 else int(mesh_cfg.data)
     if data < 1 or data * fsdp != len(devices):
-        raise ValueError(f"mesh.data={mesh_cfg.data} x mesh.fsdp={fsdp} does not fit the {len(devices)} "
+        raise InputError(f"mesh.data={mesh_cfg.data} x mesh.fsdp={fsdp} does not fit the {len(devices)} "
                          "available devices; set mesh.data=-1 or sizes whose product is the device count")
     return Mesh(np.asarray(devices).reshape(data, fsdp), BATCH_AXES,
                 axis_types=(jax.sharding.AxisType.Auto,) * 2)
@@ -73,10 +73,9 @@ def global_batch_array(mesh: Mesh, local: np.ndarray, batch_axis: int) -> jax.Ar
     return jax.make_array_from_process_local_data(sharding, local, tuple(global_shape))
 
 
-def device_chunk(mesh: Mesh, chunk: dict[str, np.ndarray],
-                 keys: tuple[str, ...] = SEGMENT_KEYS) -> dict[str, jax.Array]:
+def device_chunk(mesh: Mesh, chunk: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """A host chunk ([G, B_local, ...] arrays of this process's rows) as global arrays on the mesh."""
-    return {k: global_batch_array(mesh, chunk[k], batch_axis=1) for k in keys}
+    return {k: global_batch_array(mesh, local, batch_axis=1) for k, local in chunk.items()}
 
 
 def process_rows(batch_size: int) -> range:
@@ -97,7 +96,7 @@ def to_host(x: jax.Array) -> np.ndarray:
 def check_batch_fits(batch_size: int, mesh: Mesh) -> None:
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch_size % shards:
-        raise ValueError(f"train.batch_size={batch_size} must be a multiple of the {shards} batch shards "
+        raise InputError(f"train.batch_size={batch_size} must be a multiple of the {shards} batch shards "
                          f"(mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})")
 
 

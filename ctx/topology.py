@@ -18,7 +18,7 @@ import re
 import sys
 from typing import Mapping
 
-from ctx.backend import system_accelerators
+from ctx.distributed import system_accelerators
 from ctx.config import ConfigError
 
 LIBTPU_INSTALL = "pip install -e '.[tpu]'  (libtpu pinned to the installed jax)"

@@ -22,14 +22,16 @@ from etils import epath
 
 from ctx import aot
 from ctx.backend import announce, attention_line
+from ctx.checkpoint import Checkpointer, CheckpointError, quiet_refused_writes, read_latest_config
 from ctx.cli import FLAGS, define_config_flags, run_main
-from ctx.checkpoint import CheckpointError, Checkpointer, check_resumable_training, read_latest_config
+from ctx.compat import check_resumable_training
 from ctx.config import validate, with_global_batch
 from ctx.data.datasets import load_corpus
 from ctx.data.prefetch import ChunkPrefetcher
 from ctx.data.stream import TrainStream
 from ctx.data.tokenizer import check_vocab
 from ctx.distributed import any_process
+from ctx.errors import InputError, TrainingDiverged
 from ctx.evaluate import evaluate_corpus, make_eval_chunk_fn
 from ctx.metrics import MetricWriter
 from ctx.progress import progress
@@ -37,6 +39,7 @@ from ctx.remote import check_reachable
 from ctx.run_guard import StopRequest, WorkdirLock
 from ctx.sharding import device_chunk, process_rows, replicated
 from ctx.trainer import Trainer
+
 
 def _chunk_length(step: int, config) -> int:
     """Chunks end exactly at checkpoint, validation and final steps."""
@@ -74,11 +77,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, hooks: H
     config = with_global_batch(config, jax.device_count())
     check_reachable(workdir, "--workdir", must_exist=False)
     if epath.Path(workdir).exists() and not epath.Path(workdir).is_dir():
-        raise ValueError(f"--workdir={workdir} exists and is not a directory")
+        raise InputError(f"--workdir={workdir} exists and is not a directory")
     trainer = Trainer(config)
     is_main = jax.process_index() == 0
     if is_main:
-        print(f"ctx.train: attention {attention_line(trainer.model_config)}", flush=True)
+        line = attention_line(trainer.model_config, config.model.attention_impl, jax.default_backend())
+        print(f"ctx.train: attention {line}", flush=True)
     train_corpus = load_corpus(config.data, "train", progress=is_main)
     valid_corpus = load_corpus(config.data, "validation", progress=is_main)
     tokenizer = train_corpus.tokenizer
@@ -128,7 +132,7 @@ def _restore_or_start(config, workdir: str, trainer: Trainer, checkpointer: Chec
                          rng=jax.device_put(jax.random.PRNGKey(config.seed + 1), replicated(trainer.mesh)))
     step, device_state, data_state = restored
     if data_state.get("tokenizer", tokenizer.fingerprint) != tokenizer.fingerprint:
-        raise ValueError(f"the run in {workdir} was trained with tokenizer {data_state['tokenizer']}, "
+        raise InputError(f"the run in {workdir} was trained with tokenizer {data_state['tokenizer']}, "
                          f"but data.tokenizer={config.data.tokenizer} is {tokenizer.fingerprint}; "
                          f"use the run's copy, {os.path.join(workdir, 'tokenizer.model')}")
     stream.restore(data_state)
@@ -147,7 +151,7 @@ def _metric_rows(metrics: dict, first_step: int, segments: int, seconds: float, 
                "tokens_per_sec": tokens_per_segment * segments / seconds, "num_devices": num_devices}
         bad = [q for q in ("loss", "compression_loss", "grad_norm") if not math.isfinite(row[q])]
         if bad:
-            raise FloatingPointError(f"non-finite {', '.join(bad)} at step {row['step']}")
+            raise TrainingDiverged(f"non-finite {', '.join(bad)} at step {row['step']}")
         yield row
 
 
@@ -205,9 +209,9 @@ def _run(config, workdir, trainer, train_corpus, valid_corpus, stop: StopRequest
                                         tokens_per_segment, trainer.mesh.size):
                     writer.write(row)
                     at.last = row
-            except FloatingPointError as error:
+            except TrainingDiverged as error:
                 checkpointer.wait()
-                raise FloatingPointError(f"{error}; the run stopped without saving that state, and the last good "
+                raise TrainingDiverged(f"{error}; the run stopped without saving that state, and the last good "
                                          f"checkpoint ({checkpointer.latest_step()}) is kept") from None
             at.step += segments
             if bar is not None:
@@ -216,14 +220,15 @@ def _run(config, workdir, trainer, train_corpus, valid_corpus, stop: StopRequest
             # Read the flag once (a SIGTERM landing between two reads would stop without a save),
             # and for all processes at once: any one's SIGTERM stops every one at this step.
             stopping = any_process(stop.requested)
-            if _save_due(config.train, at.step) or stopping:
+            saving, validating = _save_due(config.train, at.step) or stopping, _validation_due(config.train, at.step)
+            if saving:
                 save(data_state)
                 saved_step = at.step
-            if _validation_due(config.train, at.step):
+            if validating:
                 hooks.before_validation(at.step)
                 validation = validate(at.state.params)
                 writer.write(_validation_row(at.step, validation))
-            writer.flush()
+            writer.flush(force=saving or validating)  # remote workdirs: otherwise at most every two minutes
             failure = checkpointer.write_failure()
             if any_process(failure is not None):
                 raise failure or CheckpointError("a checkpoint write failed on another process; see its log")
@@ -245,6 +250,7 @@ def _run(config, workdir, trainer, train_corpus, valid_corpus, stop: StopRequest
 
 
 def main() -> None:
+    quiet_refused_writes()  # this process writes checkpoints for its lifetime
     if not FLAGS.topology:  # compiling for a TPU slice does not use this machine's devices
         announce("ctx.train")
     if FLAGS.compile_only:
@@ -253,9 +259,9 @@ def main() -> None:
         print(json.dumps(report), flush=True)
         return
     if FLAGS.topology or FLAGS.search_batch:
-        raise ValueError("--topology and --search_batch go with --compile_only (they compile, they do not train)")
+        raise InputError("--topology and --search_batch go with --compile_only (they compile, they do not train)")
     if not FLAGS.workdir:
-        raise ValueError("--workdir is required (where checkpoints and metrics go)")
+        raise InputError("--workdir is required (where checkpoints and metrics go)")
     result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
     if result["preempted"]:
         print(f"Stopped by SIGTERM after step {result['step']}: checkpoint {result['saved_step']} is saved; "

@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from ctx import losses
-from ctx.config import ModelConfig
-from ctx.memory import Memory, init_memory
-from ctx.model import CompressiveTransformer
+from ctx.config import ModelConfig, resolve_attention
+from ctx.nn import losses
+from ctx.nn.memory import Memory, init_memory
+from ctx.nn.transformer import CompressiveTransformer
 from ctx.optim import learning_rate, make_optimizer
 from ctx.sharding import check_batch_fits, make_mesh, memory_shardings, replicated, tracing_on, tree_param_sharding
 
@@ -33,9 +33,12 @@ class TrainState:
 class Trainer:
     """The compiled pieces of one run: model, optimizer, mesh, shardings, the chunk step."""
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh=None) -> None:
+    def __init__(self, config: ml_collections.ConfigDict, mesh=None, platform: str | None = None) -> None:
+        """`platform`: where the chunk will run ('cpu', 'gpu', 'tpu'; default: JAX's backend here),
+        which resolves model.attention_impl='auto'."""
         self.config = config
-        self.model_config = ModelConfig.from_config(config.model)
+        self.model_config = resolve_attention(ModelConfig.from_config(config.model),
+                                              platform or jax.default_backend())
         self.model = CompressiveTransformer(self.model_config)
         self.tx = make_optimizer(config.train)
         self.mesh = mesh or make_mesh(config.mesh)

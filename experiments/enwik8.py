@@ -9,7 +9,7 @@ Sizes from App. B: d_model 1024, 8 heads, d_ff 3072, n_s = n_m = 768, n_cm = 115
 char-level schedule: 4k warmup, 100k cosine decay. Dropout is not reported (TXL's own
 enwik8 script: 0.15); batch size is not reported (64 here).
 """
-from experiments.paper import paper_config
+from ctx.paper import paper_config
 
 
 def get_config(variant: str = "ct"):

@@ -10,7 +10,7 @@ Model width/heads are not reported by the paper: d_model 1024, 8 heads, d_ff 409
 n_s = n_m = n_cm = 512, c = 2; SentencePiece 32k subwords (TFDS's SubwordTextEncoder is
 deprecated). Word-level schedule: 16k warmup, 500k cosine decay steps.
 """
-from experiments.paper import paper_config
+from ctx.paper import paper_config
 
 
 def get_config(variant: str = "ct"):

@@ -24,8 +24,8 @@ import numpy as np
 
 from ctx.config import default_config
 from ctx.data.stream import empty_chunk
+from ctx.nn.memory import init_memory
 from ctx.sharding import device_chunk
-from ctx.memory import init_memory
 from ctx.train import Trainer
 
 QUERY = 0
@@ -112,7 +112,7 @@ def make_recall_eval(model):
     """jit(params, chunk) -> (accuracy [n_s], nll [n_s]) on the last segment of aligned episodes."""
 
     def evaluate(params, chunk):
-        memory = init_memory(model.model_config, chunk["tokens"].shape[1])
+        memory = init_memory(model.config, chunk["tokens"].shape[1])
 
         def step(memory, batch):
             logits, memory, _ = model.apply({"params": params}, batch["tokens"], memory, reset=batch["reset"])

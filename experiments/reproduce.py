@@ -35,6 +35,7 @@ from typing import Any
 
 import ml_collections
 
+from ctx.config import ModelConfig
 from ctx.flops import parameter_count, train_flops_per_token
 from experiments.reproduce_report import mean_std, write_report
 
@@ -61,7 +62,7 @@ def config_rows() -> list[dict]:
         module = importlib.import_module(f"experiments.{task}")
         for variant in ("ct", "txl"):
             config = module.get_config(variant)
-            m = config.model
+            m = ModelConfig.from_config(config.model)
             counts = parameter_count(m)
             rows.append({"config": f"{task}:{variant}", "layers": m.n_layers, "d_model": m.d_model,
                          "memory": m.memory_length, "compressed": m.compressed_length,
@@ -198,7 +199,8 @@ def run_range_part(scale: dict) -> list[dict[str, Any]]:
                "prose ct (2 layers)": demo_run_config("ct", 1, 0, scale).model,
                "prose txl (2 layers)": demo_run_config("txl", 1, 0, scale).model}
     rows = []
-    for name, m in configs.items():
+    for name, section in configs.items():
+        m = ModelConfig.from_config(section)
         start = time.perf_counter()
         rows.append({"config": name, "layers": m.n_layers, "segment_length": m.segment_length,
                      "memory_length": m.memory_length, "compressed_length": m.compressed_length,

@@ -10,7 +10,7 @@ says 3). The paper used a 267K-word vocabulary with adaptive inputs; ctx uses a 
 tokenizer, so its perplexity is per subword unless rescaled to words. Batch 128 (64 TPUv3 x 2);
 word-level schedule: 16k warmup, 500k cosine decay; dropout 0.2 (TXL's WT103 script).
 """
-from experiments.paper import paper_config
+from ctx.paper import paper_config
 
 
 def get_config(variant: str = "ct"):

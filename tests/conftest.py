@@ -12,6 +12,9 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettemp
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_XLA_FLAG}".strip()
+# Implicit rank promotion (adding [H,K] to [B,N,H,K]) is an error everywhere, subprocesses included:
+# it hides broadcasting bugs in the einsum-heavy attention and memory code.
+os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +19,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def script(name: str) -> str:
     """The path of a program in tests/scripts/, run by the tests in processes of their own."""
     return os.path.join(ROOT, "tests", "scripts", name)
+
+
+def run_module(module: str, *args: str, env: dict[str, str] | None = None,
+               timeout: float | None = None) -> subprocess.CompletedProcess:
+    """`python -m module args...` from the repository root (the environment: the tests' own,
+    CPU only, unless `env`), its output captured as text."""
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=timeout)
+
+
+def run_script(name: str, *args: str, env: dict[str, str] | None = None,
+               timeout: float | None = None) -> subprocess.CompletedProcess:
+    """A program of tests/scripts/ in a process of its own, as `run_module` runs a module."""
+    return subprocess.run([sys.executable, script(name), *args], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=timeout)
 
 
 def simulated_devices_env(devices: int, **extra: str) -> dict[str, str]:
@@ -36,14 +53,17 @@ def simulated_devices_env(devices: int, **extra: str) -> dict[str, str]:
     return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PJRT_NPROC=str(8 * devices), **extra)
 
 
-def tiny_model_config(**overrides):
+def tiny_model_config(**overrides) -> ctx.ModelConfig:
+    """The tiny model of the unit tests (validated, as the entry points make it)."""
     defaults = dict(vocab_size=32, n_layers=2, d_model=16, n_heads=2, d_ff=32, segment_length=4,
                     memory_length=4, compressed_length=4, compression_rate=2)
     defaults.update(overrides)
-    return ctx.model_config(**defaults)
+    return ctx.ModelConfig.from_config(ctx.model_config(**defaults))
 
 
 def build(cfg, batch_size=2, seed=0):
+    """Model, initialised variables and empty memory of a ModelConfig (or a config's model section)."""
+    cfg = ctx.ModelConfig.from_config(cfg)
     model = ctx.CompressiveTransformer(cfg)
     memory = ctx.init_memory(cfg, batch_size)
     tokens = jnp.zeros((batch_size, cfg.segment_length), jnp.int32)
@@ -66,7 +86,7 @@ def random_tokens(cfg, batch_size, n_segments, seed=1):
 
 def run_segments(model, variables, memory, tokens_BT, reset_first=None):
     """Run consecutive segments with lax.scan; returns (logits [B,T,V], final memory)."""
-    n_s = model.model_config.segment_length
+    n_s = model.config.segment_length
     B, T = tokens_BT.shape
     segments = jnp.asarray(tokens_BT).reshape(B, T // n_s, n_s).transpose(1, 0, 2)
 
@@ -78,38 +98,33 @@ def run_segments(model, variables, memory, tokens_BT, reset_first=None):
     return logits.transpose(1, 0, 2, 3).reshape(B, T, -1), memory
 
 
+# The demo config shrunk to seconds (tiny model, 2 validation documents), defined once:
+# `tiny_train_config` applies it with a short run, and TINY_CLI_FLAGS passes it to a command.
+TINY = {"model.n_layers": 2, "model.d_model": 32, "model.n_heads": 2, "model.d_ff": 64,
+        "model.segment_length": 8, "model.memory_length": 8, "model.compressed_length": 8,
+        "train.batch_size": 8, "train.segments_per_call": 4, "train.eval_every": 0, "train.warmup_steps": 4,
+        "train.decay_steps": 100, "data.validation_fraction": 0.03}
+TINY_RUN = {"train.num_steps": 8, "train.checkpoint_every": 4}
+TINY_CLI_FLAGS = [f"--config.{key}={value}" for key, value in TINY.items()]
+
+
 def tiny_train_config(**train_overrides):
-    """The demo config shrunk to seconds: tiny model, short run, 2 validation documents."""
+    """The demo config with TINY and TINY_RUN, then `train_overrides` (train.FIELD=value)."""
     from experiments import demo
 
     cfg = demo.get_config()
-    m = cfg.model
-    m.n_layers, m.d_model, m.n_heads, m.d_ff = 2, 32, 2, 64
-    m.segment_length = m.memory_length = m.compressed_length = 8
-    t = cfg.train
-    t.num_steps, t.batch_size, t.segments_per_call = 8, 8, 4
-    t.checkpoint_every, t.eval_every = 4, 0
-    t.warmup_steps, t.decay_steps = 4, 100
-    cfg.data.validation_fraction = 0.03
+    for key, value in {**TINY, **TINY_RUN}.items():
+        section, field = key.split(".")
+        cfg[section][field] = value
     cfg.train.update(train_overrides)
     return cfg
 
 
-def read_metrics(workdir):
-    import json
-    import os
+def read_metrics(workdir) -> list[dict]:
+    """Every metric row of a run (ctx.metrics.read_metrics, for a str or Path workdir)."""
+    from ctx.metrics import read_metrics as read
 
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-# The tiny_train_config model and run, as command-line overrides of experiments/demo.py.
-TINY_CLI_FLAGS = ["--config.model.d_model=32", "--config.model.n_heads=2", "--config.model.d_ff=64",
-                  "--config.model.segment_length=8", "--config.model.memory_length=8",
-                  "--config.model.compressed_length=8", "--config.train.batch_size=8",
-                  "--config.train.segments_per_call=4", "--config.train.eval_every=0",
-                  "--config.train.warmup_steps=4", "--config.train.decay_steps=100",
-                  "--config.data.validation_fraction=0.03"]
+    return read(os.fspath(workdir))
 
 
 def dot_generals(jaxpr, repeat: int = 1):

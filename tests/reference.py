@@ -1,7 +1,7 @@
 """A brute-force NumPy Compressive Transformer for one segment, written for clarity only.
 
 Attention loops over every (query, key) pair and computes each relative distance explicitly
-(docs/paper-notes.md §2), so the vectorised shift trick in ctx.attention is checked against it.
+(docs/paper-notes.md §2), so the vectorised shift trick in ctx.nn.attention is checked against it.
 """
 from __future__ import annotations
 

@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ctx.attention import RelativeAttention, attention_mask
-from ctx.relative_position import relative_shift
 from ctx.config import ModelConfig
+from ctx.nn.attention import RelativeAttention, attention_mask
+from ctx.nn.relative_position import relative_shift
 from tests import reference
 from tests.helpers import tiny_model_config
 
@@ -44,7 +44,11 @@ def _attention_case(C, M, N=4, B=2):
 def test_attention_matches_brute_force(C, M):
     module, params, inputs, (mem_mask, cmem_mask) = _attention_case(C, M)
     x, mem, cmem, _ = inputs
-    out, probs, *_ = module.apply({"params": params}, *inputs)
+    attended = module.apply({"params": params}, *inputs)
+    out, probs = attended.out, attended.probs
+    assert attended.queries.shape[2] == x.shape[1] and attended.keys.shape[2] == C + M + x.shape[1]
+    np.testing.assert_allclose(attended.mass.sum(), 1.0, rtol=1e-5)  # every query's attention is counted once
+    assert attended.usage is None  # only 'most_used' compression reports it
     p = reference._to_numpy(params)
     for b in range(x.shape[0]):
         ref_out, ref_probs = reference.attention(p, x[b], mem[b], cmem[b], mem_mask[b], cmem_mask[b])
@@ -63,7 +67,7 @@ def test_attention_gradients_match_the_brute_force(C, M):
     module, params, inputs, (mem_mask, cmem_mask) = _attention_case(C, M)
     x, mem, cmem, _ = inputs
     weights = np.random.default_rng(1).normal(size=x.shape)
-    grads = jax.grad(lambda p: (module.apply({"params": p}, *inputs)[0] * weights).sum())(params)
+    grads = jax.grad(lambda p: (module.apply({"params": p}, *inputs).out * weights).sum())(params)
 
     def reference_loss(p):
         return sum((reference.attention(p, x[b].astype(np.float64), mem[b].astype(np.float64),

@@ -12,8 +12,8 @@ import pytest
 import ctx
 from ctx import diagnostics, evaluate
 from ctx.backend import attention_line
-from ctx.config import ModelConfig, validate_model
-from ctx.memory import reset_rows
+from ctx.config import ConfigError, ModelConfig, resolve_attention, validate_model
+from ctx.nn.memory import reset_rows
 from tests.helpers import build, random_tokens, tiny_model_config
 
 CASES = [
@@ -35,8 +35,8 @@ MOST_USED = dict(compression="most_used", compression_loss="none")
 def test_fused_attention_equals_xla_in_outputs_and_every_gradient(overrides, kernel):
     reference, variables, memory = build(tiny_model_config(**overrides), batch_size=3)
     fused = ctx.CompressiveTransformer(tiny_model_config(attention_impl=kernel, **overrides))
-    assert fused.model_config.fused_attention and not reference.model_config.fused_attention
-    cfg = reference.model_config
+    assert fused.config.fused_attention and not reference.config.fused_attention
+    cfg = reference.config
     tokens = jnp.asarray(random_tokens(cfg, 3, 4)).reshape(3, 4, cfg.segment_length)
     weights = jnp.asarray(np.random.default_rng(2).normal(size=(3, cfg.segment_length, cfg.vocab_size)),
                           jnp.float32)
@@ -69,7 +69,7 @@ def test_fused_attention_equals_xla_in_outputs_and_every_gradient(overrides, ker
 def test_evaluation_carries_keys_values_through_the_fused_attention_too(kernel):
     reference, variables, memory = build(tiny_model_config(), batch_size=2)
     fused = ctx.CompressiveTransformer(tiny_model_config(attention_impl=kernel))
-    cfg = reference.model_config
+    cfg = reference.config
     tokens = random_tokens(cfg, 2, 3).reshape(2, 3, cfg.segment_length).transpose(1, 0, 2)
     chunk = {"tokens": jnp.asarray(tokens), "targets": jnp.asarray(np.roll(tokens, -1, axis=-1)),
              "weights": jnp.ones(tokens.shape), "reset": jnp.asarray([[True, True], [False, True], [False, False]])}
@@ -92,12 +92,11 @@ def test_what_cudnn_cannot_run_is_a_clear_config_error_and_pallas_runs_all_of_it
     validate_model(tiny_model_config(attention_impl="pallas_tpu", dropout=0.1, **MOST_USED))
     with pytest.raises(ValueError, match="attention_impl='flash' is unknown"):
         validate_model(tiny_model_config(attention_impl="flash"))
-    assert ModelConfig.from_config(tiny_model_config(attention_impl="auto")).attention_kernel == "xla"  # CPU
 
 
 def test_diagnostics_read_probabilities_of_a_fused_model():
     model, variables, memory = build(tiny_model_config(attention_impl="cudnn"), batch_size=2)
-    tokens = jnp.zeros((2, model.model_config.segment_length), jnp.int32)
+    tokens = jnp.zeros((2, model.config.segment_length), jnp.int32)
     report = diagnostics.inspect_segment(model, variables["params"], tokens, memory)
     assert report["attention_mass"].shape == (2, 3) and np.allclose(report["attention_mass"].sum(-1), 1.0)
 
@@ -108,7 +107,7 @@ def test_bfloat16_fused_attention_agrees_with_xla_to_bf16_precision(kernel):
     logits agree to 0.05 absolute on values of order 1."""
     reference, variables, memory = build(tiny_model_config(dtype="bfloat16"), batch_size=2)
     fused = ctx.CompressiveTransformer(tiny_model_config(dtype="bfloat16", attention_impl=kernel))
-    tokens = jnp.asarray(random_tokens(reference.model_config, 2, 1))
+    tokens = jnp.asarray(random_tokens(reference.config, 2, 1))
     for _ in range(2):
         logits_x, memory_x, _ = reference.apply(variables, tokens, memory)
         logits_f, _, _ = fused.apply(variables, tokens, memory)
@@ -117,22 +116,36 @@ def test_bfloat16_fused_attention_agrees_with_xla_to_bf16_precision(kernel):
 
 
 def test_the_run_log_says_which_attention_it_uses():
-    assert attention_line(ModelConfig()) == "xla (model.attention_impl=xla)"
-    line = attention_line(ModelConfig(attention_impl="cudnn"))
-    assert line.startswith("fused, jax.nn.dot_product_attention") and "no cuDNN here" in line  # on CPU
-    line = attention_line(ModelConfig(attention_impl="pallas_tpu"))
+    assert attention_line(ModelConfig(), "xla", "cpu") == "xla (model.attention_impl=xla)"
+    line = attention_line(ModelConfig(attention_impl="cudnn"), "cudnn", "cpu")
+    assert line.startswith("fused, jax.nn.dot_product_attention") and "no cuDNN here" in line
+    line = attention_line(ModelConfig(attention_impl="pallas_tpu"), "pallas_tpu", "cpu")
     assert line.startswith("fused, ctx's Pallas flash kernel (Pallas interpret mode on cpu")
+    line = attention_line(resolve_attention(ModelConfig(attention_impl="auto", dropout=0.1), "gpu"), "auto", "gpu")
+    assert line.startswith("xla (model.attention_impl=auto on gpu (the config drops attention weights"), line
 
 
-def test_auto_picks_a_fused_attention_only_for_a_config_it_can_run(monkeypatch):
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert ModelConfig(attention_impl="auto").attention_kernel == "cudnn"
-    assert ModelConfig(attention_impl="auto", dropout=0.1).attention_kernel == "xla"  # attention_dropout follows
-    assert ModelConfig(attention_impl="auto", dropout=0.1, attention_dropout=0.0).attention_kernel == "cudnn"
-    assert ModelConfig(attention_impl="auto", dropout=0.0, compression="most_used").attention_kernel == "xla"
-    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")  # the Pallas kernel runs every config
-    assert ModelConfig(attention_impl="auto", dropout=0.1).attention_kernel == "pallas_tpu"
-    assert ModelConfig(attention_impl="auto", dropout=0.0, compression="most_used").attention_kernel == "pallas_tpu"
+def test_auto_picks_a_fused_attention_only_for_a_config_it_can_run():
+    def resolved(platform, **fields):
+        return resolve_attention(ModelConfig(attention_impl="auto", **fields), platform).attention_impl
+
+    assert resolved("cpu") == "xla"
+    assert resolved("gpu") == "cudnn"
+    assert resolved("gpu", dropout=0.1) == "xla"  # attention_dropout follows
+    assert resolved("gpu", dropout=0.1, attention_dropout=0.0) == "cudnn"
+    assert resolved("gpu", dropout=0.0, compression="most_used") == "xla"
+    assert resolved("tpu", dropout=0.1) == "pallas_tpu"  # the Pallas kernel runs every config
+    assert resolved("tpu", dropout=0.0, compression="most_used") == "pallas_tpu"
+    assert resolve_attention(ModelConfig(attention_impl="cudnn"), "tpu").attention_impl == "cudnn"  # as asked
+
+
+def test_the_model_refuses_an_unresolved_or_untyped_config():
+    tokens, memory = jnp.zeros((1, 4), jnp.int32), ctx.init_memory(tiny_model_config(), 1)
+    with pytest.raises(ConfigError, match="resolve_attention"):
+        ctx.CompressiveTransformer(ModelConfig(segment_length=4, memory_length=4, compressed_length=4,
+                                               attention_impl="auto")).init(jax.random.key(0), tokens, memory)
+    with pytest.raises(ConfigError, match="ModelConfig.from_config"):
+        ctx.CompressiveTransformer(ctx.model_config()).init(jax.random.key(0), tokens, memory)
 
 
 def _training_step(model, variables, memory, tokens, seed):
@@ -151,7 +164,7 @@ def test_fused_attention_trains_with_dropout_everywhere_but_the_weights_like_xla
     overrides = dict(dropout=0.3, attention_dropout=0.0)
     reference, variables, memory = build(tiny_model_config(**overrides), batch_size=2)
     fused = ctx.CompressiveTransformer(tiny_model_config(attention_impl=kernel, **overrides))
-    tokens = jnp.asarray(random_tokens(reference.model_config, 2, 1))
+    tokens = jnp.asarray(random_tokens(reference.config, 2, 1))
     grads_x, logits_x = _training_step(reference, variables, memory, tokens, seed=5)
     grads_f, logits_f = _training_step(fused, variables, memory, tokens, seed=5)
     evaluation, _, _ = reference.apply(variables, tokens, memory)
@@ -169,7 +182,7 @@ def test_fused_attention_trains_with_dropout_everywhere_but_the_weights_like_xla
 def test_attention_dropout_has_a_rate_of_its_own(dropout, attention_dropout, drops):
     cfg = tiny_model_config(dropout=dropout, attention_dropout=attention_dropout)
     model, variables, memory = build(cfg, batch_size=2)
-    tokens = jnp.asarray(random_tokens(model.model_config, 2, 1))
+    tokens = jnp.asarray(random_tokens(model.config, 2, 1))
     _, training = _training_step(model, variables, memory, tokens, seed=3)
     evaluation, _, _ = model.apply(variables, tokens, memory)
     assert (np.abs(np.asarray(training - evaluation)).max() > 1e-3) == drops
@@ -183,7 +196,7 @@ def test_the_pallas_kernel_drops_attention_weights_in_training_with_the_models_d
     (the mask against naive attention: tests/test_flash_attention.py)."""
     cfg = tiny_model_config(attention_impl="pallas_tpu", dropout=0.0, attention_dropout=0.5)
     model, variables, memory = build(cfg, batch_size=2)
-    tokens = jnp.asarray(random_tokens(model.model_config, 2, 1))
+    tokens = jnp.asarray(random_tokens(model.config, 2, 1))
     grads, logits = _training_step(model, variables, memory, tokens, seed=3)
     again = _training_step(model, variables, memory, tokens, seed=3)[1]
     other = _training_step(model, variables, memory, tokens, seed=4)[1]

@@ -3,7 +3,7 @@ for accelerators JAX does not drive, and remote (gs://) paths that cannot be rea
 import jax
 import pytest
 
-from ctx import backend, remote
+from ctx import backend, distributed, remote
 from ctx.data.datasets import check_data_config
 from tests.helpers import tiny_train_config
 
@@ -14,8 +14,8 @@ def test_system_accelerators_counts_gpu_and_tpu_device_files(tmp_path):
     (tmp_path / "vfio").mkdir()
     for name in ("0", "1", "vfio"):
         (tmp_path / "vfio" / name).touch()
-    assert backend.system_accelerators(str(tmp_path)) == {"gpu": 2, "tpu": 3}
-    assert backend.system_accelerators(str(tmp_path / "absent")) == {"gpu": 0, "tpu": 0}
+    assert distributed.system_accelerators(str(tmp_path)) == {"gpu": 2, "tpu": 3}
+    assert distributed.system_accelerators(str(tmp_path / "absent")) == {"gpu": 0, "tpu": 0}
 
 
 def test_unused_accelerators_are_warned_about_with_the_install_command(monkeypatch):

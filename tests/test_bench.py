@@ -1,8 +1,5 @@
 """The benchmark command runs and reports every figure (no speed is asserted here)."""
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -11,7 +8,7 @@ from jax.extend import core as jax_core
 
 from ctx.flops import forward_flops_per_token, train_flops_per_token
 from ctx.profile import instruction_sources, summarize
-from tests.helpers import ROOT, build, dot_generals, tiny_model_config
+from tests.helpers import build, dot_generals, run_module, tiny_model_config
 
 KEYS = ("train_tokens_per_sec", "eval_tokens_per_sec", "step_seconds", "compile_seconds", "peak_rss_mib",
         "flops_per_token", "matmul_flops_per_sec", "mfu")
@@ -21,9 +18,7 @@ def test_bench_prints_one_json_object_with_all_figures(tmp_path):
     tiny = ["--config.model.n_layers=1", "--config.model.d_model=32", "--config.model.n_heads=2",
             "--config.model.d_ff=64", "--config.model.segment_length=16", "--config.model.memory_length=16",
             "--config.model.compressed_length=16", "--config.train.segments_per_call=2"]
-    out = subprocess.run([sys.executable, "-m", "ctx.bench", "--config=experiments/bench.py", *tiny, "--chunks=2",
-                          f"--trace_dir={tmp_path}"],
-                         capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    out = run_module("ctx.bench", "--config=experiments/bench.py", *tiny, "--chunks=2", f"--trace_dir={tmp_path}")
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     for key in KEYS:

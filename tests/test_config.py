@@ -1,12 +1,10 @@
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 import ctx
 from ctx.config import ConfigError, ModelConfig, validate
 from experiments import demo
+from tests.helpers import run_script
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -115,7 +113,7 @@ def test_parameter_count_matches_the_model(overrides):
     import jax.numpy as jnp
 
     from ctx.flops import parameter_count
-    cfg = ctx.model_config(**overrides)
+    cfg = ctx.ModelConfig.from_config(ctx.model_config(**overrides))
     model = ctx.CompressiveTransformer(cfg)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, cfg.segment_length), jnp.int32),
                             ctx.init_memory(cfg, 1))["params"]
@@ -148,20 +146,9 @@ def test_per_device_batch_sets_the_global_batch():
         validate(cfg)
 
 
-_PRINT_MODEL = """
-from absl import app
-from ctx.cli import FLAGS, define_config_flags
-from ctx.config import ModelConfig
-define_config_flags()
-app.run(lambda argv: print(repr(FLAGS.config.model.attention_dropout), ModelConfig.from_config(FLAGS.config.model)))
-"""
-
-
 def _parsed_model(*overrides):
     """The model section the CLIs build from --config=experiments/pg19.py and the overrides."""
-    root = Path(__file__).parents[1]
-    done = subprocess.run([sys.executable, "-c", _PRINT_MODEL, "--config=experiments/pg19.py", *overrides],
-                          cwd=root, capture_output=True, text=True, timeout=120)
+    done = run_script("print_model_config.py", "--config=experiments/pg19.py", *overrides, timeout=120)
     assert done.returncode == 0, done.stderr
     return done.stdout
 

@@ -1,19 +1,17 @@
 """Datasets from real files: a PG-19 layout through TFDS, SentencePiece, enwik8, WikiText-103."""
 import os
-import subprocess
-import sys
+from pydoc_data.topics import topics
 
 import numpy as np
 import pytest
-from pydoc_data.topics import topics
 
 from ctx import config as ctx_config
 from ctx.data import datasets
 from ctx.data.datasets import load_corpus
 from ctx.data.pg19 import parse_metadata
 from ctx.data.tokenizer import SentencePieceTokenizer, load_tokenizer
-
-from tests.helpers import ROOT
+from ctx.errors import InputError
+from tests.helpers import ROOT, run_module
 
 TEXTS = [topics[k] for k in sorted(topics)]
 
@@ -88,9 +86,8 @@ def test_pg19_bad_sources_give_clear_errors(tmp_path):
 def test_sentencepiece_cli_trains_a_round_tripping_model(tmp_path):
     root = make_pg19_layout(tmp_path / "pg19")
     prefix = tmp_path / "sp"
-    out = subprocess.run([sys.executable, "-m", "ctx.data.tokenizer", f"--input={root}", "--vocab_size=600",
-                          f"--output={prefix}"], capture_output=True, text=True, cwd=ROOT,
-                         env=dict(os.environ, PYTHONPATH=ROOT))
+    out = run_module("ctx.data.tokenizer", f"--input={root}", "--vocab_size=600", f"--output={prefix}",
+                     env=dict(os.environ, PYTHONPATH=ROOT))
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "sp.model").exists() and (tmp_path / "sp.vocab").exists()
     tok = SentencePieceTokenizer(str(tmp_path / "sp.model"))
@@ -100,9 +97,8 @@ def test_sentencepiece_cli_trains_a_round_tripping_model(tmp_path):
     corpus = load_corpus(pg19_data_config(root, tmp_path / "cache", str(tmp_path / "sp.model")), "train")
     assert corpus.tokenizer.fingerprint.startswith("spm-")
     # Bad input: too many pieces for the text, missing input.
-    out = subprocess.run([sys.executable, "-m", "ctx.data.tokenizer", f"--input={root}", "--vocab_size=900000",
-                          f"--output={tmp_path / 'big'}"], capture_output=True, text=True, cwd=ROOT,
-                         env=dict(os.environ, PYTHONPATH=ROOT))
+    out = run_module("ctx.data.tokenizer", f"--input={root}", "--vocab_size=900000", f"--output={tmp_path / 'big'}",
+                     env=dict(os.environ, PYTHONPATH=ROOT))
     assert out.returncode == 2 and "lower --vocab_size" in out.stderr and "Traceback" not in out.stderr
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_tokenizer(str(tmp_path / "nope.model"))
@@ -166,3 +162,29 @@ def test_training_on_a_pg19_layout_with_sentencepiece(tmp_path):
     assert (tmp_path / "run" / "tokenizer.model").read_bytes() == open(model_path, "rb").read()
     assert len([r for r in read_metrics(tmp_path / "run") if "split" not in r]) == 4
     assert result["validation"]["documents"] == 1 and result["validation"]["words"] > 1000
+
+
+def test_inputs_that_leave_nothing_to_work_on_name_what_is_empty_and_the_fix(tmp_path):
+    root = make_pg19_layout(tmp_path / "pg19")
+    for book in (root / "validation").iterdir():
+        book.unlink()
+    with pytest.raises(InputError, match=r"pg19: validation/ holds no books; put the validation split's books"):
+        load_corpus(pg19_data_config(root, tmp_path / "c"), "validation")
+    assert len(load_corpus(pg19_data_config(root, tmp_path / "c"), "train")) == 4  # the other splits still prepare
+    (tmp_path / "empty.model").write_bytes(b"")
+    with pytest.raises(InputError, match=r"empty.model is not a SentencePiece model \(the file is empty\); give"):
+        load_tokenizer(str(tmp_path / "empty.model"))
+    (tmp_path / "text.model").write_text("not a model")
+    with pytest.raises(InputError, match=r"text.model is not a SentencePiece model \(.*\); give the .model file"):
+        load_tokenizer(str(tmp_path / "text.model"))
+    demo = ctx_config.default_config().data
+    demo.validation_fraction = 0.0
+    with pytest.raises(InputError, match=r"the demo's validation split has no topics: data.validation_fraction=0.0"):
+        load_corpus(demo, "validation")
+    (tmp_path / "wt").mkdir()
+    for name in ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens"):
+        (tmp_path / "wt" / name).write_text("")
+    wt103 = ctx_config.default_config().data
+    wt103.dataset, wt103.path, wt103.cache_dir = "wt103", str(tmp_path / "wt"), str(tmp_path / "c")
+    with pytest.raises(InputError, match=r"the test split of data.dataset=wt103 .* wiki.test.tokens is empty"):
+        load_corpus(wt103, "test")

@@ -14,12 +14,24 @@ import numpy as np
 import pytest
 
 import ctx
-from ctx import evaluate, losses, train
+from ctx import evaluate, train
 from ctx.data.datasets import load_corpus
 from ctx.data.tokenizer import ByteTokenizer
+from ctx.nn import losses
 from ctx.sharding import make_mesh
-from tests.helpers import (ROOT, build, byte_corpus, dot_generals, read_metrics, script, simulated_devices_env,
-                           tiny_model_config, tiny_train_config)
+from tests.helpers import (
+    ROOT,
+    build,
+    byte_corpus,
+    dot_generals,
+    read_metrics,
+    run_module,
+    run_script,
+    script,
+    simulated_devices_env,
+    tiny_model_config,
+    tiny_train_config,
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,16 +43,17 @@ def trained_run(tmp_path_factory):
 
 def naive_document_nll(config, params, corpus):
     """One document at a time, batch 1, a Python loop over segments."""
-    model = ctx.CompressiveTransformer(config.model)
-    n_s = config.model.segment_length
+    model_cfg = ctx.ModelConfig.from_config(config.model)
+    model = ctx.CompressiveTransformer(model_cfg)
+    n_s = model_cfg.segment_length
     apply = jax.jit(model.apply)
     totals = []
     for d in range(len(corpus)):
-        memory, total = ctx.init_memory(config.model, 1), 0.0
+        memory, total = ctx.init_memory(model_cfg, 1), 0.0
         for j in range(corpus.num_segments(d, n_s)):
             inputs, targets, weights = corpus.segment(d, j, n_s)
             logits, memory, _ = apply({"params": params}, jnp.asarray(inputs[None]), memory)
-            total += float((losses.token_nll(logits, jnp.asarray(targets[None])) * weights).sum())
+            total += float((losses.token_nll(logits, jnp.asarray(targets[None])) * weights[None]).sum())
         totals.append(total)
     return np.array(totals)
 
@@ -104,8 +117,7 @@ def shrinking_case() -> dict:
 def test_shrinking_the_batch_keeps_every_documents_result_on_one_and_eight_devices():
     one = shrinking_case()
     assert one["sizes"] == [16, 16, 16, 8] and one["tokens"] == [11] * 4 + [7] * 20
-    out = subprocess.run([sys.executable, script("shrinking_case.py")], env=simulated_devices_env(8, PYTHONPATH=ROOT),
-                         capture_output=True, text=True, cwd=ROOT)
+    out = run_script("shrinking_case.py", env=simulated_devices_env(8, PYTHONPATH=ROOT))
     assert out.returncode == 0, out.stderr[-2000:]
     eight = json.loads(out.stdout.strip().splitlines()[-1])
     assert eight["devices"] == 8 and eight["sizes"] == [16, 16, 16, 8]
@@ -117,10 +129,8 @@ def test_a_bad_compare_file_is_refused_before_the_split_is_evaluated(trained_run
     not_a_report = tmp_path / "notes.json"
     not_a_report.write_text('{"loss": 1}')
     for compare, message in [(tmp_path / "missing.json", "cannot be read"), (not_a_report, "no by_position")]:
-        out = subprocess.run([sys.executable, "-m", "ctx.evaluate", "--config=experiments/demo.py",
-                              f"--workdir={trained_run}", "--split=validation", f"--output={tmp_path / 'r.json'}",
-                              f"--compare={compare}"], capture_output=True, text=True, cwd=ROOT,
-                             env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        out = run_module("ctx.evaluate", "--config=experiments/demo.py", f"--workdir={trained_run}",
+                         "--split=validation", f"--output={tmp_path / 'r.json'}", f"--compare={compare}")
         assert out.returncode == 2 and f"--compare={compare}" in out.stderr and message in out.stderr
         assert "evaluate" not in out.stderr.split("error:")[0]  # no progress bar: nothing was evaluated
         assert not (tmp_path / "r.json").exists()
@@ -146,8 +156,7 @@ def test_memory_lengths_can_grow_at_evaluation_but_shapes_cannot_change(trained_
 def test_eight_devices_give_the_same_report(trained_run):
     base = evaluate.evaluate_checkpoint(tiny_train_config(num_steps=4), trained_run, "validation")
     env = simulated_devices_env(8, PYTHONPATH=ROOT)
-    out = subprocess.run([sys.executable, script("evaluate_run.py"), trained_run], env=env, capture_output=True,
-                         text=True, cwd=ROOT)
+    out = run_script("evaluate_run.py", trained_run, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["devices"] == 8 and got["tokens"] == base["tokens"]
@@ -194,7 +203,7 @@ def test_eval_chunk_carries_the_memories_keys_and_values_exactly(overrides):
     cache (the segment's keys left out) is off by ~1 nat here; and the memories are projected
     only once per chunk, not once per segment."""
     model, variables, memory = build(tiny_model_config(**overrides), batch_size=3)
-    cfg = model.model_config
+    cfg = model.config
     n_s, segments = cfg.segment_length, 7
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 32, (segments, 3, n_s + 1)).astype(np.int32)

@@ -1,12 +1,9 @@
-"""ctx.flash_attention, the Pallas kernel behind model.attention_impl='pallas_tpu': in Pallas
+"""ctx.nn.pallas_tpu, the Pallas kernel behind model.attention_impl='pallas_tpu': in Pallas
 interpret mode on CPU it equals naive relative attention in the output and in all six
 gradients over several query and key blocks, and it lowers through Mosaic into TPU programs
 compiled ahead of time with libtpu (the kernel alone at the PG-19 shape, and a whole training
 chunk). Needs libtpu for the compiles (the [tpu] extra, which the test set-up installs)."""
 import dataclasses
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,10 +13,10 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import SingleDeviceSharding
 
 from ctx import aot, train
-from ctx.flash_attention import _Layout, _skew, block_sizes, flash_attention, kept_weights, row_seeds
-from ctx.relative_position import position_scores
+from ctx.nn.pallas_tpu import _Layout, _skew, block_sizes, flash_attention, kept_weights, row_seeds
+from ctx.nn.relative_position import position_scores
 from experiments import demo
-from tests.helpers import ROOT, read_metrics, script, simulated_devices_env, tiny_train_config
+from tests.helpers import ROOT, read_metrics, run_script, simulated_devices_env, tiny_train_config
 
 
 def dropout_mask(seed, H, B, N, T, rate):
@@ -154,27 +151,12 @@ def test_the_interpreted_skew_is_the_row_strided_rotation_a_tpu_runs():
     np.testing.assert_array_equal(interpreted[0], band[0, lay.query_block - 1:][:lay.key_block])
 
 
-_GRADIENT_FROM_THE_CACHE = """
-import sys, jax, jax.numpy as jnp
-jax.config.update("jax_compilation_cache_dir", sys.argv[1])
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-from ctx.flash_attention import flash_attention
-from tests.test_flash_attention import LAYOUTS, inputs
-n_cmem, n_mem, N = LAYOUTS[1]
-loss = lambda *a: jnp.sum(flash_attention(*a, n_cmem, n_mem)[0])
-print("gradient sum", float(jnp.sum(jax.jit(jax.grad(loss))(*inputs(n_cmem, n_mem, N, jnp.float32)))))
-"""
-
-
 @pytest.mark.slow
 def test_the_kernels_gradient_program_runs_again_from_the_compilation_cache(tmp_path):
     """The interpreted training program of a layout whose tiles use both tables, written to
     JAX's persistent compilation cache by one process, loads and runs in the next (it once was
     so large that XLA:CPU's loader overflowed its stack and the second process segfaulted)."""
-    runs = [subprocess.run([sys.executable, "-c", _GRADIENT_FROM_THE_CACHE, str(tmp_path / "cache")], cwd=ROOT,
-                           env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=600)
-            for _ in range(2)]
+    runs = [run_script("kernel_gradient_from_the_cache.py", str(tmp_path / "cache"), timeout=600) for _ in range(2)]
     for run in runs:
         assert run.returncode == 0, run.stderr[-3000:]
     assert any((tmp_path / "cache").iterdir())
@@ -267,8 +249,8 @@ def test_eight_devices_with_the_pallas_kernel_train_like_one_with_dropout_too(tm
     cfg = tiny_train_config(num_steps=4)
     cfg.model.attention_impl, cfg.model.dropout = "pallas_tpu", 0.2
     train.train_and_evaluate(cfg, one)
-    out = subprocess.run([sys.executable, script("train_run.py"), eight, "4", "2", "pallas_tpu", "0.2"],
-                         env=simulated_devices_env(8, PYTHONPATH=ROOT), capture_output=True, text=True, cwd=ROOT)
+    out = run_script("train_run.py", eight, "4", "2", "pallas_tpu", "0.2",
+                     env=simulated_devices_env(8, PYTHONPATH=ROOT))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "attention fused, ctx's Pallas flash kernel (Pallas interpret mode on cpu" in out.stdout
     rows1, rows8 = ([r for r in read_metrics(w) if "split" not in r] for w in (one, eight))

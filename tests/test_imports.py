@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import ROOT
 
 # ctx modules whose own imports are heavy and needed only on some paths.
@@ -76,3 +78,53 @@ def test_the_lint_passes():
     out = subprocess.run([ruff, "check", "--output-format", "concise", "ctx", "experiments", "tests"],
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stdout
+
+
+# What the pure network may import from ctx, and the I/O libraries it must not load.
+NN_MAY_IMPORT = ("ctx.nn", "ctx.config", "ctx.errors")
+NN_MUST_NOT_LOAD = ("orbax", "optax", "tensorflow_datasets", "tensorboardX", "grain")
+
+
+def test_the_network_imports_only_itself_the_config_and_the_errors():
+    modules = _modules()
+    outside = [f"{os.path.relpath(p, ROOT)}:{line} imports {name}" for m, p in modules.items()
+               if m.startswith("ctx.nn") for name, line, _ in _imports(p, modules)
+               if not name.startswith(NN_MAY_IMPORT)]
+    assert not outside, outside
+    assert any(m.startswith("ctx.nn.") for m in modules)  # the package was read
+
+
+def test_importing_the_network_loads_no_io_library():
+    program = ("import sys, ctx, ctx.nn.transformer, ctx.nn.pallas_tpu; "
+               f"print(sorted({{m.split('.')[0] for m in sys.modules}} & {set(NN_MUST_NOT_LOAD)!r}))")
+    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+@pytest.mark.parametrize("module, must_not_load", [
+    ("ctx.data.tokenizer", ("orbax", "ctx.cli", "ctx.checkpoint", "ctx.train", "ctx.trainer")),
+    ("ctx.data.datasets", ("orbax", "ctx.cli", "ctx.checkpoint", "ctx.train", "ctx.trainer")),
+    ("ctx.evaluate", ("ctx.train", "ctx.trainer", "ctx.run_guard")),
+    ("ctx.sample", ("ctx.train", "ctx.trainer", "ctx.run_guard")),
+    ("ctx.cli", ("orbax", "ctx.checkpoint", "ctx.run_guard", "ctx.data")),
+])
+def test_layers_load_nothing_above_them(module, must_not_load):
+    """The data layer knows no CLI or checkpoints; evaluation and sampling no training loop."""
+    program = f"import sys, {module}; print(sorted(m for m in sys.modules if m.startswith({must_not_load!r})))"
+    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_importing_ctx_changes_nothing_process_wide():
+    """Log filters, the unraisable hook and warning filters are the entry points' to install
+    (ctx.train.main does, for its process), never an import's."""
+    program = (
+        "import logging, sys, warnings\n"
+        "import jax, flax, optax, orbax.checkpoint, tensorboardX, tensorflow_datasets, ml_collections\n"
+        "state = lambda: (list(warnings.filters), sys.unraisablehook,\n"
+        "                 [list(logging.getLogger(n).filters) for n in ('absl', 'asyncio', '')])\n"
+        "before = state()\n"
+        "import ctx, ctx.checkpoint, ctx.train, ctx.evaluate, ctx.sample, ctx.bench, ctx.data.tokenizer\n"
+        "print(before == state())\n")
+    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "True", out.stdout + out.stderr[-2000:]

@@ -8,7 +8,7 @@ import sys
 import jax
 import pytest
 
-from tests.helpers import ROOT, simulated_devices_env
+from tests.helpers import ROOT, run_module, simulated_devices_env
 
 SCRIPTS = ["launch/tpu.sh", "launch/slurm_gpu.sbatch", "launch/local.sh", "experiments/gpu_bench.sh"]
 
@@ -107,10 +107,8 @@ def test_slurm_and_local_dry_runs():
 @pytest.mark.parametrize("fsdp", [1, 2])
 def test_compile_only_reports_memory_for_a_simulated_mesh(fsdp):
     env = simulated_devices_env(8)
-    out = subprocess.run([sys.executable, "-m", "ctx.train", "--config=experiments/demo.py", "--compile_only",
-                          f"--config.mesh.fsdp={fsdp}", "--config.train.segments_per_call=2",
-                          f"--config.train.per_device_batch_size={fsdp}"],
-                         capture_output=True, text=True, cwd=ROOT, env=env)
+    out = run_module("ctx.train", "--config=experiments/demo.py", "--compile_only", f"--config.mesh.fsdp={fsdp}",
+                     "--config.train.segments_per_call=2", f"--config.train.per_device_batch_size={fsdp}", env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     first, *_, last = out.stdout.strip().splitlines()
     assert first == f"ctx.train: jax {jax.__version__} on cpu: 8 device(s) (cpu) in 1 process(es)"

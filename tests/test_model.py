@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 import ctx
-from ctx import losses
 from ctx.config import UNROLL_LAYERS_UP_TO, ModelConfig
 from ctx.diagnostics import dependence_by_distance, derived_temporal_range, measured_temporal_range
+from ctx.nn import losses
 from tests import reference
 from tests.helpers import build, random_tokens, run_segments, tiny_model_config
 
@@ -22,7 +22,7 @@ from tests.helpers import build, random_tokens, run_segments, tiny_model_config
 def test_model_matches_brute_force_over_segments(overrides):
     cfg = tiny_model_config(**overrides)
     model, variables, memory = build(cfg, batch_size=2)
-    mcfg = model.model_config
+    mcfg = model.config
     tokens = random_tokens(mcfg, 2, 4)
     n_s = mcfg.segment_length
     apply = jax.jit(model.apply)
@@ -54,7 +54,7 @@ def test_memory_holds_expected_slots_in_order():
     cfg = tiny_model_config(layer_norm="post", compression="mean", compression_loss="none",
                             segment_length=n_s, memory_length=n_m, compressed_length=n_cm, compression_rate=c)
     model, variables, memory = build(cfg, batch_size=2)
-    tokens = random_tokens(model.model_config, 2, k + 1)
+    tokens = random_tokens(model.config, 2, k + 1)
     embedding = np.asarray(variables["params"]["embed"]["embedding"])
     _, memory = run_segments(model, variables, memory, tokens[:, :k * n_s])
     mem, cmem = expected_memory(embedding[tokens[:, :k * n_s]], n_m, n_cm, c)
@@ -83,9 +83,9 @@ def test_memory_holds_expected_slots_in_order():
 def test_causality_within_and_across_segments():
     cfg = tiny_model_config()
     model, variables, memory = build(cfg, batch_size=1)
-    tokens = random_tokens(model.model_config, 1, 4)
+    tokens = random_tokens(model.config, 1, 4)
     base, _ = run_segments(model, variables, memory, tokens)
-    n_s = model.model_config.segment_length
+    n_s = model.config.segment_length
     for t in (1, n_s + 2, 2 * n_s):  # inside segment 0, inside segment 1, at a segment start
         perturbed = tokens.copy()
         perturbed[0, t] = (perturbed[0, t] + 1) % cfg.vocab_size
@@ -99,7 +99,7 @@ def test_causality_within_and_across_segments():
 def test_reset_row_equals_a_fresh_start():
     cfg = tiny_model_config()
     model, variables, memory = build(cfg, batch_size=2)
-    tokens = random_tokens(model.model_config, 2, 4)
+    tokens = random_tokens(model.config, 2, 4)
     _, memory = run_segments(model, variables, memory, tokens[:, :12])
     segment = jnp.asarray(tokens[:, 12:])
     apply = jax.jit(model.apply)
@@ -149,8 +149,8 @@ def test_gradient_isolation(compression, compression_loss):
     cfg = tiny_model_config(compression=compression, compression_loss=compression_loss,
                             dilation_rates=(1, 2))
     model, variables, memory = build(cfg, batch_size=2)
-    tokens = random_tokens(model.model_config, 2, 2)
-    n_s = model.model_config.segment_length
+    tokens = random_tokens(model.config, 2, 2)
+    n_s = model.config.segment_length
     _, memory, _ = jax.jit(model.apply)(variables, jnp.asarray(tokens[:, :n_s]), memory)  # fill memory
     segment = jnp.asarray(tokens[:, n_s:])
 
@@ -179,7 +179,7 @@ def test_bfloat16_forward_agrees_with_float32():
     model16 = ctx.CompressiveTransformer(cfg16)
     shapes = jax.eval_shape(model16.init, jax.random.key(0), jnp.zeros((2, 4), jnp.int32), ctx.init_memory(cfg16, 2))
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(shapes))
-    tokens = random_tokens(model32.model_config, 2, 3)
+    tokens = random_tokens(model32.config, 2, 3)
     logits32, mem32 = run_segments(model32, variables, memory, tokens)
     logits16, mem16 = run_segments(model16, variables, ctx.init_memory(cfg16, 2), tokens)
     assert mem16.mem.dtype == jnp.bfloat16
@@ -199,8 +199,8 @@ def test_parameter_free_compressions_have_no_parameters(compression):
 
 
 def test_most_used_keeps_the_most_attended_entries_in_time_order():
-    from ctx.compression import Compressor
     from ctx.config import ModelConfig
+    from ctx.nn.compression import Compressor
     cfg = ModelConfig.from_config(tiny_model_config(compression="most_used", compression_loss="none",
                                                     segment_length=6, compression_rate=3))
     evicted = jnp.arange(6, dtype=jnp.float32).reshape(1, 6, 1) * jnp.ones((1, 6, 16))
@@ -217,7 +217,7 @@ def test_remat_and_unrolled_layers_give_the_same_gradients(variant):
     cfg = tiny_model_config(scan_unroll=1)
     model, variables, memory = build(cfg)
     remat_model = ctx.CompressiveTransformer(tiny_model_config(**variant))
-    tokens = jnp.asarray(random_tokens(model.model_config, 2, 1))
+    tokens = jnp.asarray(random_tokens(model.config, 2, 1))
 
     def loss(m, params):
         logits, _, aux = m.apply({"params": params}, tokens, memory)
@@ -233,7 +233,7 @@ def test_shallow_layer_stacks_unroll_and_deep_ones_scan():
     UNROLL_LAYERS_UP_TO layers and scans a deeper one a layer per iteration."""
     def loops_over_layers(**overrides):
         model, variables, memory = build(tiny_model_config(**overrides))
-        tokens = jnp.zeros((2, model.model_config.segment_length), jnp.int32)
+        tokens = jnp.zeros((2, model.config.segment_length), jnp.int32)
         return jax.jit(lambda v: model.apply(v, tokens, memory)[0]).lower(variables).as_text().count(
             "stablehlo.while")
 
@@ -248,7 +248,7 @@ def test_shallow_layer_stacks_unroll_and_deep_ones_scan():
 def test_dropout_is_random_in_training_and_off_in_evaluation():
     cfg = tiny_model_config(dropout=0.3)
     model, variables, memory = build(cfg)
-    tokens = jnp.asarray(random_tokens(model.model_config, 2, 1))
+    tokens = jnp.asarray(random_tokens(model.config, 2, 1))
     train = jax.jit(lambda key: model.apply(variables, tokens, memory, deterministic=False,
                                             rngs={"dropout": key})[0])
     a, b = train(jax.random.key(1)), train(jax.random.key(2))
@@ -267,7 +267,7 @@ def test_wrong_token_shape_is_a_clear_error():
 
 def test_compression_convolutions_match_lax_conv():
     """The GEMM forms of the strided and causal dilated convolutions equal XLA's conv."""
-    from ctx.compression import causal_dilated_conv, strided_conv
+    from ctx.nn.compression import causal_dilated_conv, strided_conv
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, 12, 5)), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=(3, 5, 4)), jnp.float32)
@@ -286,8 +286,8 @@ def test_carried_keys_values_stay_the_projection_of_the_memory(overrides):
     shrinking), all handled by the Memory functions in one place."""
     cfg = tiny_model_config(**overrides)
     model, variables, memory = build(cfg, batch_size=3)
-    tokens = random_tokens(model.model_config, 3, 3)
-    n_s = model.model_config.segment_length
+    tokens = random_tokens(model.config, 3, 3)
+    n_s = model.config.segment_length
 
     def project(m):
         return model.apply(variables, m.without_keys_values(), method=model.with_memory_keys_values)
@@ -305,10 +305,10 @@ def test_carried_keys_values_stay_the_projection_of_the_memory(overrides):
                                  reset=jnp.asarray([False, True, False]))
     assert advanced.carries_keys_values
     assert_projected(advanced)
-    cleared = ctx.memory.reset_rows(carried, jnp.asarray([True, False, False]))
+    cleared = ctx.nn.memory.reset_rows(carried, jnp.asarray([True, False, False]))
     assert_projected(cleared)
     assert not np.asarray(cleared.keys[:, :, 0]).any() and not np.asarray(cleared.mem_mask[0]).any()
-    chosen = ctx.memory.select_rows(carried, (2, 0))
+    chosen = ctx.nn.memory.select_rows(carried, (2, 0))
     assert_projected(chosen)
     np.testing.assert_array_equal(np.asarray(chosen.keys), np.asarray(carried.keys)[:, :, [2, 0]])
     np.testing.assert_array_equal(np.asarray(chosen.mem_mask), np.asarray(carried.mem_mask)[[2, 0]])

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, TINY_CLI_FLAGS, read_metrics, script
+from tests.helpers import ROOT, TINY_CLI_FLAGS, read_metrics, run_module, script
 
 
 def free_port() -> int:
@@ -121,9 +121,8 @@ def test_two_processes_match_one_and_checkpoints_cross_over(tmp_path):
 
 
 def test_distributed_flags_must_come_together(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "ctx.train", "--config=experiments/demo.py",
-                          f"--workdir={tmp_path / 'w'}", "--num_processes=2"], capture_output=True, text=True,
-                         cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    out = run_module("ctx.train", "--config=experiments/demo.py", f"--workdir={tmp_path / 'w'}",
+                     "--num_processes=2")
     assert out.returncode == 2 and "go together" in out.stderr
 
 

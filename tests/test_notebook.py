@@ -5,7 +5,6 @@ import nbformat
 from nbclient import NotebookClient
 
 from tests import FAST_COMPILE_XLA_FLAG
-
 from tests.helpers import ROOT
 
 

@@ -22,9 +22,10 @@ FIXTURE = os.path.join(ROOT, OUT)
 def test_old_checkpoint_has_the_parameter_tree_of_todays_model():
     cfg = config()
     restored = restore_for_inference(cfg, FIXTURE, None, make_mesh(cfg.mesh, jax.devices()[:1]))
-    model = ctx.CompressiveTransformer(cfg.model)
-    fresh = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, cfg.model.segment_length), jnp.int32),
-                                              ctx.init_memory(cfg.model, 1))["params"])
+    model_cfg = ctx.ModelConfig.from_config(cfg.model)
+    model = ctx.CompressiveTransformer(model_cfg)
+    fresh = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, model_cfg.segment_length), jnp.int32),
+                                              ctx.init_memory(model_cfg, 1))["params"])
 
     def shapes(tree):
         return {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(tree)}

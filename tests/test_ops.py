@@ -1,4 +1,4 @@
-"""ctx.ops: the same values and gradients as JAX's and Flax's own ops, with less kept for the backward."""
+"""ctx.nn.ops: the same values and gradients as JAX's and Flax's own ops, with less kept for the backward."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from jax.ad_checkpoint import print_saved_residuals
 
-from ctx.attention import attention_mask
 from ctx.config import ModelConfig
-from ctx.memory import LayerMemory
-from ctx.model import Block
-from ctx.ops import LayerNorm, relu, softmax
+from ctx.nn.attention import attention_mask
+from ctx.nn.memory import LayerMemory
+from ctx.nn.ops import LayerNorm, relu, softmax
+from ctx.nn.transformer import Block
 from tests.helpers import tiny_model_config
 
 

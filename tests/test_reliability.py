@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ctx import train
-from tests.helpers import ROOT, TINY_CLI_FLAGS, read_metrics, script, tiny_train_config
+from tests.helpers import ROOT, TINY_CLI_FLAGS, read_metrics, run_module, script, tiny_train_config
 
 
 def start_training(workdir, num_steps, checkpoint_every, *args):
@@ -74,10 +74,9 @@ def test_sigkill_during_async_save_resumes_from_the_last_complete_checkpoint(tmp
     proc.communicate(timeout=240)
     assert proc.returncode == -signal.SIGKILL
     assert checkpoint_steps(workdir)[-1] == 4  # step 6 was never committed
-    out = subprocess.run([sys.executable, "-m", "ctx.train", "--config=experiments/demo.py", f"--workdir={workdir}",
-                          *CLI_TINY, "--config.train.num_steps=8", "--config.train.checkpoint_every=2",
-                          "--config.train.segments_per_call=2"],
-                         capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    out = run_module("ctx.train", "--config=experiments/demo.py", f"--workdir={workdir}", *TINY_CLI_FLAGS,
+                     "--config.train.num_steps=8", "--config.train.checkpoint_every=2",
+                     "--config.train.segments_per_call=2")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "Resumed from checkpoint 4" in out.stdout
     assert checkpoint_steps(workdir)[-1] == 8
@@ -128,9 +127,7 @@ def test_a_second_process_on_the_same_workdir_is_refused(tmp_path):
     first = start_training(workdir, 100000, 1000)
     try:
         wait_for_rows(workdir, 1, first)
-        out = subprocess.run([sys.executable, "-m", "ctx.train", "--config=experiments/demo.py",
-                              f"--workdir={workdir}", *CLI_TINY], capture_output=True, text=True, cwd=ROOT,
-                             env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        out = run_module("ctx.train", "--config=experiments/demo.py", f"--workdir={workdir}", *TINY_CLI_FLAGS)
         assert out.returncode == 2
         assert f"another training process (pid {first.pid}) is using" in out.stderr
         assert "Traceback" not in out.stderr
@@ -138,10 +135,6 @@ def test_a_second_process_on_the_same_workdir_is_refused(tmp_path):
         first.kill()
         first.communicate()
 
-
-CLI_TINY = ["--config.model.d_model=32", "--config.model.n_heads=2", "--config.model.d_ff=64",
-            "--config.model.segment_length=8", "--config.model.memory_length=8", "--config.model.compressed_length=8",
-            "--config.train.batch_size=8", "--config.data.validation_fraction=0.03", "--config.train.eval_every=0"]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -158,8 +151,7 @@ CLI_TINY = ["--config.model.d_model=32", "--config.model.n_heads=2", "--config.m
 ])
 def test_bad_input_is_one_line_and_changes_nothing(tmp_path, args, message):
     workdir = tmp_path / "never"
-    out = subprocess.run([sys.executable, "-m", "ctx.train", *args, f"--workdir={workdir}"], capture_output=True,
-                         text=True, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    out = run_module("ctx.train", *args, f"--workdir={workdir}")
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], out.stderr
@@ -167,9 +159,8 @@ def test_bad_input_is_one_line_and_changes_nothing(tmp_path, args, message):
 
 
 def test_verbose_shows_the_traceback(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "ctx.train", "--config=experiments/demo.py", "--verbose",
-                          "--config.model.segment_length=7", f"--workdir={tmp_path / 'w'}"], capture_output=True,
-                         text=True, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    out = run_module("ctx.train", "--config=experiments/demo.py", "--verbose", "--config.model.segment_length=7",
+                     f"--workdir={tmp_path / 'w'}")
     assert out.returncode != 0 and "Traceback" in out.stderr
 
 
@@ -194,13 +185,11 @@ def test_config_file_errors_are_one_line_naming_the_flag(tmp_path):
         ("--config=experiments/nope.py", "--config=experiments/nope.py: no such file"),
     ]
     for flag, message in cases:
-        out = subprocess.run([sys.executable, "-m", "ctx.train", flag, f"--workdir={tmp_path / 'w'}"],
-                             capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        out = run_module("ctx.train", flag, f"--workdir={tmp_path / 'w'}")
         assert out.returncode == 2 and out.stderr.strip().splitlines() == [f"error: {out.stderr.strip()[7:]}"]
         assert out.stderr.startswith(f"error: {message}") and "Traceback" not in out.stderr, out.stderr
-    out = subprocess.run([sys.executable, "-m", "ctx.train", "--config=experiments/demo.py", "--config.model.nofield=1",
-                          f"--workdir={tmp_path / 'w'}"], capture_output=True, text=True, cwd=ROOT,
-                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    out = run_module("ctx.train", "--config=experiments/demo.py", "--config.model.nofield=1",
+                     f"--workdir={tmp_path / 'w'}")
     assert out.returncode == 2 and out.stderr.strip() == (
         "error: --config.model.nofield: the config has no field model.nofield (its fields: ctx/config.py)")
     assert not (tmp_path / "w").exists()

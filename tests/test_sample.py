@@ -43,7 +43,7 @@ def test_sampling_logprobs_equal_teacher_forcing(overrides, prompt_length):
     sample = generate(variables["params"], cfg, prompt, num_tokens, jax.random.PRNGKey(3), temperature=1.0)
     assert sample.tokens.shape == (2, num_tokens)
     sequence = np.concatenate([np.zeros((2, 1), int), prompt, sample.tokens], axis=1)
-    forced = teacher_forced_logprobs(model, variables, model.model_config, sequence)[:, -num_tokens:]
+    forced = teacher_forced_logprobs(model, variables, model.config, sequence)[:, -num_tokens:]
     np.testing.assert_allclose(sample.logprobs, forced, atol=1e-4)
 
 
@@ -102,7 +102,7 @@ def test_sample_cli(tmp_path):
 
 
 def test_inspect_segment_reports_mass_by_kind_and_age():
-    from ctx.diagnostics import inspect_segment, memory_arrays
+    from ctx.diagnostics import inspect_segment
     cfg = tiny_model_config(memory_length=8, compressed_length=8)
     model, variables, memory = build(cfg, batch_size=2)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 32, (2, 4)), jnp.int32)
@@ -116,21 +116,5 @@ def test_inspect_segment_reports_mass_by_kind_and_age():
     ages = report["mean_age_tokens"]
     assert ages["compressed"][0] > ages["compressed"][1] > ages["memory"][0] > ages["memory"][1] > ages["segment"][0]
     assert report["compression_loss_per_layer"].shape == (2,) and (report["compression_loss_per_layer"] > 0).all()
-    arrays = memory_arrays(memory)
-    assert arrays["cmem"].shape == (2, 2, 8, 16) and arrays["cmem_mask"].all()
+    assert memory.cmem.shape == (2, 2, 8, 16) and np.asarray(memory.cmem_mask).all()
 
-
-def test_old_spellings_still_work_with_a_deprecation_warning():
-    """aux was a dict and generate took the whole config: both still work, and say the new form."""
-    from experiments import demo
-
-    cfg = demo.get_config()
-    cfg.model.update(n_layers=1, d_model=16, n_heads=2, d_ff=32)
-    model, variables, memory = build(cfg.model, batch_size=1)
-    _, _, aux = model.apply(variables, jnp.zeros((1, cfg.model.segment_length), jnp.int32), memory)
-    with pytest.warns(DeprecationWarning, match=r"aux\.compression_loss"):
-        assert aux["compression_loss"] == aux.compression_loss
-    with pytest.warns(DeprecationWarning, match="pass config.model"):
-        old = generate(variables["params"], cfg, [1, 2], 3, jax.random.PRNGKey(0))
-    new = generate(variables["params"], cfg.model, [1, 2], 3, jax.random.PRNGKey(0))
-    np.testing.assert_array_equal(old.tokens, new.tokens)

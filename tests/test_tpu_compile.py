@@ -4,17 +4,13 @@ compiles are in test_flash_attention.py.
 
 Needs libtpu (the [tpu] extra, which the test set-up installs); no TPU."""
 import json
-import subprocess
-import sys
 
 import pytest
 
 from ctx import aot, topology
 from ctx.config import ConfigError
 from experiments import demo
-
-from tests.helpers import ROOT
-
+from tests.helpers import run_module
 
 # Hand-checked against Google's tables: v4 and v5p names count TensorCores (2 per chip).
 DOCUMENTED = {"v4-8": ("v4:2x2x1", 4), "v4-32": ("v4:2x2x4", 16), "v4-128": ("v4:4x4x4", 64),
@@ -111,8 +107,7 @@ def test_the_estimate_counts_every_layer_and_with_remat_reports_the_recomputatio
 def test_out_of_memory_is_a_one_line_report_with_numbers():
     args = ["--config.model.n_layers=16", "--config.model.d_model=2048", "--config.model.d_ff=8192",
             "--config.model.n_heads=16", "--config.train.segments_per_call=1", "--config.train.per_device_batch_size=1"]
-    out = subprocess.run([sys.executable, "-m", "ctx.train", "--config=experiments/demo.py", "--compile_only",
-                          "--topology=v5litepod-1", *args], capture_output=True, text=True, cwd=ROOT)
+    out = run_module("ctx.train", "--config=experiments/demo.py", "--compile_only", "--topology=v5litepod-1", *args)
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["fits"] is False and report["estimate"] is None and report["estimated_mfu"] is None
@@ -142,7 +137,6 @@ def test_batch_search_bisects_down_from_a_batch_that_does_not_fit_and_doubles_up
 
 
 def test_compile_only_names_a_bad_topology_in_one_line():
-    out = subprocess.run([sys.executable, "-m", "ctx.train", "--config=experiments/demo.py", "--compile_only",
-                          "--topology=v5p-7"], capture_output=True, text=True, cwd=ROOT)
+    out = run_module("ctx.train", "--config=experiments/demo.py", "--compile_only", "--topology=v5p-7")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines() == [out.stderr.strip()] and "--topology=v5p-7" in out.stderr

@@ -9,7 +9,7 @@ import pytest
 
 from ctx import train
 from ctx.optim import learning_rate, make_optimizer
-from tests.helpers import ROOT, read_metrics, script, simulated_devices_env, tiny_train_config
+from tests.helpers import ROOT, read_metrics, run_script, simulated_devices_env, tiny_train_config
 
 
 def train_rows(workdir):
@@ -101,7 +101,7 @@ def test_compression_branch_has_its_own_clip():
 
 def run_subprocess(name, devices, *args):
     env = simulated_devices_env(devices, PYTHONPATH=ROOT)
-    out = subprocess.run([sys.executable, script(name), *args], env=env, capture_output=True, text=True, cwd=ROOT)
+    out = run_script(name, *args, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 

@@ -14,12 +14,12 @@ import re
 from typing import Any, Iterator
 
 from ctx.data.demo_corpus import demo_documents
-from ctx.data.source import Document, TokenizedCorpus
+from ctx.data.source import SPLITS, Document, TokenizedCorpus
 from ctx.data.tokenizer import load_tokenizer
+from ctx.errors import InputError, MissingInput
 from ctx.remote import check_reachable
 
 DATASETS = ("demo", "pg19", "enwik8", "wt103")
-SPLITS = ("train", "validation", "test")
 ENWIK8_SPLITS = {"train": (0, 90_000_000), "validation": (90_000_000, 95_000_000),
                  "test": (95_000_000, 100_000_000)}
 WT103_FILES = {"train": "wiki.train.tokens", "validation": "wiki.valid.tokens", "test": "wiki.test.tokens"}
@@ -38,24 +38,27 @@ PG19_WORDS = {"validation": (50, 3_007_061), "test": (100, 6_966_499)}
 def check_data_config(data_cfg: Any, split: str) -> None:
     """Errors a user can fix, found before anything is read or written."""
     if data_cfg.dataset not in DATASETS:
-        raise ValueError(f"data.dataset={data_cfg.dataset!r} is unknown; choose one of {list(DATASETS)}")
+        raise InputError(f"data.dataset={data_cfg.dataset!r} is unknown; choose one of {list(DATASETS)}")
     if split not in SPLITS:
-        raise ValueError(f"split {split!r} does not exist; choose one of {list(SPLITS)}")
+        raise InputError(f"split {split!r} does not exist; choose one of {list(SPLITS)}")
     if data_cfg.dataset != "demo" and not data_cfg.path:
-        raise ValueError(f"data.path is empty; set --config.data.path to the {data_cfg.dataset} files")
+        raise InputError(f"data.path is empty; set --config.data.path to the {data_cfg.dataset} files")
     if data_cfg.dataset != "demo":
         check_reachable(data_cfg.path, "data.path")  # gs:// paths: one line, before any work
     if data_cfg.get("tokenizer", "bytes") != "bytes":
         check_reachable(data_cfg.tokenizer, "data.tokenizer")
     if data_cfg.dataset in ("enwik8", "wt103") and not os.path.exists(data_cfg.path):
-        raise FileNotFoundError(f"data.path={data_cfg.path} does not exist")
+        raise MissingInput(f"data.path={data_cfg.path} does not exist")
 
 
 def load_corpus(data_cfg: Any, split: str, progress: bool = False) -> TokenizedCorpus:
     check_data_config(data_cfg, split)
     tokenizer = load_tokenizer(data_cfg.tokenizer)
     if data_cfg.dataset == "demo":
-        return TokenizedCorpus.from_documents(demo_documents(split, data_cfg.validation_fraction), tokenizer)
+        empty = (f"the demo's {split} split has no topics: data.validation_fraction="
+                 f"{data_cfg.validation_fraction} must be above 0 and below 1")
+        return TokenizedCorpus.from_documents(demo_documents(split, data_cfg.validation_fraction), tokenizer,
+                                              empty=empty)
     documents = {"pg19": lambda: _pg19_documents(data_cfg, split),
                  "enwik8": lambda: _enwik8_documents(data_cfg.path, split, data_cfg.piece_bytes),
                  "wt103": lambda: _wt103_documents(data_cfg.path, split)}[data_cfg.dataset]
@@ -64,7 +67,17 @@ def load_corpus(data_cfg: Any, split: str, progress: bool = False) -> TokenizedC
     key = hashlib.sha256(f"{os.path.abspath(data_cfg.path) if '://' not in data_cfg.path else data_cfg.path}|"
                          f"{data_cfg.get('piece_bytes', 0)}".encode()).hexdigest()[:12]
     path = os.path.join(cache_dir(data_cfg), "tokens", f"{data_cfg.dataset}-{key}-{split}-{tokenizer.fingerprint}")
-    return TokenizedCorpus.cached(path, documents, tokenizer, progress)
+    return TokenizedCorpus.cached(path, documents, tokenizer, progress, empty=_empty_split(data_cfg, split))
+
+
+def _empty_split(data_cfg: Any, split: str) -> str:
+    """What to say when a split holds no text: the split, the path and the fix."""
+    where = f"the {split} split of data.dataset={data_cfg.dataset} (data.path={data_cfg.path})"
+    if data_cfg.dataset == "pg19":
+        return f"{where} has no books with text: put them in {data_cfg.path}/{split}/<id>.txt"
+    if data_cfg.dataset == "wt103":
+        return f"{where} has no articles with text: {WT103_FILES[split]} is empty"
+    return f"{where} has no text"
 
 
 def _pg19_source(data_cfg: Any, split: str):
@@ -92,7 +105,7 @@ def _enwik8_documents(path: str, split: str, piece_bytes: int) -> Iterator[Docum
     size = os.path.getsize(path)
     start, end = ENWIK8_SPLITS[split]
     if size < end:
-        raise ValueError(f"{path} has {size:,} bytes; enwik8 has 100,000,000 (first 90M train, "
+        raise InputError(f"{path} has {size:,} bytes; enwik8 has 100,000,000 (first 90M train, "
                          "next 5M validation, last 5M test)")
     with open(path, "rb") as f:
         f.seek(start)
@@ -105,7 +118,7 @@ def _enwik8_documents(path: str, split: str, piece_bytes: int) -> Iterator[Docum
 def _wt103_documents(folder: str, split: str) -> Iterator[Document]:
     path = os.path.join(folder, WT103_FILES[split])
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist (WikiText-103 has {', '.join(WT103_FILES.values())})")
+        raise MissingInput(f"{path} does not exist (WikiText-103 has {', '.join(WT103_FILES.values())})")
     article, title = [], None
     with open(path, encoding="utf-8") as f:
         for line in f:

@@ -3,6 +3,7 @@ prose about Python, shipped with every CPython as `pydoc_data.topics`, no downlo
 from __future__ import annotations
 
 from ctx.data.source import Document
+from ctx.errors import InputError
 
 
 def demo_documents(split: str, validation_fraction: float = 0.1) -> list[Document]:
@@ -17,5 +18,5 @@ def demo_documents(split: str, validation_fraction: float = 0.1) -> list[Documen
     elif split == "validation":
         chosen = [n for n in names if n in held_out]
     else:
-        raise ValueError(f"the demo corpus has splits 'train' and 'validation', not {split!r}")
+        raise InputError(f"the demo corpus has splits 'train' and 'validation', not {split!r}")
     return [Document(id=name, text=topics[name]) for name in chosen]

@@ -22,7 +22,13 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-SPLITS = {"train": "train", "validation": "validation", "test": "test"}
+from ctx.data.source import SPLITS
+from ctx.errors import InputError, MissingInput
+
+
+def _books(folder: epath.Path) -> list[epath.Path]:
+    """The split folder's books, <id>.txt, in name order (anything else there is not a book)."""
+    return sorted(p for p in folder.glob("*.txt") if p.name[:-len(".txt")].isdigit()) if folder.is_dir() else []
 
 
 def parse_metadata(text: str) -> dict[int, dict[str, str]]:
@@ -32,7 +38,7 @@ def parse_metadata(text: str) -> dict[int, dict[str, str]]:
         if not fields or not "".join(fields).strip():
             continue
         if len(fields) < 4 or not fields[0].strip().isdigit():
-            raise ValueError(f"metadata.csv line {number}: expected `id,short_title,date,link`, got {fields!r}")
+            raise InputError(f"metadata.csv line {number}: expected `id,short_title,date,link`, got {fields!r}")
         book_id, *title, date, link = fields
         rows[int(book_id)] = {"title": ",".join(title), "date": date, "link": link}
     return rows
@@ -40,12 +46,12 @@ def parse_metadata(text: str) -> dict[int, dict[str, str]]:
 
 def check_layout(source: epath.Path) -> None:
     if not source.exists():
-        raise FileNotFoundError(f"data.path={source} does not exist; it must hold metadata.csv and "
+        raise MissingInput(f"data.path={source} does not exist; it must hold metadata.csv and "
                                 "train/, validation/, test/ (the gs://deepmind-gutenberg layout)")
     if not source.is_dir():
-        raise NotADirectoryError(f"data.path={source} is not a directory")
+        raise InputError(f"data.path={source} is not a directory")
     if not (source / "metadata.csv").exists():
-        raise FileNotFoundError(f"data.path={source} has no metadata.csv (rows `id,short_title,date,link`)")
+        raise MissingInput(f"data.path={source} has no metadata.csv (rows `id,short_title,date,link`)")
 
 
 class CtxPg19(tfds.core.GeneratorBasedBuilder):
@@ -68,15 +74,14 @@ class CtxPg19(tfds.core.GeneratorBasedBuilder):
         del dl_manager  # the source is read directly
         check_layout(self._source)
         metadata = parse_metadata((self._source / "metadata.csv").read_text())
-        return {split: self._generate_examples(self._source / folder, metadata)
-                for split, folder in SPLITS.items() if (self._source / folder).is_dir()}
+        # A split folder without books is left out (TFDS refuses a split with no examples);
+        # asking for it is then the error `load_split` gives.
+        return {split: self._generate_examples(self._source / split, metadata)
+                for split in SPLITS if _books(self._source / split)}
 
     def _generate_examples(self, folder: epath.Path, metadata):
-        for path in sorted(folder.glob("*.txt")):
-            stem = path.name[:-len(".txt")]
-            if not stem.isdigit():
-                continue
-            book_id = int(stem)
+        for path in _books(folder):
+            book_id = int(path.name[:-len(".txt")])
             meta = metadata.get(book_id, {"title": "", "date": "", "link": ""})
             text = path.read_bytes().decode("utf-8", errors="replace").strip()
             yield book_id, {"book_text": text, "book_id": book_id, "book_title": meta["title"],
@@ -91,9 +96,12 @@ def prepared_dir(source: str, cache_dir: str) -> str:
 def load_split(source: str, split: str, cache_dir: str):
     """The split as a random-access data source of examples (prepared once per source)."""
     check_layout(epath.Path(source))
+    if (epath.Path(source) / split).is_dir() and not _books(epath.Path(source) / split):
+        raise InputError(f"data.path={source}: {split}/ holds no books; put the {split} split's books there "
+                         "as <id>.txt (the gs://deepmind-gutenberg layout)")
     builder = CtxPg19(source=source, data_dir=prepared_dir(source, cache_dir), file_format="array_record")
     builder.download_and_prepare()
     if split not in builder.info.splits:
-        raise ValueError(f"split {split!r} is not in {source} (found: {sorted(builder.info.splits)}); "
+        raise InputError(f"split {split!r} is not in {source} (found: {sorted(builder.info.splits)}); "
                          "add the folder or pick another --split")
     return builder.as_data_source(split=split)

@@ -16,7 +16,11 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from ctx.errors import InputError
 from ctx.progress import progress as progress_bar
+
+# Every dataset's splits (PG-19's are folders of these names).
+SPLITS = ("train", "validation", "test")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,11 +37,11 @@ class TokenizedCorpus:
         self.ids, self.flat, self.offsets = ids, flat, offsets
         self.num_bytes, self.num_words = num_bytes, num_words
         self.tokenizer, self.skipped_empty = tokenizer, skipped_empty
-        if not ids:
-            raise ValueError(f"no non-empty documents ({skipped_empty} empty ones skipped)")
 
     @classmethod
-    def from_documents(cls, documents: Iterable[Document], tokenizer, progress: bool = False) -> "TokenizedCorpus":
+    def from_documents(cls, documents: Iterable[Document], tokenizer, progress: bool = False,
+                       empty: str = "the documents are all empty") -> "TokenizedCorpus":
+        """Tokenize `documents`; `empty` says what is wrong, and how to fix it, when none has text."""
         ids, arrays, num_bytes, num_words, skipped = [], [], [], [], 0
         for batch in _batches(progress_bar(progress, documents, desc="tokenize", unit="doc"), 64):
             for doc, tokens in zip(batch, tokenizer.encode_batch([d.text for d in batch])):
@@ -49,17 +53,19 @@ class TokenizedCorpus:
                 num_bytes.append(len(doc.text.encode("utf-8", "surrogateescape")))
                 num_words.append(len(doc.text.split()))
         offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays], dtype=np.int64)]).astype(np.int64)
-        flat = np.concatenate(arrays) if arrays else np.zeros(0, np.int32)
+        if not ids:
+            raise InputError(f"{empty} ({skipped} empty document(s) skipped, none with text)")
+        flat = np.concatenate(arrays)
         return cls(ids, flat, offsets, np.asarray(num_bytes, np.int64), np.asarray(num_words, np.int64),
                    tokenizer, skipped)
 
     @classmethod
     def cached(cls, path: str, documents: Callable[[], Iterable[Document]], tokenizer,
-               progress: bool = False) -> "TokenizedCorpus":
+               progress: bool = False, empty: str = "the documents are all empty") -> "TokenizedCorpus":
         """Load the cache folder at `path`, or tokenize once and write it there atomically."""
         if not os.path.isfile(os.path.join(path, "index.json")):
             start = time.perf_counter()
-            corpus = cls.from_documents(documents(), tokenizer, progress)
+            corpus = cls.from_documents(documents(), tokenizer, progress, empty)
             corpus._save(path, seconds=time.perf_counter() - start)
         with open(os.path.join(path, "index.json")) as f:
             index = json.load(f)

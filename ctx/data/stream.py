@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ctx.data.source import TokenizedCorpus
+from ctx.errors import InputError
 
 Chunk = dict[str, np.ndarray]
 
@@ -60,7 +61,7 @@ class TrainStream:
 
     def restore(self, state: dict) -> None:
         if state["batch_size"] != self.batch_size or state["seed"] != self.seed:
-            raise ValueError(f"the saved data position is for batch_size={state['batch_size']}, "
+            raise InputError(f"the saved data position is for batch_size={state['batch_size']}, "
                              f"seed={state['seed']}; this run has batch_size={self.batch_size}, "
                              f"seed={self.seed}: resume with the same train.batch_size and seed")
         self.docs_done, self.next_segment = list(state["docs_done"]), list(state["next_segment"])
@@ -123,7 +124,7 @@ def eval_chunks(corpus: TokenizedCorpus, batch_size: int, segment_length: int, c
     while at most half the rows still have segments and half the batch is a multiple of
     `batch_multiple` (the batch shards), the batch halves, keeping the rows with work (and
     finished ones to fill up). The caller carries the kept rows' memory over
-    (`ctx.memory.select_rows`); halving bounds the batch sizes, so the compiles, to log2(B).
+    (`ctx.nn.memory.select_rows`); halving bounds the batch sizes, so the compiles, to log2(B).
     """
     n_s = segment_length
     documents = balanced_rows([corpus.num_segments(doc, n_s) for doc in range(len(corpus))], batch_size)

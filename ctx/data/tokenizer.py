@@ -19,7 +19,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ctx.cli import FLAGS, run_main
+from absl import flags
+from ctx.errors import InputError, MissingInput
 
 # SentencePiece options under which decode(encode(text)) == text for any text.
 ROUND_TRIP_OPTIONS = dict(
@@ -54,17 +55,22 @@ class SentencePieceTokenizer:
 
     def __init__(self, path: str) -> None:
         import sentencepiece as spm
-
         from etils import epath
 
         if not epath.Path(path).is_file():
-            raise FileNotFoundError(f"data.tokenizer={path} does not exist; train one with "
+            raise MissingInput(f"data.tokenizer={path} does not exist; train one with "
                                     "`python -m ctx.data.tokenizer --input=... --output=PREFIX`")
         blob = epath.Path(path).read_bytes()  # local or gs://
+        unusable = f"data.tokenizer={path} is not a SentencePiece model"
+        fix = "give the .model file that `python -m ctx.data.tokenizer` wrote, or 'bytes'"
+        if not blob:
+            raise InputError(f"{unusable} (the file is empty); {fix}")
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=blob)
         except RuntimeError as error:
-            raise ValueError(f"data.tokenizer={path} is not a SentencePiece model ({error})") from None
+            raise InputError(f"{unusable} ({str(error).strip()[:200]}); {fix}") from None
+        if self._sp.get_piece_size() == 0:  # SentencePiece loads some broken files as an empty model
+            raise InputError(f"{unusable} (it holds no pieces); {fix}")
         self.path = path
         self.vocab_size = self._sp.get_piece_size()
         self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else 0
@@ -86,7 +92,7 @@ def load_tokenizer(spec: str):
     if spec == "bytes":
         return ByteTokenizer()
     if not spec:
-        raise ValueError("data.tokenizer is empty; use 'bytes' or the path of a SentencePiece .model")
+        raise InputError("data.tokenizer is empty; use 'bytes' or the path of a SentencePiece .model")
     return SentencePieceTokenizer(spec)
 
 
@@ -94,13 +100,13 @@ def _text_files(path: str) -> list[str]:
     if os.path.isfile(path):
         return [path]
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"--input={path} does not exist")
+        raise MissingInput(f"--input={path} does not exist")
     if os.path.isfile(os.path.join(path, "metadata.csv")) and os.path.isdir(os.path.join(path, "train")):
         path = os.path.join(path, "train")  # a PG-19 layout: sample the training split
     files = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names
                    if name.endswith((".txt", ".tokens")))
     if not files:
-        raise FileNotFoundError(f"--input={path} holds no .txt files")
+        raise MissingInput(f"--input={path} holds no .txt files")
     return files
 
 
@@ -123,11 +129,11 @@ def train_sentencepiece(input_path: str, vocab_size: int, output_prefix: str, ma
     import sentencepiece as spm
 
     if vocab_size < 300:
-        raise ValueError(f"--vocab_size={vocab_size} is too small: byte fallback alone takes 259 ids")
+        raise InputError(f"--vocab_size={vocab_size} is too small: byte fallback alone takes 259 ids")
     files = _text_files(input_path)
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     if not os.path.isdir(out_dir):
-        raise FileNotFoundError(f"--output={output_prefix}: folder {out_dir} does not exist")
+        raise MissingInput(f"--output={output_prefix}: folder {out_dir} does not exist")
     with tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8", delete=False) as sample:
         for line in _sample_lines(files, max_bytes, seed):
             sample.write(line)
@@ -137,7 +143,7 @@ def train_sentencepiece(input_path: str, vocab_size: int, output_prefix: str, ma
             num_threads=threads or os.cpu_count() or 1, input_sentence_size=10_000_000,
             shuffle_input_sentence=True, minloglevel=2, **ROUND_TRIP_OPTIONS)
     except RuntimeError as error:
-        raise ValueError(f"SentencePiece training failed: {str(error).strip().splitlines()[-1]} "
+        raise InputError(f"SentencePiece training failed: {str(error).strip().splitlines()[-1]} "
                          "(with little text, lower --vocab_size)") from None
     finally:
         os.unlink(sample.name)
@@ -147,25 +153,27 @@ def train_sentencepiece(input_path: str, vocab_size: int, output_prefix: str, ma
 def check_vocab(tokenizer, config: Any) -> None:
     """The model's output layer must have one row per token of the tokenizer."""
     if tokenizer.vocab_size != config.model.vocab_size:
-        raise ValueError(f"the tokenizer ({config.data.tokenizer}) has {tokenizer.vocab_size} tokens but "
+        raise InputError(f"the tokenizer ({config.data.tokenizer}) has {tokenizer.vocab_size} tokens but "
                          f"model.vocab_size={config.model.vocab_size}; set --config.model.vocab_size="
                          f"{tokenizer.vocab_size} or use the matching tokenizer")
 
 
 def main() -> None:
-    path = train_sentencepiece(FLAGS.input, FLAGS.vocab_size, FLAGS.output, FLAGS.max_bytes, FLAGS.seed)
+    options = flags.FLAGS
+    path = train_sentencepiece(options.input, options.vocab_size, options.output, options.max_bytes, options.seed)
     tokenizer = SentencePieceTokenizer(path)
-    print(f"wrote {path} and {FLAGS.output}.vocab ({tokenizer.vocab_size} pieces)")
+    print(f"wrote {path} and {options.output}.vocab ({tokenizer.vocab_size} pieces)")
 
 
-if __name__ == "__main__":
-    from absl import flags
+if __name__ == "__main__":  # the command line only: importing the tokenizer loads no CLI
+    from ctx.cli import define_common_flags, run_main
 
+    define_common_flags()
     flags.DEFINE_string("input", None, "A text file, a folder of .txt files, or a PG-19 layout folder.")
-    flags.DEFINE_integer("vocab_size", 32000, "Number of pieces.")
+    flags.DEFINE_integer("vocab_size", 32000, "Number of pieces (at least 300: byte fallback takes 259).",
+                         lower_bound=300)
     flags.DEFINE_string("output", None, "Output prefix: writes PREFIX.model and PREFIX.vocab.")
-    flags.DEFINE_integer("max_bytes", 200_000_000, "How much text to sample for training.")
+    flags.DEFINE_integer("max_bytes", 200_000_000, "How much text to sample for training.", lower_bound=1)
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
-    flags.DEFINE_bool("verbose", False, "Show full tracebacks for errors.")
     flags.mark_flags_as_required(["input", "output"])
     run_main(main, needs_config=False)

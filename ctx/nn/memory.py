@@ -15,7 +15,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from ctx.config import ModelConfig, ModelConfigLike
+from ctx.config import ModelConfig
 
 # What a segment's attention reads, in key order: compressed memory, memory, the segment itself
 # (the order of every per-kind statistic, e.g. aux.attention_mass[..., k]).
@@ -64,9 +64,8 @@ class Memory:
         return self.replace(keys=None, values=None)
 
 
-def init_memory(config: ModelConfigLike, batch_size: int, dtype: Any = None) -> Memory:
+def init_memory(cfg: ModelConfig, batch_size: int, dtype: Any = None) -> Memory:
     """Empty memory for `batch_size` streams (zeros, every slot invalid)."""
-    cfg = ModelConfig.from_config(config)
     dtype = dtype or jnp.dtype(cfg.dtype)
     L, d = cfg.n_layers, cfg.d_model
     return Memory(
@@ -133,7 +132,7 @@ def advance_memory_kv(kv_HBSK: jax.Array, segment_HBNK: jax.Array, compressed_HB
     return jnp.concatenate([cmem, mem], axis=2)
 
 
-def compressed_slot_mask(evicted_B_N: jax.Array, cfg: ModelConfig) -> jax.Array:
+def compressed_slot_mask(evicted_valid_BN: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Validity [B, n_s/c] of the slots compressed from the evicted entries.
 
     Valid entries are always a suffix (the newest), because resets happen only at segment
@@ -141,11 +140,11 @@ def compressed_slot_mask(evicted_B_N: jax.Array, cfg: ModelConfig) -> jax.Array:
     top-used entries in time order, so as many of its slots are valid as there were valid
     entries (up to n_s/c), and they are the newest.
     """
-    B, k = evicted_B_N.shape[0], cfg.slots_per_segment
+    B, E = evicted_valid_BN.shape[0], cfg.slots_per_segment
     if cfg.compression == "most_used":
-        n_valid = jnp.minimum(evicted_B_N.sum(axis=1), k)
-        return jnp.arange(k)[None, :] >= (k - n_valid)[:, None]
-    return evicted_B_N.reshape(B, k, cfg.compression_rate).all(axis=-1)
+        n_valid = jnp.minimum(evicted_valid_BN.sum(axis=1), E)
+        return jnp.arange(E)[None, :] >= (E - n_valid)[:, None]
+    return evicted_valid_BN.reshape(B, E, cfg.compression_rate).all(axis=-1)
 
 
 def update_masks(memory: Memory, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ctx.ops import softmax
+from ctx.nn.ops import softmax
 
 
 def token_nll(logits_BNV: jax.Array, targets_BN: jax.Array) -> jax.Array:

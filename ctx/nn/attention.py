@@ -1,7 +1,7 @@
 """Transformer-XL relative multi-head attention over [compressed memory; memory; segment].
 
 Positions follow DeepMind's Sonnet CompressiveTransformer (docs/paper-notes.md §2): the
-content term spans all keys; the position term (ctx.relative_position) has one sinusoid table,
+content term spans all keys; the position term (ctx.nn.relative_position) has one sinusoid table,
 projection and bias `v` for memory + segment, and a separate set for compressed memory, as if
 the compressed memory came directly before the segment. `u` is shared because it sits in the
 content term.
@@ -20,14 +20,15 @@ from __future__ import annotations
 from typing import Sequence
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ctx.config import ModelConfig
-from ctx.flash_attention import flash_attention
-from ctx.ops import softmax
-from ctx.relative_position import position_scores, sinusoid_table
+from ctx.config import ConfigError, ModelConfig
+from ctx.nn.ops import MASKED_LOGIT, softmax
+from ctx.nn.pallas_tpu import flash_attention
+from ctx.nn.relative_position import position_scores, sinusoid_table
 
 
 def attention_mask(mem_mask_BM: jax.Array, cmem_mask_BC: jax.Array, n_s: int) -> jax.Array:
@@ -54,6 +55,34 @@ def project(x_BTD: jax.Array, kernels: Sequence[jax.Array]) -> jax.Array:
     ([n·H·K, B·T]), which is slower (docs/performance.md)."""
     y_BTNHK = jnp.einsum("btd,dnhk->btnhk", x_BTD, jnp.stack(kernels, axis=1))
     return jnp.transpose(y_BTNHK, (2, 3, 0, 1, 4))
+
+
+@flax.struct.dataclass
+class AttentionOut:
+    """A segment's attention: its output and what the layer reuses or reports. Keys and values
+    are of [cmem; mem; segment]; `mass` is the mean attention a query gives each of the three,
+    `usage` (for 'most_used', else None) the mean attention each evicted memory (keys C .. C+N)
+    receives over heads and queries; neither has a gradient. The fused kernels form no
+    probabilities, and cuDNN no mass."""
+
+    out: jax.Array  # [B,N,D]
+    queries: jax.Array  # scaled, [H,B,N,K]
+    keys: jax.Array  # [H,B,T,K]
+    values: jax.Array  # [H,B,T,K]
+    probs: jax.Array | None  # [B,H,N,T]
+    mass: jax.Array | None  # [3]
+    usage: jax.Array | None  # [B,N]
+
+
+@flax.struct.dataclass
+class LayerCache:
+    """Sampling's per-layer cache ([L, ...] stacked by the layer scan): keys and values of
+    [cmem; mem; segment so far] and the projected position tables (distances descending)."""
+
+    keys: jax.Array  # [(L,) H, B, n_cm + n_m + n_s, K]
+    values: jax.Array
+    pos_table: jax.Array  # [(L,) n_m + n_s, H, K]
+    cmem_pos_table: jax.Array  # [(L,) n_cm + n_s, H, K] (empty without compressed memory)
 
 
 def _dense_init():
@@ -111,7 +140,7 @@ class RelativeAttention(nn.Module):
         memory_BSD = jnp.concatenate([cmem_BCD, mem_BMD], axis=1).astype(self.cfg.dtype)
         return tuple(project(memory_BSD, (self._cast(self.key), self._cast(self.value))))
 
-    def _position_inputs(self, n_queries: int, n_mem: int, n_cmem: int, deterministic: bool
+    def _position_inputs(self, n_queries: int, *, n_mem: int, n_cmem: int, deterministic: bool
                          ) -> tuple[jax.Array, jax.Array]:
         """The projected tables [H,P,K] of `relative_position.position_scores` (the compressed
         memory's first, when there is one) and their v biases [H,R,K]."""
@@ -122,38 +151,43 @@ class RelativeAttention(nn.Module):
                                  for kernel, _, P in tables], axis=1)
         return r_HPK, jnp.stack([self._cast(bias) for _, bias, _ in tables], axis=1)
 
-    def position_tables(self, n_mem: int, n_cmem: int) -> tuple[jax.Array, jax.Array | None]:
-        """Projected sinusoid tables (distances descending) for memory+segment and cmem+segment;
-        sampling computes them once per segment instead of once per token."""
-        N = self.cfg.segment_length
-        r = self._projected_table(self.pos_kernel, n_mem + N, deterministic=True)
-        return r, self._projected_table(self.cmem_pos_kernel, n_cmem + N, deterministic=True) if n_cmem else None
+    def position_tables(self) -> tuple[jax.Array, jax.Array]:
+        """Projected sinusoid tables (distances descending) for memory+segment [n_m+n_s,H,K] and
+        cmem+segment [n_cm+n_s,H,K] (empty without compressed memory); sampling computes them
+        once per segment instead of once per token."""
+        cfg, N = self.cfg, self.cfg.segment_length
+        pos_table = self._projected_table(self.pos_kernel, cfg.memory_length + N, deterministic=True)
+        if not cfg.compresses:
+            return pos_table, jnp.zeros((0,) + pos_table.shape[1:], pos_table.dtype)
+        return pos_table, self._projected_table(self.cmem_pos_kernel, cfg.compressed_length + N, deterministic=True)
 
-    def decode(self, x_B1D: jax.Array, k_HBTK: jax.Array, v_HBTK: jax.Array, r_PHK: jax.Array,
-               rc_PHK: jax.Array | None, mask_B1T: jax.Array, position: jax.Array, n_cmem: int, n_mem: int):
-        """One query at segment offset `position` against cached keys/values of
-        [cmem; mem; segment so far]. Returns (output [B,1,d], updated k and v caches)."""
-        C, M, N = n_cmem, n_mem, self.cfg.segment_length
+    def decode(self, x_B1D: jax.Array, cache: LayerCache, mask_B1T: jax.Array, position: jax.Array
+               ) -> tuple[jax.Array, LayerCache]:
+        """One query at segment offset `position` against the cached keys/values of
+        [cmem; mem; segment so far]: (output [B,1,d], the cache with this token's key and value)."""
+        C, M, N = self.cfg.compressed_length, self.cfg.memory_length, self.cfg.segment_length
         x_B1D = x_B1D.astype(self.cfg.dtype)
         q_B1HK = self.queries(x_B1D)
         k_new, v_new = (head_major(t) for t in self.keys_values(x_B1D))
-        k_HBTK = jax.lax.dynamic_update_slice_in_dim(k_HBTK, k_new.astype(k_HBTK.dtype), C + M + position, axis=2)
-        v_HBTK = jax.lax.dynamic_update_slice_in_dim(v_HBTK, v_new.astype(v_HBTK.dtype), C + M + position, axis=2)
-        content_BH1T = jnp.einsum("bnhk,hbtk->bhnt", q_B1HK + self._cast(self.u_bias), k_HBTK)
+        k_HBTK, v_HBTK = (jax.lax.dynamic_update_slice_in_dim(old, new.astype(old.dtype), C + M + position, axis=2)
+                          for old, new in ((cache.keys, k_new), (cache.values, v_new)))
+        content_BH1T = jnp.einsum("bnhk,hbtk->bhnt", q_B1HK + self._cast(self.u_bias)[None, None], k_HBTK)
 
         def position_term(bias, table_PHK, n_keys):
             # Key j is at distance n_before + position - j: column N - 1 - position + j of the
             # descending table (the relative shift, for one row); future keys are clipped.
-            raw = jnp.einsum("bnhk,phk->bhnp", q_B1HK + self._cast(bias), table_PHK)
+            raw = jnp.einsum("bnhk,phk->bhnp", q_B1HK + self._cast(bias)[None, None], table_PHK)
             columns = jnp.clip(N - 1 - position + jnp.arange(n_keys), 0, table_PHK.shape[0] - 1)
             return jnp.take(raw, columns, axis=-1)
 
-        position_BH1T = position_term(self.v_bias, r_PHK, M + N)
+        position_BH1T = position_term(self.v_bias, cache.pos_table, M + N)
         if C:
-            position_BH1T = jnp.concatenate([position_term(self.cmem_v_bias, rc_PHK, C), position_BH1T], axis=-1)
+            position_BH1T = jnp.concatenate([position_term(self.cmem_v_bias, cache.cmem_pos_table, C),
+                                             position_BH1T], axis=-1)
         logits = (content_BH1T + position_BH1T).astype(jnp.float32)
         probs = softmax(logits, mask_B1T[:, None]).astype(self.cfg.dtype)
-        return self.out(jnp.einsum("bhnt,hbtk->bnhk", probs, v_HBTK)), k_HBTK, v_HBTK
+        out = self.out(jnp.einsum("bhnt,hbtk->bnhk", probs, v_HBTK))
+        return out, cache.replace(keys=k_HBTK, values=v_HBTK)
 
     def _keys_values_with_memory(self, x_BND, mem_BMD, cmem_BCD, memory_kv):
         """Scaled queries [H,B,N,K] of the segment, and keys and values [H,B,T,K] of
@@ -169,57 +203,6 @@ class RelativeAttention(nn.Module):
             k_HBTK, v_HBTK = jnp.concatenate([k_mem, k_HBTK], axis=2), jnp.concatenate([v_mem, v_HBTK], axis=2)
         return q_HBNK, k_HBTK, v_HBTK
 
-    def _fused(self, x_BND, mem_BMD, cmem_BCD, mask_B1NT, memory_kv, deterministic):
-        """The attention through a fused kernel, which never writes the probabilities.
-        'pallas_tpu': ctx.flash_attention, head-major like the rest of the segment path, which
-        computes the content and position terms and the mask tile by tile from the queries,
-        u, v, the projected tables and the memory-validity row, and also returns the attention
-        mass per key range from its row statistics and, for 'most_used', the attention each evicted
-        key receives (a kernel over those keys that recomputes their probabilities from the
-        forward's log-sum-exp). 'cudnn': jax.nn.dot_product_attention,
-        batch-major (cuDNN on GPUs, the same call's XLA ops elsewhere), given the queries q + u
-        (already scaled, so scale 1) and the shifted position term as its additive bias in the
-        compute dtype, with the mask folded in as a large negative value (a boolean mask would
-        make cuDNN compute a useless bias gradient). No probabilities are returned. The Pallas
-        kernel drops attention weights itself (a mask hashed from a seed this module draws and
-        the weight's indices); cuDNN's public API drops none."""
-        kernel = self.cfg.attention_kernel
-        rate = 0.0 if deterministic else self.cfg.attention_dropout_rate
-        if rate and kernel == "cudnn":  # validate_model refuses it; a hand-made ModelConfig may not
-            raise ValueError(f"the cudnn attention has no attention dropout, and the config asks for {rate} "
-                             "(model.attention_dropout, or model.dropout while it is None); set "
-                             "attention_dropout=0, or attention_impl='pallas_tpu' (TPUs) or 'xla'")
-        C, M = cmem_BCD.shape[1], mem_BMD.shape[1]
-        dtype = self.cfg.dtype
-        qkv = self._keys_values_with_memory(x_BND, mem_BMD, cmem_BCD, memory_kv)
-        q_HBNK, k_HBTK, v_HBTK = qkv
-        r_HPK, v_HRK = self._position_inputs(q_HBNK.shape[2], M, C, deterministic)
-        mass = usage_BN = None
-        if kernel == "pallas_tpu":
-            visible_BT = mask_B1NT[:, 0, -1, :]  # the last query sees every valid memory slot and the segment
-            N = q_HBNK.shape[2]
-            seed = None
-            if rate:  # drawn where the xla path's nn.Dropout of the weights draws
-                seed = jax.lax.bitcast_convert_type(jax.random.bits(self.make_rng("dropout"), (), jnp.uint32),
-                                                    jnp.int32)
-            read_HBNK, mass_HBNR, usage_HBN = flash_attention(
-                q_HBNK, self._cast(self.u_bias), k_HBTK, v_HBTK, v_HRK, r_HPK, visible_BT, C, M,
-                (C, C + N) if self._reports_usage else None, rate, seed)
-            read_BNHK = jnp.transpose(read_HBNK, (1, 2, 0, 3))
-            mass = jax.lax.stop_gradient(mass_HBNR.mean(axis=(0, 1, 2)))
-            if usage_HBN is not None:
-                usage_BN = jax.lax.stop_gradient(usage_HBN.mean(axis=0) / N)
-        else:
-            query_HBNK = q_HBNK + self._cast(self.u_bias)[:, None, None, :]
-            big = jnp.asarray(jnp.finfo(jnp.dtype(dtype)).min / 2, dtype)
-            bias_BHNT = position_scores(q_HBNK, v_HRK, r_HPK, C, batch_major=True)
-            bias_BHNT = jnp.where(mask_B1NT, bias_BHNT.astype(dtype), big)
-            query_BNHK, key_BTHK, value_BTHK = (jnp.transpose(t, (1, 2, 0, 3)) for t in (query_HBNK, k_HBTK, v_HBTK))
-            read_BNHK = jax.nn.dot_product_attention(
-                query_BNHK, key_BTHK, value_BTHK, bias=bias_BHNT, scale=1.0,
-                implementation="cudnn" if jax.default_backend() == "gpu" else "xla")
-        return self.out(read_BNHK.astype(dtype)), None, qkv, mass, usage_BN
-
     @property
     def _reports_usage(self) -> bool:
         """Whether a segment reports the attention its evicted memories received ('most_used')."""
@@ -227,35 +210,70 @@ class RelativeAttention(nn.Module):
 
     def __call__(self, x_BND: jax.Array, mem_BMD: jax.Array, cmem_BCD: jax.Array, mask_B1NT: jax.Array,
                  memory_kv: tuple[jax.Array, jax.Array] | None = None, deterministic: bool = True
-                 ) -> tuple[jax.Array, jax.Array | None, tuple[jax.Array, jax.Array, jax.Array], jax.Array | None,
-                            jax.Array | None]:
-        """Returns (output [B,N,d], attention probabilities [B,H,N,T], (scaled queries [H,B,N,K],
-        keys [H,B,T,K], values [H,B,T,K]), attention mass [3], usage [B,N]); keys and values are
-        of [cmem; mem; segment], the mass is the mean attention a query gives each of the three,
-        the usage (for 'most_used' compression, else None) the mean attention each evicted
-        memory (keys C .. C+N) receives over heads and queries; neither has a gradient. The
-        fused kernels return no probabilities, and cuDNN no mass.
+                 ) -> AttentionOut:
+        """A segment's attention over [cmem; mem; segment], by the config's attention_impl.
         `memory_kv`: the memories' keys and values [H,B,C+M,K] when already known (evaluation
         carries them from segment to segment instead of projecting the memories again)."""
         C, M = cmem_BCD.shape[1], mem_BMD.shape[1]
-        dtype = self.cfg.dtype
-        if self.cfg.fused_attention:
-            return self._fused(x_BND, mem_BMD, cmem_BCD, mask_B1NT, memory_kv, deterministic)
         q_HBNK, k_HBTK, v_HBTK = self._keys_values_with_memory(x_BND, mem_BMD, cmem_BCD, memory_kv)
+        r_HPK, v_HRK = self._position_inputs(q_HBNK.shape[2], n_mem=M, n_cmem=C, deterministic=deterministic)
+        attend = {"xla": self._xla, "pallas_tpu": self._pallas_tpu, "cudnn": self._cudnn}[self.cfg.attention_impl]
+        read_BNHK, probs_BHNT, mass, usage_BN = attend(q_HBNK, k_HBTK, v_HBTK, r_HPK, v_HRK, mask_B1NT, n_mem=M,
+                                                       n_cmem=C, deterministic=deterministic)
+        return AttentionOut(out=self.out(read_BNHK.astype(self.cfg.dtype)), queries=q_HBNK, keys=k_HBTK,
+                            values=v_HBTK, probs=probs_BHNT, mass=mass, usage=usage_BN)
+
+    def _xla(self, q_HBNK, k_HBTK, v_HBTK, r_HPK, v_HRK, mask_B1NT, *, n_mem, n_cmem, deterministic):
+        """The reference: scores, softmax and probabilities as XLA ops (head-major throughout)."""
+        C, M, N = n_cmem, n_mem, q_HBNK.shape[2]
         # (q + u)·k = q·k + u·k: the u·k row [H,B,T] is the same for every query.
         content_HBNT = (jnp.einsum("hbnk,hbtk->hbnt", q_HBNK, k_HBTK)
                         + jnp.einsum("hk,hbtk->hbt", self._cast(self.u_bias), k_HBTK)[:, :, None, :])
-        r_HPK, v_HRK = self._position_inputs(q_HBNK.shape[2], M, C, deterministic)
         position_HBNT = position_scores(q_HBNK, v_HRK, r_HPK, C)
         logits = (content_HBNT + position_HBNT).astype(jnp.float32)
         probs_HBNT = softmax(logits, mask_B1NT[:, 0][None])
-        dropped = self.weight_dropout(probs_HBNT, deterministic=deterministic).astype(dtype)
+        dropped = self.weight_dropout(probs_HBNT, deterministic=deterministic).astype(self.cfg.dtype)
         # Read head-major, then move the small [H,B,N,K] result; asked for [B,N,H,K] directly,
         # XLA transposed the score-sized probabilities and their gradient in the backward pass.
         read_BNHK = jnp.transpose(jnp.einsum("hbnt,hbtk->hbnk", dropped, v_HBTK), (1, 2, 0, 3))
-        mass_HBNT = jax.lax.stop_gradient(probs_HBNT)
-        mass = jnp.stack([mass_HBNT[..., :C].sum(-1).mean(), mass_HBNT[..., C:C + M].sum(-1).mean(),
-                          mass_HBNT[..., C + M:].sum(-1).mean()])
-        usage_BN = mass_HBNT[..., C:C + q_HBNK.shape[2]].mean(axis=(0, 2)) if self._reports_usage else None
-        return (self.out(read_BNHK), jnp.transpose(probs_HBNT, (1, 0, 2, 3)), (q_HBNK, k_HBTK, v_HBTK), mass,
-                usage_BN)
+        seen_HBNT = jax.lax.stop_gradient(probs_HBNT)
+        mass = jnp.stack([seen_HBNT[..., :C].sum(-1).mean(), seen_HBNT[..., C:C + M].sum(-1).mean(),
+                          seen_HBNT[..., C + M:].sum(-1).mean()])
+        usage_BN = seen_HBNT[..., C:C + N].mean(axis=(0, 2)) if self._reports_usage else None
+        return read_BNHK, jnp.transpose(probs_HBNT, (1, 0, 2, 3)), mass, usage_BN
+
+    def _pallas_tpu(self, q_HBNK, k_HBTK, v_HBTK, r_HPK, v_HRK, mask_B1NT, *, n_mem, n_cmem, deterministic):
+        """ctx's flash kernel (ctx/nn/pallas_tpu.py): the mask, position term and dropout inside
+        each tile; the mass and the evicted keys' usage from its row statistics."""
+        C, N = n_cmem, q_HBNK.shape[2]
+        rate = 0.0 if deterministic else self.cfg.attention_dropout_rate
+        seed = None
+        if rate:  # drawn where the xla path's nn.Dropout of the weights draws
+            seed = jax.lax.bitcast_convert_type(jax.random.bits(self.make_rng("dropout"), (), jnp.uint32), jnp.int32)
+        visible_BT = mask_B1NT[:, 0, -1, :]  # the last query sees every valid memory slot and the segment
+        read_HBNK, mass_HBNR, usage_HBN = flash_attention(
+            q_HBNK, self._cast(self.u_bias), k_HBTK, v_HBTK, v_HRK, r_HPK, visible_BT, n_cmem=n_cmem, n_mem=n_mem,
+            usage_keys=(C, C + N) if self._reports_usage else None, dropout=rate, dropout_seed=seed)
+        mass = jax.lax.stop_gradient(mass_HBNR.mean(axis=(0, 1, 2)))
+        usage_BN = None if usage_HBN is None else jax.lax.stop_gradient(usage_HBN.mean(axis=0) / N)
+        return jnp.transpose(read_HBNK, (1, 2, 0, 3)), None, mass, usage_BN
+
+    def _cudnn(self, q_HBNK, k_HBTK, v_HBTK, r_HPK, v_HRK, mask_B1NT, *, n_mem, n_cmem, deterministic):
+        """jax.nn.dot_product_attention (cuDNN on GPUs), batch-major, with q + u (already scaled)
+        and the shifted position term as its bias, the mask folded in as a large negative value
+        (a boolean mask would make cuDNN compute a useless bias gradient). No mass, no dropout."""
+        del n_mem
+        rate = 0.0 if deterministic else self.cfg.attention_dropout_rate
+        if rate:  # validate_model refuses it; a hand-made ModelConfig may not
+            raise ConfigError(f"the cudnn attention has no attention dropout, and the config asks for {rate} "
+                              "(model.attention_dropout, or model.dropout while it is None); set "
+                              "attention_dropout=0, or attention_impl='pallas_tpu' (TPUs) or 'xla'")
+        dtype = self.cfg.dtype
+        query_HBNK = q_HBNK + self._cast(self.u_bias)[:, None, None, :]
+        bias_BHNT = position_scores(q_HBNK, v_HRK, r_HPK, n_cmem, batch_major=True)
+        bias_BHNT = jnp.where(mask_B1NT, bias_BHNT.astype(dtype), jnp.asarray(MASKED_LOGIT, dtype))
+        query_BNHK, key_BTHK, value_BTHK = (jnp.transpose(t, (1, 2, 0, 3)) for t in (query_HBNK, k_HBTK, v_HBTK))
+        read_BNHK = jax.nn.dot_product_attention(
+            query_BNHK, key_BTHK, value_BTHK, bias=bias_BHNT, scale=1.0,
+            implementation="cudnn" if jax.default_backend() == "gpu" else "xla")
+        return read_BNHK, None, None, None

@@ -16,7 +16,7 @@ backward recomputes each tile's probabilities from that log-sum-exp, accumulates
 value gradients over the query blocks, returns the content query gradient as one partial sum
 per key block (summed by XLA) and writes the logits' gradient once; XLA turns that into the
 gradients of the queries' position term, the tables and the v biases through `jax.vjp` of the
-same term written as XLA ops (`ctx.relative_position.position_scores`). Un-skewing it in the
+same term written as XLA ops (`ctx.nn.relative_position.position_scores`). Un-skewing it in the
 kernel would need the inverse rotation (stride -1, which Mosaic does not lower).
 
 Attention dropout happens in the tile too: whether a weight survives is a hash of (the batch
@@ -34,7 +34,9 @@ v [H,B,T,K] of [cmem; mem; segment], the tables [H,P,K] and their v biases [H,R,
 On a TPU backend the kernel lowers through Mosaic; on any other it runs in Pallas interpret
 mode (same kernel, same numbers, slowly), so CPU tests check the very code a TPU runs.
 `jax.lax.platform_dependent` picks per lowering platform, so compiling ahead of time for a TPU
-topology on a CPU machine lowers the Mosaic kernel.
+topology on a CPU machine lowers the Mosaic kernel. XLA cannot partition a Mosaic call, so under
+a mesh (the trainer and evaluation trace with their abstract mesh) it runs in a `shard_map` over
+the batch rows.
 """
 from __future__ import annotations
 
@@ -47,14 +49,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
-from ctx.relative_position import position_scores
+from ctx.nn.ops import MASKED_LOGIT
+from ctx.nn.relative_position import position_scores
 
 # TPU tiles: the last two dimensions of a block are multiples of (8, 128) or the whole axis.
 _KEY_BLOCKS = (512, 256, 128)
 _QUERY_BLOCKS = (256, 128, 64, 32, 16, 8)
 _LANES = 128
-# The logit of a key a query must not see; exp() of it minus any real logit is exactly 0.
-_HIDDEN = -0.5 * float(jnp.finfo(jnp.float32).max)
 
 
 def _block(length: int, choices: tuple[int, ...]) -> int:
@@ -179,7 +180,7 @@ def _skewed_window(q, v_row, r_ref, first_query, first_virtual_key, lay: _Layout
 
 
 def _logits(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, query_block, key_block, lay: _Layout):
-    """One tile's logits (q + u)·k + (q + v)·R, with the hidden keys at _HIDDEN, in float32;
+    """One tile's logits (q + u)·k + (q + v)·R, with the hidden keys at MASKED_LOGIT, in float32;
     and the content queries q + u."""
     q = q_ref[...]
     content_q = q + u_ref[...]
@@ -200,7 +201,7 @@ def _logits(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, query_block, key_bl
     query = first_query + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
     segment_key = key - (C + lay.n_mem)
     seen = (visible_ref[...] != 0) & (segment_key <= query)
-    return jnp.where(seen, s + position, _HIDDEN), content_q
+    return jnp.where(seen, s + position, MASKED_LOGIT), content_q
 
 
 def _forward_kernel(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, v_ref, seed_ref, out_ref, lse_ref, mass_ref,

@@ -10,24 +10,27 @@ Shape letters, in names like `x_BND` (as in nanodo) and throughout ctx, each wit
   S memory slots C+M  T keys C+M+N               P relative positions of a position table
   D d_model           H heads                    K head dim d_model / H
   F d_ff              V vocabulary               G segments per jitted call (train.segments_per_call)
+  R position tables (1, or 2 with compressed memory)  W kernel width of a compression conv (c, or 2)
 """
 from __future__ import annotations
 
-import warnings
 from functools import partial
-from typing import Callable
+from typing import Callable, TypeVar
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from ctx import losses
-from ctx.attention import RelativeAttention, attention_mask, head_major
-from ctx.compression import Compressor
-from ctx.config import ModelConfig, ModelConfigLike
-from ctx.memory import LayerMemory, Memory, advance_memory_kv, fifo_update, reset_rows, shift_in, update_masks
-from ctx.ops import LayerNorm, relu
+from ctx.config import ConfigError, ModelConfig
+from ctx.errors import InputError
+from ctx.nn import losses
+from ctx.nn.attention import AttentionOut, LayerCache, RelativeAttention, attention_mask, head_major
+from ctx.nn.compression import Compressor
+from ctx.nn.memory import LayerMemory, Memory, advance_memory_kv, fifo_update, reset_rows, shift_in, update_masks
+from ctx.nn.ops import LayerNorm, relu
+
+Rest = TypeVar("Rest")
 
 REMAT_POLICIES = {
     "full": None,
@@ -50,21 +53,6 @@ class SegmentAux:
         """The auxiliary loss training adds: the mean over layers."""
         return self.compression_loss_per_layer.mean()
 
-    def __getitem__(self, name: str) -> jax.Array:
-        """aux["compression_loss"], as when aux was a dict; the old spelling still works."""
-        warnings.warn(f'aux["{name}"] is now aux.{name}', DeprecationWarning, stacklevel=2)
-        return getattr(self, name)
-
-
-@flax.struct.dataclass
-class LayerCache:
-    """Sampling's per-layer cache ([L, ...] stacked): keys and values of [cmem; mem; segment so
-    far] and the projected position tables (distances descending)."""
-
-    keys: jax.Array  # [(L,) H, B, n_cm + n_m + n_s, K]
-    values: jax.Array
-    r: jax.Array  # [(L,) n_m + n_s, H, K]
-    rc: jax.Array  # [(L,) n_cm + n_s, H, K] (empty without compressed memory)
 
 
 @flax.struct.dataclass
@@ -96,8 +84,10 @@ class Block(nn.Module):
         if cfg.compresses:
             self.compress = Compressor(cfg)
 
-    def _residual(self, x_BND: jax.Array, attend: Callable, deterministic: bool):
-        """The layer around an attention call; returns (x, attention input, attend's other outputs)."""
+    def _residual(self, x_BND: jax.Array, attend: Callable[[jax.Array], tuple[jax.Array, Rest]],
+                  deterministic: bool) -> tuple[jax.Array, jax.Array, Rest]:
+        """The layer around an attention call `attend(input) -> (output, rest)`; returns
+        (x, the attention's input, rest)."""
         dropout = partial(self.dropout, deterministic=deterministic)
 
         def mlp(y_BND):
@@ -105,28 +95,27 @@ class Block(nn.Module):
 
         if self.cfg.layer_norm == "pre":
             attention_in = self.ln_attention(x_BND)
-            out, *extra = attend(attention_in)
+            out, rest = attend(attention_in)
             x_BND = x_BND + dropout(out)
-            return x_BND + dropout(mlp(self.ln_mlp(x_BND))), attention_in, extra
-        out, *extra = attend(x_BND)  # post-LN, the paper's Algorithm 1: attention sees the residual
+            return x_BND + dropout(mlp(self.ln_mlp(x_BND))), attention_in, rest
+        out, rest = attend(x_BND)  # post-LN, the paper's Algorithm 1: attention sees the residual
         y = self.ln_attention(x_BND + dropout(out))
-        return self.ln_mlp(y + dropout(mlp(y))), x_BND, extra
+        return self.ln_mlp(y + dropout(mlp(y))), x_BND, rest
 
-    def _compress(self, evicted_BND: jax.Array, usage_BN: jax.Array | None,
-                  qkv: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        """Compress the evicted memories and compute the compression loss. `usage_BN`: the
-        attention each evicted entry got, over heads and queries (for 'most_used'). `qkv` is
-        the attention's head-major (queries, keys, values): the evicted entries are rows
-        n_cm .. n_cm+n_s of its [cmem; mem; segment] keys and values, so the loss reuses them."""
+    def _compress(self, evicted_BND: jax.Array, attended: AttentionOut) -> tuple[jax.Array, jax.Array]:
+        """Compress the evicted memories and compute the compression loss. `attended.usage`:
+        the attention each evicted entry got, over heads and queries (for 'most_used'). The
+        evicted entries are rows n_cm .. n_cm+n_s of the attention's [cmem; mem; segment] keys
+        and values, so the loss reuses them."""
         cfg = self.cfg
         evicted_BND = jax.lax.stop_gradient(evicted_BND)
-        compressed_BED = self.compress(evicted_BND, usage_BN)
+        compressed_BED = self.compress(evicted_BND, attended.usage)
         if cfg.compression_loss == "attention":
-            q_HBNK, k_HBTK, v_HBTK = qkv
             evicted = slice(cfg.compressed_length, cfg.compressed_length + cfg.segment_length)
             compressed_kv = map(head_major, self.attention.keys_values(compressed_BED, stop_gradient=True))
-            loss = losses.attention_reconstruction_loss(q_HBNK, (k_HBTK[:, :, evicted], v_HBTK[:, :, evicted]),
-                                                        tuple(compressed_kv))
+            loss = losses.attention_reconstruction_loss(
+                attended.queries, (attended.keys[:, :, evicted], attended.values[:, :, evicted]),
+                tuple(compressed_kv))
         elif cfg.compression_loss == "autoencoder":
             loss = losses.autoencoder_loss(evicted_BND, self.compress.decode(compressed_BED))
         else:
@@ -139,12 +128,16 @@ class Block(nn.Module):
         keys/values (`layer.keys`) are used instead of projecting the memories, and advanced."""
         cfg = self.cfg
         carried = None if layer.keys is None else (layer.keys, layer.values)
-        x_BND, attention_in_BND, (probs_BHNT, qkv, attention_mass, usage_BN) = self._residual(
-            x_BND, lambda a: self.attention(a, layer.mem, layer.cmem, mask_B1NT, carried, deterministic), deterministic)
+
+        def attend(a_BND):
+            attended = self.attention(a_BND, layer.mem, layer.cmem, mask_B1NT, carried, deterministic)
+            return attended.out, attended
+
+        x_BND, attention_in_BND, attended = self._residual(x_BND, attend, deterministic)
         new_mem_BMD, evicted_BND = fifo_update(layer.mem, jax.lax.stop_gradient(attention_in_BND))
         new_cmem_BCD, loss, compressed_BED = layer.cmem, jnp.zeros((), jnp.float32), None
         if cfg.compresses:
-            compressed_BED, loss = self._compress(evicted_BND, usage_BN, qkv)
+            compressed_BED, loss = self._compress(evicted_BND, attended)
             new_cmem_BCD = shift_in(layer.cmem, compressed_BED)
         C, M = layer.cmem.shape[1], layer.mem.shape[1]
         next_layer = LayerMemory(mem=new_mem_BMD, cmem=new_cmem_BCD)
@@ -152,11 +145,11 @@ class Block(nn.Module):
             compressed_kv = ((None, None) if compressed_BED is None
                              else map(head_major, self.attention.keys_values(compressed_BED)))
             keys, values = (advance_memory_kv(kv, full[:, :, C + M:], new, C)
-                            for kv, full, new in zip(carried, qkv[1:], compressed_kv))
+                            for kv, full, new in zip(carried, (attended.keys, attended.values), compressed_kv))
             next_layer = next_layer.replace(keys=keys, values=values)
-        if probs_BHNT is not None:  # the fused kernels form none
-            self.sow("intermediates", "attention_probs", jax.lax.stop_gradient(probs_BHNT))
-        return x_BND, (next_layer, SegmentAux(compression_loss_per_layer=loss, attention_mass=attention_mass))
+        if attended.probs is not None:  # the fused kernels form none
+            self.sow("intermediates", "attention_probs", jax.lax.stop_gradient(attended.probs))
+        return x_BND, (next_layer, SegmentAux(compression_loss_per_layer=loss, attention_mass=attended.mass))
 
     def memory_keys_values(self, carry: None, layer: LayerMemory) -> tuple[None, LayerMemory]:
         """This layer's memories with their keys and values."""
@@ -169,20 +162,18 @@ class Block(nn.Module):
         _, with_kv = self.memory_keys_values(carry, layer)
         pad_HBNK = jnp.zeros(with_kv.keys.shape[:2] + (cfg.segment_length,) + with_kv.keys.shape[3:],
                              with_kv.keys.dtype)
-        r, rc = self.attention.position_tables(cfg.memory_length, cfg.compressed_length)
+        pos_table, cmem_pos_table = self.attention.position_tables()
         return carry, LayerCache(keys=jnp.concatenate([with_kv.keys, pad_HBNK], axis=2),
                                  values=jnp.concatenate([with_kv.values, pad_HBNK], axis=2),
-                                 r=r, rc=jnp.zeros((0,) + r.shape[1:], r.dtype) if rc is None else rc)
+                                 pos_table=pos_table, cmem_pos_table=cmem_pos_table)
 
     def decode(self, x_B1D: jax.Array, layer: LayerCache, shared: tuple[jax.Array, jax.Array]
                ) -> tuple[jax.Array, LayerCache]:
         """One token through this layer; `shared` is (mask [B,1,T], the token's offset in its segment)."""
-        cfg = self.cfg
         mask_B1T, position = shared
-        x_B1D, _, (keys, values) = self._residual(x_B1D, lambda a: self.attention.decode(
-            a, layer.keys, layer.values, layer.r, layer.rc, mask_B1T, position, cfg.compressed_length,
-            cfg.memory_length), deterministic=True)
-        return x_B1D, layer.replace(keys=keys, values=values)
+        x_B1D, _, layer = self._residual(x_B1D, lambda a: self.attention.decode(a, layer, mask_B1T, position),
+                                         deterministic=True)
+        return x_B1D, layer
 
 
 def layer_stack(cfg: ModelConfig) -> type[nn.Module]:
@@ -204,19 +195,22 @@ def layer_stack(cfg: ModelConfig) -> type[nn.Module]:
                                    "decode": dict(scan, in_axes=(0, nn.broadcast))})
 
 
+# Vocabularies smaller than this embed by a one-hot matmul (bytes, small BPE); larger ones gather.
+ONE_HOT_EMBEDDING_BELOW = 4096
+
+
 class Embedding(nn.Module):
     """Token embedding. Small vocabularies embed by a one-hot matmul, whose backward is a GEMM
     instead of a scatter-add (much faster on CPUs and TPUs); large ones gather."""
 
     cfg: ModelConfig
-    one_hot_below: int = 4096
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
         cfg = self.cfg
         table = self.param("embedding", nn.initializers.normal(1.0), (cfg.vocab_size, cfg.d_model))
         table = table.astype(cfg.dtype)
-        if cfg.vocab_size < self.one_hot_below:
+        if cfg.vocab_size < ONE_HOT_EMBEDDING_BELOW:
             return jax.nn.one_hot(tokens, cfg.vocab_size, dtype=cfg.dtype) @ table
         return jnp.take(table, tokens, axis=0)
 
@@ -231,14 +225,16 @@ class CompressiveTransformer(nn.Module):
       decode                   one token per row and a DecodeCache -> (logits, next DecodeCache)
     """
 
-    config: ModelConfigLike
-
-    @property
-    def model_config(self) -> ModelConfig:
-        return ModelConfig.from_config(self.config)
+    config: ModelConfig  # ctx.ModelConfig.from_config(cfg.model), with attention_impl resolved
 
     def setup(self) -> None:
-        cfg = self.model_config
+        cfg = self.config
+        if not isinstance(cfg, ModelConfig):
+            raise ConfigError(f"CompressiveTransformer takes a ModelConfig, got {type(cfg).__name__}: "
+                              "pass ctx.ModelConfig.from_config(config.model)")
+        if cfg.attention_impl == "auto":
+            raise ConfigError("model.attention_impl='auto' is resolved where the platform is known: pass "
+                              "ctx.config.resolve_attention(cfg, jax.default_backend())")
         self.embed = Embedding(cfg)
         self.embed_dropout = nn.Dropout(cfg.dropout)
         self.layers = layer_stack(cfg)(cfg)
@@ -247,7 +243,7 @@ class CompressiveTransformer(nn.Module):
         self.logits = nn.Dense(cfg.vocab_size, dtype=cfg.dtype)
 
     def _logits(self, x_BND: jax.Array) -> jax.Array:
-        if self.model_config.layer_norm == "pre":
+        if self.config.layer_norm == "pre":
             x_BND = self.ln_final(x_BND)
         return self.logits(x_BND).astype(jnp.float32)
 
@@ -258,9 +254,9 @@ class CompressiveTransformer(nn.Module):
         A memory that carries its keys and values (`with_memory_keys_values`) is read without
         projecting the memories again, and the next one carries them too: evaluation does
         this (parameters are fixed there); training cannot."""
-        cfg = self.model_config
+        cfg = self.config
         if tokens_BN.ndim != 2 or tokens_BN.shape[1] != cfg.segment_length:
-            raise ValueError(f"tokens must be int [batch, segment_length={cfg.segment_length}], "
+            raise InputError(f"tokens must be int [batch, segment_length={cfg.segment_length}], "
                              f"got shape {tokens_BN.shape}")
         memory = reset_rows(memory, reset)
         x_BND = self.embed_dropout(self.embed(tokens_BN), deterministic=deterministic)
@@ -284,7 +280,7 @@ class CompressiveTransformer(nn.Module):
     def decode(self, token_B1: jax.Array, cache: DecodeCache) -> tuple[jax.Array, DecodeCache]:
         """One token per row [B,1] at offset `cache.position` of the current segment:
         (logits [B,1,V], the cache with its keys and values)."""
-        N = self.model_config.segment_length
+        N = self.config.segment_length
         segment_mask = jnp.broadcast_to(jnp.arange(N) <= cache.position, (cache.memory_mask.shape[0], N))
         mask_B1T = jnp.concatenate([cache.memory_mask, segment_mask], axis=1)[:, None]
         x_B1D, layers = self.layers.decode(self.embed(token_B1), cache.layers, (mask_B1T, cache.position))

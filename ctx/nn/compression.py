@@ -11,23 +11,23 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ctx import ops
 from ctx.config import ModelConfig
+from ctx.nn import ops
 
 
-def strided_conv(x_BTD: jax.Array, kernel_CIO: jax.Array) -> jax.Array:
-    """Conv1D with kernel = stride = c and no padding, as one GEMM: [B, T/c, c*d] @ [c*d, d]."""
-    B, T, d = x_BTD.shape
-    c = kernel_CIO.shape[0]
-    groups = x_BTD[:, :T // c * c].reshape(B, T // c, c * d)
-    return groups @ kernel_CIO.reshape(c * d, -1).astype(x_BTD.dtype)
+def strided_conv(x_BND: jax.Array, kernel_WDD: jax.Array) -> jax.Array:
+    """Conv1D with kernel = stride = c (W = c) and no padding, as one GEMM: [B, N/c, c*d] @ [c*d, d]."""
+    B, N, D = x_BND.shape
+    c = kernel_WDD.shape[0]
+    groups = x_BND[:, :N // c * c].reshape(B, N // c, c * D)
+    return groups @ kernel_WDD.reshape(c * D, -1).astype(x_BND.dtype)
 
 
-def causal_dilated_conv(x_BTD: jax.Array, kernel_2IO: jax.Array, rate: int) -> jax.Array:
-    """Kernel-2 conv with dilation `rate`, left-padded with zeros: y[t] = x[t-rate] W0 + x[t] W1."""
-    shifted = jnp.pad(x_BTD, ((0, 0), (rate, 0), (0, 0)))[:, :x_BTD.shape[1]]
-    kernel = kernel_2IO.astype(x_BTD.dtype)
-    return shifted @ kernel[0] + x_BTD @ kernel[1]
+def causal_dilated_conv(x_BND: jax.Array, kernel_WDD: jax.Array, rate: int) -> jax.Array:
+    """Kernel-2 (W = 2) conv with dilation `rate`, left-padded with zeros: y[t] = x[t-rate] W0 + x[t] W1."""
+    shifted = jnp.pad(x_BND, ((0, 0), (rate, 0), (0, 0)))[:, :x_BND.shape[1]]
+    kernel = kernel_WDD.astype(x_BND.dtype)
+    return shifted @ kernel[0] + x_BND @ kernel[1]
 
 
 class Compressor(nn.Module):
@@ -54,16 +54,16 @@ class Compressor(nn.Module):
     def __call__(self, evicted_BND: jax.Array, usage_BN: jax.Array | None = None) -> jax.Array:
         """Compress [B, n_s, d] to [B, n_s/c, d]; `usage` (attention received) for most_used."""
         cfg = self.cfg
-        B, N, d = evicted_BND.shape
-        k, c = cfg.slots_per_segment, cfg.compression_rate
+        B, N, D = evicted_BND.shape
+        E, c = cfg.slots_per_segment, cfg.compression_rate
         if cfg.compression in ("conv", "dilated_conv"):
             return self._linear_parts(evicted_BND, relu=True)
         if cfg.compression == "max":
-            return evicted_BND.reshape(B, k, c, d).max(axis=2)
+            return evicted_BND.reshape(B, E, c, D).max(axis=2)
         if cfg.compression == "mean":
-            return evicted_BND.reshape(B, k, c, d).mean(axis=2)
-        # most_used: keep the k most-attended entries, in time order.
-        _, top_BE = jax.lax.top_k(usage_BN, k)
+            return evicted_BND.reshape(B, E, c, D).mean(axis=2)
+        # most_used: keep the E most-attended entries, in time order.
+        _, top_BE = jax.lax.top_k(usage_BN, E)
         return jnp.take_along_axis(evicted_BND, jnp.sort(top_BE, axis=1)[..., None], axis=1)
 
     def decode(self, compressed_BED: jax.Array) -> jax.Array:

@@ -18,7 +18,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-_MASKED = -1e30  # the logit of a masked entry: exp underflows to exactly 0, with no inf - inf
+# The logit of a hidden key in every attention implementation: its exp (less any row maximum)
+# underflows to exactly 0, adding a position term to it cannot reach -inf, a row with every key
+# hidden has no inf - inf, and bfloat16 represents it too (half of float32's largest value).
+MASKED_LOGIT = -0.5 * float(jnp.finfo(jnp.float32).max)
 
 
 @jax.custom_vjp
@@ -30,7 +33,7 @@ def softmax(x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
 
 
 def _softmax_forward(x, mask):
-    y = jax.nn.softmax(x if mask is None else jnp.where(mask, x, _MASKED), axis=-1)
+    y = jax.nn.softmax(x if mask is None else jnp.where(mask, x, MASKED_LOGIT), axis=-1)
     return y, y
 
 
@@ -75,7 +78,7 @@ def _layer_norm_forward(x, scale, bias, epsilon, dtype, x_dtype):
     centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
     inv_std = jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + epsilon)
     normalised = centred * inv_std
-    y = (normalised * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype)
+    y = (normalised * _last_axis(scale, x.ndim) + _last_axis(bias, x.ndim)).astype(dtype)
     return y, (normalised, inv_std, scale)
 
 
@@ -85,13 +88,18 @@ def _layer_norm_backward(epsilon, dtype, x_dtype, residuals, g):
     batch_axes = tuple(range(g.ndim - 1))
     d_scale = jnp.sum(g32 * normalised, axis=batch_axes).astype(scale.dtype)
     d_bias = jnp.sum(g32, axis=batch_axes).astype(scale.dtype)
-    g_hat = g32 * scale.astype(jnp.float32)
+    g_hat = g32 * _last_axis(scale, g.ndim)
     d_x = inv_std * (g_hat - jnp.mean(g_hat, axis=-1, keepdims=True)
                      - normalised * jnp.mean(g_hat * normalised, axis=-1, keepdims=True))
     return d_x.astype(x_dtype), d_scale, d_bias
 
 
 _layer_norm.defvjp(_layer_norm_forward, _layer_norm_backward)
+
+
+def _last_axis(v: jax.Array, ndim: int) -> jax.Array:
+    """A [D] vector in float32 shaped to broadcast over the last axis of an `ndim`-rank array."""
+    return v.astype(jnp.float32).reshape((1,) * (ndim - 1) + (-1,))
 
 
 class LayerNorm(nn.Module):
