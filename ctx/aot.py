@@ -21,6 +21,7 @@ as XLA's estimate: it is not a measurement.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import time
@@ -103,7 +104,7 @@ def _variant(config: ml_collections.ConfigDict, **fields: Any) -> ml_collections
 def _lower(config: ml_collections.ConfigDict, target: Target):
     """The training chunk lowered for the target's mesh, with abstract (shape-only) inputs."""
     config = with_global_batch(config, len(target.devices))
-    trainer = Trainer(config, make_mesh(config.mesh, target.devices), platform=target.devices[0].platform)
+    trainer = Trainer(config, make_mesh(config.mesh, target.devices))
     abstract = trainer.abstract_checkpoint()
     G, B, N = config.train.segments_per_call, config.train.batch_size, trainer.model_config.segment_length
     rows = batch_sharding(trainer.mesh, 1, 3)
@@ -169,10 +170,53 @@ def fit(config: ml_collections.ConfigDict, target: Target) -> dict[str, Any]:
             "trainer": trainer}
 
 
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+          "f64": 8, "s64": 8, "u64": 8}
+_SHAPE = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\]")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (.*?) ([\w\-]+)\((.*?)\)(.*)$")
+# Operations that touch HBM on their own (the elementwise work inside a fusion does not).
+_MEMORY_OPS = ("fusion", "custom-call", "copy", "copy-start", "dot", "convolution", "all-reduce", "all-gather",
+               "reduce-scatter", "all-to-all", "collective-permute", "dynamic-update-slice", "dynamic-slice",
+               "scatter", "gather", "sort", "reduce", "transpose")
+
+
+def _shape_bytes(text: str) -> int:
+    return sum(_BYTES[t] * math.prod(int(d) for d in dims.split(",") if d) for t, dims in _SHAPE.findall(text))
+
+
+def largest_by_bytes(hlo_text: str, top: int = 12, layers: int = 1) -> list[dict[str, Any]]:
+    """The operations of a compiled one-layer step that move the most bytes per step of a
+    `layers`-layer model: each one's operands read plus results written (what XLA's cost analysis
+    counts as bytes accessed), times `layers` for the layer's own operations (their source op
+    lies under `layers.`), largest first, with the source op that made it. Fused computations'
+    insides are not operations of their own."""
+    defined: dict[str, int] = {}
+    found = []
+    inside_fusion = False
+    for line in hlo_text.splitlines():
+        if line.endswith("{") and not line.startswith(" "):  # a computation starts
+            inside_fusion = "fused" in line.split("(")[0] or "wrapped" in line.split("(")[0]
+            continue
+        match = _INSTRUCTION.match(line)
+        if not match:
+            continue
+        name, result, opcode, operands, rest = match.groups()
+        defined[name] = _shape_bytes(result)
+        if inside_fusion or opcode not in _MEMORY_OPS:
+            continue
+        read = sum(defined.get(operand.strip().lstrip("%"), 0) for operand in operands.split(","))
+        op_name = re.search(r'op_name="([^"]*)"', rest)
+        source = op_name.group(1) if op_name else ""
+        times = layers if "/layers." in source else 1
+        found.append({"name": name, "opcode": opcode, "bytes": read + defined[name], "times_per_step": times,
+                      "bytes_per_step": times * (read + defined[name]), "op_name": source})
+    return sorted(found, key=lambda f: -f["bytes_per_step"])[:top]
+
+
 def cost_estimate(config: ml_collections.ConfigDict, target: Target) -> dict[str, Any] | None:
     """XLA's per-chip cost of one training step (one segment), corrected for loop trip counts
     (module docstring); None where the backend's cost analysis is missing."""
-    costs = []
+    costs, texts = [], []
     for layers in (1, 2):
         variant = _variant(config, **{"model.n_layers": layers, "model.scan_unroll": 0,
                                       "train.segments_per_call": 1})
@@ -183,6 +227,7 @@ def cost_estimate(config: ml_collections.ConfigDict, target: Target) -> dict[str
         if re.search(r"\bwhile\(", compiled.as_text()):
             raise RuntimeError("the cost estimate's loop-free program still holds a while loop")
         costs.append(analysis)
+        texts.append(compiled.as_text())
     n_layers = config.model.n_layers
 
     def per_step(key: str) -> float | None:
@@ -216,6 +261,8 @@ def cost_estimate(config: ml_collections.ConfigDict, target: Target) -> dict[str
         "roofline_step_seconds": roofline,
         "step_seconds": seconds if plausible else roofline,
         "step_seconds_from": "xla_optimal_seconds" if plausible else "roofline",
+        # Where the bytes go: the one-layer step's largest operations (a layer's repeat per layer).
+        "largest_by_bytes": largest_by_bytes(texts[0], layers=n_layers),
     }
     step = estimate["step_seconds"]
     estimate["tokens_per_sec_per_chip"] = B * N / chips / step if step else None
@@ -258,6 +305,8 @@ def compile_report(config: ml_collections.ConfigDict, topology: str | None = Non
         "platform": target.platform, "devices": chips, "mesh": dict(trainer.mesh.shape),
         "segments_per_call": trainer.config.train.segments_per_call, "batch_size": trainer.config.train.batch_size,
         "per_chip_batch": per_chip, "chip": target.devices[0].device_kind,
+        # model.attention_impl as compiled: 'auto' resolved for the target's chips, not this host
+        "attention": trainer.model_config.attention_impl,
         **({"topology": target.slice.topology, "accelerator_type": target.slice.accelerator_type}
            if target.slice else {}),
         "hbm_gib": target.hbm_gib, **result,
@@ -288,6 +337,7 @@ def summary(report: dict[str, Any]) -> str:
                  f"{report['per_device_memory_estimate_gib']:.2f} GiB per chip{hbm}"]
     else:
         lines = [f"{where}: compiled; the backend reports no memory analysis"]
+    lines[0] += f" ({report['attention']} attention)"
     if "largest_fitting_per_chip_batch" in report:
         bound = "" if report["exact"] else " (at least; more compiles would tell)"
         lines.append(f"largest per-chip batch that fits: {report['largest_fitting_per_chip_batch']}{bound}")

@@ -8,7 +8,7 @@ import sys
 
 import jax
 
-from ctx.config import ModelConfig
+from ctx.config import ModelConfig, resolve_attention
 from ctx.distributed import system_accelerators
 
 INSTALL_HINT = {"gpu": "pip install -e '.[cuda]' (jax's CUDA 12 plugin)",
@@ -42,6 +42,12 @@ def announce(command: str) -> None:
     warning = unused_accelerators(jax.default_backend(), system_accelerators())
     if warning:
         print(warning, file=sys.stderr, flush=True)
+
+
+def resolve_attention_here(cfg: ModelConfig, device: jax.Device | None = None) -> ModelConfig:
+    """`cfg` with attention_impl resolved for `device` (default: this process's first device)."""
+    device = device or jax.devices()[0]
+    return resolve_attention(cfg, device.platform, device.device_kind)
 
 
 def attention_line(cfg: ModelConfig, requested: str, platform: str) -> str:

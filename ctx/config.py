@@ -11,6 +11,7 @@ import dataclasses
 import importlib.util
 import math
 import os
+import re
 from typing import Any, Mapping
 
 import ml_collections
@@ -130,13 +131,30 @@ class ModelConfig:
         return self.compresses and self.compression in LEARNED_COMPRESSIONS
 
 
-def resolve_attention(cfg: ModelConfig, platform: str) -> ModelConfig:
-    """`cfg` with attention_impl='auto' replaced by what runs on `platform` ('cpu', 'gpu', 'tpu'):
-    the fused kernel of the platform where the config allows it, else 'xla'. Other values are
-    returned as they are."""
+# The Pallas TPU kernel skews its position band with a row-strided lane rotation, which Mosaic
+# lowers on TPU v5 and later only.
+PALLAS_TPU_FIRST_GENERATION = 5
+
+
+def tpu_generation(device_kind: str) -> int | None:
+    """The generation of a TPU device kind ('TPU v4' -> 4, 'TPU v5 lite' -> 5, 'TPU7x' -> 7)."""
+    found = re.search(r"TPU\s*v?(\d+)", device_kind)
+    return int(found.group(1)) if found else None
+
+
+def resolve_attention(cfg: ModelConfig, platform: str, device_kind: str = "") -> ModelConfig:
+    """`cfg` with attention_impl='auto' replaced by what runs on `platform` ('cpu', 'gpu', 'tpu')
+    and its `device_kind` (jax's, e.g. 'TPU v5 lite'): the platform's fused kernel where the
+    config and the chip allow it, else 'xla'. An explicit 'pallas_tpu' on a TPU older than the
+    kernel supports is refused here, in one line, rather than by the compiler."""
+    generation = tpu_generation(device_kind) if platform == "tpu" else None
+    too_old = generation is not None and generation < PALLAS_TPU_FIRST_GENERATION
+    if cfg.attention_impl == "pallas_tpu" and too_old:
+        raise ConfigError(f"model.attention_impl='pallas_tpu' needs TPU v{PALLAS_TPU_FIRST_GENERATION} or later (its "
+                          f"strided lane rotation does not lower on {device_kind}); use attention_impl='xla' or 'auto'")
     if cfg.attention_impl != "auto":
         return cfg
-    fused = {"gpu": "cudnn", "tpu": "pallas_tpu"}.get(platform, "xla")
+    fused = {"gpu": "cudnn", "tpu": "xla" if too_old else "pallas_tpu"}.get(platform, "xla")
     if fused == "cudnn" and (cfg.attention_dropout_rate or cfg.compression == "most_used"):
         fused = "xla"
     return dataclasses.replace(cfg, attention_impl=fused)

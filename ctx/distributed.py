@@ -36,9 +36,9 @@ def use_the_cpu_where_nothing_else_is() -> None:
     """With libtpu installed (the [tpu] extra, which also compiles for TPU slices from any
     machine), JAX's start-up probes for TPU chips and, on a machine with none, prints half a
     dozen lines of libtpu errors before a command's own output. Where the system shows neither
-    a TPU chip nor a GPU and the user chose no platform (JAX_PLATFORMS), JAX is told to use the
-    CPU, which it would have used anyway; compiling for a TPU slice still works. Called by the
-    entry points before JAX starts, never at import."""
+    a TPU chip nor a GPU (their device files) and the user chose no platform (JAX_PLATFORMS),
+    JAX is told to use the CPU, which it would have used anyway; compiling for
+    a TPU slice still works. Called by the entry points before JAX starts, never at import."""
     if os.environ.get("JAX_PLATFORMS") or any(system_accelerators().values()):
         return
     jax.config.update("jax_platforms", "cpu")

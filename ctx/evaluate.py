@@ -24,21 +24,21 @@ import jax
 import ml_collections
 import numpy as np
 
-from ctx.nn import losses
-from ctx.backend import announce
+from ctx.backend import announce, resolve_attention_here
 from ctx.cli import FLAGS, define_config_flags, run_main
-from ctx.config import with_global_batch
+from ctx.config import ModelConfig, with_global_batch
 from ctx.data.datasets import PG19_WORDS, check_data_config, load_corpus
 from ctx.data.source import TokenizedCorpus
 from ctx.data.stream import SEGMENT_KEYS, eval_chunks
+from ctx.errors import InputError, MissingInput
+from ctx.nn import losses
 from ctx.nn.memory import init_memory, select_rows
 from ctx.nn.transformer import CompressiveTransformer
 from ctx.progress import progress as progress_bar
 from ctx.restore import restore_for_inference
+from ctx.selfcheck import checked_attention
 from ctx.sharding import (check_batch_fits, device_chunk, make_mesh, memory_shardings, process_rows, replicated,
                           to_host, tracing_on)
-from ctx.errors import InputError, MissingInput
-
 
 
 def make_eval_chunk_fn(model, mesh=None):
@@ -171,13 +171,21 @@ def word_level(result: dict[str, Any], dataset: str, split: str) -> dict[str, An
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: str,
-                        step: int | None = None, progress: bool = False) -> dict[str, Any]:
-    """Restore checkpoint `step` (default: latest) of the run in workdir and evaluate a split."""
+                        step: int | None = None, progress: bool = False,
+                        attention_selfcheck: bool = True) -> dict[str, Any]:
+    """Restore checkpoint `step` (default: latest) of the run in workdir and evaluate a split
+    (a fused attention checked on this device first, unless `attention_selfcheck` is off)."""
     check_data_config(config.data, split)
     mesh = make_mesh(config.mesh)
     batch_size = config.eval.batch_size or with_global_batch(config, mesh.size).train.batch_size
     check_batch_fits(batch_size, mesh)
-    restored = restore_for_inference(config, workdir, step, mesh)
+    model_cfg = resolve_attention_here(ModelConfig.from_config(config.model), mesh.devices.flat[0])
+    if attention_selfcheck:
+        # Evaluation drops no weights: the check skips attention dropout.
+        model_cfg = checked_attention(dataclasses.replace(model_cfg, attention_dropout=0.0),
+                                      config.model.attention_impl, "ctx.evaluate")
+        model_cfg = dataclasses.replace(model_cfg, attention_dropout=config.model.attention_dropout)
+    restored = restore_for_inference(config, workdir, step, mesh, model_cfg)
     model, params, step = restored.model, restored.params, restored.step
     data = config.data.copy_and_resolve_references()  # read with the run's tokenizer; the caller's config stays
     data.tokenizer = restored.tokenizer_path
@@ -228,8 +236,8 @@ def main() -> None:
     if FLAGS.output and not os.path.isdir(os.path.dirname(os.path.abspath(FLAGS.output))):
         raise MissingInput(f"--output={FLAGS.output}: its folder does not exist")
     others = [_read_report(path) for path in FLAGS.compare]  # before the split is evaluated
-    report = evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.split,
-                                 None if FLAGS.step < 0 else FLAGS.step, progress=True)
+    report = evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.split, None if FLAGS.step < 0 else FLAGS.step,
+                                 progress=True, attention_selfcheck=FLAGS.attention_selfcheck)
     if jax.process_index() != 0:
         return
     print(format_report(report))
@@ -248,5 +256,8 @@ if __name__ == "__main__":
     flags.DEFINE_string("split", "test", "Split to evaluate: train, validation or test.")
     flags.DEFINE_integer("step", -1, "Checkpoint step (default: the latest).")
     flags.DEFINE_string("output", None, "Write the JSON report here (and the loss-by-position plot beside it).")
+    flags.DEFINE_bool("attention_selfcheck", True, "Check a fused attention against the XLA reference on this "
+                      "device before evaluating (ctx.selfcheck); a failure refuses the run (attention_impl=auto: "
+                      "falls back to xla).")
     flags.DEFINE_multi_string("compare", [], "Other report JSONs to overlay on the plot (e.g. a TXL run).")
     run_main(main)

@@ -16,9 +16,10 @@ import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
+from ctx.backend import resolve_attention_here
 from ctx.checkpoint import Checkpointer
 from ctx.compat import check_resumable
-from ctx.config import ModelConfig, resolve_attention, validate
+from ctx.config import ModelConfig, validate
 from ctx.data.tokenizer import check_vocab, load_tokenizer
 from ctx.errors import InputError, MissingInput, UserError
 from ctx.nn.memory import init_memory
@@ -57,8 +58,10 @@ def resolve_tokenizer(configured: str, workdir: str, recorded: str | None) -> st
 READ_ATTEMPTS = 10
 
 
-def restore_for_inference(config: ml_collections.ConfigDict, workdir: str, step: int | None, mesh) -> Restored:
-    """Parameters of checkpoint `step` (default: latest) on `mesh`, and the run's tokenizer."""
+def restore_for_inference(config: ml_collections.ConfigDict, workdir: str, step: int | None, mesh,
+                          model_config: ModelConfig | None = None) -> Restored:
+    """Parameters of checkpoint `step` (default: latest) on `mesh`, and the run's tokenizer;
+    the model is built from `model_config` when the caller resolved (and checked) it already."""
     validate(config)
     checkpoint_dir = os.path.join(workdir, "checkpoints")
     if not is_remote(workdir) and not os.path.isdir(checkpoint_dir):
@@ -73,7 +76,8 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str, step:
             if chosen not in steps:
                 raise InputError(f"--step={chosen} is not in {checkpoint_dir} (steps: {steps})")
             try:
-                model, params, tokenizer, tokenizer_path = _read(checkpointer, chosen, config, workdir, mesh)
+                model, params, tokenizer, tokenizer_path = _read(checkpointer, chosen, config, workdir, mesh,
+                                                                 model_config)
                 break
             except Exception:  # noqa: BLE001 - re-raised unless a live run moved on while it was read
                 if step is not None or attempt + 1 == READ_ATTEMPTS or not _superseded(checkpointer, chosen):
@@ -97,13 +101,14 @@ def _superseded(checkpointer: Checkpointer, step: int, seconds: float = 10.0) ->
         time.sleep(0.1)
 
 
-def _read(checkpointer: Checkpointer, step: int, config: ml_collections.ConfigDict, workdir: str, mesh):
+def _read(checkpointer: Checkpointer, step: int, config: ml_collections.ConfigDict, workdir: str, mesh,
+          model_config: ModelConfig | None):
     check_resumable(checkpointer.restore_config(step), config)
     recorded = checkpointer.restore_data(step).get("tokenizer")
     tokenizer_path = resolve_tokenizer(config.data.tokenizer, workdir, recorded)
     tokenizer = load_tokenizer(tokenizer_path)
     check_vocab(tokenizer, config)
-    cfg = resolve_attention(ModelConfig.from_config(config.model), mesh.devices.flat[0].platform)
+    cfg = model_config or resolve_attention_here(ModelConfig.from_config(config.model), mesh.devices.flat[0])
     model = CompressiveTransformer(cfg)
     abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(
         (1, cfg.segment_length), jnp.int32), init_memory(cfg, 1))["params"])

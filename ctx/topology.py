@@ -18,8 +18,8 @@ import re
 import sys
 from typing import Mapping
 
-from ctx.distributed import system_accelerators
 from ctx.config import ConfigError
+from ctx.distributed import system_accelerators
 
 LIBTPU_INSTALL = "pip install -e '.[tpu]'  (libtpu pinned to the installed jax)"
 

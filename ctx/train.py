@@ -21,11 +21,11 @@ import ml_collections
 from etils import epath
 
 from ctx import aot
-from ctx.backend import announce, attention_line
+from ctx.backend import announce, attention_line, resolve_attention_here
 from ctx.checkpoint import Checkpointer, CheckpointError, quiet_refused_writes, read_latest_config
 from ctx.cli import FLAGS, define_config_flags, run_main
 from ctx.compat import check_resumable_training
-from ctx.config import validate, with_global_batch
+from ctx.config import ModelConfig, validate, with_global_batch
 from ctx.data.datasets import load_corpus
 from ctx.data.prefetch import ChunkPrefetcher
 from ctx.data.stream import TrainStream
@@ -37,6 +37,7 @@ from ctx.metrics import MetricWriter
 from ctx.progress import progress
 from ctx.remote import check_reachable
 from ctx.run_guard import StopRequest, WorkdirLock
+from ctx.selfcheck import checked_attention
 from ctx.sharding import device_chunk, process_rows, replicated
 from ctx.trainer import Trainer
 
@@ -65,10 +66,12 @@ class Hooks:
         """A chunk ending at `step` is done: saved if due, validated if due, stop not yet decided."""
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, hooks: Hooks | None = None) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, hooks: Hooks | None = None,
+                       attention_selfcheck: bool = True) -> dict[str, Any]:
     """Train to config.train.num_steps (resuming from workdir), validating on the way.
 
-    Everything that can be wrong with the input is checked before workdir is touched. On
+    Everything that can be wrong with the input is checked before workdir is touched, a fused
+    attention included (`ctx.selfcheck`, unless `attention_selfcheck` is off). On
     SIGTERM the current chunk finishes, a checkpoint is written and the result says
     `preempted`; non-finite losses or gradients stop the run without saving that state.
     Returns the last training metrics and the final validation result.
@@ -78,11 +81,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, hooks: H
     check_reachable(workdir, "--workdir", must_exist=False)
     if epath.Path(workdir).exists() and not epath.Path(workdir).is_dir():
         raise InputError(f"--workdir={workdir} exists and is not a directory")
-    trainer = Trainer(config)
     is_main = jax.process_index() == 0
+    model_cfg = resolve_attention_here(ModelConfig.from_config(config.model))
     if is_main:
-        line = attention_line(trainer.model_config, config.model.attention_impl, jax.default_backend())
-        print(f"ctx.train: attention {line}", flush=True)
+        print(f"ctx.train: attention {attention_line(model_cfg, config.model.attention_impl, jax.default_backend())}",
+              flush=True)
+    if attention_selfcheck:
+        model_cfg = checked_attention(model_cfg, config.model.attention_impl, "ctx.train")
+    trainer = Trainer(config, model_config=model_cfg)
     train_corpus = load_corpus(config.data, "train", progress=is_main)
     valid_corpus = load_corpus(config.data, "validation", progress=is_main)
     tokenizer = train_corpus.tokenizer
@@ -262,7 +268,7 @@ def main() -> None:
         raise InputError("--topology and --search_batch go with --compile_only (they compile, they do not train)")
     if not FLAGS.workdir:
         raise InputError("--workdir is required (where checkpoints and metrics go)")
-    result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    result = train_and_evaluate(FLAGS.config, FLAGS.workdir, attention_selfcheck=FLAGS.attention_selfcheck)
     if result["preempted"]:
         print(f"Stopped by SIGTERM after step {result['step']}: checkpoint {result['saved_step']} is saved; "
               "run the same command again to resume.", file=sys.stderr, flush=True)
@@ -278,6 +284,9 @@ if __name__ == "__main__":
     from absl import flags
 
     define_config_flags()
+    flags.DEFINE_bool("attention_selfcheck", True, "Check a fused attention against the XLA reference on this "
+                      "device before training (ctx.selfcheck); a failure refuses the run (attention_impl=auto: "
+                      "falls back to xla).")
     flags.DEFINE_bool("compile_only", False, "Compile the training step ahead of time and report memory; no run.")
     flags.DEFINE_string("topology", None, "With --compile_only: a TPU slice, by its Cloud accelerator type "
                         "(v5p-256, v5litepod-16, v6e-64, v4-32) or libtpu layout (v5p:4x4x8); needs libtpu.")

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from ctx.config import ModelConfig, resolve_attention
+from ctx.backend import resolve_attention_here
+from ctx.config import ModelConfig
 from ctx.nn import losses
 from ctx.nn.memory import Memory, init_memory
 from ctx.nn.transformer import CompressiveTransformer
@@ -33,15 +34,15 @@ class TrainState:
 class Trainer:
     """The compiled pieces of one run: model, optimizer, mesh, shardings, the chunk step."""
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh=None, platform: str | None = None) -> None:
-        """`platform`: where the chunk will run ('cpu', 'gpu', 'tpu'; default: JAX's backend here),
-        which resolves model.attention_impl='auto'."""
+    def __init__(self, config: ml_collections.ConfigDict, mesh=None, model_config: ModelConfig | None = None) -> None:
+        """`model_config`: config.model as the caller converted and resolved (and self-checked)
+        it; by default resolved for the mesh's devices (a TPU slice's, compiling ahead of time)."""
         self.config = config
-        self.model_config = resolve_attention(ModelConfig.from_config(config.model),
-                                              platform or jax.default_backend())
+        self.mesh = mesh or make_mesh(config.mesh)
+        self.model_config = model_config or resolve_attention_here(ModelConfig.from_config(config.model),
+                                                                   self.mesh.devices.flat[0])
         self.model = CompressiveTransformer(self.model_config)
         self.tx = make_optimizer(config.train)
-        self.mesh = mesh or make_mesh(config.mesh)
         check_batch_fits(config.train.batch_size, self.mesh)
         self.memory_sharding = memory_shardings(self.mesh)
         abstract = jax.eval_shape(self._init_state, jax.random.PRNGKey(0))

@@ -23,6 +23,13 @@ bench() {  # name, seconds allowed, then ctx.bench flags
   tail -n 3 "$out/$name.err"
 }
 
+# First the fused attention's self-check on this GPU at the PG-19 layout (ctx.selfcheck: one JSON
+# line, exit 1 if a check fails); the cuDNN rows below mean nothing if it fails.
+start=$SECONDS
+timeout 240 "$python" -m ctx.selfcheck --config=experiments/pg19.py --config.model.attention_impl=cudnn \
+  --config.model.attention_dropout=0.0 "${extra[@]}" >"$out/selfcheck_cudnn.json" 2>"$out/selfcheck_cudnn.err"
+echo "== selfcheck_cudnn: exit $? after $((SECONDS - start)) s: $(cat "$out/selfcheck_cudnn.json")"
+
 bf16=(--config.model.dtype=bfloat16)
 pg19=(--config=experiments/pg19.py --config.data.dataset=demo --config.data.tokenizer=bytes
       --config.train.segments_per_call=4 --chunks=5 "${bf16[@]}")

@@ -141,7 +141,7 @@ def test_auto_picks_a_fused_attention_only_for_a_config_it_can_run():
 
 def test_the_model_refuses_an_unresolved_or_untyped_config():
     tokens, memory = jnp.zeros((1, 4), jnp.int32), ctx.init_memory(tiny_model_config(), 1)
-    with pytest.raises(ConfigError, match="resolve_attention"):
+    with pytest.raises(ConfigError, match="resolve_attention_here"):
         ctx.CompressiveTransformer(ModelConfig(segment_length=4, memory_length=4, compressed_length=4,
                                                attention_impl="auto")).init(jax.random.key(0), tokens, memory)
     with pytest.raises(ConfigError, match="ModelConfig.from_config"):
@@ -218,3 +218,34 @@ def test_a_hand_made_config_never_gets_its_attention_dropout_silently_dropped():
         model.apply(variables, tokens, memory, deterministic=False, rngs=rngs)
     kept = ctx.CompressiveTransformer(dataclasses.replace(cfg, attention_dropout=0.0))
     assert np.isfinite(kept.apply(variables, tokens, memory, deterministic=False, rngs=rngs)[0]).all()
+
+
+def test_auto_picks_the_pallas_kernel_only_on_tpu_generations_that_run_it():
+    def resolved(kind, impl="auto"):
+        return resolve_attention(ModelConfig(attention_impl=impl), "tpu", kind).attention_impl
+
+    assert [resolved(kind) for kind in ("TPU v4", "TPU v5 lite", "TPU v5", "TPU v6 lite", "TPU7x")] == [
+        "xla", "pallas_tpu", "pallas_tpu", "pallas_tpu", "pallas_tpu"]
+    with pytest.raises(ConfigError, match=r"pallas_tpu' needs TPU v5 or later .* on TPU v4\); use"):
+        resolved("TPU v4", "pallas_tpu")
+    assert resolve_attention(ModelConfig(attention_impl="pallas_tpu"), "cpu", "cpu").attention_impl == "pallas_tpu"
+
+
+def test_remat_dots_keeps_the_pallas_kernels_outputs_instead_of_running_its_forward_twice():
+    """Under model.remat='dots' (the paper configs) a training gradient holds one forward and one
+    backward kernel per layer, as without remat; 'full' recomputes the forward. Same gradients."""
+    def kernels_and_gradients(remat):
+        model, variables, memory = build(tiny_model_config(attention_impl="pallas_tpu", remat=remat))
+        tokens = jnp.asarray(random_tokens(model.config, 2, 1))
+
+        def loss(params):
+            return model.apply({"params": params}, tokens, memory)[0].sum()
+
+        text = str(jax.make_jaxpr(jax.grad(loss))(variables["params"]))
+        counts = (text.count("name=relative_attention_forward"), text.count("name=relative_attention_backward"))
+        return counts, jax.grad(loss)(variables["params"])
+
+    (plain, grads), (dots, remat_grads), (full, _) = (kernels_and_gradients(r) for r in ("none", "dots", "full"))
+    assert plain == dots == (2, 2) and full == (4, 2)  # two layers
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(remat_grads)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

@@ -1,6 +1,7 @@
 """The entry points' error contract: a UserError (the user's input, files, flags) is one line and
 exit status 2; anything else is a bug: one line too, naming its type, exit 1 (--verbose:
 tests/test_reliability.py). --help lists the flags and exits 0."""
+import os
 import sys
 
 import pytest
@@ -60,3 +61,15 @@ def test_help_lists_every_flag_and_where_the_config_fields_are(module):
         assert any(line.startswith("  --config: ") for line in flags) and "ctx/config.py" in out.stdout
         assert any(line.startswith("  --workdir: ") for line in flags)
     assert f"python -m {module} --" in out.stdout  # the docstring's example command comes first
+
+
+def test_without_accelerators_the_commands_print_no_libtpu_start_up_noise():
+    """With the [tpu] extra installed, JAX's start-up on a machine without TPUs made libtpu print
+    half a dozen error-looking lines before any command's own output; now a command's stderr is
+    its own one line. (Runs as users run it: no JAX_PLATFORMS.)"""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    out = run_module("ctx.data.tokenizer", "--input=/nonexistent/corpus", "--output=/tmp/x", env=env)
+    assert (out.returncode, out.stderr) == (2, "error: --input=/nonexistent/corpus does not exist\n")
+    out = run_module("ctx.train", "--config=experiments/demo.py", env=env)
+    assert out.returncode == 2 and out.stderr == "error: --workdir is required (where checkpoints and metrics go)\n"
+    assert out.stdout.startswith("ctx.train: jax ") and " on cpu: " in out.stdout

@@ -4,6 +4,8 @@ gradients over several query and key blocks, and it lowers through Mosaic into T
 compiled ahead of time with libtpu (the kernel alone at the PG-19 shape, and a whole training
 chunk). Needs libtpu for the compiles (the [tpu] extra, which the test set-up installs)."""
 import dataclasses
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -13,32 +15,10 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import SingleDeviceSharding
 
 from ctx import aot, train
-from ctx.nn.pallas_tpu import _Layout, _skew, block_sizes, flash_attention, kept_weights, row_seeds
-from ctx.nn.relative_position import position_scores
+from ctx.nn.attention_reference import dropout_mask, reference_attention
+from ctx.nn.pallas_tpu import _Layout, _skew, block_sizes, flash_attention
 from experiments import demo
 from tests.helpers import ROOT, read_metrics, run_script, simulated_devices_env, tiny_train_config
-
-
-def dropout_mask(seed, H, B, N, T, rate):
-    """[H,B,N,T]: which weights the kernel keeps, by the same hash over the whole score array."""
-    return kept_weights(row_seeds(seed, B)[None, :, None, None], jnp.arange(H)[:, None, None, None],
-                        jnp.arange(N)[None, None, :, None], jnp.arange(T)[None, None, None, :], rate)
-
-
-def naive_attention(q, u, k, v, v_biases, r, visible, n_cmem, n_mem, dropout=0.0, seed=None):
-    """The same attention as XLA ops: the position term from the reference
-    `position_scores`, the mask written out, softmax over all keys, then the weights dropped
-    with the kernel's mask."""
-    (H, B, N, _), T = q.shape, k.shape[2]
-    logits = (jnp.einsum("hbnk,hbtk->hbnt", q + u[:, None, None, :], k, preferred_element_type=jnp.float32)
-              + position_scores(q, v_biases, r, n_cmem).astype(jnp.float32))
-    causal = np.arange(T)[None] - (n_cmem + n_mem) <= np.arange(N)[:, None]
-    seen = visible[None, :, None, :] & causal[None, None]
-    probs = jax.nn.softmax(jnp.where(seen, logits, -jnp.inf), axis=-1)
-    weights = probs
-    if dropout:
-        weights = jnp.where(dropout_mask(seed, H, B, N, T, dropout), probs / (1 - dropout), 0.0)
-    return jnp.einsum("hbnt,hbtk->hbnk", weights.astype(v.dtype), v), probs
 
 
 # (n_cmem, n_mem, n_queries) with head dim 8: memory, segment and tables over several query
@@ -81,7 +61,7 @@ def test_the_kernel_equals_naive_attention_in_the_output_and_every_gradient(layo
         return flash_attention(*a, n_cmem, n_mem)[0]
 
     def naive(*a):
-        return naive_attention(*a, n_cmem, n_mem)[0]
+        return reference_attention(*a, n_cmem, n_mem)[0]
 
     def loss(attention):
         return lambda *a: jnp.sum(attention(*a).astype(jnp.float32) * weights)
@@ -113,14 +93,14 @@ def test_the_kernel_drops_the_weights_naive_attention_drops_with_the_same_mask()
         return flash_attention(*a, n_cmem, n_mem, None, rate, seed)[0]
 
     def naive(*a):
-        return naive_attention(*a, n_cmem, n_mem, rate, seed)[0]
+        return reference_attention(*a, n_cmem, n_mem, rate, seed)[0]
 
     def loss(attention):
         return lambda *a: jnp.sum(attention(*a) * weights)
 
     got, want = jax.jit(kernel)(*args), naive(*args)
     np.testing.assert_allclose(got, want, atol=1e-5)
-    assert np.abs(np.asarray(got - naive_attention(*args, n_cmem, n_mem)[0])).max() > 0.1  # it did drop
+    assert np.abs(np.asarray(got - reference_attention(*args, n_cmem, n_mem)[0])).max() > 0.1  # it did drop
     argnums = tuple(range(6))
     grads = jax.jit(jax.grad(loss(kernel), argnums=argnums))(*args)
     expected = jax.grad(loss(naive), argnums=argnums)(*args)
@@ -172,7 +152,7 @@ def test_the_kernel_returns_the_attention_each_query_gives_each_key_range_and_ea
     args = inputs(n_cmem, n_mem, N, jnp.float32)
     args[-1] = args[-1].at[1, :n_cmem + 40].set(False)  # row 1: empty up to 40 of the evicted slots
     _, mass, usage = jax.jit(flash_attention, static_argnums=(7, 8, 9))(*args, n_cmem, n_mem, (n_cmem, n_cmem + N))
-    probs = np.asarray(naive_attention(*args, n_cmem, n_mem)[1])
+    probs = np.asarray(reference_attention(*args, n_cmem, n_mem)[1])
     bounds = (0, n_cmem, n_cmem + n_mem, probs.shape[-1])
     expected = np.stack([probs[..., lo:hi].sum(-1) for lo, hi in zip(bounds[:-1], bounds[1:])], -1)
     assert mass.shape == (2, 2, N, 3)
@@ -253,7 +233,48 @@ def test_eight_devices_with_the_pallas_kernel_train_like_one_with_dropout_too(tm
                      env=simulated_devices_env(8, PYTHONPATH=ROOT))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "attention fused, ctx's Pallas flash kernel (Pallas interpret mode on cpu" in out.stdout
+    assert "ctx.train: attention self-check passed: pallas_tpu on cpu:cpu" in out.stdout  # run before training
     rows1, rows8 = ([r for r in read_metrics(w) if "split" not in r] for w in (one, eight))
     assert rows8[0]["num_devices"] == 8 and [r["step"] for r in rows8] == [1, 2, 3, 4]
     for key in ("loss", "compression_loss"):
         np.testing.assert_allclose([r[key] for r in rows8], [r[key] for r in rows1], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_the_tpu_skew_at_every_paper_layout_equals_the_interpreted_gather():
+    """`pltpu.roll(stride=1)` as the kernel calls it on a TPU (interpreted by Pallas here: one
+    roll per row), at each paper config's tile, band shape and shift (PG-19's rotates a
+    [256, 768] band by 513), equals the gather the interpreted kernel uses, so the CPU tests'
+    numbers are the TPU program's. (Mosaic's lowering of it: the AOT compiles above.)"""
+    out = run_script("strided_roll_at_paper_layouts.py", env=dict(os.environ, JAX_ENABLE_COMPILATION_CACHE="false"),
+                     timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    assert results["pg19:ct"][:2] == [[256, 768], 513] and results["enwik8:ct"][:2] == [[256, 384], 129]
+    assert set(results) == {f"{t}:{v}" for t in ("pg19", "enwik8", "wt103") for v in ("ct", "txl")}
+    assert all(difference == 0.0 for _, _, difference in results.values()), results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("slice_name, task", [("v5litepod-8", "enwik8"), ("v6e-8", "wt103")])
+def test_the_kernel_compiles_for_the_generations_of_the_other_paper_slices(slice_name, task):
+    """enwik8 trains on v5e slices and WikiText-103 on v6e (docs/tpu.md): the kernel's forward
+    and backward, with attention dropout and the evicted keys' usage, lower through Mosaic for
+    those chips too, at the configs' own layouts (WT103's head dim is 64)."""
+    import importlib
+
+    m = importlib.import_module(f"experiments.{task}").get_config().model
+    target = aot.Target.tpu(slice_name)
+    H, B, N, K, C, M = 2, 2, m.segment_length, m.d_model // m.n_heads, m.compressed_length, m.memory_length
+    T, P = C + M + N, (C + N) + M + N
+    sharding = SingleDeviceSharding(target.devices[0])
+    shapes = [(H, B, N, K), (H, K), (H, B, T, K), (H, B, T, K), (H, 2, K), (H, P, K)]
+    abstract = [jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=sharding) for shape in shapes]
+    abstract.append(jax.ShapeDtypeStruct((B, T), jnp.bool_, sharding=sharding))
+
+    def loss(*args):
+        out, _, usage = flash_attention(*args, C, M, (C, C + N), 0.1, jnp.int32(7))
+        return jnp.sum(out.astype(jnp.float32)) + jnp.sum(usage)
+
+    text = target.compile(jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)))).lower(*abstract)).as_text()
+    assert text.count("tpu_custom_call") == 3  # forward, usage, backward

@@ -96,6 +96,11 @@ def test_the_estimate_counts_every_layer_and_with_remat_reports_the_recomputatio
     cfg.model.n_layers = 6  # scanned one layer per iteration in the real chunk
     six = aot.cost_estimate(cfg, target)
     assert six["xla_over_model_flops"] == pytest.approx(1.0, abs=0.03)
+    # Where the bytes go: a layer's operations count six times, the rest once, largest first.
+    largest = six["largest_by_bytes"]
+    assert len(largest) == 12 and [x["bytes_per_step"] for x in largest] == sorted(
+        (x["bytes_per_step"] for x in largest), reverse=True)
+    assert {x["times_per_step"] for x in largest} <= {1, 6} and any("/layers." in x["op_name"] for x in largest)
     assert six["xla_flops_per_step"] > 2.5 * two["xla_flops_per_step"]
     cfg.model.remat = "full"
     remat = aot.cost_estimate(cfg, target)
@@ -114,7 +119,7 @@ def test_out_of_memory_is_a_one_line_report_with_numbers():
     assert report["oom"]["required_gib"] > report["oom"]["available_gib"] == report["hbm_gib"] == 15.75
     assert "Traceback" not in out.stderr
     assert [line for line in out.stderr.splitlines() if "does NOT fit" in line] == [
-        f"v5litepod-1: does NOT fit at per-chip batch 1: {report['oom']['message']}"]
+        f"v5litepod-1: does NOT fit at per-chip batch 1: {report['oom']['message']} (xla attention)"]
 
 
 def test_batch_search_bisects_down_from_a_batch_that_does_not_fit_and_doubles_up_from_one_that_does():
@@ -140,3 +145,43 @@ def test_compile_only_names_a_bad_topology_in_one_line():
     out = run_module("ctx.train", "--config=experiments/demo.py", "--compile_only", "--topology=v5p-7")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines() == [out.stderr.strip()] and "--topology=v5p-7" in out.stderr
+
+
+def test_auto_is_resolved_for_the_slice_compiled_and_the_report_says_which_attention():
+    """Compiling for a TPU slice from this CPU host, 'auto' means what the slice's chips would
+    run (the Pallas kernel on v5 and later, xla on v4), not what the host runs."""
+    args = ["--config=experiments/demo.py", "--compile_only", "--config.model.attention_impl=auto",
+            "--config.train.segments_per_call=1"]
+    out = run_module("ctx.train", *args, "--topology=v5p-8")
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["attention"] == "pallas_tpu" and "(pallas_tpu attention)" in out.stderr
+    old = json.loads(run_module("ctx.train", *args, "--topology=v4-8").stdout.strip().splitlines()[-1])
+    assert old["attention"] == "xla" and old["chip"] == "TPU v4"
+
+
+def test_an_explicit_pallas_attention_on_a_tpu_v4_is_refused_in_one_line():
+    out = run_module("ctx.train", "--config=experiments/demo.py", "--compile_only", "--topology=v4-8",
+                     "--config.model.attention_impl=pallas_tpu")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines() == [
+        "error: model.attention_impl='pallas_tpu' needs TPU v5 or later (its strided lane rotation does not lower "
+        "on TPU v4); use attention_impl='xla' or 'auto'"]
+
+
+def test_largest_by_bytes_counts_operands_and_results_of_top_level_operations_only():
+    hlo = """HloModule m
+%fused_computation (p: f32[4,8]) -> f32[4,8] {
+  %p = f32[4,8]{1,0} parameter(0)
+  ROOT %big_inside = f32[4,8]{1,0} multiply(%p, %p)
+}
+ENTRY %main (a: f32[4,8], b: bf16[16]) -> f32[4,8] {
+  %a = f32[4,8]{1,0} parameter(0)
+  %b = bf16[16]{0} parameter(1)
+  %fusion = f32[4,8]{1,0} fusion(%a), kind=kLoop, calls=%fused_computation, metadata={op_name="f/layers.s/mul"}
+  ROOT %copy = f32[4,8]{1,0} copy(%fusion), metadata={op_name="jit(f)/logits"}
+}
+"""
+    found = aot.largest_by_bytes(hlo, layers=3)
+    assert [(x["name"], x["bytes"], x["times_per_step"], x["bytes_per_step"]) for x in found] == [
+        ("fusion", 256, 3, 768), ("copy", 256, 1, 256)]  # 128 bytes read + 128 written each

@@ -268,12 +268,19 @@ class RelativeAttention(nn.Module):
             raise ConfigError(f"the cudnn attention has no attention dropout, and the config asks for {rate} "
                               "(model.attention_dropout, or model.dropout while it is None); set "
                               "attention_dropout=0, or attention_impl='pallas_tpu' (TPUs) or 'xla'")
-        dtype = self.cfg.dtype
-        query_HBNK = q_HBNK + self._cast(self.u_bias)[:, None, None, :]
-        bias_BHNT = position_scores(q_HBNK, v_HRK, r_HPK, n_cmem, batch_major=True)
-        bias_BHNT = jnp.where(mask_B1NT, bias_BHNT.astype(dtype), jnp.asarray(MASKED_LOGIT, dtype))
-        query_BNHK, key_BTHK, value_BTHK = (jnp.transpose(t, (1, 2, 0, 3)) for t in (query_HBNK, k_HBTK, v_HBTK))
-        read_BNHK = jax.nn.dot_product_attention(
-            query_BNHK, key_BTHK, value_BTHK, bias=bias_BHNT, scale=1.0,
-            implementation="cudnn" if jax.default_backend() == "gpu" else "xla")
+        read_BNHK = cudnn_attention(q_HBNK, self._cast(self.u_bias), k_HBTK, v_HBTK, v_HRK, r_HPK, mask_B1NT, n_cmem)
         return read_BNHK, None, None, None
+
+
+def cudnn_attention(q_HBNK: jax.Array, u_HK: jax.Array, k_HBTK: jax.Array, v_HBTK: jax.Array, v_HRK: jax.Array,
+                    r_HPK: jax.Array, mask_B1NT: jax.Array, n_cmem: int) -> jax.Array:
+    """[B,N,H,K]: jax.nn.dot_product_attention (cuDNN on GPUs, the same call's XLA ops
+    elsewhere) of the head-major q + u, k and v, with the shifted position term, the mask folded
+    in, as its bias (in the compute dtype)."""
+    dtype = q_HBNK.dtype
+    bias_BHNT = position_scores(q_HBNK, v_HRK, r_HPK, n_cmem, batch_major=True)
+    bias_BHNT = jnp.where(mask_B1NT, bias_BHNT.astype(dtype), jnp.asarray(MASKED_LOGIT, dtype))
+    query_HBNK = q_HBNK + u_HK[:, None, None, :]
+    query_BNHK, key_BTHK, value_BTHK = (jnp.transpose(t, (1, 2, 0, 3)) for t in (query_HBNK, k_HBTK, v_HBTK))
+    return jax.nn.dot_product_attention(query_BNHK, key_BTHK, value_BTHK, bias=bias_BHNT, scale=1.0,
+                                        implementation="cudnn" if jax.default_backend() == "gpu" else "xla")

@@ -13,8 +13,8 @@ attention each query gives each key range (cmem, mem, segment: the memory-kind m
 asked, a third kernel recomputes the probabilities of a range of keys from that log-sum-exp and
 sums them over the queries (the attention each key receives: `most_used` compression). The
 backward recomputes each tile's probabilities from that log-sum-exp, accumulates the key and
-value gradients over the query blocks, returns the content query gradient as one partial sum
-per key block (summed by XLA) and writes the logits' gradient once; XLA turns that into the
+value gradients over the query blocks and the content query gradient of a whole (head, row) in
+VMEM across the key blocks, writes each once, and the logits' gradient; XLA turns that into the
 gradients of the queries' position term, the tables and the v biases through `jax.vjp` of the
 same term written as XLA ops (`ctx.nn.relative_position.position_scores`). Un-skewing it in the
 kernel would need the inverse rotation (stride -1, which Mosaic does not lower).
@@ -24,8 +24,12 @@ row's seed, head, query, key), `kept_weights`, so the backward regenerates the f
 from indices alone and nothing of it reaches HBM. Integer hashing is ordinary vector code that
 runs alike in Mosaic and in interpret mode (the TPU's hardware PRNG has no interpreter here), and
 the row seeds are made from the global row index before the kernel is split across devices, so
-a row's mask does not depend on the mesh. The softmax statistics (log-sum-exp, range masses,
-key usage) are those of the undropped weights, as in the XLA path.
+a row's mask does not depend on the mesh. They reach the kernel by scalar prefetch (SMEM, once
+per call), not as a 4-byte block copied at every grid step (small HBM-to-VMEM copies have read
+back zeros on some libtpu versions, which would repeat one mask everywhere unnoticed), and
+without dropout no seed is passed at all. `ctx.selfcheck` proves the masks on the device. The
+softmax statistics (log-sum-exp, range masses, key usage) are those of the undropped weights, as
+in the XLA path.
 
 Layout is head-major, as the segment path makes it: q [H,B,N,K] (scaled, without biases), k and
 v [H,B,T,K] of [cmem; mem; segment], the tables [H,P,K] and their v biases [H,R,K] as
@@ -42,9 +46,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
@@ -142,7 +148,7 @@ def _dropout_scale(seed_ref, first_query, first_key, lay: _Layout) -> jax.Array 
         return None
     query = first_query + jax.lax.broadcasted_iota(jnp.int32, (lay.query_block, 1), 0)
     key = first_key + jax.lax.broadcasted_iota(jnp.int32, (1, lay.key_block), 1)
-    keep = kept_weights(seed_ref[...], pl.program_id(0), query, key, lay.dropout)
+    keep = kept_weights(seed_ref[pl.program_id(1)], pl.program_id(0), query, key, lay.dropout)
     return jnp.where(keep, 1.0 / (1.0 - lay.dropout), 0.0)
 
 
@@ -204,7 +210,7 @@ def _logits(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, query_block, key_bl
     return jnp.where(seen, s + position, MASKED_LOGIT), content_q
 
 
-def _forward_kernel(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, v_ref, seed_ref, out_ref, lse_ref, mass_ref,
+def _forward_kernel(seed_ref, q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, v_ref, out_ref, lse_ref, mass_ref,
                     max_ref, sum_ref, acc_ref, mass_acc, *, lay: _Layout, ranges: tuple[tuple[int, int], ...]):
     key_block = pl.program_id(3)
 
@@ -264,9 +270,13 @@ def _usage_kernel(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, lse_ref, usag
     usage_ref[...] += jnp.sum(p, axis=0, keepdims=True)
 
 
-def _backward_kernel(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, v_ref, seed_ref, lse_ref, delta_ref, dout_ref,
+def _backward_kernel(seed_ref, q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, v_ref, lse_ref, delta_ref, dout_ref,
                      dq_ref, dk_ref, dv_ref, ds_ref, dk_acc, dv_acc, *, lay: _Layout):
     query_block = pl.program_id(3)
+
+    @pl.when((query_block == 0) & (pl.program_id(2) == 0))
+    def _start_row():  # dq of the whole (head, row) stays in VMEM across the key blocks
+        dq_ref[...] = jnp.zeros(dq_ref.shape, jnp.float32)
 
     @pl.when(query_block == 0)
     def _start():
@@ -287,7 +297,8 @@ def _backward_kernel(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, v_ref, see
     ds_low = ds.astype(content_q.dtype)
     dk_acc[...] += jax.lax.dot_general(ds_low, content_q, (((0,), (0,)), ((), ())),
                                        preferred_element_type=jnp.float32)
-    dq_ref[...] = jnp.dot(ds_low, k_ref[...], preferred_element_type=jnp.float32)
+    rows = pl.ds(pl.multiple_of(query_block * lay.query_block, lay.query_block), lay.query_block)
+    dq_ref[rows, :] += jnp.dot(ds_low, k_ref[...], preferred_element_type=jnp.float32)
 
     @pl.when(query_block == pl.num_programs(3) - 1)
     def _finish():
@@ -303,7 +314,7 @@ def _cost(q, lay: _Layout, table_rows: int, kind: str, n_keys: int, n_ranges: in
     once; per tile q·k, p·v and the window's q·R, which spans `window / key_block` times the
     keys (twice that where a tile uses both tables). Backward: k, v and the validity row once,
     q, dout, the log-sum-exp and delta once per key block; dk, dv and the logits' gradient
-    written once, the float32 dq partials once per key block; the forward's q·k and q·R again,
+    written once, and the float32 dq once (it stays in VMEM for the row); the forward's q·k and q·R again,
     pᵀ·dout, dout·vᵀ, dsᵀ·q, ds·k. Usage: k and the validity row once, q and the log-sum-exp
     once per key block, the usage written once; q·k and q·R."""
     H, B, N, K = q.shape
@@ -314,7 +325,7 @@ def _cost(q, lay: _Layout, table_rows: int, kind: str, n_keys: int, n_ranges: in
     per_row, gemms = {
         "forward": (N * K * item + (N // bq) * (2 * T * K * item + T * 4) + N * K * item + N * 4 * (1 + n_ranges),
                     2 + position),
-        "backward": ((T // bk) * (2 * N * K * item + 2 * N * 4 + N * K * 4) + T * 4 + 4 * T * K * item
+        "backward": ((T // bk) * (2 * N * K * item + 2 * N * 4) + N * K * 4 + T * 4 + 4 * T * K * item
                      + N * T * item, 5 + position),
         "usage": ((T // bk) * (N * K * item + N * 4) + T * K * item + 2 * T * 4, 1 + position),
     }[kind]
@@ -324,6 +335,8 @@ def _cost(q, lay: _Layout, table_rows: int, kind: str, n_keys: int, n_ranges: in
 
 # Heads, batch rows and the outer block axis are independent; the inner one is a reduction.
 _SEMANTICS = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+# The backward's dq accumulates over both block axes of a (head, row), in one resident block.
+_BACKWARD_SEMANTICS = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary", "arbitrary"))
 
 
 def _grid(q, k, r, lay: _Layout, queries_outer: bool, key_blocks: tuple[int, int] | None = None):
@@ -336,7 +349,7 @@ def _grid(q, k, r, lay: _Layout, queries_outer: bool, key_blocks: tuple[int, int
     first, end = key_blocks or (0, k.shape[2] // bk)
 
     def at(index):
-        def grid_index(h, b, x, y):
+        def grid_index(h, b, x, y, *scalars):  # scalars: the prefetched row seeds, not used here
             i, j = (x, y) if queries_outer else (y, x)
             return index(h, b, i, j + first)
         return grid_index
@@ -348,10 +361,18 @@ def _grid(q, k, r, lay: _Layout, queries_outer: bool, key_blocks: tuple[int, int
              "u": pl.BlockSpec((None, 1, K), at(lambda h, b, i, j: (h, 0, 0))),
              "v_biases": pl.BlockSpec((None, 2, K), at(lambda h, b, i, j: (h, 0, 0))),
              "table": pl.BlockSpec((None,) + r.shape[1:], at(lambda h, b, i, j: (h, 0, 0))),
-             "visible": pl.BlockSpec((None, 1, bk), at(lambda h, b, i, j: (b, 0, j))),
-             "seed": pl.BlockSpec((None, 1, 1), at(lambda h, b, i, j: (b, 0, 0)))}
+             "visible": pl.BlockSpec((None, 1, bk), at(lambda h, b, i, j: (b, 0, j)))}
     grid = (H, B, N // bq, end - first) if queries_outer else (H, B, end - first, N // bq)
     return grid, specs, at
+
+
+def _with_seeds(kernel, seeds: jax.Array, lay: _Layout) -> tuple[Callable, tuple[jax.Array, ...]]:
+    """The kernel and its scalar-prefetched operands: with dropout the [B] row seeds, which land in
+    scalar memory (SMEM) once per call rather than as a small block copied at every grid step;
+    without dropout none, and the kernel's seed argument is None (nothing passed and left unread)."""
+    if lay.dropout:
+        return kernel, (seeds,)
+    return functools.partial(kernel, None), ()
 
 
 def _kernel_inputs(specs) -> list[pl.BlockSpec]:
@@ -363,35 +384,38 @@ def _forward_call(q, u, vb, r, visible, k, v, seeds, lay: _Layout, ranges, inter
     grid, spec, at = _grid(q, k, r, lay, queries_outer=True)
     bq, K = lay.query_block, q.shape[3]
     mass = pl.BlockSpec((None, None, bq, len(ranges)), at(lambda h, b, i, j: (h, b, i, 0)))
+    kernel, seeded = _with_seeds(functools.partial(_forward_kernel, lay=lay, ranges=ranges), seeds, lay)
     return pl.pallas_call(
-        functools.partial(_forward_kernel, lay=lay, ranges=ranges), grid=grid,
-        in_specs=_kernel_inputs(spec) + [spec["seed"]], out_specs=[spec["query"], spec["row"], mass],
+        kernel, grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=len(seeded), grid=grid, in_specs=_kernel_inputs(spec),
+            out_specs=[spec["query"], spec["row"], mass],
+            scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
+                            pltpu.VMEM((bq, K), jnp.float32), pltpu.VMEM((bq, len(ranges)), jnp.float32)]),
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(q.shape[:3] + (1,), jnp.float32),
                    jax.ShapeDtypeStruct(q.shape[:3] + (len(ranges),), jnp.float32)],
-        scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
-                        pltpu.VMEM((bq, K), jnp.float32), pltpu.VMEM((bq, len(ranges)), jnp.float32)],
         compiler_params=_SEMANTICS, cost_estimate=_cost(q, lay, r.shape[1], "forward", k.shape[2], len(ranges)),
         interpret=interpret, name="relative_attention_forward",
-    )(q, u, vb, r, visible, k, v, seeds)
+    )(*seeded, q, u, vb, r, visible, k, v)
 
 
 def _backward_call(q, u, vb, r, visible, k, v, seeds, lse, delta, dout, lay: _Layout, interpret: bool):
     lay = dataclasses.replace(lay, interpret=interpret)
     grid, spec, at = _grid(q, k, r, lay, queries_outer=False)
-    bq, bk, K = lay.query_block, lay.key_block, q.shape[3]
-    key_blocks = grid[2]
-    partial_dq = pl.BlockSpec((None, None, None, bq, K), at(lambda h, b, i, j: (j, h, b, i, 0)))
-    dq_parts, dk, dv, ds = pl.pallas_call(
-        functools.partial(_backward_kernel, lay=lay), grid=grid,
-        in_specs=_kernel_inputs(spec) + [spec["seed"], spec["row"], spec["row"], spec["query"]],
-        out_specs=[partial_dq, spec["key"], spec["key"], spec["tile"]],
-        out_shape=[jax.ShapeDtypeStruct((key_blocks,) + q.shape, jnp.float32), jax.ShapeDtypeStruct(k.shape, k.dtype),
+    bk, K = lay.key_block, q.shape[3]
+    whole_dq = pl.BlockSpec((None, None, q.shape[2], K), at(lambda h, b, i, j: (h, b, 0, 0)))
+    kernel, seeded = _with_seeds(functools.partial(_backward_kernel, lay=lay), seeds, lay)
+    dq, dk, dv, ds = pl.pallas_call(
+        kernel, grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=len(seeded), grid=grid,
+            in_specs=_kernel_inputs(spec) + [spec["row"], spec["row"], spec["query"]],
+            out_specs=[whole_dq, spec["key"], spec["key"], spec["tile"]],
+            scratch_shapes=[pltpu.VMEM((bk, K), jnp.float32), pltpu.VMEM((bk, K), jnp.float32)]),
+        out_shape=[jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(k.shape, k.dtype),
                    jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(q.shape[:3] + k.shape[2:3], q.dtype)],
-        scratch_shapes=[pltpu.VMEM((bk, K), jnp.float32), pltpu.VMEM((bk, K), jnp.float32)],
-        compiler_params=_SEMANTICS, cost_estimate=_cost(q, lay, r.shape[1], "backward", k.shape[2]),
+        compiler_params=_BACKWARD_SEMANTICS, cost_estimate=_cost(q, lay, r.shape[1], "backward", k.shape[2]),
         interpret=interpret, name="relative_attention_backward",
-    )(q, u, vb, r, visible, k, v, seeds, lse, delta, dout)
-    return jnp.sum(dq_parts, axis=0).astype(q.dtype), dk, dv, ds
+    )(*seeded, q, u, vb, r, visible, k, v, lse, delta, dout)
+    return dq.astype(q.dtype), dk, dv, ds
 
 
 def _usage_call(q, u, vb, r, visible, k, lse, lay: _Layout, key_blocks: tuple[int, int], interpret: bool):
@@ -459,7 +483,7 @@ def flash_attention(q_HBNK: jax.Array, u_HK: jax.Array, k_HBTK: jax.Array, v_HBT
     the mask `kept_weights` draws from the int32 `dropout_seed`."""
     if dropout and dropout_seed is None:
         raise ValueError(f"attention dropout at {dropout} needs a dropout_seed")
-    seeds = row_seeds(0 if dropout_seed is None else dropout_seed, q_HBNK.shape[1])[:, None, None]
+    seeds = row_seeds(0 if dropout_seed is None else dropout_seed, q_HBNK.shape[1])
     return _attention(q_HBNK, u_HK, k_HBTK, v_HBTK, v_biases_HRK, r_HPK, visible_BT, seeds, n_cmem, n_mem,
                       usage_keys, float(dropout))
 
@@ -469,12 +493,19 @@ def _attention(q, u, k, v, v_biases, r, visible, seeds, n_cmem, n_mem, usage_key
     return _forward(q, u, k, v, v_biases, r, visible, seeds, n_cmem, n_mem, usage_keys, dropout)[0]
 
 
+# The name under which rematerialisation finds the forward kernel's residuals.
+KERNEL_OUTPUTS = "pallas_attention_outputs"
+
+
 def _forward(q, u, k, v, v_biases, r, visible, seeds, n_cmem, n_mem, usage_keys, dropout):
     lay = _Layout.of(q, k, n_cmem, n_mem, dropout)
     operands = _kernel_operands(q, u, v_biases, r, visible, lay)
     ranges = ((0, n_cmem), (n_cmem, n_cmem + n_mem), (n_cmem + n_mem, k.shape[2]))
     out, lse, mass = _on_platform(_forward_call, (q, *operands, k, v, seeds), _BATCH_AXES["forward"], lay=lay,
                                   ranges=ranges)
+    # Named for the layers' remat policy, which keeps them: the backward needs only these two
+    # small arrays ([H,B,N,K] and [H,B,N,1]), and recomputing them would rerun the whole kernel.
+    out, lse = (checkpoint_name(x, KERNEL_OUTPUTS) for x in (out, lse))
     usage = None
     if usage_keys is not None:
         first, end = usage_keys

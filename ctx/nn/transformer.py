@@ -29,12 +29,16 @@ from ctx.nn.attention import AttentionOut, LayerCache, RelativeAttention, attent
 from ctx.nn.compression import Compressor
 from ctx.nn.memory import LayerMemory, Memory, advance_memory_kv, fifo_update, reset_rows, shift_in, update_masks
 from ctx.nn.ops import LayerNorm, relu
+from ctx.nn.pallas_tpu import KERNEL_OUTPUTS
 
 Rest = TypeVar("Rest")
 
 REMAT_POLICIES = {
     "full": None,
-    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # Matmul outputs, and the fused attention kernel's outputs (else its forward runs twice).
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+        jax.checkpoint_policies.save_only_these_names(KERNEL_OUTPUTS)),
 }
 
 
@@ -234,7 +238,7 @@ class CompressiveTransformer(nn.Module):
                               "pass ctx.ModelConfig.from_config(config.model)")
         if cfg.attention_impl == "auto":
             raise ConfigError("model.attention_impl='auto' is resolved where the platform is known: pass "
-                              "ctx.config.resolve_attention(cfg, jax.default_backend())")
+                              "ctx.backend.resolve_attention_here(cfg)")
         self.embed = Embedding(cfg)
         self.embed_dropout = nn.Dropout(cfg.dropout)
         self.layers = layer_stack(cfg)(cfg)

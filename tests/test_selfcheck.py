@@ -1,0 +1,114 @@
+"""ctx.selfcheck: a fused attention checked against the XLA reference at the config's layout. It
+passes for the real kernels (interpreted here), and it catches the faults it exists for: a skew
+off by one column, a dropout seed read as zero, a mask that ignores the head; train and
+evaluate run it before touching the workdir, refuse a failing kernel asked for by name and fall
+back from one chosen by `auto`."""
+import dataclasses
+import json
+import os
+
+import jax.numpy as jnp
+import pytest
+
+from ctx import selfcheck, train
+from ctx.config import ModelConfig
+from ctx.nn import pallas_tpu
+from tests.helpers import run_module, tiny_model_config, tiny_train_config
+
+# Several key blocks, the compressed memory ending inside one (both tables in a tile), dropout.
+LAYOUT = dict(segment_length=16, memory_length=24, compressed_length=8, d_model=32, n_heads=2)
+
+
+def checked(**overrides) -> dict:
+    return selfcheck.run_self_check(tiny_model_config(**{**LAYOUT, "attention_impl": "pallas_tpu", **overrides}))
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CTX_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def test_the_pallas_kernel_passes_every_check_with_dropout_mass_and_usage():
+    result = checked(dropout=0.2, compression="most_used", compression_loss="none")
+    assert result["ok"], {k: v for k, v in result["checks"].items() if not v["ok"]}
+    names = set(result["checks"])
+    assert {f"gradient_{a}{d}" for a in ("q", "u", "k", "v", "v_biases", "tables") for d in ("", "_dropout")} <= names
+    assert {"output_position_dominant", "output_content_dominant", "output_dropout", "dropout_changes_output",
+            "dropout_mask_probe", "dropout_seeds_differ", "dropout_rows_differ", "attention_mass", "usage",
+            "finite", "two_runs_equal"} <= names
+    assert result["checks"]["dropout_mask_probe"]["max_error"] < 1e-3  # whole counts, recovered exactly
+    assert result["layout"] == {"impl": "pallas_tpu", "n_queries": 16, "n_mem": 24, "n_cmem": 8, "head_dim": 16,
+                                "dtype": "float32", "dropout": 0.2, "usage": True}
+
+
+def test_without_dropout_or_most_used_those_checks_are_left_out_and_cudnn_passes_too():
+    assert not any(name.startswith(("dropout", "usage")) for name in checked()["checks"])
+    result = selfcheck.run_self_check(tiny_model_config(**LAYOUT, attention_impl="cudnn"))
+    assert result["ok"] and "attention_mass" not in result["checks"]
+
+
+def test_a_skew_off_by_one_column_fails_the_position_dominant_output(monkeypatch):
+    skew = pallas_tpu._skew
+
+    def off_by_one(band, lay):
+        return jnp.roll(skew(band, lay), 1, axis=1)
+
+    monkeypatch.setattr(pallas_tpu, "_skew", off_by_one)
+    result = checked()
+    assert not result["ok"] and not result["checks"]["output_position_dominant"]["ok"]
+    assert result["checks"]["output_position_dominant"]["max_error"] > 0.1
+
+
+def test_a_dropout_seed_read_as_zero_fails_the_probe_and_repeats_the_masks(monkeypatch):
+    monkeypatch.setattr(pallas_tpu, "row_seeds", lambda seed, batch: jnp.zeros((batch,), jnp.int32))
+    result = checked(dropout=0.1)
+    assert not result["checks"]["dropout_mask_probe"]["ok"]
+    assert not result["checks"]["dropout_seeds_differ"]["ok"] and not result["checks"]["dropout_rows_differ"]["ok"]
+
+
+def test_a_mask_that_ignores_the_head_fails_the_probe(monkeypatch):
+    kept = pallas_tpu.kept_weights
+
+    def head_blind(seed, head, query, key, rate):
+        return kept(seed, 0, query, key, rate)
+
+    monkeypatch.setattr(pallas_tpu, "kept_weights", head_blind)
+    result = checked(dropout=0.1)
+    assert not result["checks"]["dropout_mask_probe"]["ok"]
+    assert result["checks"]["dropout_mask_probe"]["max_error"] >= 1  # at least one whole weight off
+
+
+def test_a_failing_kernel_asked_for_by_name_refuses_the_run_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(pallas_tpu, "_skew", lambda band, lay: jnp.zeros((lay.query_block, lay.key_block)))
+    cfg = tiny_train_config()
+    cfg.model.attention_impl = "pallas_tpu"
+    with pytest.raises(selfcheck.SelfCheckFailed, match=r"the pallas_tpu attention failed its self-check on cpu:cpu "
+                       r"\(jax .*\) \(output_position_dominant: error .*\); nothing was started: run with "
+                       r"--config.model.attention_impl=xla"):
+        train.train_and_evaluate(cfg, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    # Under 'auto' the same failure falls back to xla, which has the same parameters.
+    resolved = ModelConfig.from_config(cfg.model)
+    assert selfcheck.checked_attention(resolved, "auto", "ctx.train").attention_impl == "xla"
+    assert not (tmp_path / "cache" / "selfcheck").exists()  # a failure is never cached
+
+
+def test_a_passing_result_is_cached_per_layout_device_and_versions(tmp_path):
+    cfg = tiny_model_config(**LAYOUT, attention_impl="pallas_tpu")
+    first = selfcheck.cached_self_check(cfg)
+    assert first["ok"] and not first["cached"] and os.path.exists(selfcheck.cache_path(cfg))
+    assert selfcheck.cached_self_check(cfg)["cached"]
+    other = dataclasses.replace(cfg, segment_length=8)
+    assert selfcheck.cache_path(other) != selfcheck.cache_path(cfg)
+
+
+def test_the_command_prints_one_json_line_and_its_exit_status_says_the_verdict(tmp_path):
+    out = run_module("ctx.selfcheck", "--config=experiments/demo.py", "--config.model.attention_impl=pallas_tpu",
+                     "--config.model.dropout=0.1", "--config.model.segment_length=16",
+                     "--config.model.memory_length=16", "--config.model.compressed_length=16")
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["impl"] == "pallas_tpu" and result["ok"] is True and result["layout"]["dropout"] == 0.1
+    assert all(set(check) == {"ok", "max_error", "tolerance"} for check in result["checks"].values())
+    out = run_module("ctx.selfcheck", "--config=experiments/demo.py")  # xla: the reference itself
+    assert out.returncode == 0 and json.loads(out.stdout.strip().splitlines()[-1])["checks"] == {}
