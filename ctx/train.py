@@ -98,7 +98,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, hooks: H
     if saved_config is not None:
         check_resumable_training(saved_config, config)
 
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local folders and gs:// alike
+    try:
+        epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local folders and gs:// alike
+    except OSError as error:  # not writable, a file in the way, ...: the user's path
+        raise InputError(f"--workdir={workdir} cannot be created ({error.strerror or error}); choose a "
+                         "folder this user can write") from None
     lock = WorkdirLock(workdir) if is_main else None
     stop = StopRequest()
     try:

@@ -73,3 +73,10 @@ def test_without_accelerators_the_commands_print_no_libtpu_start_up_noise():
     out = run_module("ctx.train", "--config=experiments/demo.py", env=env)
     assert out.returncode == 2 and out.stderr == "error: --workdir is required (where checkpoints and metrics go)\n"
     assert out.stdout.startswith("ctx.train: jax ") and " on cpu: " in out.stdout
+
+
+def test_a_workdir_that_cannot_be_created_is_the_users_one_line(tmp_path):
+    (tmp_path / "a_file").write_text("in the way")
+    out = run_module("ctx.train", "--config=experiments/demo.py", f"--workdir={tmp_path / 'a_file' / 'run'}")
+    assert out.returncode == 2 and out.stderr == (f"error: --workdir={tmp_path / 'a_file' / 'run'} cannot be created "
+                                                  "(Not a directory); choose a folder this user can write\n")
