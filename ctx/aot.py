@@ -101,8 +101,10 @@ def _variant(config: ml_collections.ConfigDict, **fields: Any) -> ml_collections
     return config
 
 
-def _lower(config: ml_collections.ConfigDict, target: Target):
-    """The training chunk lowered for the target's mesh, with abstract (shape-only) inputs."""
+def _lower(config: ml_collections.ConfigDict, target: Target, lowering_platforms: tuple[str, ...] | None = None):
+    """The training chunk lowered for the target's mesh, with abstract (shape-only) inputs;
+    `lowering_platforms` (e.g. ('cuda',)) lowers it for other platforms than the target's, as
+    far as StableHLO (how a CPU machine checks a GPU program short of compiling it)."""
     config = with_global_batch(config, len(target.devices))
     trainer = Trainer(config, make_mesh(config.mesh, target.devices))
     abstract = trainer.abstract_checkpoint()
@@ -112,7 +114,8 @@ def _lower(config: ml_collections.ConfigDict, target: Target):
              "targets": jax.ShapeDtypeStruct((G, B, N), jnp.int32, sharding=rows),
              "weights": jax.ShapeDtypeStruct((G, B, N), jnp.float32, sharding=rows),
              "reset": jax.ShapeDtypeStruct((G, B), jnp.bool_, sharding=batch_sharding(trainer.mesh, 1, 2))}
-    return trainer, trainer.train_chunk.lower(abstract["train_state"], abstract["memory"], abstract["rng"], chunk)
+    traced = trainer.train_chunk.trace(abstract["train_state"], abstract["memory"], abstract["rng"], chunk)
+    return trainer, traced.lower(lowering_platforms=lowering_platforms)
 
 
 def compiled_memory(compiled: Any) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import sys
 
 import jax
 
-from ctx.config import ModelConfig, resolve_attention
+from ctx.config import ModelConfig, pallas_gpu_layout_problem, resolve_attention
 from ctx.distributed import system_accelerators
 
 INSTALL_HINT = {"gpu": "pip install -e '.[cuda]' (jax's CUDA 12 plugin)",
@@ -51,16 +51,20 @@ def resolve_attention_here(cfg: ModelConfig, device: jax.Device | None = None) -
 
 
 def attention_line(cfg: ModelConfig, requested: str, platform: str) -> str:
-    """Which attention a run's segments use on `platform`: `cfg` has model.attention_impl
-    resolved, `requested` is what the config asked for (e.g. 'auto')."""
+    """Which attention a run's segments use on `platform`, and why: `cfg` has
+    model.attention_impl resolved, `requested` is what the config asked for (e.g. 'auto')."""
     kernel, asked = cfg.attention_impl, f"model.attention_impl={requested}"
     if requested == "auto":
-        asked += f" on {platform}" + (" (the config drops attention weights or uses most_used, which cuDNN "
-                                      "cannot)" if kernel == "xla" and platform == "gpu" else "")
+        asked += f" on {platform}"
+        if platform == "gpu" and kernel != "pallas_gpu":
+            why = pallas_gpu_layout_problem(cfg) or "it is for NVIDIA GPUs"
+            asked += f" (the Pallas GPU kernel cannot run here: {why}" + (
+                "; cuDNN cannot drop attention weights or report most_used's usage)" if kernel == "xla" else ")")
     if kernel == "xla":
         return f"xla ({asked})"
-    if kernel == "pallas_tpu":
-        how = "Mosaic" if platform == "tpu" else f"Pallas interpret mode on {platform}: slow, for tests"
-        return f"fused, ctx's Pallas flash kernel ({how}; {asked})"
+    if kernel in ("pallas_tpu", "pallas_gpu"):
+        compiled = {"pallas_tpu": ("tpu", "Mosaic"), "pallas_gpu": ("gpu", "Triton")}[kernel]
+        how = compiled[1] if platform == compiled[0] else f"Pallas interpret mode on {platform}: slow, for tests"
+        return f"fused, ctx's Pallas flash kernel for {compiled[0].upper()}s ({how}; {asked})"
     how = "cuDNN" if platform == "gpu" else f"XLA ops on {platform}, no cuDNN here"
     return f"fused, jax.nn.dot_product_attention ({how}; {asked})"

@@ -24,8 +24,8 @@ COMPRESSION_LOSSES = ("attention", "autoencoder", "none")
 LAYER_NORMS = ("pre", "post")
 DTYPES = ("float32", "bfloat16")
 REMAT_CHOICES = ("none", "full", "dots")
-ATTENTION_IMPLS = ("xla", "cudnn", "pallas_tpu", "auto")
-FUSED_ATTENTION_IMPLS = ("cudnn", "pallas_tpu")
+ATTENTION_IMPLS = ("xla", "cudnn", "pallas_tpu", "pallas_gpu", "auto")
+FUSED_ATTENTION_IMPLS = ("cudnn", "pallas_tpu", "pallas_gpu")
 LEARNED_COMPRESSIONS = ("conv", "dilated_conv")
 # Deepest layer stack that scan_unroll=0 unrolls: up to here an unrolled stack compiles as fast
 # as one scanned layer and skips the scan's stacked copies of what the backward pass keeps;
@@ -80,8 +80,9 @@ class ModelConfig:
     # compile as fast as one scanned layer), deeper ones scanned one layer at a time, which keeps
     # compile time flat in depth.
     scan_unroll: int = 0
-    # How a segment's attention is computed: 'xla' (the reference), 'cudnn' (fused, GPUs),
-    # 'pallas_tpu' (fused, TPUs) or 'auto'; docs/architecture.md#attention-implementations.
+    # How a segment's attention is computed: 'xla' (the reference), 'pallas_gpu' (fused, NVIDIA
+    # GPUs), 'cudnn' (fused, GPUs, no attention dropout), 'pallas_tpu' (fused, TPUs) or 'auto';
+    # docs/architecture.md#attention-implementations.
     attention_impl: str = "xla"
 
     @classmethod
@@ -142,21 +143,59 @@ def tpu_generation(device_kind: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
+# The Pallas GPU kernel's square tiles are powers of two that divide the segment and the
+# memories, and Triton's dot needs them at least this large.
+PALLAS_GPU_SMALLEST_BLOCK = 16
+
+
+def pallas_gpu_layout_problem(cfg: ModelConfig) -> str:
+    """Why Triton cannot compile the Pallas GPU kernel at `cfg`'s layout ('' when it can)."""
+    head = cfg.head_dim
+    if not (PALLAS_GPU_SMALLEST_BLOCK <= head <= 256 and head & (head - 1) == 0):
+        return f"its head dimension (d_model / n_heads = {head}) must be a power of two from 16 to 256"
+    memories = cfg.memory_length + cfg.compressed_length
+    if cfg.segment_length % PALLAS_GPU_SMALLEST_BLOCK or memories % PALLAS_GPU_SMALLEST_BLOCK:
+        return (f"segment_length ({cfg.segment_length}) and memory_length + compressed_length ({memories}) must "
+                f"be multiples of {PALLAS_GPU_SMALLEST_BLOCK} (its tiles)")
+    return ""
+
+
+def _is_amd(device_kind: str) -> bool:
+    return any(name in device_kind for name in ("AMD", "Radeon", "Instinct"))
+
+
 def resolve_attention(cfg: ModelConfig, platform: str, device_kind: str = "") -> ModelConfig:
     """`cfg` with attention_impl='auto' replaced by what runs on `platform` ('cpu', 'gpu', 'tpu')
-    and its `device_kind` (jax's, e.g. 'TPU v5 lite'): the platform's fused kernel where the
-    config and the chip allow it, else 'xla'. An explicit 'pallas_tpu' on a TPU older than the
-    kernel supports is refused here, in one line, rather than by the compiler."""
+    and its `device_kind` (jax's, e.g. 'TPU v5 lite', 'NVIDIA H100 80GB HBM3'): the platform's
+    fused kernel where the config and the chip allow it, else 'xla'. On NVIDIA GPUs that is
+    'pallas_gpu', else 'cudnn' where the config needs neither attention dropout nor most_used.
+    A kernel asked for by name that cannot run here is refused in one line rather than by the
+    compiler: 'pallas_tpu' on a TPU older than it supports, 'pallas_gpu' on a TPU, an AMD GPU
+    or at a layout Triton cannot tile."""
     generation = tpu_generation(device_kind) if platform == "tpu" else None
     too_old = generation is not None and generation < PALLAS_TPU_FIRST_GENERATION
     if cfg.attention_impl == "pallas_tpu" and too_old:
         raise ConfigError(f"model.attention_impl='pallas_tpu' needs TPU v{PALLAS_TPU_FIRST_GENERATION} or later (its "
                           f"strided lane rotation does not lower on {device_kind}); use attention_impl='xla' or 'auto'")
+    gpu_problem = pallas_gpu_layout_problem(cfg)
+    if cfg.attention_impl == "pallas_gpu":
+        if platform == "tpu" or (platform == "gpu" and _is_amd(device_kind)):
+            raise ConfigError(f"model.attention_impl='pallas_gpu' is a Triton kernel for NVIDIA GPUs, and this is "
+                              f"{device_kind or platform}; use attention_impl='auto'")
+        if platform == "gpu" and gpu_problem:
+            raise ConfigError(f"model.attention_impl='pallas_gpu' cannot run this config: {gpu_problem}; use "
+                              "attention_impl='xla' or 'auto'")
     if cfg.attention_impl != "auto":
         return cfg
-    fused = {"gpu": "cudnn", "tpu": "xla" if too_old else "pallas_tpu"}.get(platform, "xla")
-    if fused == "cudnn" and (cfg.attention_dropout_rate or cfg.compression == "most_used"):
-        fused = "xla"
+    if platform == "gpu":
+        if not gpu_problem and not _is_amd(device_kind):
+            fused = "pallas_gpu"
+        elif cfg.attention_dropout_rate or cfg.compression == "most_used":
+            fused = "xla"
+        else:
+            fused = "cudnn"
+    else:
+        fused = {"tpu": "xla" if too_old else "pallas_tpu"}.get(platform, "xla")
     return dataclasses.replace(cfg, attention_impl=fused)
 
 
@@ -221,10 +260,10 @@ def validate_model(cfg: Any) -> None:
         source = "model.dropout, which it follows while unset" if g("attention_dropout") is None else "set there"
         _require(rate == 0, "model.attention_impl='cudnn' has no attention dropout, and model.attention_dropout "
                  f"is {rate} ({source}); set --config.model.attention_dropout=0 (the other dropouts stay), "
-                 "or attention_impl='pallas_tpu' (TPUs) or 'xla'")
+                 "or attention_impl='pallas_gpu' (NVIDIA GPUs), 'pallas_tpu' (TPUs) or 'xla'")
         _require(g("compression") != "most_used", "model.compression='most_used' reads the attention each "
                  "evicted memory receives, which cuDNN's fused kernel does not return; use "
-                 "attention_impl='pallas_tpu' (TPUs) or 'xla'")
+                 "attention_impl='pallas_gpu' (NVIDIA GPUs), 'pallas_tpu' (TPUs) or 'xla'")
     rates = g("dilation_rates")
     _require(all(isinstance(r, int) and r > 0 for r in rates),
              f"model.dilation_rates must be positive integers, got {rates!r}")

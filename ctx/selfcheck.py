@@ -2,7 +2,7 @@
 the XLA reference (`ctx.nn.attention_reference`): the kernels cannot be tested on TPUs or GPUs
 before a user's run, so the run tests them first.
 
-    python -m ctx.selfcheck --config=experiments/pg19.py [--config.model.attention_impl=pallas_tpu]
+    python -m ctx.selfcheck --config=experiments/pg19.py [--config.model.attention_impl=pallas_gpu]
 
 prints one JSON line {"impl", "ok", "checks": {name: {"ok", "max_error", "tolerance"}}, ...}
 and exits 0 when every check holds, 1 when one fails. The problem has the config's segment,
@@ -39,7 +39,7 @@ from ctx.distributed import any_process
 from ctx.errors import UserError
 from ctx.nn.attention import cudnn_attention
 from ctx.nn.attention_reference import range_masses, reference_attention, visibility
-from ctx.nn.pallas_tpu import flash_attention
+from ctx.nn import pallas_gpu, pallas_tpu
 
 HEADS, ROWS = 2, 2
 # Largest error relative to the reference's largest magnitude, by compute dtype (the kernels
@@ -51,6 +51,8 @@ MASS_TOLERANCE = 1e-2  # absolute, on shares of attention in [0, 1]
 # and far below one wrong decision.
 PROBE_TOLERANCE = 0.25
 PROBE_SEEDS = (12345, 12346)
+# ctx's own kernels, which drop attention weights inside the tile.
+PALLAS_KERNELS = {"pallas_tpu": pallas_tpu.flash_attention, "pallas_gpu": pallas_gpu.flash_attention}
 
 
 class SelfCheckFailed(UserError):
@@ -73,7 +75,7 @@ class Problem:
     @classmethod
     def of(cls, cfg: ModelConfig) -> "Problem":
         return cls(cfg.attention_impl, cfg.segment_length, cfg.memory_length, cfg.compressed_length, cfg.head_dim,
-                   cfg.dtype, cfg.attention_dropout_rate if cfg.attention_impl == "pallas_tpu" else 0.0,
+                   cfg.dtype, cfg.attention_dropout_rate if cfg.attention_impl in PALLAS_KERNELS else 0.0,
                    cfg.compresses and cfg.compression == "most_used")
 
     @property
@@ -116,10 +118,10 @@ def _draw(p: Problem, seed: int, position_dominant: bool) -> tuple[jax.Array, ..
 def fused_attention(p: Problem) -> Callable[..., tuple[jax.Array, jax.Array | None, jax.Array | None]]:
     """The implementation under check at the kernels' calling convention: (output [H,B,N,K],
     range masses [H,B,N,3] or None, usage [H,B,keys] or None)."""
-    if p.impl == "pallas_tpu":
+    if p.impl in PALLAS_KERNELS:
         def pallas(q, u, k, v, vb, r, visible, dropout=0.0, seed=None):
-            return flash_attention(q, u, k, v, vb, r, visible, n_cmem=p.n_cmem, n_mem=p.n_mem,
-                                   usage_keys=p.usage_keys, dropout=dropout, dropout_seed=seed)
+            return PALLAS_KERNELS[p.impl](q, u, k, v, vb, r, visible, n_cmem=p.n_cmem, n_mem=p.n_mem,
+                                          usage_keys=p.usage_keys, dropout=dropout, dropout_seed=seed)
         return pallas
     if p.impl == "cudnn":
         def cudnn(q, u, k, v, vb, r, visible, dropout=0.0, seed=None):
@@ -151,12 +153,26 @@ def _check(error: float, tolerance: float) -> dict[str, Any]:
 
 
 def run_self_check(cfg: ModelConfig) -> dict[str, Any]:
-    """Every check of the config's (resolved) fused attention on this process's default device."""
+    """Every check of the config's (resolved) fused attention on this process's default device.
+    A kernel that does not compile or run here fails the check 'compiles_and_runs' (with the
+    error's first line) rather than crashing the run that asked, so 'auto' can fall back."""
     p = Problem.of(cfg)
     start = time.perf_counter()
+    checks: dict[str, dict[str, Any]] = {}
+    try:
+        _run_checks(p, checks)
+    except Exception as error:  # noqa: BLE001 - any failure of the kernel here is the verdict
+        first_line = (str(error).strip().splitlines() or [""])[0][:300]
+        checks["compiles_and_runs"] = {"ok": False, "max_error": float("inf"), "tolerance": 0.0,
+                                       "error": f"{type(error).__name__}: {first_line}"}
+    return {"impl": p.impl, "ok": all(c["ok"] for c in checks.values()), "checks": checks,
+            "layout": dataclasses.asdict(p), "device": _device_kind(), "versions": _versions(),
+            "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _run_checks(p: Problem, checks: dict[str, dict[str, Any]]) -> None:
     kernel, reference = fused_attention(p), _reference(p)
     out_tol, grad_tol = OUTPUT_TOLERANCE[p.dtype], GRADIENT_TOLERANCE[p.dtype]
-    checks: dict[str, dict[str, Any]] = {}
     seed = jnp.int32(PROBE_SEEDS[0])
     forward = jax.jit(kernel, static_argnames="dropout")
     reference_forward = jax.jit(reference, static_argnames="dropout")
@@ -198,9 +214,6 @@ def run_self_check(cfg: ModelConfig) -> dict[str, Any]:
         finite.append(out)
         checks.update(_dropout_probe(p, forward, reference_forward))
     checks["finite"] = _check(float(sum(int(not np.isfinite(np.asarray(x, np.float32)).all()) for x in finite)), 0.0)
-    return {"impl": p.impl, "ok": all(c["ok"] for c in checks.values()), "checks": checks,
-            "layout": dataclasses.asdict(p), "device": _device_kind(), "versions": _versions(),
-            "seconds": round(time.perf_counter() - start, 2)}
 
 
 def _gradients(attention, inputs, weights) -> tuple[jax.Array, ...]:
@@ -297,8 +310,8 @@ def checked_attention(cfg: ModelConfig, requested: str, command: str) -> ModelCo
     if cfg.attention_impl not in FUSED_ATTENTION_IMPLS:
         return cfg
     result = cached_self_check(cfg)
-    failed = [f"{name}: error {c['max_error']:.3g} > {c['tolerance']:.3g}" for name, c in result["checks"].items()
-              if not c["ok"]]
+    failed = [f"{name}: {c['error']}" if "error" in c else f"{name}: error {c['max_error']:.3g} > {c['tolerance']:.3g}"
+              for name, c in result["checks"].items() if not c["ok"]]
     anywhere = any_process(bool(failed))
     where = f"{result['device']} (jax {result['versions']['jax']})"
     is_main = jax.process_index() == 0

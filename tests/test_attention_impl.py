@@ -1,7 +1,8 @@
 """model.attention_impl: the fused paths, with the shifted position term as an additive bias,
 equal the XLA reference in everything a segment produces and in every parameter's gradient,
 with the same parameters. 'cudnn' is jax.nn.dot_product_attention (on CPU the same call's XLA
-version); 'pallas_tpu' is ctx's Pallas kernel, here in interpret mode (the kernel a TPU runs)."""
+version); 'pallas_tpu' and 'pallas_gpu' are ctx's Pallas kernels, here in interpret mode (the
+kernels a TPU and a GPU run)."""
 import dataclasses
 
 import jax
@@ -24,14 +25,15 @@ CASES = [
 ]
 
 
-FUSED = ["cudnn", "pallas_tpu"]
-# 'most_used' ranks the evicted memories by the attention they received: the Pallas kernel
-# returns it (cuDNN returns nothing of the kind, and refuses it).
+FUSED = ["cudnn", "pallas_tpu", "pallas_gpu"]
+PALLAS = ["pallas_tpu", "pallas_gpu"]
+# 'most_used' ranks the evicted memories by the attention they received: the Pallas kernels
+# return it (cuDNN returns nothing of the kind, and refuses it).
 MOST_USED = dict(compression="most_used", compression_loss="none")
 
 
 @pytest.mark.parametrize("kernel, overrides", [(kernel, case) for kernel in FUSED for case in CASES]
-                         + [("pallas_tpu", MOST_USED)])
+                         + [(kernel, MOST_USED) for kernel in PALLAS])
 def test_fused_attention_equals_xla_in_outputs_and_every_gradient(overrides, kernel):
     reference, variables, memory = build(tiny_model_config(**overrides), batch_size=3)
     fused = ctx.CompressiveTransformer(tiny_model_config(attention_impl=kernel, **overrides))
@@ -53,7 +55,7 @@ def test_fused_attention_equals_xla_in_outputs_and_every_gradient(overrides, ker
             memory = reset_rows(memory, jnp.asarray([False, True, False]))
         grads_x, (logits_x, next_x, loss_x, mass_x) = step_x(variables["params"], memory, tokens[:, s])
         grads_f, (logits_f, next_f, loss_f, mass_f) = step_f(variables["params"], memory, tokens[:, s])
-        if kernel == "pallas_tpu":  # from the kernel's row statistics; cuDNN gives none
+        if kernel in PALLAS:  # from the kernel's row statistics; cuDNN gives none
             np.testing.assert_allclose(mass_f, mass_x, rtol=1e-5, atol=1e-6)
         else:
             assert mass_f is None
@@ -87,9 +89,10 @@ def test_what_cudnn_cannot_run_is_a_clear_config_error_and_pallas_runs_all_of_it
         validate_model(tiny_model_config(attention_impl="cudnn", attention_dropout=0.2))
     validate_model(tiny_model_config(attention_impl="cudnn", dropout=0.1, attention_dropout=0.0))
     with pytest.raises(ValueError, match="most_used.*which cuDNN's fused kernel does not return; use "
-                       "attention_impl='pallas_tpu'"):
+                       "attention_impl='pallas_gpu' \\(NVIDIA GPUs\\), 'pallas_tpu'"):
         validate_model(tiny_model_config(attention_impl="cudnn", **MOST_USED))
     validate_model(tiny_model_config(attention_impl="pallas_tpu", dropout=0.1, **MOST_USED))
+    validate_model(tiny_model_config(attention_impl="pallas_gpu", dropout=0.1, **MOST_USED))
     with pytest.raises(ValueError, match="attention_impl='flash' is unknown"):
         validate_model(tiny_model_config(attention_impl="flash"))
 
@@ -120,9 +123,17 @@ def test_the_run_log_says_which_attention_it_uses():
     line = attention_line(ModelConfig(attention_impl="cudnn"), "cudnn", "cpu")
     assert line.startswith("fused, jax.nn.dot_product_attention") and "no cuDNN here" in line
     line = attention_line(ModelConfig(attention_impl="pallas_tpu"), "pallas_tpu", "cpu")
-    assert line.startswith("fused, ctx's Pallas flash kernel (Pallas interpret mode on cpu")
+    assert line.startswith("fused, ctx's Pallas flash kernel for TPUs (Pallas interpret mode on cpu")
     line = attention_line(resolve_attention(ModelConfig(attention_impl="auto", dropout=0.1), "gpu"), "auto", "gpu")
-    assert line.startswith("xla (model.attention_impl=auto on gpu (the config drops attention weights"), line
+    assert line == "fused, ctx's Pallas flash kernel for GPUs (Triton; model.attention_impl=auto on gpu)"
+    head_dim_24 = ModelConfig(attention_impl="auto", d_model=48, n_heads=2)
+    line = attention_line(resolve_attention(dataclasses.replace(head_dim_24, dropout=0.1), "gpu"), "auto", "gpu")
+    assert line.startswith("xla (model.attention_impl=auto on gpu (the Pallas GPU kernel cannot run here: its head "
+                           "dimension (d_model / n_heads = 24) must be a power of two"), line
+    assert line.endswith("; cuDNN cannot drop attention weights or report most_used's usage))")
+    line = attention_line(resolve_attention(dataclasses.replace(head_dim_24, dropout=0.0), "gpu"), "auto", "gpu")
+    assert line.startswith("fused, jax.nn.dot_product_attention (cuDNN; model.attention_impl=auto on gpu (the "
+                           "Pallas GPU kernel cannot run here: its head dimension"), line
 
 
 def test_auto_picks_a_fused_attention_only_for_a_config_it_can_run():
@@ -130,10 +141,13 @@ def test_auto_picks_a_fused_attention_only_for_a_config_it_can_run():
         return resolve_attention(ModelConfig(attention_impl="auto", **fields), platform).attention_impl
 
     assert resolved("cpu") == "xla"
-    assert resolved("gpu") == "cudnn"
-    assert resolved("gpu", dropout=0.1) == "xla"  # attention_dropout follows
-    assert resolved("gpu", dropout=0.1, attention_dropout=0.0) == "cudnn"
-    assert resolved("gpu", dropout=0.0, compression="most_used") == "xla"
+    assert resolved("gpu") == resolved("gpu", dropout=0.1) == "pallas_gpu"  # the Pallas kernel runs every config
+    assert resolved("gpu", dropout=0.0, compression="most_used") == "pallas_gpu"
+    # Where Triton cannot tile the layout (head dim 24), cuDNN, unless the config needs what it lacks.
+    assert resolved("gpu", d_model=48, n_heads=2) == "cudnn"
+    assert resolved("gpu", d_model=48, n_heads=2, dropout=0.1) == "xla"  # attention_dropout follows
+    assert resolved("gpu", d_model=48, n_heads=2, dropout=0.1, attention_dropout=0.0) == "cudnn"
+    assert resolved("gpu", d_model=48, n_heads=2, dropout=0.0, compression="most_used") == "xla"
     assert resolved("tpu", dropout=0.1) == "pallas_tpu"  # the Pallas kernel runs every config
     assert resolved("tpu", dropout=0.0, compression="most_used") == "pallas_tpu"
     assert resolve_attention(ModelConfig(attention_impl="cudnn"), "tpu").attention_impl == "cudnn"  # as asked
@@ -190,11 +204,13 @@ def test_attention_dropout_has_a_rate_of_its_own(dropout, attention_dropout, dro
     assert ModelConfig(dropout=0.2, attention_dropout=0.0).attention_dropout_rate == 0.0
 
 
-def test_the_pallas_kernel_drops_attention_weights_in_training_with_the_models_dropout_rng():
-    """attention_dropout > 0 with pallas_tpu: training-mode logits differ from evaluation's,
-    the same dropout rng gives the same step, another rng another one, gradients are finite
-    (the mask against naive attention: tests/test_flash_attention.py)."""
-    cfg = tiny_model_config(attention_impl="pallas_tpu", dropout=0.0, attention_dropout=0.5)
+@pytest.mark.parametrize("kernel", PALLAS)
+def test_the_pallas_kernels_drop_attention_weights_in_training_with_the_models_dropout_rng(kernel):
+    """attention_dropout > 0 with a Pallas kernel: training-mode logits differ from
+    evaluation's, the same dropout rng gives the same step, another rng another one, gradients
+    are finite (the mask against naive attention: tests/test_flash_attention.py and
+    tests/test_pallas_gpu.py), and both kernels give the same training step."""
+    cfg = tiny_model_config(attention_impl=kernel, dropout=0.0, attention_dropout=0.5)
     model, variables, memory = build(cfg, batch_size=2)
     tokens = jnp.asarray(random_tokens(model.config, 2, 1))
     grads, logits = _training_step(model, variables, memory, tokens, seed=3)
@@ -205,6 +221,11 @@ def test_the_pallas_kernel_drops_attention_weights_in_training_with_the_models_d
     np.testing.assert_array_equal(logits, again)
     assert np.abs(np.asarray(logits - other)).max() > 1e-2
     assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+    tpu = ctx.CompressiveTransformer(dataclasses.replace(cfg, attention_impl="pallas_tpu"))
+    tpu_grads, tpu_logits = _training_step(tpu, variables, memory, tokens, seed=3)
+    np.testing.assert_allclose(logits, tpu_logits, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(tpu_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_a_hand_made_config_never_gets_its_attention_dropout_silently_dropped():
@@ -231,18 +252,22 @@ def test_auto_picks_the_pallas_kernel_only_on_tpu_generations_that_run_it():
     assert resolve_attention(ModelConfig(attention_impl="pallas_tpu"), "cpu", "cpu").attention_impl == "pallas_tpu"
 
 
-def test_remat_dots_keeps_the_pallas_kernels_outputs_instead_of_running_its_forward_twice():
+@pytest.mark.parametrize("kernel, forward_name, backward_name", [
+    ("pallas_tpu", "relative_attention_forward", "relative_attention_backward"),
+    ("pallas_gpu", "relative_attention_forward_gpu", "relative_attention_query_gradient_gpu")])
+def test_remat_dots_keeps_the_pallas_kernels_outputs_instead_of_running_its_forward_twice(kernel, forward_name,
+                                                                                          backward_name):
     """Under model.remat='dots' (the paper configs) a training gradient holds one forward and one
     backward kernel per layer, as without remat; 'full' recomputes the forward. Same gradients."""
     def kernels_and_gradients(remat):
-        model, variables, memory = build(tiny_model_config(attention_impl="pallas_tpu", remat=remat))
+        model, variables, memory = build(tiny_model_config(attention_impl=kernel, remat=remat))
         tokens = jnp.asarray(random_tokens(model.config, 2, 1))
 
         def loss(params):
             return model.apply({"params": params}, tokens, memory)[0].sum()
 
         text = str(jax.make_jaxpr(jax.grad(loss))(variables["params"]))
-        counts = (text.count("name=relative_attention_forward"), text.count("name=relative_attention_backward"))
+        counts = (text.count(f"name={forward_name}\n"), text.count(f"name={backward_name}\n"))
         return counts, jax.grad(loss)(variables["params"])
 
     (plain, grads), (dots, remat_grads), (full, _) = (kernels_and_gradients(r) for r in ("none", "dots", "full"))

@@ -220,20 +220,21 @@ def test_a_training_chunk_with_the_pallas_attention_compiles_for_a_tpu_slice():
 
 
 @pytest.mark.slow
-def test_eight_devices_with_the_pallas_kernel_train_like_one_with_dropout_too(tmp_path):
-    """The kernel runs per device inside a shard_map over the batch rows (XLA cannot partition
-    it), and drops attention weights with masks seeded by each row's global index: 8 simulated
+@pytest.mark.parametrize("kernel", ["pallas_tpu", "pallas_gpu"])
+def test_eight_devices_with_the_pallas_kernel_train_like_one_with_dropout_too(tmp_path, kernel):
+    """The kernels run per device inside a shard_map over the batch rows (XLA cannot partition
+    them), and drop attention weights with masks seeded by each row's global index: 8 simulated
     devices, with fsdp and dropout 0.2 everywhere, give the losses of one device. (On one device
-    the kernel equals the XLA attention: tests/test_attention_impl.py.)"""
+    the kernels equal the XLA attention: tests/test_attention_impl.py.)"""
     one, eight = str(tmp_path / "one"), str(tmp_path / "eight")
     cfg = tiny_train_config(num_steps=4)
-    cfg.model.attention_impl, cfg.model.dropout = "pallas_tpu", 0.2
+    cfg.model.attention_impl, cfg.model.dropout = kernel, 0.2
     train.train_and_evaluate(cfg, one)
-    out = run_script("train_run.py", eight, "4", "2", "pallas_tpu", "0.2",
-                     env=simulated_devices_env(8, PYTHONPATH=ROOT))
+    out = run_script("train_run.py", eight, "4", "2", kernel, "0.2", env=simulated_devices_env(8, PYTHONPATH=ROOT))
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "attention fused, ctx's Pallas flash kernel (Pallas interpret mode on cpu" in out.stdout
-    assert "ctx.train: attention self-check passed: pallas_tpu on cpu:cpu" in out.stdout  # run before training
+    platform = {"pallas_tpu": "TPU", "pallas_gpu": "GPU"}[kernel]
+    assert f"attention fused, ctx's Pallas flash kernel for {platform}s (Pallas interpret mode on cpu" in out.stdout
+    assert f"ctx.train: attention self-check passed: {kernel} on cpu:cpu" in out.stdout  # run before training
     rows1, rows8 = ([r for r in read_metrics(w) if "split" not in r] for w in (one, eight))
     assert rows8[0]["num_devices"] == 8 and [r["step"] for r in rows8] == [1, 2, 3, 4]
     for key in ("loss", "compression_loss"):

@@ -12,7 +12,7 @@ import pytest
 
 from ctx import selfcheck, train
 from ctx.config import ModelConfig
-from ctx.nn import pallas_tpu
+from ctx.nn import pallas_gpu, pallas_tpu
 from tests.helpers import run_module, tiny_model_config, tiny_train_config
 
 # Several key blocks, the compressed memory ending inside one (both tables in a tile), dropout.
@@ -112,3 +112,37 @@ def test_the_command_prints_one_json_line_and_its_exit_status_says_the_verdict(t
     assert all(set(check) == {"ok", "max_error", "tolerance"} for check in result["checks"].values())
     out = run_module("ctx.selfcheck", "--config=experiments/demo.py")  # xla: the reference itself
     assert out.returncode == 0 and json.loads(out.stdout.strip().splitlines()[-1])["checks"] == {}
+
+
+def test_the_gpu_kernel_passes_and_its_faults_are_caught_too(monkeypatch):
+    """The same checks hold the Pallas GPU kernel: it passes with dropout and most_used, and a
+    band column off by one or a zero row seed fails them."""
+    result = checked(attention_impl="pallas_gpu", dropout=0.2, compression="most_used", compression_loss="none")
+    assert result["ok"], {k: v for k, v in result["checks"].items() if not v["ok"]}
+    assert {"dropout_mask_probe", "usage", "attention_mass", "gradient_tables_dropout"} <= set(result["checks"])
+    columns = pallas_gpu.band_columns
+    monkeypatch.setattr(pallas_gpu, "band_columns", lambda query, key, lay: columns(query, key, lay) + 1)
+    result = checked(attention_impl="pallas_gpu")
+    assert result["checks"]["output_position_dominant"]["max_error"] > 0.1
+    monkeypatch.setattr(pallas_gpu, "band_columns", columns)
+    monkeypatch.setattr(pallas_gpu, "row_seeds", lambda seed, batch: jnp.zeros((batch,), jnp.int32))
+    result = checked(attention_impl="pallas_gpu", dropout=0.1)
+    assert not result["checks"]["dropout_mask_probe"]["ok"] and not result["checks"]["dropout_rows_differ"]["ok"]
+
+
+def test_a_kernel_that_does_not_compile_here_fails_its_check_and_auto_falls_back(monkeypatch, capsys):
+    """A Triton or Mosaic error on the user's device is the self-check's verdict, not a crash:
+    the JSON says which error, 'auto' warns and runs xla, a kernel asked for by name refuses."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("Triton compilation failed: out of shared memory\nmore detail")
+
+    monkeypatch.setitem(selfcheck.PALLAS_KERNELS, "pallas_gpu", broken)
+    cfg = tiny_model_config(**LAYOUT, attention_impl="pallas_gpu")
+    result = selfcheck.run_self_check(cfg)
+    assert not result["ok"] and result["checks"]["compiles_and_runs"]["error"] == (
+        "RuntimeError: Triton compilation failed: out of shared memory")
+    assert selfcheck.checked_attention(cfg, "auto", "ctx.train").attention_impl == "xla"
+    assert "the pallas_gpu attention failed its self-check on cpu:cpu" in capsys.readouterr().err
+    with pytest.raises(selfcheck.SelfCheckFailed, match=r"\(compiles_and_runs: RuntimeError: Triton compilation "
+                       r"failed: out of shared memory\); nothing was started"):
+        selfcheck.checked_attention(cfg, "pallas_gpu", "ctx.train")

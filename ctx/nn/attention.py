@@ -17,6 +17,7 @@ sampling) are head-major too, [H,B,T,K], as the segment path makes them.
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import flax.linen as nn
@@ -27,7 +28,7 @@ import numpy as np
 
 from ctx.config import ConfigError, ModelConfig
 from ctx.nn.ops import MASKED_LOGIT, softmax
-from ctx.nn.pallas_tpu import flash_attention
+from ctx.nn import pallas_gpu, pallas_tpu
 from ctx.nn.relative_position import position_scores, sinusoid_table
 
 
@@ -217,7 +218,9 @@ class RelativeAttention(nn.Module):
         C, M = cmem_BCD.shape[1], mem_BMD.shape[1]
         q_HBNK, k_HBTK, v_HBTK = self._keys_values_with_memory(x_BND, mem_BMD, cmem_BCD, memory_kv)
         r_HPK, v_HRK = self._position_inputs(q_HBNK.shape[2], n_mem=M, n_cmem=C, deterministic=deterministic)
-        attend = {"xla": self._xla, "pallas_tpu": self._pallas_tpu, "cudnn": self._cudnn}[self.cfg.attention_impl]
+        attend = {"xla": self._xla, "cudnn": self._cudnn,
+                  "pallas_tpu": functools.partial(self._pallas, pallas_tpu.flash_attention),
+                  "pallas_gpu": functools.partial(self._pallas, pallas_gpu.flash_attention)}[self.cfg.attention_impl]
         read_BNHK, probs_BHNT, mass, usage_BN = attend(q_HBNK, k_HBTK, v_HBTK, r_HPK, v_HRK, mask_B1NT, n_mem=M,
                                                        n_cmem=C, deterministic=deterministic)
         return AttentionOut(out=self.out(read_BNHK.astype(self.cfg.dtype)), queries=q_HBNK, keys=k_HBTK,
@@ -242,9 +245,11 @@ class RelativeAttention(nn.Module):
         usage_BN = seen_HBNT[..., C:C + N].mean(axis=(0, 2)) if self._reports_usage else None
         return read_BNHK, jnp.transpose(probs_HBNT, (1, 0, 2, 3)), mass, usage_BN
 
-    def _pallas_tpu(self, q_HBNK, k_HBTK, v_HBTK, r_HPK, v_HRK, mask_B1NT, *, n_mem, n_cmem, deterministic):
-        """ctx's flash kernel (ctx/nn/pallas_tpu.py): the mask, position term and dropout inside
-        each tile; the mass and the evicted keys' usage from its row statistics."""
+    def _pallas(self, flash_attention, q_HBNK, k_HBTK, v_HBTK, r_HPK, v_HRK, mask_B1NT, *, n_mem, n_cmem,
+                deterministic):
+        """One of ctx's flash kernels (ctx/nn/pallas_tpu.py, ctx/nn/pallas_gpu.py): the mask,
+        position term and dropout inside each tile; the mass and the evicted keys' usage from
+        its row statistics."""
         C, N = n_cmem, q_HBNK.shape[2]
         rate = 0.0 if deterministic else self.cfg.attention_dropout_rate
         seed = None
@@ -267,7 +272,8 @@ class RelativeAttention(nn.Module):
         if rate:  # validate_model refuses it; a hand-made ModelConfig may not
             raise ConfigError(f"the cudnn attention has no attention dropout, and the config asks for {rate} "
                               "(model.attention_dropout, or model.dropout while it is None); set "
-                              "attention_dropout=0, or attention_impl='pallas_tpu' (TPUs) or 'xla'")
+                              "attention_dropout=0, or attention_impl='pallas_gpu' (NVIDIA GPUs), 'pallas_tpu' (TPUs) "
+                              "or 'xla'")
         read_BNHK = cudnn_attention(q_HBNK, self._cast(self.u_bias), k_HBTK, v_HBTK, v_HRK, r_HPK, mask_B1NT, n_cmem)
         return read_BNHK, None, None, None
 

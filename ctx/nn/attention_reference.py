@@ -5,7 +5,7 @@ Head-major like the kernels: scaled queries q [H,B,N,K] (without biases), u [H,K
 values [H,B,T,K] of [cmem; mem; segment], the v biases [H,R,K] and projected tables [H,P,K] as
 `position_scores` takes them, and `visible` [B,T] (whether each key holds a valid slot; the
 segment's keys are also hidden from the queries before them). Attention dropout uses the
-kernels' own mask (`pallas_tpu.kept_weights`), so a kernel and this reference agree weight for
+kernels' own mask (`ctx.nn.attention_dropout.kept_weights`), so a kernel and this reference agree weight for
 weight.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ctx.nn.pallas_tpu import kept_weights, row_seeds
+from ctx.nn.attention_dropout import kept_weights, row_seeds
 from ctx.nn.relative_position import position_scores
 
 

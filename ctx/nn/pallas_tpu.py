@@ -53,9 +53,10 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.sharding import PartitionSpec as P
 
+from ctx.nn.attention_dropout import kept_weights, row_seeds
 from ctx.nn.ops import MASKED_LOGIT
+from ctx.nn.pallas_launch import KERNEL_OUTPUTS, on_platform
 from ctx.nn.relative_position import position_scores
 
 # TPU tiles: the last two dimensions of a block are multiples of (8, 128) or the whole axis.
@@ -113,32 +114,6 @@ class _Layout:
         """Table rows with zeros after the last, so the windows of the future keys (masked)
         stay inside it."""
         return -(-(rows + self.n_queries + self.window) // 8) * 8
-
-
-def _mix(x: jax.Array) -> jax.Array:
-    """A bijective scramble of int32 bits (MurmurHash3's finaliser), in operations Mosaic lowers."""
-    x = x ^ jax.lax.shift_right_logical(x, 16)
-    x = x * jnp.int32(-2048144789)  # 0x85ebca6b
-    x = x ^ jax.lax.shift_right_logical(x, 13)
-    x = x * jnp.int32(-1028477387)  # 0xc2b2ae35
-    return x ^ jax.lax.shift_right_logical(x, 16)
-
-
-def kept_weights(row_seed: jax.Array, head: jax.Array, query: jax.Array, key: jax.Array, rate: float) -> jax.Array:
-    """Whether the attention weight of (row, head, query, key) survives dropout at `rate`: a
-    counter-based hash of the four, so the backward (and a reference in XLA ops) regenerates
-    the forward's mask from indices alone. `row_seed` is per batch row (`row_seeds`); the
-    arguments broadcast against each other. Each query's stream is mixed on its own (a column
-    of the tile), then with the key: one full mix per weight."""
-    stream = _mix(_mix(row_seed + head * jnp.int32(0x27D4EB2F)) ^ (query * jnp.int32(0x165667B1)))
-    bits = _mix(stream ^ (key * jnp.int32(-1640531535)))  # 0x9e3779b1
-    return (bits & 0xFFFFFF) >= int(round(rate * (1 << 24)))
-
-
-def row_seeds(seed: jax.Array, batch: int) -> jax.Array:
-    """[B] int32 seeds of the batch rows from one dropout seed, made before the kernel is split
-    across devices, so a row's mask does not depend on which device holds it."""
-    return _mix(jnp.asarray(seed, jnp.int32) ^ _mix(jnp.arange(batch, dtype=jnp.int32) + jnp.int32(0x3C6EF372)))
 
 
 def _dropout_scale(seed_ref, first_query, first_key, lay: _Layout) -> jax.Array | None:
@@ -440,25 +415,6 @@ _BATCH_AXES = {"forward": (1, None, None, None, 0, 1, 1, 0), "backward": (1, Non
                "usage": (1, None, None, None, 0, 1, 1)}
 
 
-def _on_platform(call, args, batch_axes, **static):
-    """`call(*args, **static, interpret=...)`: the Mosaic kernel when lowered for TPU,
-    interpreted elsewhere.
-
-    XLA cannot partition a Mosaic call, so under a device mesh (the abstract mesh the trainer
-    and evaluation trace in) each device runs the kernel on its own batch rows: heads and rows
-    are independent, the tables and biases are the same for all."""
-    def run(*local):
-        return jax.lax.platform_dependent(*local, tpu=functools.partial(call, **static, interpret=False),
-                                          default=functools.partial(call, **static, interpret=True))
-
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
-        return run(*args)
-    in_specs = tuple(P() if axis is None else P(*([None] * axis), mesh.axis_names) for axis in batch_axes)
-    return jax.shard_map(run, mesh=mesh, in_specs=in_specs, out_specs=P(None, mesh.axis_names),
-                         check_vma=False)(*args)
-
-
 def _kernel_operands(q, u, v_biases, r, visible, lay: _Layout):
     """u as [H,1,K], two v-bias rows (the memory's twice without a compressed memory), the
     table in float32 with zero rows after it (`_Layout.padded_rows`), validity as int32 [B,1,T]."""
@@ -493,16 +449,12 @@ def _attention(q, u, k, v, v_biases, r, visible, seeds, n_cmem, n_mem, usage_key
     return _forward(q, u, k, v, v_biases, r, visible, seeds, n_cmem, n_mem, usage_keys, dropout)[0]
 
 
-# The name under which rematerialisation finds the forward kernel's residuals.
-KERNEL_OUTPUTS = "pallas_attention_outputs"
-
-
 def _forward(q, u, k, v, v_biases, r, visible, seeds, n_cmem, n_mem, usage_keys, dropout):
     lay = _Layout.of(q, k, n_cmem, n_mem, dropout)
     operands = _kernel_operands(q, u, v_biases, r, visible, lay)
     ranges = ((0, n_cmem), (n_cmem, n_cmem + n_mem), (n_cmem + n_mem, k.shape[2]))
-    out, lse, mass = _on_platform(_forward_call, (q, *operands, k, v, seeds), _BATCH_AXES["forward"], lay=lay,
-                                  ranges=ranges)
+    out, lse, mass = on_platform(_forward_call, (q, *operands, k, v, seeds), _BATCH_AXES["forward"], "tpu", lay=lay,
+                                 ranges=ranges)
     # Named for the layers' remat policy, which keeps them: the backward needs only these two
     # small arrays ([H,B,N,K] and [H,B,N,1]), and recomputing them would rerun the whole kernel.
     out, lse = (checkpoint_name(x, KERNEL_OUTPUTS) for x in (out, lse))
@@ -510,7 +462,8 @@ def _forward(q, u, k, v, v_biases, r, visible, seeds, n_cmem, n_mem, usage_keys,
     if usage_keys is not None:
         first, end = usage_keys
         blocks = (first // lay.key_block, -(-end // lay.key_block))
-        covered = _on_platform(_usage_call, (q, *operands, k, lse), _BATCH_AXES["usage"], lay=lay, key_blocks=blocks)
+        covered = on_platform(_usage_call, (q, *operands, k, lse), _BATCH_AXES["usage"], "tpu", lay=lay,
+                              key_blocks=blocks)
         offset = blocks[0] * lay.key_block
         usage = covered[:, :, 0, first - offset:end - offset]
     return (out, mass, usage), (q, u, k, v, v_biases, r, visible, seeds, out, lse)
@@ -522,7 +475,7 @@ def _backward(n_cmem, n_mem, usage_keys, dropout, residuals, cotangents):
     lay = _Layout.of(q, k, n_cmem, n_mem, dropout)
     delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     operands = (q, *_kernel_operands(q, u, v_biases, r, visible, lay), k, v, seeds, lse, delta, dout.astype(q.dtype))
-    dq_content, dk, dv, ds = _on_platform(_backward_call, operands, _BATCH_AXES["backward"], lay=lay)
+    dq_content, dk, dv, ds = on_platform(_backward_call, operands, _BATCH_AXES["backward"], "tpu", lay=lay)
     # The logits' gradient is the position term's: XLA's transpose of the shift and the GEMMs.
     _, position_vjp = jax.vjp(lambda q, vb, r: position_scores(q, vb, r, n_cmem), q, v_biases, r)
     dq_position, dv_biases, dr = position_vjp(ds)

@@ -29,7 +29,7 @@ from ctx.nn.attention import AttentionOut, LayerCache, RelativeAttention, attent
 from ctx.nn.compression import Compressor
 from ctx.nn.memory import LayerMemory, Memory, advance_memory_kv, fifo_update, reset_rows, shift_in, update_masks
 from ctx.nn.ops import LayerNorm, relu
-from ctx.nn.pallas_tpu import KERNEL_OUTPUTS
+from ctx.nn.pallas_launch import KERNEL_OUTPUTS
 
 Rest = TypeVar("Rest")
 
