@@ -11,12 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import SingleDeviceSharding
 
 from ctx import aot, train
 from ctx.nn.attention_reference import dropout_mask, reference_attention
-from ctx.nn.pallas_tpu import _Layout, _skew, block_sizes, flash_attention
+from ctx.nn.pallas_tpu import _Layout, _skew, _unskew_reversed, block_sizes, flash_attention
 from experiments import demo
 from tests.helpers import ROOT, read_metrics, run_script, simulated_devices_env, tiny_train_config
 
@@ -131,6 +132,24 @@ def test_the_interpreted_skew_is_the_row_strided_rotation_a_tpu_runs():
     np.testing.assert_array_equal(interpreted[0], band[0, lay.query_block - 1:][:lay.key_block])
 
 
+def test_the_backward_lays_the_gradient_back_with_the_rotation_a_tpu_runs():
+    """The backward's inverse of the skew, as a TPU runs it (an exchange product reversing the
+    rows, then `pltpu.roll(stride=1)`, both interpreted by Pallas here), equals the gather the
+    interpreted kernel uses; and it is the skew's inverse: skewing it back gives the tile."""
+    lay = _Layout(n_cmem=0, n_mem=16, n_queries=16, query_block=8, key_block=16)
+    grad = jax.random.normal(jax.random.key(4), (lay.query_block, lay.key_block), jnp.float32)
+
+    def kernel(grad_ref, out_ref):
+        out_ref[...] = _unskew_reversed(grad_ref[...], lay)  # the TPU branch
+
+    on_tpu = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((lay.query_block, lay.window), jnp.float32),
+                            interpret=True)(grad)
+    interpreted = _unskew_reversed(grad, dataclasses.replace(lay, interpret=True))
+    np.testing.assert_array_equal(on_tpu, interpreted)
+    np.testing.assert_array_equal(_skew(jnp.flip(interpreted, 0), dataclasses.replace(lay, interpret=True)), grad)
+    assert np.count_nonzero(np.asarray(interpreted)) == grad.size  # zeros around the tile
+
+
 @pytest.mark.slow
 def test_the_kernels_gradient_program_runs_again_from_the_compilation_cache(tmp_path):
     """The interpreted training program of a layout whose tiles use both tables, written to
@@ -200,10 +219,11 @@ def test_the_kernel_lowers_through_mosaic_for_tpu_at_the_pg19_shape_with_its_cos
     cost = cost[0] if isinstance(cost, list) else cost
     assert cost["flops"] >= 3 * 2 * H * B * N * T * K  # q·k, the position windows, p·v
     assert cost["bytes accessed"] >= 2 * H * B * (2 * N + 2 * T) * K  # q, k, v read, out written
-    # Neither the probabilities nor the position term: no score-sized array in the forward
-    # program; the backward has one, the logits' gradient, for XLA's position-term gradient.
-    scores = f"[{H},{B},{N},{T}]"
-    assert scores not in forward.as_text() and scores in both.as_text()
+    # Neither the probabilities nor the position term nor their gradients: no score-sized
+    # array in either program (the backward lays the logits' gradient back onto the table's
+    # windows inside the kernel).
+    for program in (forward, both):
+        assert not any(f"[{H},{B},{N},{width}]" in program.as_text() for width in (T, P)), n_cmem
 
 
 def test_a_training_chunk_with_the_pallas_attention_compiles_for_a_tpu_slice():

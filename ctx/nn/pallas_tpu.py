@@ -13,11 +13,13 @@ attention each query gives each key range (cmem, mem, segment: the memory-kind m
 asked, a third kernel recomputes the probabilities of a range of keys from that log-sum-exp and
 sums them over the queries (the attention each key receives: `most_used` compression). The
 backward recomputes each tile's probabilities from that log-sum-exp, accumulates the key and
-value gradients over the query blocks and the content query gradient of a whole (head, row) in
-VMEM across the key blocks, writes each once, and the logits' gradient; XLA turns that into the
-gradients of the queries' position term, the tables and the v biases through `jax.vjp` of the
-same term written as XLA ops (`ctx.nn.relative_position.position_scores`). Un-skewing it in the
-kernel would need the inverse rotation (stride -1, which Mosaic does not lower).
+value gradients over the query blocks, and keeps in VMEM across the key blocks what a whole
+(head, row) accumulates: the query gradient and the position term's gradients. Those come from
+the logits' gradient laid back onto the tile's window of the table (the inverse of the skew:
+stride -1, which Mosaic does not lower, so the tile's rows are reversed first, by a product with
+the exchange matrix, and the forward's stride-1 rotation undoes the skew of reversed rows), then
+two GEMMs against the window: the queries' gradient and the window rows' of the table. Nothing
+score-sized leaves the kernel in either direction.
 
 Attention dropout happens in the tile too: whether a weight survives is a hash of (the batch
 row's seed, head, query, key), `kept_weights`, so the backward regenerates the forward's mask
@@ -57,7 +59,6 @@ from jax.experimental.pallas import tpu as pltpu
 from ctx.nn.attention_dropout import kept_weights, row_seeds
 from ctx.nn.ops import MASKED_LOGIT
 from ctx.nn.pallas_launch import KERNEL_OUTPUTS, on_platform
-from ctx.nn.relative_position import position_scores
 
 # TPU tiles: the last two dimensions of a block are multiples of (8, 128) or the whole axis.
 _KEY_BLOCKS = (512, 256, 128)
@@ -145,6 +146,64 @@ def _skew(band, lay: _Layout):
     return jnp.take_along_axis(band, columns + lay.query_block - 1 - rows, axis=1)
 
 
+def _window_rows(first_query, first_virtual_key, lay: _Layout):
+    """The table rows of the distances a tile spans (see `_skewed_window`)."""
+    start = first_virtual_key + lay.n_queries - first_query - lay.query_block
+    if lay.aligned:
+        start = pl.multiple_of(start, 8)
+    return pl.ds(start, lay.window)
+
+
+def _reverse_rows(x: jax.Array, lay: _Layout, dtype) -> jax.Array:
+    """x [n, m] with its rows in reverse order, in `dtype`. Mosaic lowers no `rev`, so on TPU a
+    product with the exchange matrix (exact: each entry is one entry of x times 1);
+    interpreted, a flip."""
+    if lay.interpret:
+        return jnp.flip(x, 0).astype(dtype)
+    n = x.shape[0]
+    exchange = (jax.lax.broadcasted_iota(jnp.int32, (n, n), 0) + jax.lax.broadcasted_iota(jnp.int32, (n, n), 1)
+                == n - 1).astype(x.dtype)
+    precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+    return jnp.dot(exchange, x, precision=precision, preferred_element_type=jnp.float32).astype(dtype)
+
+
+def _unskew_reversed(grad, lay: _Layout):
+    """The inverse of `_skew`, with the rows in reverse order: a tile's logits' gradient
+    [bq, bk] laid back onto its band window [bq, window] (row i moved right by bq-1-i, zeros
+    around), row i landing in row bq-1-i. Unreversed, the inverse rotation has stride -1, which
+    Mosaic does not lower; with the rows reversed, row bq-1-i moves right by bq-1-i, which is
+    the forward's row-strided rotation (stride 1; Mosaic rotates 32-bit values only, so in
+    float32). Interpreted, the same values by a gather."""
+    bq, bk, window = lay.query_block, lay.key_block, lay.window
+    padded = jnp.concatenate([_reverse_rows(grad, lay, jnp.float32), jnp.zeros((bq, window - bk), jnp.float32)],
+                             axis=1)
+    if not lay.interpret:
+        return pltpu.roll(padded, 0, 1, stride=1, stride_axis=0)
+    rows = jax.lax.broadcasted_iota(jnp.int32, (bq, window), 0)
+    source = jax.lax.broadcasted_iota(jnp.int32, (bq, window), 1) - rows
+    gathered = jnp.take_along_axis(padded, jnp.clip(source, 0, window - 1), axis=1)
+    return jnp.where((source >= 0) & (source < bk), gathered, jnp.zeros_like(gathered))
+
+
+def _position_gradient(grad, q, vb_ref, r_ref, dq_position_ref, dr_ref, dvb_ref, rows, first_query,
+                       first_virtual_key, table, lay: _Layout):
+    """Accumulate the gradients of one table's part of a tile's position term, (q + v)·R[window]
+    skewed, from its logits' gradient `grad` [bq, bk] (compute dtype): the queries' (rows
+    reversed within the query block, as `_unskew_reversed` leaves them), the window's table rows,
+    and the table's v bias (row `table` of dvb). Nothing score-sized leaves the kernel."""
+    window_rows = _window_rows(first_query, first_virtual_key, lay)
+    band_grad = _unskew_reversed(grad, lay).astype(q.dtype)  # [bq, window], rows reversed
+    window = r_ref[window_rows, :].astype(q.dtype)
+    dq = jnp.dot(band_grad, window, preferred_element_type=jnp.float32)
+    dq_position_ref[rows, :] += dq
+    v_row = jnp.where(table == 0, vb_ref[0:1, :], vb_ref[1:2, :])
+    dr_ref[window_rows, :] += jax.lax.dot_general(band_grad, _reverse_rows(q + v_row, lay, q.dtype),
+                                                  (((0,), (0,)), ((), ())),
+                                                  preferred_element_type=jnp.float32)
+    which = jax.lax.broadcasted_iota(jnp.int32, dvb_ref.shape, 0) == table
+    dvb_ref[...] += jnp.where(which, jnp.sum(dq, axis=0, keepdims=True), 0.0)
+
+
 def _skewed_window(q, v_row, r_ref, first_query, first_virtual_key, lay: _Layout):
     """The position term [bq, bk] of the tile's queries against its keys, from the table's
     window of the distances they span. With the tables laid as `position_scores` lays them
@@ -152,10 +211,7 @@ def _skewed_window(q, v_row, r_ref, first_query, first_virtual_key, lay: _Layout
     virtual index vj = j (cmem) or j + N (memory, segment) is column vj + N-1-i of the table
     for query i, so the window starts at vj0 + N - q0 - bq and row i of the tile needs its
     columns from bq-1-i on: a rotation by i more per row."""
-    start = first_virtual_key + lay.n_queries - first_query - lay.query_block
-    if lay.aligned:
-        start = pl.multiple_of(start, 8)
-    window = r_ref[pl.ds(start, lay.window), :].astype(q.dtype)
+    window = r_ref[_window_rows(first_query, first_virtual_key, lay), :].astype(q.dtype)
     band = jax.lax.dot_general(q + v_row, window, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return _skew(band, lay)
 
@@ -246,39 +302,71 @@ def _usage_kernel(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, lse_ref, usag
 
 
 def _backward_kernel(seed_ref, q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, v_ref, lse_ref, delta_ref, dout_ref,
-                     dq_ref, dk_ref, dv_ref, ds_ref, dk_acc, dv_acc, *, lay: _Layout):
-    query_block = pl.program_id(3)
+                     dq_ref, du_ref, dr_ref, dvb_ref, dk_ref, dv_ref, dk_acc, dv_acc, dq_acc, dq_position_acc, *,
+                     lay: _Layout):
+    query_block, key_block = pl.program_id(3), pl.program_id(2)
+    first_of_row = (query_block == 0) & (key_block == 0)
 
-    @pl.when((query_block == 0) & (pl.program_id(2) == 0))
-    def _start_row():  # dq of the whole (head, row) stays in VMEM across the key blocks
-        dq_ref[...] = jnp.zeros(dq_ref.shape, jnp.float32)
+    @pl.when(first_of_row)
+    def _start_row():  # the (head, row)'s query gradients stay in VMEM across its key blocks
+        for ref in (dq_acc, dq_position_acc):
+            ref[...] = jnp.zeros(ref.shape, jnp.float32)
+
+    @pl.when(first_of_row & (pl.program_id(1) == 0))
+    def _start_head():  # the u, table and bias gradients, over all the head's rows
+        for ref in (du_ref, dr_ref, dvb_ref):
+            ref[...] = jnp.zeros(ref.shape, jnp.float32)
 
     @pl.when(query_block == 0)
     def _start():
         dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
         dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
 
-    p, content_q = _probabilities(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, lse_ref, query_block,
-                                  pl.program_id(2), lay)
+    p, content_q = _probabilities(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, lse_ref, query_block, key_block,
+                                  lay)
     dout = dout_ref[...]
-    scale = _dropout_scale(seed_ref, query_block * lay.query_block, pl.program_id(2) * lay.key_block, lay)
+    first_query, first_key = query_block * lay.query_block, key_block * lay.key_block
+    scale = _dropout_scale(seed_ref, first_query, first_key, lay)
     dv_acc[...] += jax.lax.dot_general(_dropped(p, scale).astype(dout.dtype), dout,
                                        (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
     dp = jax.lax.dot_general(dout, v_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     # With dropout, out = (p∘z)·v: the weights' gradient is dp∘z, and delta = rowsum(dout∘out)
     # is still rowsum(p∘dp∘z), so the softmax's backward keeps its form.
     ds = p * (_dropped(dp, scale) - delta_ref[...])
-    ds_ref[...] = ds.astype(ds_ref.dtype)
     ds_low = ds.astype(content_q.dtype)
     dk_acc[...] += jax.lax.dot_general(ds_low, content_q, (((0,), (0,)), ((), ())),
                                        preferred_element_type=jnp.float32)
-    rows = pl.ds(pl.multiple_of(query_block * lay.query_block, lay.query_block), lay.query_block)
-    dq_ref[rows, :] += jnp.dot(ds_low, k_ref[...], preferred_element_type=jnp.float32)
+    rows = pl.ds(pl.multiple_of(first_query, lay.query_block), lay.query_block)
+    dq_content = jnp.dot(ds_low, k_ref[...], preferred_element_type=jnp.float32)
+    dq_acc[rows, :] += dq_content
+    du_ref[...] += jnp.sum(dq_content, axis=0, keepdims=True)  # u is in the content term only
+    # The same gradient is the position term's: back through the skew to the table's window.
+    position = functools.partial(_position_gradient, q=q_ref[...], vb_ref=vb_ref, r_ref=r_ref,
+                                 dq_position_ref=dq_position_acc, dr_ref=dr_ref, dvb_ref=dvb_ref, rows=rows,
+                                 first_query=first_query, lay=lay)
+    C, N = lay.n_cmem, lay.n_queries
+    if not C:
+        position(ds_low, first_virtual_key=first_key, table=0)
+    elif lay.straddles:
+        key = first_key + jax.lax.broadcasted_iota(jnp.int32, ds_low.shape, 1)
+        zero = jnp.zeros_like(ds_low)
+        position(jnp.where(key < C, ds_low, zero), first_virtual_key=first_key, table=0)
+        position(jnp.where(key < C, zero, ds_low), first_virtual_key=first_key + N, table=1)
+    else:
+        in_memory = first_key >= C
+        position(ds_low, first_virtual_key=first_key + jnp.where(in_memory, N, 0), table=in_memory.astype(jnp.int32))
 
     @pl.when(query_block == pl.num_programs(3) - 1)
     def _finish():
         dk_ref[...] = dk_acc[...].astype(dk_ref.dtype)
         dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
+
+    @pl.when((query_block == pl.num_programs(3) - 1) & (key_block == pl.num_programs(2) - 1))
+    def _finish_row():  # the position gradient's query blocks come with their rows reversed
+        for block in range(lay.n_queries // lay.query_block):
+            rows = pl.ds(block * lay.query_block, lay.query_block)
+            dq_acc[rows, :] += _reverse_rows(dq_position_acc[rows, :], lay, jnp.float32)
+        dq_ref[...] = dq_acc[...].astype(dq_ref.dtype)
 
 
 def _cost(q, lay: _Layout, table_rows: int, kind: str, n_keys: int, n_ranges: int = 0) -> pl.CostEstimate:
@@ -288,10 +376,13 @@ def _cost(q, lay: _Layout, table_rows: int, kind: str, n_keys: int, n_ranges: in
     the validity row once per query block; out, the log-sum-exp and the range masses written
     once; per tile q·k, p·v and the window's q·R, which spans `window / key_block` times the
     keys (twice that where a tile uses both tables). Backward: k, v and the validity row once,
-    q, dout, the log-sum-exp and delta once per key block; dk, dv and the logits' gradient
-    written once, and the float32 dq once (it stays in VMEM for the row); the forward's q·k and q·R again,
-    pᵀ·dout, dout·vᵀ, dsᵀ·q, ds·k. Usage: k and the validity row once, q and the log-sum-exp
-    once per key block, the usage written once; q·k and q·R."""
+    q, dout, the log-sum-exp and delta once per key block; dk, dv and the query gradient
+    written once (it stays in VMEM for the row), and per head the float32 u, table and bias
+    gradients; the forward's q·k and q·R again, pᵀ·dout,
+    dout·vᵀ, dsᵀ·q, ds·k, and per table a tile uses: the exchange products reversing ds and q + v, the
+    un-skewed gradient times the window and its transpose times q + v. Usage: k and the
+    validity row once, q and the log-sum-exp once per key block, the usage written once; q·k
+    and q·R."""
     H, B, N, K = q.shape
     T, bq, bk = n_keys, lay.query_block, lay.key_block
     item, rows = q.dtype.itemsize, H * B
@@ -300,18 +391,21 @@ def _cost(q, lay: _Layout, table_rows: int, kind: str, n_keys: int, n_ranges: in
     per_row, gemms = {
         "forward": (N * K * item + (N // bq) * (2 * T * K * item + T * 4) + N * K * item + N * 4 * (1 + n_ranges),
                     2 + position),
-        "backward": ((T // bk) * (2 * N * K * item + 2 * N * 4) + N * K * 4 + T * 4 + 4 * T * K * item
-                     + N * T * item, 5 + position),
+        "backward": ((T // bk) * (2 * N * K * item + 2 * N * 4) + N * K * item + T * 4 + 4 * T * K * item,
+                     5 + 3 * position + (2 if lay.straddles else 1) * (bq / K + bq / bk)),
         "usage": ((T // bk) * (N * K * item + N * 4) + T * K * item + 2 * T * 4, 1 + position),
     }[kind]
+    if kind == "backward":  # the u, table and bias gradients, written once per head
+        tables += H * (table_rows + 3) * K * 4
     return pl.CostEstimate(flops=int(2 * gemms * rows * N * T * K), transcendentals=rows * N * T,
                            bytes_accessed=int(rows * per_row + tables))
 
 
 # Heads, batch rows and the outer block axis are independent; the inner one is a reduction.
 _SEMANTICS = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
-# The backward's dq accumulates over both block axes of a (head, row), in one resident block.
-_BACKWARD_SEMANTICS = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary", "arbitrary"))
+# The backward's query gradients accumulate over both block axes of a (head, row), the table
+# and bias gradients over the head's rows too, each in one resident block.
+_BACKWARD_SEMANTICS = pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary", "arbitrary"))
 
 
 def _grid(q, k, r, lay: _Layout, queries_outer: bool, key_blocks: tuple[int, int] | None = None):
@@ -376,21 +470,31 @@ def _forward_call(q, u, vb, r, visible, k, v, seeds, lay: _Layout, ranges, inter
 def _backward_call(q, u, vb, r, visible, k, v, seeds, lse, delta, dout, lay: _Layout, interpret: bool):
     lay = dataclasses.replace(lay, interpret=interpret)
     grid, spec, at = _grid(q, k, r, lay, queries_outer=False)
-    bk, K = lay.key_block, q.shape[3]
-    whole_dq = pl.BlockSpec((None, None, q.shape[2], K), at(lambda h, b, i, j: (h, b, 0, 0)))
+    bk, K, H = lay.key_block, q.shape[3], q.shape[0]
+
+    def per_row(*shape):  # one block per (head, row), in VMEM across the row's key and query blocks
+        return pl.BlockSpec((None, None) + shape, at(lambda h, b, i, j: (h, b) + (0,) * len(shape)))
+
+    def per_head(*shape):  # one block per head, over all its rows (of this device)
+        return pl.BlockSpec((None, None) + shape, at(lambda h, b, i, j: (h, 0) + (0,) * len(shape)))
+
     kernel, seeded = _with_seeds(functools.partial(_backward_kernel, lay=lay), seeds, lay)
-    dq, dk, dv, ds = pl.pallas_call(
+    dq, du, dr, dvb, dk, dv = pl.pallas_call(
         kernel, grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=len(seeded), grid=grid,
             in_specs=_kernel_inputs(spec) + [spec["row"], spec["row"], spec["query"]],
-            out_specs=[whole_dq, spec["key"], spec["key"], spec["tile"]],
-            scratch_shapes=[pltpu.VMEM((bk, K), jnp.float32), pltpu.VMEM((bk, K), jnp.float32)]),
-        out_shape=[jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(k.shape, k.dtype),
-                   jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(q.shape[:3] + k.shape[2:3], q.dtype)],
+            out_specs=[per_row(q.shape[2], K), per_head(1, K), per_head(r.shape[1], K), per_head(2, K),
+                       spec["key"], spec["key"]],
+            scratch_shapes=[pltpu.VMEM((bk, K), jnp.float32), pltpu.VMEM((bk, K), jnp.float32),
+                            pltpu.VMEM(q.shape[2:], jnp.float32), pltpu.VMEM(q.shape[2:], jnp.float32)]),
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((H, 1, 1, K), jnp.float32),
+                   jax.ShapeDtypeStruct((H, 1) + r.shape[1:], jnp.float32),
+                   jax.ShapeDtypeStruct((H, 1, 2, K), jnp.float32),
+                   jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=_BACKWARD_SEMANTICS, cost_estimate=_cost(q, lay, r.shape[1], "backward", k.shape[2]),
         interpret=interpret, name="relative_attention_backward",
     )(*seeded, q, u, vb, r, visible, k, v, lse, delta, dout)
-    return dq.astype(q.dtype), dk, dv, ds
+    return dq, du, dr, dvb, dk, dv
 
 
 def _usage_call(q, u, vb, r, visible, k, lse, lay: _Layout, key_blocks: tuple[int, int], interpret: bool):
@@ -475,12 +579,12 @@ def _backward(n_cmem, n_mem, usage_keys, dropout, residuals, cotangents):
     lay = _Layout.of(q, k, n_cmem, n_mem, dropout)
     delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     operands = (q, *_kernel_operands(q, u, v_biases, r, visible, lay), k, v, seeds, lse, delta, dout.astype(q.dtype))
-    dq_content, dk, dv, ds = on_platform(_backward_call, operands, _BATCH_AXES["backward"], "tpu", lay=lay)
-    # The logits' gradient is the position term's: XLA's transpose of the shift and the GEMMs.
-    _, position_vjp = jax.vjp(lambda q, vb, r: position_scores(q, vb, r, n_cmem), q, v_biases, r)
-    dq_position, dv_biases, dr = position_vjp(ds)
-    du = jnp.sum(dq_content.astype(jnp.float32), axis=(1, 2)).astype(u.dtype)
-    return dq_content + dq_position, du, dk, dv, dv_biases, dr, None, None
+    dq, du, dr, dvb, dk, dv = on_platform(_backward_call, operands, _BATCH_AXES["backward"], "tpu", lay=lay)
+    # The u, table and bias gradients come summed over each device's rows: [H, devices, ...].
+    du = jnp.sum(du, axis=(1, 2)).astype(u.dtype)
+    dr = jnp.sum(dr, axis=1)[:, :r.shape[1]].astype(r.dtype)
+    dv_biases = jnp.sum(dvb, axis=1)[:, :v_biases.shape[1]].astype(v_biases.dtype)
+    return dq, du, dk, dv, dv_biases, dr, None, None
 
 
 _attention.defvjp(_forward, _backward)

@@ -1,6 +1,7 @@
 """Transformer-XL's relative position term over [compressed memory; memory; segment], as XLA
-ops: the reference the attention's `xla` and `cudnn` paths use, and whose gradient the Pallas
-kernel (which computes the same term tile by tile) returns through `jax.vjp`.
+ops: the reference the attention's `xla` and `cudnn` paths use, and the band the GPU kernel
+gathers its tiles from (returning the band's gradient through `jax.vjp`); the TPU kernel
+computes the same term, and its gradient, tile by tile.
 
 Positions follow DeepMind's Sonnet CompressiveTransformer (docs/paper-notes.md §2): one
 sinusoid table, projection and bias `v` for memory + segment, and a separate set for the
