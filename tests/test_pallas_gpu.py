@@ -100,7 +100,7 @@ def test_the_backward_writes_every_band_gradient_entry_exactly_once(n_cmem, n_me
         query = query_block * b + np.arange(b)[:, None]
         stores = [pallas_gpu.band_columns(query, np.asarray(pallas_gpu.virtual_keys(j * b + np.arange(b)[None], lay)),
                                           lay) for j in range(lay.key_blocks_seen_by(query_block))]
-        for first, length in ((-N, N), (n_cmem, lay.gap)):
+        for first, length in lay.unread_virtual_keys:
             stores += [pallas_gpu.band_columns(query, first + t * b + np.arange(b)[None], lay)
                        for t in range(length // b)]
         for column in stores:

@@ -99,6 +99,12 @@ class _Layout:
         """P: the band's columns, the tables' rows."""
         return self.n_keys + self.gap
 
+    @property
+    def unread_virtual_keys(self) -> tuple[tuple[int, int], ...]:
+        """(first, length) of the virtual keys whose band columns no key reads: those before
+        the first key (negative), and the gap's."""
+        return (-self.n_queries, self.n_queries), (self.n_cmem, self.gap)
+
     def key_blocks_seen_by(self, query_block):
         """Key blocks with a key some query of the block sees: all memory blocks and the
         segment's up to the block's last query (the rest are the future)."""
@@ -280,8 +286,7 @@ def _query_gradient_kernel(seed_ref, content_q_ref, band_ref, visible_ref, k_ref
     dq = jax.lax.fori_loop(0, lay.key_blocks_seen_by(query_block), step, jnp.zeros(content_q.shape, jnp.float32))
     dq_ref[...] = dq
 
-    # The band columns no key reads get zeros: those of the virtual keys before the first, and
-    # the gap's.
+    # The band columns no key reads get zeros.
     def zeros(first_virtual_key):
         _, virtual = _tile(first_query, first_virtual_key, lay)
         column = band_columns(query, virtual, lay)
@@ -289,7 +294,7 @@ def _query_gradient_kernel(seed_ref, content_q_ref, band_ref, visible_ref, k_ref
         pltriton.store(dband_ref.at[rows, _wrapped(column, lay)],
                        jnp.zeros(column.shape, dband_ref.dtype), mask=inside)
 
-    for first, length in ((-lay.n_queries, lay.n_queries), (lay.n_cmem, lay.gap)):
+    for first, length in lay.unread_virtual_keys:
         @pl.loop(0, length // lay.block)
         def _(t):
             zeros(first + t * lay.block)
@@ -400,15 +405,16 @@ def _attention(q, u, k, v, v_biases, r, visible, seeds, n_cmem, n_mem, usage, dr
     return _forward(q, u, k, v, v_biases, r, visible, seeds, n_cmem, n_mem, usage, dropout)[0]
 
 
-def _kernel_operands(q, u, k, v_biases, r, visible, lay: _Layout):
-    """The content queries q + u, the band in the compute dtype and validity as int32 [B,T]."""
-    band = position_band(q, v_biases, r, lay.n_cmem).astype(q.dtype)
-    return q + u[:, None, None, :].astype(q.dtype), band, visible.astype(jnp.int32)
+def _kernel_operands(q, u, v_biases, r, visible, n_cmem: int):
+    """The content queries q + u, the band in the compute dtype, validity as int32 [B,T], and
+    the band's VJP (to q, the v biases and the tables)."""
+    band, band_vjp = jax.vjp(lambda q, vb, r: position_band(q, vb, r, n_cmem).astype(q.dtype), q, v_biases, r)
+    return q + u[:, None, None, :].astype(q.dtype), band, visible.astype(jnp.int32), band_vjp
 
 
 def _forward(q, u, k, v, v_biases, r, visible, seeds, n_cmem, n_mem, usage, dropout):
     lay = _Layout.of(q, k, n_cmem, n_mem, dropout)
-    content_q, band, visible_int = _kernel_operands(q, u, k, v_biases, r, visible, lay)
+    content_q, band, visible_int, _ = _kernel_operands(q, u, v_biases, r, visible, n_cmem)
     ranges = ((0, n_cmem), (n_cmem, n_cmem + n_mem), (n_cmem + n_mem, lay.n_keys))
     out, lse, mass = on_platform(_forward_call, (seeds, content_q, band, visible_int, k, v), _BATCH_AXES[:6],
                                  "cuda", lay=lay, ranges=ranges)
@@ -425,14 +431,13 @@ def _backward(n_cmem, n_mem, usage, dropout, residuals, cotangents):
     q, u, k, v, v_biases, r, visible, seeds, out, lse = residuals
     dout = cotangents[0].astype(q.dtype)
     lay = _Layout.of(q, k, n_cmem, n_mem, dropout)
-    band, band_vjp = jax.vjp(lambda q, vb, r: position_band(q, vb, r, n_cmem), q, v_biases, r)
-    content_q = q + u[:, None, None, :].astype(q.dtype)
+    content_q, band, visible_int, band_vjp = _kernel_operands(q, u, v_biases, r, visible, n_cmem)
     delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-    operands = (seeds, content_q, band.astype(q.dtype), visible.astype(jnp.int32), k, v, lse, delta, dout)
+    operands = (seeds, content_q, band, visible_int, k, v, lse, delta, dout)
     dk, dv = on_platform(_key_value_gradient_call, operands, _BATCH_AXES, "cuda", lay=lay)
     dq_content, dband = on_platform(_query_gradient_call, operands, _BATCH_AXES, "cuda", lay=lay)
     # The band's gradient is the position term's: the transpose of the band's GEMM.
-    dq_position, dv_biases, dr = band_vjp(dband.astype(band.dtype))
+    dq_position, dv_biases, dr = band_vjp(dband)
     du = jnp.sum(dq_content, axis=(1, 2)).astype(u.dtype)
     return (dq_content + dq_position.astype(jnp.float32)).astype(q.dtype), du, dk, dv, dv_biases, dr, None, None
 
