@@ -128,6 +128,12 @@ class ModelConfig:
         return self.segment_length // self.compression_rate
 
     @property
+    def fused_reconstruction_loss(self) -> bool:
+        """Whether the attention-reconstruction loss's reads run as one Pallas kernel, as they
+        do beside the TPU attention kernel (ctx.nn.pallas_reconstruction)."""
+        return self.compresses and self.compression_loss == "attention" and self.attention_impl == "pallas_tpu"
+
+    @property
     def has_compression_params(self) -> bool:
         return self.compresses and self.compression in LEARNED_COMPRESSIONS
 

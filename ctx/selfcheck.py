@@ -12,7 +12,9 @@ row 0 with its oldest memory slots empty, row 1 with no valid memory at all. The
 makes the position term dominate the logits (a wrong skew, window or table moves the output
 by O(1)), the second the content term. A dropout probe (uniform attention over one-hot values)
 recovers, for every query, how many weights of each key class the kernel kept, which must equal
-the reference's count exactly: one wrong keep-or-drop decision anywhere shows. `ctx.train` and
+the reference's count exactly: one wrong keep-or-drop decision anywhere shows. Where the
+attention-reconstruction loss runs as a kernel too (beside `pallas_tpu`), its reads' difference
+and its gradients are checked against the XLA loss at the same layout. `ctx.train` and
 `ctx.evaluate` run this at start-up when the resolved attention is a fused one; a passing
 result is cached per (jax, libtpu or CUDA version, device kind, implementation, layout).
 """
@@ -39,7 +41,8 @@ from ctx.distributed import any_process
 from ctx.errors import UserError
 from ctx.nn.attention import cudnn_attention
 from ctx.nn.attention_reference import range_masses, reference_attention, visibility
-from ctx.nn import pallas_gpu, pallas_tpu
+from ctx.nn import losses, pallas_gpu, pallas_tpu
+from ctx.nn.pallas_reconstruction import reconstruction_difference, reconstruction_loss
 
 HEADS, ROWS = 2, 2
 # Largest error relative to the reference's largest magnitude, by compute dtype (the kernels
@@ -71,12 +74,14 @@ class Problem:
     dtype: str
     dropout: float
     usage: bool  # 'most_used': the attention each evicted memory receives
+    compressed: int = 0  # slots per segment, where the reconstruction loss's reads run as a kernel
 
     @classmethod
     def of(cls, cfg: ModelConfig) -> "Problem":
         return cls(cfg.attention_impl, cfg.segment_length, cfg.memory_length, cfg.compressed_length, cfg.head_dim,
                    cfg.dtype, cfg.attention_dropout_rate if cfg.attention_impl in PALLAS_KERNELS else 0.0,
-                   cfg.compresses and cfg.compression == "most_used")
+                   cfg.compresses and cfg.compression == "most_used",
+                   cfg.slots_per_segment if cfg.fused_reconstruction_loss else 0)
 
     @property
     def n_keys(self) -> int:
@@ -213,7 +218,40 @@ def _run_checks(p: Problem, checks: dict[str, dict[str, Any]]) -> None:
         checks["dropout_changes_output"] = _check(out_tol / max(_relative_error(out, undropped), 1e-12), 1 / 3)
         finite.append(out)
         checks.update(_dropout_probe(p, forward, reference_forward))
+    if p.compressed:
+        finite.extend(_reconstruction_checks(p, checks))
     checks["finite"] = _check(float(sum(int(not np.isfinite(np.asarray(x, np.float32)).all()) for x in finite)), 0.0)
+
+
+def _reconstruction_checks(p: Problem, checks: dict[str, dict[str, Any]]) -> tuple[jax.Array, ...]:
+    """The attention-reconstruction loss's kernel against the XLA loss at full float32
+    precision: the two reads' difference, and the gradients of the compressed keys and values
+    (the only ones it has). Returns what it computed, for the finiteness check."""
+    C, N, E, K = p.n_cmem, p.n_queries, p.compressed, p.head_dim
+    shapes = [(HEADS, ROWS, N, K)] + [(HEADS, ROWS, p.n_keys, K)] * 2 + [(HEADS, ROWS, E, K)] * 2
+    scales = [K ** -0.25, K ** -0.25, 1.0, K ** -0.25, 1.0]  # unit-variance logits, unit values
+    q, k, v, kc, vc = (scale * jax.random.normal(key, shape, jnp.float32)
+                       for key, shape, scale in zip(jax.random.split(jax.random.key(4), 5), shapes, scales))
+    q, k, v, kc, vc = (x.astype(p.dtype) for x in (q, k, v, kc, vc))
+
+    def reference(kc, vc):
+        with jax.default_matmul_precision("highest"):
+            full = [x.astype(jnp.float32) for x in (q, k, v)]
+            return losses.reconstruction_difference(full[0], (full[1][:, :, C:C + N], full[2][:, :, C:C + N]),
+                                                    (kc.astype(jnp.float32), vc.astype(jnp.float32)))
+
+    def gradients(loss):
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(kc, vc)
+
+    out = jax.jit(lambda kc, vc: reconstruction_difference(q, k, v, C, N, kc, vc))(kc, vc)
+    checks["reconstruction_difference"] = _check(_relative_error(out, jax.jit(reference)(kc, vc)),
+                                                 OUTPUT_TOLERANCE[p.dtype])
+    got = gradients(lambda kc, vc: reconstruction_loss(q, k, v, C, N, kc, vc))
+    want = gradients(lambda kc, vc: losses.attention_reconstruction_loss(reference(kc, vc)))
+    for name, g, w in zip(("k", "v"), got, want):
+        checks[f"reconstruction_gradient_compressed_{name}"] = _check(_relative_error(g, w),
+                                                                      GRADIENT_TOLERANCE[p.dtype])
+    return (out, *got)
 
 
 def _gradients(attention, inputs, weights) -> tuple[jax.Array, ...]:

@@ -15,6 +15,7 @@ from ctx import diagnostics, evaluate
 from ctx.backend import attention_line
 from ctx.config import ConfigError, ModelConfig, resolve_attention, validate_model
 from ctx.nn.memory import reset_rows
+from ctx.nn.pallas_launch import KERNEL_INPUTS
 from tests.helpers import build, random_tokens, tiny_model_config
 
 CASES = [
@@ -258,19 +259,27 @@ def test_auto_picks_the_pallas_kernel_only_on_tpu_generations_that_run_it():
 def test_remat_dots_keeps_the_pallas_kernels_outputs_instead_of_running_its_forward_twice(kernel, forward_name,
                                                                                           backward_name):
     """Under model.remat='dots' (the paper configs) a training gradient holds one forward and one
-    backward kernel per layer, as without remat; 'full' recomputes the forward. Same gradients."""
+    backward kernel per layer, as without remat; 'full' recomputes the forward. The same holds for
+    the attention-reconstruction loss's kernels, which layers with the TPU kernel use. Same gradients."""
+    names = (forward_name, backward_name, "reconstruction_reads_forward", "reconstruction_reads_backward")
+
     def kernels_and_gradients(remat):
         model, variables, memory = build(tiny_model_config(attention_impl=kernel, remat=remat))
         tokens = jnp.asarray(random_tokens(model.config, 2, 1))
 
         def loss(params):
-            return model.apply({"params": params}, tokens, memory)[0].sum()
+            logits, _, aux = model.apply({"params": params}, tokens, memory)
+            return logits.sum() + aux.compression_loss
 
         text = str(jax.make_jaxpr(jax.grad(loss))(variables["params"]))
-        counts = (text.count(f"name={forward_name}\n"), text.count(f"name={backward_name}\n"))
-        return counts, jax.grad(loss)(variables["params"])
+        counts = tuple(text.count(f"name={name}\n") for name in names)
+        # The kernel's head-major q, k and v (named once in the layer scan's body), which 'dots'
+        # keeps rather than building them again for the backward.
+        return counts + (text.count(f"name={KERNEL_INPUTS}]"),), jax.grad(loss)(variables["params"])
 
     (plain, grads), (dots, remat_grads), (full, _) = (kernels_and_gradients(r) for r in ("none", "dots", "full"))
-    assert plain == dots == (2, 2) and full == (4, 2)  # two layers
+    fused_loss = kernel == "pallas_tpu"
+    assert plain == dots == (2, 2) + (2 * fused_loss,) * 2 + (3,)  # two layers
+    assert full == (4, 2) + (4 * fused_loss, 2 * fused_loss) + (6,)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(remat_grads)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

@@ -12,7 +12,7 @@ import pytest
 
 from ctx import selfcheck, train
 from ctx.config import ModelConfig
-from ctx.nn import pallas_gpu, pallas_tpu
+from ctx.nn import pallas_gpu, pallas_reconstruction, pallas_tpu
 from tests.helpers import run_module, tiny_model_config, tiny_train_config
 
 # Several key blocks, the compressed memory ending inside one (both tables in a tile), dropout.
@@ -38,7 +38,7 @@ def test_the_pallas_kernel_passes_every_check_with_dropout_mass_and_usage():
             "finite", "two_runs_equal"} <= names
     assert result["checks"]["dropout_mask_probe"]["max_error"] < 1e-3  # whole counts, recovered exactly
     assert result["layout"] == {"impl": "pallas_tpu", "n_queries": 16, "n_mem": 24, "n_cmem": 8, "head_dim": 16,
-                                "dtype": "float32", "dropout": 0.2, "usage": True}
+                                "dtype": "float32", "dropout": 0.2, "usage": True, "compressed": 0}
 
 
 def test_without_dropout_or_most_used_those_checks_are_left_out_and_cudnn_passes_too():
@@ -57,6 +57,36 @@ def test_a_skew_off_by_one_column_fails_the_position_dominant_output(monkeypatch
     result = checked()
     assert not result["ok"] and not result["checks"]["output_position_dominant"]["ok"]
     assert result["checks"]["output_position_dominant"]["max_error"] > 0.1
+
+
+def test_the_reconstruction_loss_kernel_is_checked_beside_the_tpu_kernel_and_its_faults_are_caught(monkeypatch):
+    """The default compression (conv, attention-reconstruction loss) with pallas_tpu runs the
+    loss's reads as a kernel too: checked, and caught reading the wrong evicted keys or
+    returning a wrong gradient."""
+    result = checked()
+    names = ("reconstruction_difference", "reconstruction_gradient_compressed_k",
+             "reconstruction_gradient_compressed_v")
+    assert result["ok"] and all(result["checks"][name]["max_error"] < 1e-4 for name in names)
+    assert result["layout"]["compressed"] == 8
+    assert not any(name.startswith("reconstruction") for name in checked(compression_loss="autoencoder")["checks"])
+
+    evicted_keys = pallas_reconstruction._evicted_keys
+    monkeypatch.setattr(pallas_reconstruction, "_evicted_keys",
+                        lambda n_keys, first, count, K: evicted_keys(n_keys, first + 1, count, K))
+    result = checked()
+    assert not result["ok"] and not result["checks"]["reconstruction_difference"]["ok"]
+    monkeypatch.setattr(pallas_reconstruction, "_evicted_keys", evicted_keys)
+
+    backward = pallas_reconstruction._backward_call
+
+    def halved_key_gradient(*args, **kwargs):
+        dk, dv = backward(*args, **kwargs)
+        return dk / 2, dv
+
+    monkeypatch.setattr(pallas_reconstruction, "_backward_call", halved_key_gradient)
+    result = checked()
+    failed = {name for name, check in result["checks"].items() if not check["ok"]}
+    assert failed == {"reconstruction_gradient_compressed_k"}
 
 
 def test_a_dropout_seed_read_as_zero_fails_the_probe_and_repeats_the_masks(monkeypatch):

@@ -25,10 +25,12 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from ctx.config import ConfigError, ModelConfig
 from ctx.nn.ops import MASKED_LOGIT, softmax
 from ctx.nn import pallas_gpu, pallas_tpu
+from ctx.nn.pallas_launch import KERNEL_INPUTS
 from ctx.nn.relative_position import position_scores, sinusoid_table
 
 
@@ -217,6 +219,8 @@ class RelativeAttention(nn.Module):
         carries them from segment to segment instead of projecting the memories again)."""
         C, M = cmem_BCD.shape[1], mem_BMD.shape[1]
         q_HBNK, k_HBTK, v_HBTK = self._keys_values_with_memory(x_BND, mem_BMD, cmem_BCD, memory_kv)
+        if self.cfg.fused_attention:  # kept under remat 'dots' (ctx.nn.pallas_launch)
+            q_HBNK, k_HBTK, v_HBTK = (checkpoint_name(x, KERNEL_INPUTS) for x in (q_HBNK, k_HBTK, v_HBTK))
         r_HPK, v_HRK = self._position_inputs(q_HBNK.shape[2], n_mem=M, n_cmem=C, deterministic=deterministic)
         attend = {"xla": self._xla, "cudnn": self._cudnn,
                   "pallas_tpu": functools.partial(self._pallas, pallas_tpu.flash_attention),

@@ -30,19 +30,22 @@ def _content_read(q_HBNK: jax.Array, k_HBTK: jax.Array, v_HBTK: jax.Array) -> ja
     return jnp.einsum("hbnt,hbtk->hbnk", probs, v_HBTK.astype(jnp.float32))
 
 
-def attention_reconstruction_loss(q_HBNK: jax.Array, old_keys_values: tuple[jax.Array, jax.Array],
-                                  compressed_keys_values: tuple[jax.Array, jax.Array]) -> jax.Array:
-    """MSE between content-only attention reads over the evicted memories and over their
-    compression, all head-major ([H,B,T,K]). Both sets must come from the layer's own key/value
-    projections held constant (stop_gradient on the weights), so the loss trains only the
-    compression network. No u/v, no position term, no mask, no output
-    projection (Sonnet).
+def reconstruction_difference(q_HBNK: jax.Array, old_keys_values: tuple[jax.Array, jax.Array],
+                              compressed_keys_values: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Content-only attention read over the evicted memories minus the read over their
+    compression, [H,B,N,K] float32, all head-major ([H,B,T,K]). Both sets must come from the
+    layer's own key/value projections held constant (stop_gradient on the weights), so the loss
+    trains only the compression network. No u/v, no position term, no mask, no output
+    projection (Sonnet). `ctx.nn.pallas_reconstruction` computes the same in one TPU kernel.
     """
     q_HBNK = jax.lax.stop_gradient(q_HBNK)
     old_keys_values = jax.lax.stop_gradient(old_keys_values)
-    read_old = _content_read(q_HBNK, *old_keys_values)
-    read_compressed = _content_read(q_HBNK, *compressed_keys_values)
-    return jnp.mean(jnp.square(read_old - read_compressed))
+    return _content_read(q_HBNK, *old_keys_values) - _content_read(q_HBNK, *compressed_keys_values)
+
+
+def attention_reconstruction_loss(difference_HBNK: jax.Array) -> jax.Array:
+    """The mean square of the two reads' difference (`reconstruction_difference`)."""
+    return jnp.mean(jnp.square(difference_HBNK))
 
 
 def autoencoder_loss(old_BND: jax.Array, decoded_BND: jax.Array) -> jax.Array:

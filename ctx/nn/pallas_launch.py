@@ -13,6 +13,10 @@ from jax.sharding import PartitionSpec as P
 # log-sum-exp), which it keeps: the backward needs only those, and recomputing them would rerun
 # the whole forward kernel.
 KERNEL_OUTPUTS = "pallas_attention_outputs"
+# The name of a fused attention's head-major queries, keys and values, which the policy keeps
+# too: rebuilding them in the backward repeats the head-major copies of the projections and the
+# concatenation of memory and segment, passes over [H,B,T,K] that cost more than keeping them.
+KERNEL_INPUTS = "fused_attention_inputs"
 
 
 def on_platform(call: Callable, args: Sequence[jax.Array], batch_axes: Sequence[int | None], platform: str,

@@ -24,21 +24,22 @@ import jax.numpy as jnp
 
 from ctx.config import ConfigError, ModelConfig
 from ctx.errors import InputError
-from ctx.nn import losses
+from ctx.nn import losses, pallas_reconstruction
 from ctx.nn.attention import AttentionOut, LayerCache, RelativeAttention, attention_mask, head_major
 from ctx.nn.compression import Compressor
 from ctx.nn.memory import LayerMemory, Memory, advance_memory_kv, fifo_update, reset_rows, shift_in, update_masks
 from ctx.nn.ops import LayerNorm, relu
-from ctx.nn.pallas_launch import KERNEL_OUTPUTS
+from ctx.nn.pallas_launch import KERNEL_INPUTS, KERNEL_OUTPUTS
 
 Rest = TypeVar("Rest")
 
 REMAT_POLICIES = {
     "full": None,
-    # Matmul outputs, and the fused attention kernel's outputs (else its forward runs twice).
+    # Matmul outputs, and the fused attention kernels' outputs (else their forward runs twice)
+    # and inputs (else their head-major copies are made again).
     "dots": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-        jax.checkpoint_policies.save_only_these_names(KERNEL_OUTPUTS)),
+        jax.checkpoint_policies.save_only_these_names(KERNEL_OUTPUTS, KERNEL_INPUTS)),
 }
 
 
@@ -115,11 +116,14 @@ class Block(nn.Module):
         evicted_BND = jax.lax.stop_gradient(evicted_BND)
         compressed_BED = self.compress(evicted_BND, attended.usage)
         if cfg.compression_loss == "attention":
-            evicted = slice(cfg.compressed_length, cfg.compressed_length + cfg.segment_length)
-            compressed_kv = map(head_major, self.attention.keys_values(compressed_BED, stop_gradient=True))
-            loss = losses.attention_reconstruction_loss(
-                attended.queries, (attended.keys[:, :, evicted], attended.values[:, :, evicted]),
-                tuple(compressed_kv))
+            C, N = cfg.compressed_length, cfg.segment_length
+            compressed_kv = tuple(map(head_major, self.attention.keys_values(compressed_BED, stop_gradient=True)))
+            if cfg.fused_reconstruction_loss:
+                loss = pallas_reconstruction.reconstruction_loss(
+                    attended.queries, attended.keys, attended.values, C, N, *compressed_kv)
+            else:
+                loss = losses.attention_reconstruction_loss(losses.reconstruction_difference(
+                    attended.queries, (attended.keys[:, :, C:C + N], attended.values[:, :, C:C + N]), compressed_kv))
         elif cfg.compression_loss == "autoencoder":
             loss = losses.autoencoder_loss(evicted_BND, self.compress.decode(compressed_BED))
         else:
