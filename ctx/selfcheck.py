@@ -237,8 +237,7 @@ def _reconstruction_checks(p: Problem, checks: dict[str, dict[str, Any]]) -> tup
     def reference(kc, vc):
         with jax.default_matmul_precision("highest"):
             full = [x.astype(jnp.float32) for x in (q, k, v)]
-            return losses.reconstruction_difference(full[0], (full[1][:, :, C:C + N], full[2][:, :, C:C + N]),
-                                                    (kc.astype(jnp.float32), vc.astype(jnp.float32)))
+            return losses.reconstruction_difference(*full, C, N, kc.astype(jnp.float32), vc.astype(jnp.float32))
 
     def gradients(loss):
         return jax.jit(jax.grad(loss, argnums=(0, 1)))(kc, vc)

@@ -30,17 +30,19 @@ def _content_read(q_HBNK: jax.Array, k_HBTK: jax.Array, v_HBTK: jax.Array) -> ja
     return jnp.einsum("hbnt,hbtk->hbnk", probs, v_HBTK.astype(jnp.float32))
 
 
-def reconstruction_difference(q_HBNK: jax.Array, old_keys_values: tuple[jax.Array, jax.Array],
-                              compressed_keys_values: tuple[jax.Array, jax.Array]) -> jax.Array:
-    """Content-only attention read over the evicted memories minus the read over their
+def reconstruction_difference(q_HBNK: jax.Array, k_HBTK: jax.Array, v_HBTK: jax.Array, first_evicted: int,
+                              n_evicted: int, compressed_k_HBEK: jax.Array, compressed_v_HBEK: jax.Array
+                              ) -> jax.Array:
+    """Content-only attention read over the evicted memories (keys and values
+    [first_evicted : first_evicted + n_evicted] of the layer's) minus the read over their
     compression, [H,B,N,K] float32, all head-major ([H,B,T,K]). Both sets must come from the
     layer's own key/value projections held constant (stop_gradient on the weights), so the loss
     trains only the compression network. No u/v, no position term, no mask, no output
     projection (Sonnet). `ctx.nn.pallas_reconstruction` computes the same in one TPU kernel.
     """
-    q_HBNK = jax.lax.stop_gradient(q_HBNK)
-    old_keys_values = jax.lax.stop_gradient(old_keys_values)
-    return _content_read(q_HBNK, *old_keys_values) - _content_read(q_HBNK, *compressed_keys_values)
+    evicted = slice(first_evicted, first_evicted + n_evicted)
+    q_HBNK, k_HBSK, v_HBSK = jax.lax.stop_gradient((q_HBNK, k_HBTK[:, :, evicted], v_HBTK[:, :, evicted]))
+    return _content_read(q_HBNK, k_HBSK, v_HBSK) - _content_read(q_HBNK, compressed_k_HBEK, compressed_v_HBEK)
 
 
 def attention_reconstruction_loss(difference_HBNK: jax.Array) -> jax.Array:

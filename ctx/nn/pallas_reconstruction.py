@@ -5,16 +5,16 @@ reach HBM.
 The loss (Rae et al. 2019, section 3.2; Sonnet's `CompressiveTransformer`) compares a layer's
 content-only attention over the memories a segment evicts with its attention over their
 compression, under the layer's own projections held constant. In XLA it is two score-sized
-float32 softmaxes per layer in the forward, recomputed under remat, and the backward of one of
-them: in the TPU estimate of the PG-19 step, more HBM traffic than the layer's own attention
-kernel (docs/performance.md). Here each (head, row, query block) tile reads its queries once,
-attends over the evicted keys and over the compressed keys in VMEM, and writes the
-difference of the two reads, [H,B,N,K] float32 (what the backward needs), and its sum of
-squares (the loss, summed by XLA over the tiles). The
-backward needs the gradient of the compressed read alone (the queries and the evicted keys and
-values are constants of the loss): per (head, row) it recomputes the compressed keys'
-probabilities, whole rows at a time (the compressed keys of one segment fit a tile), and
-accumulates their keys' and values' gradients over the query blocks in VMEM.
+softmaxes per layer in the forward, recomputed under remat, and the backward of one of them: in
+the TPU estimate of the PG-19 step, nearly as much HBM traffic as the attention kernels (6.6
+against 8.1 GB per step, docs/performance.md). Here each (head, row, query block) tile reads its
+queries once, attends over the evicted keys and over the compressed keys in VMEM, and writes
+the difference of the two reads, [H,B,N,K] float32 (what the backward needs), and its sum of
+squares (the loss, summed by XLA over the tiles). The backward needs the gradient of the
+compressed read alone (the queries and the evicted keys and values are constants of the loss):
+per (head, row) it recomputes the compressed keys' probabilities, whole rows at a time (the
+compressed keys of one segment fit a tile), and accumulates their keys' and values' gradients
+over the query blocks in VMEM.
 
 Products take the compute dtype with float32 accumulation and the softmax is float32, as in
 the attention kernel. On a TPU backend the kernel lowers through Mosaic; on any other it runs

@@ -123,7 +123,7 @@ class Block(nn.Module):
                     attended.queries, attended.keys, attended.values, C, N, *compressed_kv)
             else:
                 loss = losses.attention_reconstruction_loss(losses.reconstruction_difference(
-                    attended.queries, (attended.keys[:, :, C:C + N], attended.values[:, :, C:C + N]), compressed_kv))
+                    attended.queries, attended.keys, attended.values, C, N, *compressed_kv))
         elif cfg.compression_loss == "autoencoder":
             loss = losses.autoencoder_loss(evicted_BND, self.compress.decode(compressed_BED))
         else:
