@@ -192,7 +192,8 @@ def test_the_kernel_lowers_through_mosaic_for_tpu_at_the_pg19_shape_with_its_cos
     """8 heads, batch 2, 512 queries against 1,536 keys, head dim 128, bf16 (the PG-19 layout;
     one where the compressed memory ends inside a key block; a Transformer-XL): the forward
     and the backward each are one Mosaic call, with the kernel's own FLOP and byte counts (XLA
-    sees none otherwise); the evicted keys' usage is one more; dropout changes neither count."""
+    sees none otherwise); the evicted keys' usage is one more; dropout changes neither count;
+    the statistics between the calls are lane-dense rows."""
     target = aot.Target.tpu("v5p-8")
     H, B, N, K = 8, 2, 512, 128
     T, P = n_cmem + n_mem + N, (n_cmem + N if n_cmem else 0) + n_mem + N
@@ -228,6 +229,11 @@ def test_the_kernel_lowers_through_mosaic_for_tpu_at_the_pg19_shape_with_its_cos
     # windows inside the kernel).
     for program in (forward, both):
         assert not any(f"[{H},{B},{N},{width}]" in program.as_text() for width in (T, P)), n_cmem
+    # The per-query statistics (log-sum-exp, delta, range masses) travel as rows: a column
+    # [H,B,N,1] or [H,B,N,3] would take a 128-lane tile per query in HBM.
+    for program in (forward, both, ranked, dropped):
+        assert not any(f"f32[{H},{B},{N},{width}]" in program.as_text() for width in (1, 2, 3)), n_cmem
+        assert f"f32[{H},{B},1,{N}]" in program.as_text()
 
 
 def test_a_training_chunk_with_the_pallas_attention_compiles_for_a_tpu_slice():

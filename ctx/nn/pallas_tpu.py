@@ -9,7 +9,8 @@ row-strided rotation, `pltpu.roll(stride=1)`: row i moves by i more than row i-1
 exactly Transformer-XL's relative shift inside a tile) and the mask (the memory-validity row
 and the causal offset), folds them into a running softmax (row maximum, row sum, weighted
 values) and moves on. The forward writes the output, one log-sum-exp per query and the
-attention each query gives each key range (cmem, mem, segment: the memory-kind metrics); when
+attention each query gives each key range (cmem, mem, segment: the memory-kind metrics), the
+statistics as rows (lane-dense; the kernels transpose them in VMEM, see `_columns`); when
 asked, a third kernel recomputes the probabilities of a range of keys from that log-sum-exp and
 sums them over the queries (the attention each key receives: `most_used` compression). The
 backward recomputes each tile's probabilities from that log-sum-exp, accumulates the key and
@@ -273,18 +274,25 @@ def _forward_kernel(seed_ref, q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, v
     mass_acc[...] = rescale * mass_acc[...] + tile_mass
 
     @pl.when(key_block == pl.num_programs(3) - 1)
-    def _finish():
+    def _finish():  # the statistics leave as rows, lane-dense (see `_columns`)
         out_ref[...] = (acc_ref[...] / sum_ref[...]).astype(out_ref.dtype)
-        lse_ref[...] = max_ref[...] + jnp.log(sum_ref[...])
-        mass_ref[...] = mass_acc[...] / sum_ref[...]
+        lse_ref[...] = (max_ref[...] + jnp.log(sum_ref[...])).T
+        mass_ref[...] = (mass_acc[...] / sum_ref[...]).T
 
 
-def _probabilities(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, lse_ref, query_block, key_block,
-                   lay: _Layout):
-    """One tile's attention probabilities, recomputed from the forward's log-sum-exp; and the
-    content queries."""
+def _columns(rows_ref) -> jax.Array:
+    """A block of per-query statistics [n, bq], stored as rows, as columns [bq, n]. In HBM a
+    column array [..., N, 1] takes a 128-lane tile per query (128 times its size, and as much
+    DMA per block); rows take whole lanes, and one in-VMEM transpose per grid step puts them
+    back where the tile's rows are the queries."""
+    return rows_ref[...].T
+
+
+def _probabilities(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, lse, query_block, key_block, lay: _Layout):
+    """One tile's attention probabilities, recomputed from the forward's log-sum-exp [bq, 1];
+    and the content queries."""
     s, content_q = _logits(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, query_block, key_block, lay)
-    return jnp.exp(s - lse_ref[...]), content_q
+    return jnp.exp(s - lse), content_q
 
 
 def _usage_kernel(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, lse_ref, usage_ref, *, lay: _Layout,
@@ -296,12 +304,12 @@ def _usage_kernel(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, lse_ref, usag
     def _start():
         usage_ref[...] = jnp.zeros(usage_ref.shape, jnp.float32)
 
-    p, _ = _probabilities(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, lse_ref, query_block,
+    p, _ = _probabilities(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, _columns(lse_ref), query_block,
                           pl.program_id(2) + first_key_block, lay)
     usage_ref[...] += jnp.sum(p, axis=0, keepdims=True)
 
 
-def _backward_kernel(seed_ref, q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, v_ref, lse_ref, delta_ref, dout_ref,
+def _backward_kernel(seed_ref, q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, v_ref, stats_ref, dout_ref,
                      dq_ref, du_ref, dr_ref, dvb_ref, dk_ref, dv_ref, dk_acc, dv_acc, dq_acc, dq_position_acc, *,
                      lay: _Layout):
     query_block, key_block = pl.program_id(3), pl.program_id(2)
@@ -322,8 +330,9 @@ def _backward_kernel(seed_ref, q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, 
         dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
         dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
 
-    p, content_q = _probabilities(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, lse_ref, query_block, key_block,
-                                  lay)
+    stats = _columns(stats_ref)  # [bq, 2]: the log-sum-exp and delta = rowsum(dout∘out)
+    p, content_q = _probabilities(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, stats[:, 0:1], query_block,
+                                  key_block, lay)
     dout = dout_ref[...]
     first_query, first_key = query_block * lay.query_block, key_block * lay.key_block
     scale = _dropout_scale(seed_ref, first_query, first_key, lay)
@@ -332,7 +341,7 @@ def _backward_kernel(seed_ref, q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, 
     dp = jax.lax.dot_general(dout, v_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     # With dropout, out = (p∘z)·v: the weights' gradient is dp∘z, and delta = rowsum(dout∘out)
     # is still rowsum(p∘dp∘z), so the softmax's backward keeps its form.
-    ds = p * (_dropped(dp, scale) - delta_ref[...])
+    ds = p * (_dropped(dp, scale) - stats[:, 1:2])
     ds_low = ds.astype(content_q.dtype)
     dk_acc[...] += jax.lax.dot_general(ds_low, content_q, (((0,), (0,)), ((), ())),
                                        preferred_element_type=jnp.float32)
@@ -425,14 +434,18 @@ def _grid(q, k, r, lay: _Layout, queries_outer: bool, key_blocks: tuple[int, int
 
     specs = {"query": pl.BlockSpec((None, None, bq, K), at(lambda h, b, i, j: (h, b, i, 0))),
              "key": pl.BlockSpec((None, None, bk, K), at(lambda h, b, i, j: (h, b, j, 0))),
-             "tile": pl.BlockSpec((None, None, bq, bk), at(lambda h, b, i, j: (h, b, i, j))),
-             "row": pl.BlockSpec((None, None, bq, 1), at(lambda h, b, i, j: (h, b, i, 0))),
              "u": pl.BlockSpec((None, 1, K), at(lambda h, b, i, j: (h, 0, 0))),
              "v_biases": pl.BlockSpec((None, 2, K), at(lambda h, b, i, j: (h, 0, 0))),
              "table": pl.BlockSpec((None,) + r.shape[1:], at(lambda h, b, i, j: (h, 0, 0))),
              "visible": pl.BlockSpec((None, 1, bk), at(lambda h, b, i, j: (b, 0, j)))}
     grid = (H, B, N // bq, end - first) if queries_outer else (H, B, end - first, N // bq)
     return grid, specs, at
+
+
+def _statistics(n: int, lay: _Layout, at) -> pl.BlockSpec:
+    """n per-query statistics of a query block, as rows [n, bq] of an [H,B,n,N] array (see
+    `_columns`)."""
+    return pl.BlockSpec((None, None, n, lay.query_block), at(lambda h, b, i, j: (h, b, 0, i)))
 
 
 def _with_seeds(kernel, seeds: jax.Array, lay: _Layout) -> tuple[Callable, tuple[jax.Array, ...]]:
@@ -452,22 +465,21 @@ def _forward_call(q, u, vb, r, visible, k, v, seeds, lay: _Layout, ranges, inter
     lay = dataclasses.replace(lay, interpret=interpret)
     grid, spec, at = _grid(q, k, r, lay, queries_outer=True)
     bq, K = lay.query_block, q.shape[3]
-    mass = pl.BlockSpec((None, None, bq, len(ranges)), at(lambda h, b, i, j: (h, b, i, 0)))
     kernel, seeded = _with_seeds(functools.partial(_forward_kernel, lay=lay, ranges=ranges), seeds, lay)
     return pl.pallas_call(
         kernel, grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=len(seeded), grid=grid, in_specs=_kernel_inputs(spec),
-            out_specs=[spec["query"], spec["row"], mass],
+            out_specs=[spec["query"], _statistics(1, lay, at), _statistics(len(ranges), lay, at)],
             scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
                             pltpu.VMEM((bq, K), jnp.float32), pltpu.VMEM((bq, len(ranges)), jnp.float32)]),
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(q.shape[:3] + (1,), jnp.float32),
-                   jax.ShapeDtypeStruct(q.shape[:3] + (len(ranges),), jnp.float32)],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)] + [
+            jax.ShapeDtypeStruct(q.shape[:2] + (n, q.shape[2]), jnp.float32) for n in (1, len(ranges))],
         compiler_params=_SEMANTICS, cost_estimate=_cost(q, lay, r.shape[1], "forward", k.shape[2], len(ranges)),
         interpret=interpret, name="relative_attention_forward",
     )(*seeded, q, u, vb, r, visible, k, v)
 
 
-def _backward_call(q, u, vb, r, visible, k, v, seeds, lse, delta, dout, lay: _Layout, interpret: bool):
+def _backward_call(q, u, vb, r, visible, k, v, seeds, stats, dout, lay: _Layout, interpret: bool):
     lay = dataclasses.replace(lay, interpret=interpret)
     grid, spec, at = _grid(q, k, r, lay, queries_outer=False)
     bk, K, H = lay.key_block, q.shape[3], q.shape[0]
@@ -482,7 +494,7 @@ def _backward_call(q, u, vb, r, visible, k, v, seeds, lse, delta, dout, lay: _La
     dq, du, dr, dvb, dk, dv = pl.pallas_call(
         kernel, grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=len(seeded), grid=grid,
-            in_specs=_kernel_inputs(spec) + [spec["row"], spec["row"], spec["query"]],
+            in_specs=_kernel_inputs(spec) + [_statistics(2, lay, at), spec["query"]],
             out_specs=[per_row(q.shape[2], K), per_head(1, K), per_head(r.shape[1], K), per_head(2, K),
                        spec["key"], spec["key"]],
             scratch_shapes=[pltpu.VMEM((bk, K), jnp.float32), pltpu.VMEM((bk, K), jnp.float32),
@@ -493,7 +505,7 @@ def _backward_call(q, u, vb, r, visible, k, v, seeds, lse, delta, dout, lay: _La
                    jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=_BACKWARD_SEMANTICS, cost_estimate=_cost(q, lay, r.shape[1], "backward", k.shape[2]),
         interpret=interpret, name="relative_attention_backward",
-    )(*seeded, q, u, vb, r, visible, k, v, lse, delta, dout)
+    )(*seeded, q, u, vb, r, visible, k, v, stats, dout)
     return dq, du, dr, dvb, dk, dv
 
 
@@ -501,11 +513,11 @@ def _usage_call(q, u, vb, r, visible, k, lse, lay: _Layout, key_blocks: tuple[in
     """[H,B,1,keys]: the attention each key of the key blocks (first, end) receives, summed
     over the queries."""
     lay = dataclasses.replace(lay, interpret=interpret)
-    grid, spec, _ = _grid(q, k, r, lay, queries_outer=False, key_blocks=key_blocks)
+    grid, spec, at = _grid(q, k, r, lay, queries_outer=False, key_blocks=key_blocks)
     n_keys = (key_blocks[1] - key_blocks[0]) * lay.key_block
     return pl.pallas_call(
         functools.partial(_usage_kernel, lay=lay, first_key_block=key_blocks[0]), grid=grid,
-        in_specs=_kernel_inputs(spec)[:-1] + [spec["row"]],
+        in_specs=_kernel_inputs(spec)[:-1] + [_statistics(1, lay, at)],
         out_specs=pl.BlockSpec((None, None, 1, lay.key_block), lambda h, b, j, i: (h, b, 0, j)),
         out_shape=jax.ShapeDtypeStruct(q.shape[:2] + (1, n_keys), jnp.float32),
         compiler_params=_SEMANTICS, cost_estimate=_cost(q, lay, r.shape[1], "usage", n_keys), interpret=interpret,
@@ -515,7 +527,7 @@ def _usage_call(q, u, vb, r, visible, k, lse, lay: _Layout, key_blocks: tuple[in
 
 # The batch axis of each kernel operand (None: the same on every device); every result is
 # [H, B, ...].
-_BATCH_AXES = {"forward": (1, None, None, None, 0, 1, 1, 0), "backward": (1, None, None, None, 0, 1, 1, 0, 1, 1, 1),
+_BATCH_AXES = {"forward": (1, None, None, None, 0, 1, 1, 0), "backward": (1, None, None, None, 0, 1, 1, 0, 1, 1),
                "usage": (1, None, None, None, 0, 1, 1)}
 
 
@@ -560,8 +572,9 @@ def _forward(q, u, k, v, v_biases, r, visible, seeds, n_cmem, n_mem, usage_keys,
     out, lse, mass = on_platform(_forward_call, (q, *operands, k, v, seeds), _BATCH_AXES["forward"], "tpu", lay=lay,
                                  ranges=ranges)
     # Named for the layers' remat policy, which keeps them: the backward needs only these two
-    # small arrays ([H,B,N,K] and [H,B,N,1]), and recomputing them would rerun the whole kernel.
+    # small arrays ([H,B,N,K] and [H,B,1,N]), and recomputing them would rerun the whole kernel.
     out, lse = (checkpoint_name(x, KERNEL_OUTPUTS) for x in (out, lse))
+    mass = jnp.swapaxes(mass, 2, 3)
     usage = None
     if usage_keys is not None:
         first, end = usage_keys
@@ -577,8 +590,9 @@ def _backward(n_cmem, n_mem, usage_keys, dropout, residuals, cotangents):
     q, u, k, v, v_biases, r, visible, seeds, out, lse = residuals
     dout = cotangents[0]
     lay = _Layout.of(q, k, n_cmem, n_mem, dropout)
-    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    operands = (q, *_kernel_operands(q, u, v_biases, r, visible, lay), k, v, seeds, lse, delta, dout.astype(q.dtype))
+    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)[:, :, None, :]
+    stats = jnp.concatenate([lse, delta], axis=2)  # [H,B,2,N], rows as the kernel reads them
+    operands = (q, *_kernel_operands(q, u, v_biases, r, visible, lay), k, v, seeds, stats, dout.astype(q.dtype))
     dq, du, dr, dvb, dk, dv = on_platform(_backward_call, operands, _BATCH_AXES["backward"], "tpu", lay=lay)
     # The u, table and bias gradients come summed over each device's rows: [H, devices, ...].
     du = jnp.sum(du, axis=(1, 2)).astype(u.dtype)
