@@ -2,12 +2,15 @@
 XLA's cost model expect it to cost. No accelerator is needed to ask.
 
     python -m ctx.train --config=experiments/pg19.py --compile_only --topology=v5p-256 [--search_batch]
+    python -m ctx.train --config=experiments/pg19.py --compile_only --topology=h100
 
 `compile_report` compiles the real training chunk (the jitted scan over `segments_per_call`
-segments) for the local devices or for a TPU slice that libtpu describes (ctx.topology),
-and returns one JSON-ready dict: memory per chip by kind against the chip's HBM, whether it
-fits (an out-of-memory compile is a report with XLA's numbers, not a crash), optionally the
-largest per-chip batch that fits (bisection, one compile per try), and XLA's cost estimate.
+segments) for the local devices, for a TPU slice that libtpu describes (ctx.topology) or for
+NVIDIA GPUs that XLA's own device descriptions describe (ctx.gpu_topology), and returns one
+JSON-ready dict: memory per chip by kind against the chip's memory, whether it fits (an
+out-of-memory compile is a report with XLA's numbers, not a crash), optionally the largest
+per-chip batch that fits (bisection, one compile per try), a cost estimate and, for GPUs,
+each Pallas kernel's registers, spills, shared memory and threads (ctx.kernel_resources).
 
 The cost estimate, corrected for loop trip counts: XLA's `cost_analysis()` counts the body
 of a `while` loop once, and the chunk has two (the scan over segments and, for deep stacks,
@@ -24,6 +27,7 @@ import dataclasses
 import math
 import os
 import re
+import tempfile
 import time
 from typing import Any
 
@@ -31,13 +35,19 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from ctx import gpu_topology, kernel_resources, roofline
 from ctx import topology as tpu_topology
-from ctx.config import ModelConfig, validate, with_global_batch
+from ctx.config import ModelConfig, resolve_attention, validate, with_global_batch
+from ctx.errors import InputError
 from ctx.flops import train_flops_per_token
+from ctx.nn import pallas_gpu
+from ctx.nn.attention import cudnn_found
 from ctx.sharding import batch_sharding, make_mesh
 from ctx.trainer import Trainer
 
 ESTIMATE_LABEL = "XLA's TPU cost-model estimate from an ahead-of-time compile, not a measurement"
+ROOFLINE_LABEL = ("roofline estimate from an ahead-of-time compile (per operation the larger of FLOPs at peak and "
+                  "HBM bytes at bandwidth, summed), not a measurement")
 ESTIMATE_METHOD = ("loop-free compiles with 1 and 2 layers unrolled and 1 segment per call: "
                    "step = (1-layer cost - layer) + n_layers x layer, layer = 2-layer cost - 1-layer cost")
 MEMORY_KINDS = {"arguments": "argument_size_in_bytes", "outputs": "output_size_in_bytes",
@@ -55,22 +65,38 @@ class Target:
     peak_flops: float | None = None  # dense bf16 FLOP/s per chip
     hbm_bytes_per_sec: float | None = None
     slice: tpu_topology.TpuSlice | None = None
+    gpu: gpu_topology.GpuNode | None = None
 
     @property
     def platform(self) -> str:
         return self.devices[0].platform
 
+    @property
+    def lowering_platforms(self) -> tuple[str, ...] | None:
+        return ("cuda",) if self.gpu else None
+
     def compile(self, lowered: Any) -> Any:
-        """Compile; for libtpu's compile-only devices nothing is written to JAX's persistent
-        compilation cache, whose entries would need a TPU client to be read back (JAX decides
-        once per process whether the cache is used, so its write threshold is raised instead)."""
-        if self.slice is None:
-            return lowered.compile()
+        return self.compile_with_kernels(lowered)[0]
+
+    def compile_with_kernels(self, lowered: Any) -> tuple[Any, list[dict[str, Any]] | None]:
+        """The compiled program, and for GPUs its Pallas kernels' resources (else None). For
+        compile-only devices nothing is written to JAX's persistent compilation cache, whose
+        entries would need a TPU or GPU client to be read back (JAX decides once per process
+        whether the cache is used, so its write threshold is raised instead)."""
+        if self.slice is None and self.gpu is None:
+            return lowered.compile(), None
         key = "jax_persistent_cache_min_compile_time_secs"
         previous = getattr(jax.config, key)
         jax.config.update(key, float("inf"))
         try:
-            return lowered.compile()
+            if self.gpu is None:
+                return lowered.compile(), None
+            with tempfile.TemporaryDirectory(prefix="ctx-gpu-compile-") as dump:
+                try:
+                    compiled = lowered.compile(compiler_options=kernel_resources.compile_options(dump))
+                except Exception as error:  # noqa: BLE001 - a kernel over the GPU's limits is one line
+                    raise kernel_resources.refused(error, self.gpu.name) or error from None
+                return compiled, kernel_resources.read(dump, compiled.as_text(), self.gpu.model)
         finally:
             jax.config.update(key, previous)
 
@@ -90,6 +116,17 @@ class Target:
         tpu = tpu_topology.resolve(name)
         g = tpu.generation
         return cls(tpu_topology.compile_devices(tpu), g.hbm_gib, g.peak_bf16_flops, g.hbm_bytes_per_sec, tpu)
+
+    @classmethod
+    def gpu_node(cls, name: str) -> "Target":
+        node = gpu_topology.resolve(name)
+        return cls(gpu_topology.compile_devices(node), node.usable_memory_gib, node.model.peak_bf16_flops,
+                   node.model.hbm_bytes_per_sec, gpu=node)
+
+    @classmethod
+    def named(cls, topology: str) -> "Target":
+        """A TPU slice (v5p-256, v5p:4x4x8) or NVIDIA GPUs (h100, h100-8) by --topology's name."""
+        return cls.gpu_node(topology) if gpu_topology.looks_like_gpu(topology) else cls.tpu(topology)
 
 
 def _variant(config: ml_collections.ConfigDict, **fields: Any) -> ml_collections.ConfigDict:
@@ -115,7 +152,7 @@ def _lower(config: ml_collections.ConfigDict, target: Target, lowering_platforms
              "weights": jax.ShapeDtypeStruct((G, B, N), jnp.float32, sharding=rows),
              "reset": jax.ShapeDtypeStruct((G, B), jnp.bool_, sharding=batch_sharding(trainer.mesh, 1, 2))}
     traced = trainer.train_chunk.trace(abstract["train_state"], abstract["memory"], abstract["rng"], chunk)
-    return trainer, traced.lower(lowering_platforms=lowering_platforms)
+    return trainer, traced.lower(lowering_platforms=lowering_platforms or target.lowering_platforms)
 
 
 def compiled_memory(compiled: Any) -> dict[str, Any]:
@@ -153,7 +190,7 @@ def fit(config: ml_collections.ConfigDict, target: Target) -> dict[str, Any]:
     trainer, lowered = _lower(config, target)
     start = time.perf_counter()
     try:
-        compiled = target.compile(lowered)
+        compiled, kernels = target.compile_with_kernels(lowered)
     except Exception as error:  # noqa: BLE001 - only XLA's out-of-memory becomes a report
         oom = out_of_memory(error)
         if oom is None:
@@ -165,12 +202,12 @@ def fit(config: ml_collections.ConfigDict, target: Target) -> dict[str, Any]:
             oom["guess_per_chip_batch"] = max(1, int(per_chip * oom["available_gib"] / oom["required_gib"]))
         return {"compile_seconds": time.perf_counter() - start, "fits": False, "oom": oom,
                 "per_device_bytes": {}, "per_device_memory_estimate_gib": None, "memory_gib": {},
-                "trainer": trainer}
+                "kernels": None, "trainer": trainer}
     memory = compiled_memory(compiled)
     total = memory["per_device_memory_estimate_gib"]
     fits = None if total is None or target.hbm_gib is None else total <= target.hbm_gib
     return {"compile_seconds": time.perf_counter() - start, "fits": fits, "oom": None, **memory,
-            "trainer": trainer}
+            "kernels": kernels, "trainer": trainer}
 
 
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
@@ -224,13 +261,17 @@ def cost_estimate(config: ml_collections.ConfigDict, target: Target) -> dict[str
         variant = _variant(config, **{"model.n_layers": layers, "model.scan_unroll": 0,
                                       "train.segments_per_call": 1})
         compiled = target.compile(_lower(variant, target)[1])
-        analysis = compiled.cost_analysis()
-        if not analysis or "flops" not in analysis:
-            return None
-        if re.search(r"\bwhile\(", compiled.as_text()):
+        text = compiled.as_text()
+        if re.search(r"\bwhile\(", text):
             raise RuntimeError("the cost estimate's loop-free program still holds a while loop")
+        # XLA's own analysis where the backend has one (TPU); the roofline on every backend.
+        analysis = dict(compiled.cost_analysis() or {})
+        own = roofline.program_cost(text, target.peak_flops, target.hbm_bytes_per_sec, pallas_gpu.DECLARED_FLOPS)
+        if "flops" not in analysis:
+            analysis = {"flops": own["flops"], "bytes accessed": own["bytes"]}
+        analysis["roofline_seconds"] = own["seconds"]
         costs.append(analysis)
-        texts.append(compiled.as_text())
+        texts.append(text)
     n_layers = config.model.n_layers
 
     def per_step(key: str) -> float | None:
@@ -242,16 +283,17 @@ def cost_estimate(config: ml_collections.ConfigDict, target: Target) -> dict[str
     global_config = with_global_batch(config, len(target.devices))
     B, N, chips = global_config.train.batch_size, config.model.segment_length, len(target.devices)
     flops, hbm_bytes, seconds = per_step("flops"), per_step("bytes accessed"), per_step("optimal_seconds")
+    per_operation = per_step("roofline_seconds")
     model_flops = train_flops_per_token(ModelConfig.from_config(config.model), B) * B * N / chips
-    roofline = (max(flops / target.peak_flops, hbm_bytes / target.hbm_bytes_per_sec)
+    whole_step_roofline = (max(flops / target.peak_flops, hbm_bytes / target.hbm_bytes_per_sec)
                 if target.peak_flops and hbm_bytes else None)
     # XLA's step time is its own model of the chip; where it is missing, not positive (large
     # programs overflow it) or below half the roofline, the roofline of XLA's own FLOPs and bytes
     # stands in, and `step_seconds_from` says which.
     plausible = (seconds is not None and all(c.get("optimal_seconds", 0) > 0 for c in costs)
-                 and (roofline is None or seconds >= 0.5 * roofline))
+                 and (whole_step_roofline is None or seconds >= 0.5 * whole_step_roofline))
     estimate = {
-        "label": ESTIMATE_LABEL, "method": ESTIMATE_METHOD,
+        "label": ESTIMATE_LABEL if seconds is not None else ROOFLINE_LABEL, "method": ESTIMATE_METHOD,
         "xla_flops_per_step": flops, "model_flops_per_step": model_flops,
         "xla_over_model_flops": flops / model_flops,
         # With remat the excess is the recomputed forward; without, the non-matmul work.
@@ -261,9 +303,12 @@ def cost_estimate(config: ml_collections.ConfigDict, target: Target) -> dict[str
         "hbm_bytes_per_step": hbm_bytes,
         "arithmetic_intensity": flops / hbm_bytes if hbm_bytes else None,
         "xla_optimal_seconds_per_step": seconds,
-        "roofline_step_seconds": roofline,
-        "step_seconds": seconds if plausible else roofline,
-        "step_seconds_from": "xla_optimal_seconds" if plausible else "roofline",
+        "roofline_step_seconds": whole_step_roofline,
+        # ctx.roofline: per operation, so a memory-bound op and a compute-bound one both count.
+        "per_operation_roofline_seconds_per_step": per_operation,
+        "per_operation_roofline_over_xla": per_operation / seconds if seconds else None,
+        "step_seconds": seconds if plausible else per_operation,
+        "step_seconds_from": "xla_optimal_seconds" if plausible else "per_operation_roofline",
         # Where the bytes go: the one-layer step's largest operations (a layer's repeat per layer).
         "largest_by_bytes": largest_by_bytes(texts[0], layers=n_layers),
     }
@@ -275,6 +320,24 @@ def cost_estimate(config: ml_collections.ConfigDict, target: Target) -> dict[str
         estimate["bound"] = "memory" if estimate["arithmetic_intensity"] < ridge else "compute"
         estimate["mfu"] = model_flops / step / target.peak_flops if step else None
     return estimate
+
+
+def _fit_for_gpu(config: ml_collections.ConfigDict, target: Target) -> dict[str, Any]:
+    """`fit` for a GPU without one: the cuDNN attention needs cuDNN on this machine to be traced
+    and compiled, and where it cannot be, that is the user's one line."""
+    if resolve_attention(ModelConfig.from_config(config.model), "gpu", target.devices[0].device_kind
+                         ).attention_impl != "cudnn":
+        return fit(config, target)
+    if not cudnn_found():
+        raise InputError(f"model.attention_impl='cudnn' cannot be compiled for {target.gpu.name} here: cuDNN not "
+                         "found (pip install nvidia-cudnn-cu12 beside the CUDA plugin); compile "
+                         "attention_impl='pallas_gpu' or 'xla' instead")
+    try:
+        return fit(config, target)
+    except Exception as error:  # noqa: BLE001 - XLA's and cuDNN's own errors, as one line
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise InputError(f"model.attention_impl='cudnn' cannot be compiled for {target.gpu.name} on this machine "
+                         f"({first[:300]}); compile attention_impl='pallas_gpu' or 'xla' instead") from None
 
 
 def largest_fitting_batch(config: ml_collections.ConfigDict, target: Target, per_chip: int, fits: bool,
@@ -299,8 +362,8 @@ def compile_report(config: ml_collections.ConfigDict, topology: str | None = Non
     (`topology`: v5p-256, v5litepod-16, v5p:4x4x8, ...) and report memory, fit and XLA's
     cost estimate per chip (module docstring)."""
     validate(config)
-    target = Target.tpu(topology) if topology else Target.local()
-    result = fit(config, target)
+    target = Target.named(topology) if topology else Target.local()
+    result = _fit_for_gpu(config, target) if target.gpu else fit(config, target)
     trainer = result.pop("trainer")
     chips = trainer.mesh.size
     per_chip = trainer.config.train.batch_size // chips
@@ -312,21 +375,26 @@ def compile_report(config: ml_collections.ConfigDict, topology: str | None = Non
         "attention": trainer.model_config.attention_impl,
         **({"topology": target.slice.topology, "accelerator_type": target.slice.accelerator_type}
            if target.slice else {}),
+        **({"topology": target.gpu.name, "gpu": target.gpu.describe()} if target.gpu else {}),
         "hbm_gib": target.hbm_gib, **result,
         "headroom_gib": (target.hbm_gib - result["per_device_memory_estimate_gib"]
                          if result["per_device_memory_estimate_gib"] is not None and target.hbm_gib else None),
     }
     if search_batch:
         report.update(largest_fitting_batch(config, target, per_chip, bool(result["fits"])))
-    # The estimate needs the chips' cost model (TPU) and a program that fits them.
-    report["estimate"] = cost_estimate(config, target) if estimate and target.slice and result["fits"] else None
+    if target.gpu:
+        report["kernel_problems"] = kernel_resources.problems(result["kernels"] or [], target.gpu.model)
+    # The estimate needs a chip's figures (TPU: XLA's cost model; GPU: the roofline) and a program that fits.
+    deviceless = target.slice or target.gpu
+    report["estimate"] = cost_estimate(config, target) if estimate and deviceless and result["fits"] else None
     report["estimated_mfu"] = (report["estimate"] or {}).get("mfu")
     return report
 
 
 def summary(report: dict[str, Any]) -> str:
     """Two or three lines for a person; the JSON line carries everything."""
-    where = report.get("accelerator_type") or f"{report['devices']} {report['platform']} device(s)"
+    where = (report.get("accelerator_type") or (report["gpu"]["gpu"] + f" ({report['chip']})" if "gpu" in report
+                                                else f"{report['devices']} {report['platform']} device(s)"))
     if report["oom"]:
         oom = report["oom"]
         lines = [f"{where}: does NOT fit at per-chip batch {report['per_chip_batch']}: {oom['message']}"]
@@ -346,8 +414,12 @@ def summary(report: dict[str, Any]) -> str:
         lines.append(f"largest per-chip batch that fits: {report['largest_fitting_per_chip_batch']}{bound}")
     e = report.get("estimate")
     if e and e["step_seconds"]:
-        lines.append(f"{ESTIMATE_LABEL} ({e['step_seconds_from'].replace('_', ' ')}): "
+        lines.append(f"{e['label']} ({e['step_seconds_from'].replace('_', ' ')}): "
                      f"{e['step_seconds'] * 1e3:.1f} ms per step, "
                      f"{e['tokens_per_sec_per_chip']:,.0f} tokens/s per chip, MFU {e['mfu']:.1%}, "
                      f"{e['arithmetic_intensity']:.0f} FLOP/byte (ridge {e['ridge_flops_per_byte']:.0f})")
+    if report.get("kernels"):
+        lines.append("Pallas kernels (ptxas and XLA's launch):")
+        lines.extend(kernel_resources.summary_lines(report["kernels"]))
+    lines.extend(f"warning: {problem}" for problem in report.get("kernel_problems") or [])
     return "\n".join(lines)

@@ -261,7 +261,7 @@ def _run(config, workdir, trainer, train_corpus, valid_corpus, stop: StopRequest
 
 def main() -> None:
     quiet_refused_writes()  # this process writes checkpoints for its lifetime
-    if not FLAGS.topology:  # compiling for a TPU slice does not use this machine's devices
+    if not FLAGS.topology:  # compiling for a TPU slice or GPUs does not use this machine's devices
         announce("ctx.train")
     if FLAGS.compile_only:
         report = aot.compile_report(FLAGS.config, FLAGS.topology, search_batch=FLAGS.search_batch)
@@ -293,7 +293,9 @@ if __name__ == "__main__":
                       "falls back to xla).")
     flags.DEFINE_bool("compile_only", False, "Compile the training step ahead of time and report memory; no run.")
     flags.DEFINE_string("topology", None, "With --compile_only: a TPU slice, by its Cloud accelerator type "
-                        "(v5p-256, v5litepod-16, v6e-64, v4-32) or libtpu layout (v5p:4x4x8); needs libtpu.")
+                        "(v5p-256, v5litepod-16, v6e-64, v4-32) or libtpu layout (v5p:4x4x8), needs libtpu; or "
+                        "NVIDIA GPUs (h100, h200, a100-80gb, a100-40gb; h100-8 for 8 of a node), needs the "
+                        "[gpu-compile] extra.")
     flags.DEFINE_bool("search_batch", False, "With --compile_only: also find the largest per-chip batch that fits "
                       "(bisection, one full compile per try).")
     run_main(main)

@@ -292,5 +292,24 @@ def cudnn_attention(q_HBNK: jax.Array, u_HK: jax.Array, k_HBTK: jax.Array, v_HBT
     bias_BHNT = jnp.where(mask_B1NT, bias_BHNT.astype(dtype), jnp.asarray(MASKED_LOGIT, dtype))
     query_HBNK = q_HBNK + u_HK[:, None, None, :]
     query_BNHK, key_BTHK, value_BTHK = (jnp.transpose(t, (1, 2, 0, 3)) for t in (query_HBNK, k_HBTK, v_HBTK))
-    return jax.nn.dot_product_attention(query_BNHK, key_BTHK, value_BTHK, bias=bias_BHNT, scale=1.0,
-                                        implementation="cudnn" if jax.default_backend() == "gpu" else "xla")
+    def attend(implementation):
+        return functools.partial(jax.nn.dot_product_attention, scale=1.0, implementation=implementation)
+
+    if not cudnn_found():  # jax traces the cuDNN call only where it can ask cuDNN its version
+        return attend("xla")(query_BNHK, key_BTHK, value_BTHK, bias_BHNT)
+    # Picked by the platform the program is lowered for, as the Pallas kernels are, so a CPU
+    # machine with cuDNN's wheel compiling for a GPU lowers the cuDNN call.
+    return jax.lax.platform_dependent(query_BNHK, key_BTHK, value_BTHK, bias_BHNT,
+                                      cuda=attend("cudnn"), default=attend("xla"))
+
+
+@functools.cache
+def cudnn_found() -> bool:
+    """Whether this process can load cuDNN (a GPU machine, or cuDNN's wheel beside jax's CUDA plugin)."""
+    from jax._src.cudnn import fused_attention_stablehlo
+
+    try:
+        fused_attention_stablehlo.check_cudnn_version()
+    except RuntimeError:
+        return False
+    return True

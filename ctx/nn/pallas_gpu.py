@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -54,9 +55,27 @@ from ctx.nn.relative_position import position_band
 # Square tiles, powers of two (Triton's blocks); Triton's dot needs at least
 # `ctx.config.PALLAS_GPU_SMALLEST_BLOCK` on a side, which the config's layout checks.
 LARGEST_BLOCK = 64
-# Warps per program and software-pipelining stages of the key loop (Triton's defaults for
-# flash attention at these tile sizes).
-_COMPILER_PARAMS = pltriton.CompilerParams(num_warps=4, num_stages=2)
+# The forward's and the usage kernel's programs: 4 warps hold a 64-wide tile in at most 255
+# registers per thread, so two programs share an SM by registers (and by shared memory at 2
+# stages on an H100). Both backward kernels: 8 warps, whose accumulators (dk and dv, or dq and
+# the band) at 4 warps spilled (ptxas: 464 and 12 bytes at the PG-19 layout on sm_90a); the
+# key/value kernel pipelines its query loop 3 deep, the query kernel not at all, the only
+# choices with no spill at all three paper layouts on both sm_80 and sm_90a (ptxas, in
+# docs/performance.md, with the 128-wide tiles tried and dropped: they spilled).
+_KERNEL_PARAMS = {"forward": (4, 2), "key_usage": (4, 2), "key_value_gradient": (8, 3), "query_gradient": (8, 1)}
+
+
+def compiler_params(kernel: str, lay: "_Layout") -> pltriton.CompilerParams:
+    """Warps and pipeline stages of one kernel at one layout. Segments whose length is not a
+    power of two (enwik8's 768) run the forward on 8 warps: on 4 its tile spilled 64 bytes on
+    sm_80 at any depth up to 3 (ptxas), and 8 warps in one program per SM is what two programs
+    of 4 give."""
+    warps, stages = _KERNEL_PARAMS[kernel]
+    if kernel == "forward" and lay.n_queries & (lay.n_queries - 1):
+        warps = 8
+    return pltriton.CompilerParams(num_warps=warps, num_stages=stages)
+
+
 # The range masses are written as 4 lanes (a power of two); the fourth is zero.
 _MASS_LANES = 4
 
@@ -319,8 +338,35 @@ def _specs(q, band, lay: _Layout, queries_outer: bool) -> dict[str, pl.BlockSpec
 
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, name: str, interpret: bool, *operands):
+    lay = kernel.keywords["lay"]
+    params = compiler_params(name.removeprefix("relative_attention_").removesuffix("_gpu"), lay)
     return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-                          compiler_params=_COMPILER_PARAMS, interpret=interpret, name=name)(*operands)
+                          compiler_params=params, interpret=interpret, name=name)(*operands)
+
+
+def _declared_flops(matmuls: int, query_operand: int = 1, key_operand: int = 4) -> Callable[[list], float]:
+    """A kernel's FLOPs from its operands' shapes, for the roofline (ctx.roofline; Triton calls
+    carry no cost of their own): `matmuls` [N, K] x [K, keys] products per (head, row) over the
+    keys each query sees: the memories and, causally, half the segment."""
+    def flops(operands) -> float:
+        (H, B, N, K), T = operands[query_operand][1], operands[key_operand][1][2]
+        return 2.0 * matmuls * H * B * N * ((T - N) + (N + 1) / 2) * K
+    return flops
+
+
+def _usage_flops(operands) -> float:
+    """The logits of the N evicted keys against every query."""
+    H, B, N, K = operands[0][1]
+    return 2.0 * H * B * N * N * K
+
+
+# Per kernel: the logits and the weighted values (forward); the logits again, the weights'
+# gradient and the key and value gradients (key/value); the logits, the weights' gradient and
+# the query gradient (query); the logits of the evicted keys only (usage).
+DECLARED_FLOPS = {"relative_attention_forward_gpu": _declared_flops(2),
+                  "relative_attention_key_value_gradient_gpu": _declared_flops(4),
+                  "relative_attention_query_gradient_gpu": _declared_flops(3),
+                  "relative_attention_key_usage_gpu": _usage_flops}
 
 
 def _forward_call(seeds, content_q, band, visible, k, v, lay: _Layout, ranges, interpret: bool):

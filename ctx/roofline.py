@@ -1,0 +1,129 @@
+"""A roofline estimate of a compiled program, for chips whose compiler gives no cost model
+(XLA:GPU's `cost_analysis()` returns None): each operation XLA launches costs the larger of its
+FLOPs at the chip's peak and its HBM bytes at the chip's bandwidth, and a step is their sum.
+
+What an operation costs is read off the compiled HLO: its bytes are its operands read plus its
+results written (what XLA's own analysis counts as bytes accessed; inside a fusion nothing
+reaches HBM), its FLOPs those of the dots and convolutions it holds (elementwise work is left
+to the bytes, which bound it). A Pallas kernel is opaque to XLA: its FLOPs are what the kernel
+declares (a Mosaic kernel's pl.CostEstimate, in its backend config, bytes included; for Triton
+kernels `declared_flops`: name -> FLOPs from the operands' shapes). It is an estimate, not a
+measurement: no overlap of operations, no launch latency, peak rates.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable
+
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+          "f64": 8, "s64": 8, "u64": 8, "f8e4m3fn": 1, "f8e5m2": 1}
+_ARRAY = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\]")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (.*?) ([\w\-]+)\((.*?)\)(.*)$")
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+) .*\{$")
+# Operations that move no data of their own.
+_FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id",
+         "replica-id", "iota", "copy-done", "all-reduce-done", "all-gather-done", "collective-permute-done",
+         "async-done", "opt-barrier"}
+# A Pallas kernel's declared FLOPs from its operands' (dtype, shape).
+DeclaredFlops = Callable[[list[tuple[str, tuple[int, ...]]]], float]
+
+
+def _arrays(text: str) -> list[tuple[str, tuple[int, ...]]]:
+    return [(dtype, tuple(int(d) for d in dims.split(",") if d)) for dtype, dims in _ARRAY.findall(text)]
+
+
+def _bytes(arrays: list[tuple[str, tuple[int, ...]]]) -> int:
+    return sum(_BYTES[dtype] * math.prod(dims) for dtype, dims in arrays)
+
+
+def _parse(hlo_text: str) -> dict[str, list[dict[str, Any]]]:
+    """Computations by name, each a list of instructions (name, result arrays, opcode, operands, rest)."""
+    computations: dict[str, list[dict[str, Any]]] = {}
+    current = None
+    for line in hlo_text.splitlines():
+        if not line.startswith(" "):
+            header = _COMPUTATION.match(line)
+            current = computations.setdefault(header.group(1), []) if header else None
+            if header and line.startswith("ENTRY"):
+                computations["__entry__"] = current
+            continue
+        match = _INSTRUCTION.match(line)
+        if match and current is not None:
+            name, result, opcode, operands, rest = match.groups()
+            names = [o.strip().split(" ")[-1].lstrip("%") for o in operands.split(",") if o.strip()]
+            current.append({"name": name, "result": _arrays(result), "opcode": opcode, "rest": rest,
+                            "operands": names})
+    return computations
+
+
+def _dot_flops(instruction: dict[str, Any], shapes: dict[str, list]) -> float:
+    """2 x output elements x contracted size, for a dot or a cuBLAS GEMM call."""
+    out = math.prod(instruction["result"][0][1]) if instruction["result"] else 0
+    lhs = shapes.get(instruction["operands"][0], [])
+    contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", instruction["rest"]) or re.search(
+        r'"lhs_contracting_dimensions":\[([^\]]*)\]', instruction["rest"])
+    if not lhs or contracting is None:
+        return 0.0
+    dims = [int(d.strip('" ')) for d in contracting.group(1).split(",") if d.strip('" ')]
+    return 2.0 * out * math.prod(lhs[0][1][d] for d in dims)
+
+
+def _in_config_cost(rest: str) -> tuple[float, float] | None:
+    """(flops, bytes) a Pallas TPU call declares in its backend config, or None."""
+    found = re.search(r'cost_estimate\\?":\{\\?"flops\\?":\\?"?(\d+).*?bytes_accessed\\?":\\?"?(\d+)', rest)
+    return (float(found.group(1)), float(found.group(2))) if found else None
+
+
+def _called(instruction: dict[str, Any]) -> list[str]:
+    return re.findall(r"(?:calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-]+)", instruction["rest"])
+
+
+def program_cost(hlo_text: str, peak_flops: float, bytes_per_sec: float,
+                 declared_flops: dict[str, DeclaredFlops] | None = None) -> dict[str, Any]:
+    """FLOPs, bytes and roofline seconds of a loop-free compiled program, summed over the
+    operations XLA launches; `operations` lists each with its cost, largest time first."""
+    computations = _parse(hlo_text)
+    inner = {called for body in computations.values() for i in body if i["opcode"] in ("fusion", "reduce",
+             "reduce-window", "scatter", "sort", "map", "select-and-scatter", "all-reduce", "reduce-scatter")
+             for called in _called(i)}
+    shapes = {i["name"]: i["result"] for body in computations.values() for i in body}
+
+    def fused_flops(name: str) -> float:
+        total = 0.0
+        for i in computations.get(name, []):
+            if i["opcode"] in ("dot", "convolution"):
+                total += _dot_flops(i, shapes)
+            elif i["opcode"] == "fusion":
+                total += sum(fused_flops(c) for c in _called(i))
+        return total
+
+    operations = []
+    for name, body in computations.items():
+        if name == "__entry__" or name in inner:
+            continue
+        for i in body:
+            if i["opcode"] in _FREE or i["opcode"] in ("while", "conditional", "call"):
+                continue
+            operands = [a for o in i["operands"] for a in shapes.get(o, [])]
+            moved, flops, source = _bytes(operands) + _bytes(i["result"]), 0.0, "hlo"
+            if i["opcode"] in ("dot", "convolution"):
+                flops = _dot_flops(i, shapes)
+            elif i["opcode"] == "fusion":
+                flops = sum(fused_flops(c) for c in _called(i))
+            elif i["opcode"] == "custom-call":
+                kernel = re.search(r'\bname = \\?"(\w+)\\?"', i["rest"])
+                in_config = _in_config_cost(i["rest"])
+                if in_config is not None:  # Mosaic kernels carry their pl.CostEstimate
+                    flops, moved = in_config
+                    source = "declared"
+                elif kernel and declared_flops and kernel.group(1) in declared_flops:
+                    flops, source = declared_flops[kernel.group(1)](operands), "declared"
+                elif "gemm" in i["rest"] or "matmul" in i["rest"]:
+                    flops = _dot_flops(i, shapes)
+            seconds = max(flops / peak_flops, moved / bytes_per_sec)
+            operations.append({"name": i["name"], "opcode": i["opcode"], "flops": flops, "bytes": moved,
+                               "seconds": seconds, "cost_from": source})
+    operations.sort(key=lambda o: -o["seconds"])
+    return {"flops": sum(o["flops"] for o in operations), "bytes": sum(o["bytes"] for o in operations),
+            "seconds": sum(o["seconds"] for o in operations), "operations": operations}
