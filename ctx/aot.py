@@ -307,8 +307,11 @@ def cost_estimate(config: ml_collections.ConfigDict, target: Target) -> dict[str
         # ctx.roofline: per operation, so a memory-bound op and a compute-bound one both count.
         "per_operation_roofline_seconds_per_step": per_operation,
         "per_operation_roofline_over_xla": per_operation / seconds if seconds else None,
-        "step_seconds": seconds if plausible else per_operation,
-        "step_seconds_from": "xla_optimal_seconds" if plausible else "per_operation_roofline",
+        # Without XLA's model (GPUs) the per-operation roofline; where XLA's is implausible, the
+        # whole step's roofline of XLA's own FLOPs and bytes.
+        "step_seconds": seconds if plausible else whole_step_roofline if seconds is not None else per_operation,
+        "step_seconds_from": ("xla_optimal_seconds" if plausible else "roofline" if seconds is not None
+                              else "per_operation_roofline"),
         # Where the bytes go: the one-layer step's largest operations (a layer's repeat per layer).
         "largest_by_bytes": largest_by_bytes(texts[0], layers=n_layers),
     }
