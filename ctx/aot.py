@@ -23,6 +23,7 @@ as XLA's estimate: it is not a measurement.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -42,6 +43,7 @@ from ctx.errors import InputError
 from ctx.flops import train_flops_per_token
 from ctx.nn import pallas_gpu
 from ctx.nn.attention import cudnn_found
+from ctx.selfcheck import Problem
 from ctx.sharding import batch_sharding, make_mesh
 from ctx.trainer import Trainer
 
@@ -66,6 +68,7 @@ class Target:
     hbm_bytes_per_sec: float | None = None
     slice: tpu_topology.TpuSlice | None = None
     gpu: gpu_topology.GpuNode | None = None
+    compile_only: bool = False  # libtpu's or XLA:GPU's devices without the chips
 
     @property
     def platform(self) -> str:
@@ -79,16 +82,8 @@ class Target:
         return self.compile_with_kernels(lowered)[0]
 
     def compile_with_kernels(self, lowered: Any) -> tuple[Any, list[dict[str, Any]] | None]:
-        """The compiled program, and for GPUs its Pallas kernels' resources (else None). For
-        compile-only devices nothing is written to JAX's persistent compilation cache, whose
-        entries would need a TPU or GPU client to be read back (JAX decides once per process
-        whether the cache is used, so its write threshold is raised instead)."""
-        if self.slice is None and self.gpu is None:
-            return lowered.compile(), None
-        key = "jax_persistent_cache_min_compile_time_secs"
-        previous = getattr(jax.config, key)
-        jax.config.update(key, float("inf"))
-        try:
+        """The compiled program, and for NVIDIA GPUs its Pallas kernels' resources (else None)."""
+        with self._no_cache_writes():
             if self.gpu is None:
                 return lowered.compile(), None
             with tempfile.TemporaryDirectory(prefix="ctx-gpu-compile-") as dump:
@@ -97,17 +92,36 @@ class Target:
                 except Exception as error:  # noqa: BLE001 - a kernel over the GPU's limits is one line
                     raise kernel_resources.refused(error, self.gpu.name) or error from None
                 return compiled, kernel_resources.read(dump, compiled.as_text(), self.gpu.model)
+
+    @contextlib.contextmanager
+    def _no_cache_writes(self):
+        """For compile-only devices nothing is written to JAX's persistent compilation cache,
+        whose entries would need a TPU or GPU client to be read back (JAX decides once per
+        process whether the cache is used, so its write threshold is raised instead)."""
+        if not self.compile_only:
+            yield
+            return
+        key = "jax_persistent_cache_min_compile_time_secs"
+        previous = getattr(jax.config, key)
+        jax.config.update(key, float("inf"))
+        try:
+            yield
         finally:
             jax.config.update(key, previous)
 
     @classmethod
     def local(cls) -> "Target":
         """This machine's devices; HBM from the runtime (GPUs) or host memory shared by the
-        local devices (CPU)."""
+        local devices (CPU). NVIDIA GPUs ctx knows (or of a known compute capability) also
+        report their kernels' resources."""
         devices = jax.devices()
         stats = devices[0].memory_stats() or {}
         if "bytes_limit" in stats:
-            return cls(devices, stats["bytes_limit"] / GIB)
+            model = gpu_topology.model_of(devices[0]) if devices[0].platform == "gpu" else None
+            if model is None:
+                return cls(devices, stats["bytes_limit"] / GIB)
+            return cls(devices, stats["bytes_limit"] / GIB, model.peak_bf16_flops, model.hbm_bytes_per_sec,
+                       gpu=gpu_topology.GpuNode(model, len(devices)))
         host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         return cls(devices, host / jax.local_device_count() / GIB)
 
@@ -115,13 +129,14 @@ class Target:
     def tpu(cls, name: str) -> "Target":
         tpu = tpu_topology.resolve(name)
         g = tpu.generation
-        return cls(tpu_topology.compile_devices(tpu), g.hbm_gib, g.peak_bf16_flops, g.hbm_bytes_per_sec, tpu)
+        return cls(tpu_topology.compile_devices(tpu), g.hbm_gib, g.peak_bf16_flops, g.hbm_bytes_per_sec, tpu,
+                   compile_only=True)
 
     @classmethod
     def gpu_node(cls, name: str) -> "Target":
         node = gpu_topology.resolve(name)
         return cls(gpu_topology.compile_devices(node), node.usable_memory_gib, node.model.peak_bf16_flops,
-                   node.model.hbm_bytes_per_sec, gpu=node)
+                   node.model.hbm_bytes_per_sec, gpu=node, compile_only=True)
 
     @classmethod
     def named(cls, topology: str) -> "Target":
@@ -343,6 +358,36 @@ def _fit_for_gpu(config: ml_collections.ConfigDict, target: Target) -> dict[str,
                          f"({first[:300]}); compile attention_impl='pallas_gpu' or 'xla' instead") from None
 
 
+def attention_kernels(cfg: ModelConfig, target: Target, rows: int = 2) -> list[dict[str, Any]]:
+    """The GPU attention's kernels at the config's layout (forward, the evicted keys' usage
+    where most_used asks for it, both backward), compiled for the target's first GPU: what
+    each asks of the GPU (ctx.kernel_resources). `rows` batch rows; the resources do not
+    depend on them, nor on the heads."""
+    p = Problem.of(dataclasses.replace(cfg, attention_impl="pallas_gpu"))
+    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(target.devices[:1], ("x",)), jax.sharding.PartitionSpec())
+    shapes = [(cfg.n_heads, rows, p.n_queries, p.head_dim), (cfg.n_heads, p.head_dim),
+              (cfg.n_heads, rows, p.n_keys, p.head_dim), (cfg.n_heads, rows, p.n_keys, p.head_dim),
+              (cfg.n_heads, 2 if p.n_cmem else 1, p.head_dim), (cfg.n_heads, p.table_rows, p.head_dim)]
+    abstract = [jax.ShapeDtypeStruct(shape, jnp.dtype(p.dtype), sharding=sharding) for shape in shapes]
+    abstract.append(jax.ShapeDtypeStruct((rows, p.n_keys), jnp.bool_, sharding=sharding))
+
+    def loss(*args):
+        out, _, usage = pallas_gpu.flash_attention(*args, p.n_cmem, p.n_mem, p.usage_keys, p.dropout, jnp.int32(7))
+        return jnp.sum(out.astype(jnp.float32)), usage
+
+    lowered = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)), has_aux=True)).trace(*abstract).lower(
+        lowering_platforms=("cuda",))
+    return target.compile_with_kernels(lowered)[1] or []
+
+
+def attention_kernel_lines(cfg: ModelConfig, target: Target) -> list[str]:
+    """What a GPU run's log says of its Pallas kernels: one line each, and a warning for each
+    spill or limit; nothing where the attention is not pallas_gpu or the GPU is not one ctx knows."""
+    if cfg.attention_impl != "pallas_gpu" or target.gpu is None:
+        return []
+    return kernel_resources.report_lines(attention_kernels(cfg, target), target.gpu.model)
+
+
 def largest_fitting_batch(config: ml_collections.ConfigDict, target: Target, per_chip: int, fits: bool,
                           max_compiles: int = 6) -> dict[str, Any]:
     """Bisection over the per-chip batch (doubling first when the given one fits); each try
@@ -378,7 +423,8 @@ def compile_report(config: ml_collections.ConfigDict, topology: str | None = Non
         "attention": trainer.model_config.attention_impl,
         **({"topology": target.slice.topology, "accelerator_type": target.slice.accelerator_type}
            if target.slice else {}),
-        **({"topology": target.gpu.name, "gpu": target.gpu.describe()} if target.gpu else {}),
+        **({"topology": target.gpu.name} if target.gpu and target.compile_only else {}),
+        **({"gpu": target.gpu.describe()} if target.gpu else {}),
         "hbm_gib": target.hbm_gib, **result,
         "headroom_gib": (target.hbm_gib - result["per_device_memory_estimate_gib"]
                          if result["per_device_memory_estimate_gib"] is not None and target.hbm_gib else None),
@@ -388,8 +434,7 @@ def compile_report(config: ml_collections.ConfigDict, topology: str | None = Non
     if target.gpu:
         report["kernel_problems"] = kernel_resources.problems(result["kernels"] or [], target.gpu.model)
     # The estimate needs a chip's figures (TPU: XLA's cost model; GPU: the roofline) and a program that fits.
-    deviceless = target.slice or target.gpu
-    report["estimate"] = cost_estimate(config, target) if estimate and deviceless and result["fits"] else None
+    report["estimate"] = cost_estimate(config, target) if estimate and target.peak_flops and result["fits"] else None
     report["estimated_mfu"] = (report["estimate"] or {}).get("mfu")
     return report
 
@@ -422,7 +467,5 @@ def summary(report: dict[str, Any]) -> str:
                      f"{e['tokens_per_sec_per_chip']:,.0f} tokens/s per chip, MFU {e['mfu']:.1%}, "
                      f"{e['arithmetic_intensity']:.0f} FLOP/byte (ridge {e['ridge_flops_per_byte']:.0f})")
     if report.get("kernels"):
-        lines.append("Pallas kernels (ptxas and XLA's launch):")
-        lines.extend(kernel_resources.summary_lines(report["kernels"]))
-    lines.extend(f"warning: {problem}" for problem in report.get("kernel_problems") or [])
+        lines.extend(kernel_resources.report_lines(report["kernels"], gpu_topology.resolve(report["gpu"]["gpu"]).model))
     return "\n".join(lines)

@@ -17,7 +17,6 @@ import dataclasses
 import functools
 import importlib.resources
 import importlib.util
-import json
 import os
 import re
 import sys
@@ -31,83 +30,68 @@ DEFAULT_MEMORY_FRACTION = 0.75
 LARGEST_NODE = 8
 
 
+# A GpuModel's device facts, and the GpuTargetConfig fields they are read from.
+_SPEC_FIELDS = {"device_memory_bytes": "device_memory_size", "hbm_bytes_per_sec": "memory_bandwidth",
+                "shared_memory_per_block": "shared_memory_per_block_optin",  # the most a kernel may ask for
+                "shared_memory_per_core": "shared_memory_per_core", "registers_per_core": "registers_per_core_limit",
+                "threads_per_core": "threads_per_core_limit", "threads_per_block": "threads_per_block_limit",
+                "cores": "core_count"}
+# name on the command line, XLA's description in ctx/gpu_specs/, the datasheet's dense bf16 peak
+# (the description has no such figure).
+_MODELS = (("h100", "h100_sxm.txtpb", 989.4e12), ("h200", "h200.txtpb", 989.4e12),
+           ("a100-80gb", "a100_sxm_80.txtpb", 312e12), ("a100-40gb", "a100_sxm_40.txtpb", 312e12))
+
+
+def _field(text: str, field: str) -> str:
+    match = re.search(rf"^\s*{field}: \"?([^\"\n]+)\"?$", text, re.MULTILINE)
+    if match is None:
+        raise ValueError(f"the GPU description has no {field}")
+    return match.group(1)
+
+
 @dataclasses.dataclass(frozen=True)
 class GpuModel:
-    """One GPU model: its name on the command line, XLA's description, the datasheet's dense
-    bf16 peak (the description has no such figure)."""
+    """One GPU model: what XLA's description of it says, and its peak."""
 
     name: str
-    spec_file: str
+    spec_text: str  # the GpuTargetConfig text proto XLA's compiler takes
     peak_bf16_flops: float
+    device_kind: str
+    compute_capability: str
+    ptx_arch: str  # ptxas's -arch for the code XLA generates (Hopper's accelerated features: sm_90a)
+    device_memory_bytes: int
+    hbm_bytes_per_sec: int
+    shared_memory_per_block: int
+    shared_memory_per_core: int
+    registers_per_core: int
+    threads_per_core: int
+    threads_per_block: int
+    cores: int
 
-    @functools.cached_property
-    def spec_text(self) -> str:
-        return importlib.resources.files("ctx").joinpath("gpu_specs", self.spec_file).read_text()
-
-    def _field(self, field: str) -> str:
-        match = re.search(rf"^\s*{field}: \"?([^\"\n]+)\"?$", self.spec_text, re.MULTILINE)
-        if match is None:
-            raise ValueError(f"{self.spec_file} has no {field}")
-        return match.group(1)
-
-    @property
-    def device_kind(self) -> str:
-        return self._field("device_description_str")
-
-    @property
-    def compute_capability(self) -> str:
-        block = re.search(r"cuda_compute_capability \{([^}]*)\}", self.spec_text).group(1)
-        major = re.search(r"major: (\d+)", block).group(1)
-        minor = re.search(r"minor: (\d+)", block)
-        return f"{major}.{minor.group(1) if minor else 0}"
-
-    @property
-    def ptx_arch(self) -> str:
-        """ptxas's -arch for the code XLA generates (Hopper's accelerated features: sm_90a)."""
-        major, minor = self.compute_capability.split(".")
-        accelerated = "ACCELERATED_FEATURES" in self.spec_text
-        return f"sm_{major}{minor}{'a' if accelerated else ''}"
-
-    @property
-    def device_memory_bytes(self) -> int:
-        return int(self._field("device_memory_size"))
-
-    @property
-    def hbm_bytes_per_sec(self) -> float:
-        return float(self._field("memory_bandwidth"))
-
-    @property
-    def shared_memory_per_block(self) -> int:
-        """The most a kernel may ask for (opt-in), bytes."""
-        return int(self._field("shared_memory_per_block_optin"))
-
-    @property
-    def shared_memory_per_core(self) -> int:
-        return int(self._field("shared_memory_per_core"))
-
-    @property
-    def registers_per_core(self) -> int:
-        return int(self._field("registers_per_core_limit"))
-
-    @property
-    def threads_per_core(self) -> int:
-        return int(self._field("threads_per_core_limit"))
-
-    @property
-    def threads_per_block(self) -> int:
-        return int(self._field("threads_per_block_limit"))
-
-    @property
-    def cores(self) -> int:
-        return int(self._field("core_count"))
+    @classmethod
+    def load(cls, name: str, spec_file: str, peak_bf16_flops: float) -> "GpuModel":
+        text = importlib.resources.files("ctx").joinpath("gpu_specs", spec_file).read_text()
+        capability = re.search(r"cuda_compute_capability \{([^}]*)\}", text).group(1)
+        major = re.search(r"major: (\d+)", capability).group(1)
+        minor = re.search(r"minor: (\d+)", capability)
+        minor = minor.group(1) if minor else "0"
+        accelerated = "a" if "ACCELERATED_FEATURES" in capability else ""
+        return cls(name, text, peak_bf16_flops, _field(text, "device_description_str"), f"{major}.{minor}",
+                   f"sm_{major}{minor}{accelerated}",
+                   **{fact: int(float(_field(text, field))) for fact, field in _SPEC_FIELDS.items()})
 
 
-GPUS = (
-    GpuModel("h100", "h100_sxm.txtpb", 989.4e12),
-    GpuModel("h200", "h200.txtpb", 989.4e12),
-    GpuModel("a100-80gb", "a100_sxm_80.txtpb", 312e12),
-    GpuModel("a100-40gb", "a100_sxm_40.txtpb", 312e12),
-)
+@functools.cache
+def gpus() -> tuple[GpuModel, ...]:
+    """The GPUs ctx knows, their descriptions read on first use (nothing happens at import)."""
+    return tuple(GpuModel.load(*model) for model in _MODELS)
+
+
+def model_of(device) -> GpuModel | None:
+    """The known model of a jax GPU device: by its name, else one of the same compute
+    capability (whose limits it shares); None for others."""
+    same_capability = [m for m in gpus() if m.compute_capability == getattr(device, "compute_capability", None)]
+    return next((m for m in gpus() if m.device_kind == device.device_kind), None) or next(iter(same_capability), None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +126,8 @@ class GpuNode:
 
 
 def known_names() -> str:
-    return ", ".join(g.name for g in GPUS) + f" (one GPU; NAME-N for N of a node, N up to {LARGEST_NODE}, e.g. h100-8)"
+    names = ", ".join(name for name, _, _ in _MODELS)
+    return f"{names} (one GPU; NAME-N for N of a node, N up to {LARGEST_NODE}, e.g. h100-8)"
 
 
 def looks_like_gpu(name: str) -> bool:
@@ -153,7 +138,7 @@ def looks_like_gpu(name: str) -> bool:
 def resolve(name: str, flag: str = "--topology") -> GpuNode:
     """'h100', 'h100-8', 'a100-40gb-4' as a GpuNode; anything else is one line listing the known ones."""
     text = (name or "").strip().lower()
-    for model in GPUS:
+    for model in gpus():
         if text == model.name:
             return GpuNode(model, 1)
         count = re.fullmatch(re.escape(model.name) + r"-(\d+)", text)
@@ -199,15 +184,9 @@ def compile_devices(node: GpuNode) -> list:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print(f"usage: python -m ctx.gpu_topology GPU   ({known_names()})", file=sys.stderr)
-        return 2
-    try:
-        print(json.dumps(resolve(argv[1]).describe()))
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    from ctx.topology import describe_main
+
+    return describe_main(argv, resolve, f"python -m ctx.gpu_topology GPU [FLAG_NAME]   ({known_names()})")
 
 
 if __name__ == "__main__":

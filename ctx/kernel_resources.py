@@ -118,13 +118,13 @@ def problems(rows: list[dict[str, Any]], gpu: GpuModel) -> list[str]:
     return found
 
 
-def summary_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """One line per kernel for a person."""
-    lines = []
+def report_lines(rows: list[dict[str, Any]], gpu: GpuModel) -> list[str]:
+    """For a person: a line per kernel, then a warning per spill or exceeded limit."""
+    lines = [f"Pallas kernels on {gpu.device_kind} (ptxas and XLA's launch):"]
     for row in rows:
         registers = (f"{row['registers']} registers, {row['spill_store_bytes']} B spilled"
                      if "registers" in row else "registers unknown (no ptxas)")
         lines.append(f"  {row['kernel']}: {registers}, {row.get('threads_per_block', '?')} threads, "
                      f"{row.get('shared_memory_bytes', 0) / 1024:.0f} KiB shared, "
                      f"{row.get('programs_per_sm', '?')} program(s) per SM")
-    return lines
+    return lines + [f"warning: {problem}" for problem in problems(rows, gpu)]

@@ -167,17 +167,23 @@ def compile_devices(tpu: TpuSlice) -> list:
     return list(description.devices)
 
 
-def main(argv: list[str]) -> int:
+def describe_main(argv: list[str], resolve_name, usage: str) -> int:
+    """`python -m MODULE NAME [FLAG_NAME]`: the named accelerator's facts as one JSON line, or
+    one error line (exit 2); shared by this module and ctx.gpu_topology."""
     if len(argv) not in (2, 3):
-        print("usage: python -m ctx.topology ACCELERATOR_TYPE [FLAG_NAME]   (e.g. v5p-256, v5litepod-16, v6e:8x8)",
-              file=sys.stderr)
+        print(f"usage: {usage}", file=sys.stderr)
         return 2
     try:
-        print(json.dumps(resolve(argv[1], *argv[2:]).describe()))
+        print(json.dumps(resolve_name(argv[1], *argv[2:]).describe()))
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: list[str]) -> int:
+    return describe_main(argv, resolve, "python -m ctx.topology ACCELERATOR_TYPE [FLAG_NAME]   "
+                                        "(e.g. v5p-256, v5litepod-16, v6e:8x8)")
 
 
 if __name__ == "__main__":

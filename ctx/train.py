@@ -88,6 +88,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, hooks: H
               flush=True)
     if attention_selfcheck:
         model_cfg = checked_attention(model_cfg, config.model.attention_impl, "ctx.train")
+    if is_main and jax.default_backend() == "gpu":  # the GPU kernels' registers, spills, shared memory
+        for line in aot.attention_kernel_lines(model_cfg, aot.Target.local()):
+            print(f"ctx.train: {line}", flush=True)
     trainer = Trainer(config, model_config=model_cfg)
     train_corpus = load_corpus(config.data, "train", progress=is_main)
     valid_corpus = load_corpus(config.data, "validation", progress=is_main)

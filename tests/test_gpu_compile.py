@@ -9,6 +9,7 @@ The compiles need jax's CUDA plugin, which the test set-up installs into .venv/g
 prints notices at import that would reach every other test's output."""
 import json
 import os
+import subprocess
 import sys
 
 import jax
@@ -22,8 +23,6 @@ from tests import FAST_COMPILE_XLA_FLAG
 from tests.helpers import ROOT, run_module, run_script
 
 GPU_COMPILER = os.path.join(sys.prefix, "gpu-compile")
-needs_compiler = pytest.mark.skipif(not os.path.isdir(GPU_COMPILER),
-                                    reason="the test set-up's .venv/gpu-compile (requirements-gpu-compile.txt)")
 # (heads, head dim, queries, compressed memory, memory) of PG-19, enwik8 and WikiText-103.
 PAPER_LAYOUTS = {"pg19": "8,128,512,512,512", "enwik8": "8,128,768,1152,768", "wt103": "16,64,512,512,512"}
 # A pathological tile can compile for many minutes: no compile here may hang the suite.
@@ -33,6 +32,8 @@ COMPILE_TIMEOUT = 300
 def compiler_env() -> dict[str, str]:
     """The plugin on the path, and XLA's flags without the tests' LLVM -O0: it changes the PTX
     that the kernels' registers and spills are read from."""
+    if not os.path.isdir(GPU_COMPILER):
+        pytest.fail(f"no {GPU_COMPILER}: the README's test command installs requirements-gpu-compile.txt there")
     flags = os.environ.get("XLA_FLAGS", "").replace(FAST_COMPILE_XLA_FLAG, "").strip()
     return {**os.environ, "PYTHONPATH": os.pathsep.join([GPU_COMPILER, ROOT]), "XLA_FLAGS": flags}
 
@@ -82,7 +83,6 @@ def test_the_kernel_problems_name_spills_threads_and_shared_memory():
         f"b: {300 * 1024} bytes of shared memory (limit {227 * 1024})"]
 
 
-@needs_compiler
 @pytest.mark.slow
 @pytest.mark.parametrize("gpu", ["h100", "a100-80gb"])
 @pytest.mark.parametrize("layout", PAPER_LAYOUTS)
@@ -103,7 +103,6 @@ def test_the_attention_kernels_compile_with_no_spills_at_every_paper_layout(gpu,
         assert kernels["relative_attention_forward_gpu"]["programs_per_sm"] == 2
 
 
-@needs_compiler
 @pytest.mark.slow
 def test_a_tile_too_large_for_shared_memory_fails_the_check_in_one_line():
     run = run_script("gpu_kernels.py", "h100", PAPER_LAYOUTS["pg19"], "--stages_of_forward=8", env=compiler_env(),
@@ -114,7 +113,6 @@ def test_a_tile_too_large_for_shared_memory_fails_the_check_in_one_line():
         "232448" in last
 
 
-@needs_compiler
 @pytest.mark.slow
 def test_the_demo_training_chunk_compiles_for_an_h100_with_a_full_report():
     """auto resolves for the H100 (pallas_gpu), memory against jax's share of its 80 GB, each
@@ -139,7 +137,6 @@ def test_the_demo_training_chunk_compiles_for_an_h100_with_a_full_report():
     assert "relative_attention_forward_gpu: " in summary and "program(s) per SM" in summary
 
 
-@needs_compiler
 @pytest.mark.slow
 def test_an_unknown_gpu_on_the_command_line_exits_2_in_one_line():
     run = run_module("ctx.train", "--config=experiments/demo.py", "--compile_only", "--topology=h100x",
@@ -148,7 +145,6 @@ def test_an_unknown_gpu_on_the_command_line_exits_2_in_one_line():
     assert run.stderr.strip().splitlines()[-1].startswith("error: --topology=h100x is not a GPU ctx knows; known GPUs")
 
 
-@needs_compiler
 @pytest.mark.slow
 def test_cudnn_without_cudnn_is_one_line_not_a_traceback():
     run = run_module("ctx.train", "--config=experiments/demo.py", "--compile_only", "--topology=h100",
@@ -182,3 +178,24 @@ def test_the_cudnn_attention_is_picked_by_the_lowering_platform(monkeypatch):
     finally:
         monkeypatch.undo()
         attention.cudnn_found.cache_clear()
+
+
+@pytest.mark.slow
+def test_what_a_gpu_runs_log_says_of_its_kernels():
+    """ctx.train on a GPU prints these lines (aot.attention_kernel_lines for the local GPU);
+    here for a deviceless H100 at the demo's layout with pallas_gpu, and nothing for xla."""
+    code = ("import dataclasses; from ctx import aot; from ctx.config import ModelConfig; "
+            "from experiments import demo; cfg = ModelConfig.from_config(demo.get_config().model); "
+            "target = aot.Target.gpu_node('h100'); print(aot.attention_kernel_lines(cfg, target)); "
+            "gpu_cfg = dataclasses.replace(cfg, attention_impl='pallas_gpu'); "
+            "print('\\n'.join(aot.attention_kernel_lines(gpu_cfg, target)))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=compiler_env(),
+                         timeout=COMPILE_TIMEOUT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.strip().splitlines()
+    assert lines[0] == "[]"  # the xla attention has no kernels of ctx's
+    assert lines[1] == "Pallas kernels on NVIDIA H100 80GB HBM3 (ptxas and XLA's launch):"
+    kernels = sorted(line.split(":")[0].strip() for line in lines[2:])
+    assert kernels == ["relative_attention_forward_gpu", "relative_attention_key_value_gradient_gpu",
+                       "relative_attention_query_gradient_gpu"]
+    assert all(" 0 B spilled" in line and "program(s) per SM" in line for line in lines[2:])

@@ -10,10 +10,8 @@ pipelined S deep (a tile too large for shared memory). Needs jax's CUDA plugin o
 import json
 import sys
 
-import jax
-import jax.numpy as jnp
-
 from ctx import aot, kernel_resources
+from ctx.config import ModelConfig
 from ctx.nn import pallas_gpu
 
 
@@ -22,21 +20,10 @@ def main(gpu: str, layout: str, *flags: str) -> None:
     for flag in flags:
         if flag.startswith("--stages_of_forward="):
             pallas_gpu._KERNEL_PARAMS["forward"] = (4, int(flag.split("=")[1]))
+    cfg = ModelConfig(n_heads=H, d_model=H * K, segment_length=N, compressed_length=C, memory_length=M,
+                      dtype="bfloat16", dropout=0.1, compression="most_used", attention_impl="pallas_gpu")
     target = aot.Target.gpu_node(gpu)
-    mesh = jax.sharding.Mesh(target.devices[:1], ("x",))
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    B, T, P = 2, C + M + N, C + M + 2 * N
-    shapes = [(H, B, N, K), (H, K), (H, B, T, K), (H, B, T, K), (H, 2, K), (H, P, K)]
-    abstract = [jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=replicated) for s in shapes]
-    abstract.append(jax.ShapeDtypeStruct((B, T), jnp.bool_, sharding=replicated))
-
-    def loss(*args):
-        out, _, usage = pallas_gpu.flash_attention(*args, C, M, (C, C + N), 0.1, jnp.int32(7))
-        return jnp.sum(out.astype(jnp.float32)), usage
-
-    lowered = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)), has_aux=True)).trace(*abstract).lower(
-        lowering_platforms=("cuda",))
-    _, kernels = target.compile_with_kernels(lowered)
+    kernels = aot.attention_kernels(cfg, target)
     print(json.dumps({"kernels": kernels, "problems": kernel_resources.problems(kernels, target.gpu.model)}))
 
 
