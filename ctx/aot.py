@@ -281,7 +281,7 @@ def cost_estimate(config: ml_collections.ConfigDict, target: Target) -> dict[str
             raise RuntimeError("the cost estimate's loop-free program still holds a while loop")
         # XLA's own analysis where the backend has one (TPU); the roofline on every backend.
         analysis = dict(compiled.cost_analysis() or {})
-        own = roofline.program_cost(text, target.peak_flops, target.hbm_bytes_per_sec, pallas_gpu.DECLARED_FLOPS)
+        own = roofline.program_cost(text, target.peak_flops, target.hbm_bytes_per_sec, pallas_gpu.declared_cost)
         if "flops" not in analysis:
             analysis = {"flops": own["flops"], "bytes accessed": own["bytes"]}
         analysis["roofline_seconds"] = own["seconds"]

@@ -5,9 +5,9 @@ FLOPs at the chip's peak and its HBM bytes at the chip's bandwidth, and a step i
 What an operation costs is read off the compiled HLO: its bytes are its operands read plus its
 results written (what XLA's own analysis counts as bytes accessed; inside a fusion nothing
 reaches HBM), its FLOPs those of the dots and convolutions it holds (elementwise work is left
-to the bytes, which bound it). A Pallas kernel is opaque to XLA: its FLOPs are what the kernel
-declares (a Mosaic kernel's pl.CostEstimate, in its backend config, bytes included; for Triton
-kernels `declared_flops`: name -> FLOPs from the operands' shapes). It is an estimate, not a
+to the bytes, which bound it). A Pallas kernel is opaque to XLA: its cost is what the kernel
+declares (a Mosaic kernel's pl.CostEstimate, in its backend config; for Triton kernels
+`declared_cost(name, operands)`, from the operands' shapes). It is an estimate, not a
 measurement: no overlap of operations, no launch latency, peak rates.
 """
 from __future__ import annotations
@@ -25,8 +25,8 @@ _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+) .*\{$")
 _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id",
          "replica-id", "iota", "copy-done", "all-reduce-done", "all-gather-done", "collective-permute-done",
          "async-done", "opt-barrier"}
-# A Pallas kernel's declared FLOPs from its operands' (dtype, shape).
-DeclaredFlops = Callable[[list[tuple[str, tuple[int, ...]]]], float]
+# A Triton kernel's (FLOPs, bytes) from its name and operands' (itemsize, shape); None: unknown.
+DeclaredCost = Callable[[str, list[tuple[int, tuple[int, ...]]]], tuple[float, float] | None]
 
 
 def _arrays(text: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -80,7 +80,7 @@ def _called(instruction: dict[str, Any]) -> list[str]:
 
 
 def program_cost(hlo_text: str, peak_flops: float, bytes_per_sec: float,
-                 declared_flops: dict[str, DeclaredFlops] | None = None) -> dict[str, Any]:
+                 declared_cost: DeclaredCost | None = None) -> dict[str, Any]:
     """FLOPs, bytes and roofline seconds of a loop-free compiled program, summed over the
     operations XLA launches; `operations` lists each with its cost, largest time first."""
     computations = _parse(hlo_text)
@@ -113,13 +113,12 @@ def program_cost(hlo_text: str, peak_flops: float, bytes_per_sec: float,
                 flops = sum(fused_flops(c) for c in _called(i))
             elif i["opcode"] == "custom-call":
                 kernel = re.search(r'\bname = \\?"(\w+)\\?"', i["rest"])
-                in_config = _in_config_cost(i["rest"])
-                if in_config is not None:  # Mosaic kernels carry their pl.CostEstimate
-                    flops, moved = in_config
-                    source = "declared"
-                elif kernel and declared_flops and kernel.group(1) in declared_flops:
-                    flops, source = declared_flops[kernel.group(1)](operands), "declared"
-                elif "gemm" in i["rest"] or "matmul" in i["rest"]:
+                declared = _in_config_cost(i["rest"])  # Mosaic kernels carry their pl.CostEstimate
+                if declared is None and kernel and declared_cost:
+                    declared = declared_cost(kernel.group(1), [(_BYTES[t], dims) for t, dims in operands])
+                if declared is not None:
+                    (flops, moved), source = declared, "declared"
+                elif 'custom_call_target="__cublas' in i["rest"]:  # cuBLAS GEMMs
                     flops = _dot_flops(i, shapes)
             seconds = max(flops / peak_flops, moved / bytes_per_sec)
             operations.append({"name": i["name"], "opcode": i["opcode"], "flops": flops, "bytes": moved,

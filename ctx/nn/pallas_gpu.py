@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -344,29 +343,33 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, name: str, interpret: bo
                           compiler_params=params, interpret=interpret, name=name)(*operands)
 
 
-def _declared_flops(matmuls: int, query_operand: int = 1, key_operand: int = 4) -> Callable[[list], float]:
-    """A kernel's FLOPs from its operands' shapes, for the roofline (ctx.roofline; Triton calls
-    carry no cost of their own): `matmuls` [N, K] x [K, keys] products per (head, row) over the
-    keys each query sees: the memories and, causally, half the segment."""
-    def flops(operands) -> float:
-        (H, B, N, K), T = operands[query_operand][1], operands[key_operand][1][2]
-        return 2.0 * matmuls * H * B * N * ((T - N) + (N + 1) / 2) * K
-    return flops
-
-
-def _usage_flops(operands) -> float:
-    """The logits of the N evicted keys against every query."""
-    H, B, N, K = operands[0][1]
-    return 2.0 * H * B * N * N * K
-
-
-# Per kernel: the logits and the weighted values (forward); the logits again, the weights'
-# gradient and the key and value gradients (key/value); the logits, the weights' gradient and
-# the query gradient (query); the logits of the evicted keys only (usage).
-DECLARED_FLOPS = {"relative_attention_forward_gpu": _declared_flops(2),
-                  "relative_attention_key_value_gradient_gpu": _declared_flops(4),
-                  "relative_attention_query_gradient_gpu": _declared_flops(3),
-                  "relative_attention_key_usage_gpu": _usage_flops}
+def declared_cost(kernel: str, operands: list[tuple[int, tuple[int, ...]]]) -> tuple[float, float] | None:
+    """(FLOPs, HBM bytes) of one call of the named kernel from its operands' (itemsize, shape),
+    for the roofline (ctx.roofline; Triton calls carry no cost of their own); None for another
+    name. Counted per tile, as the kernels load: the visible (query block, key block) tiles,
+    each with its keys' (or queries') blocks and b x b gathered band entries, plus what a
+    program reads once and writes; so a wider tile reads the keys fewer times."""
+    short = kernel.removeprefix("relative_attention_").removesuffix("_gpu")
+    if short not in _KERNEL_PARAMS:
+        return None
+    first = 0 if short == "key_usage" else 1  # the content queries; the band and keys follow
+    (s, (H, B, N, K)), (_, (_, _, _, P)), (_, (_, _, T, _)) = operands[first], operands[first + 1], operands[first + 3]
+    b = block_size(N, T)
+    n_blocks, tile = N // b, b * b
+    visible_tiles = n_blocks * ((T - N) // b) + n_blocks * (n_blocks + 1) // 2
+    tiles, matmuls, per_tile, once = {
+        # keys, values and band entries per tile; queries in, output, log-sum-exp and masses out
+        "forward": (visible_tiles, 2, 2 * b * K * s + tile * s, 2 * N * K * s + 4 * N * (1 + _MASS_LANES)),
+        # every query block against each evicted key block: queries, band entries, log-sum-exp
+        "key_usage": (n_blocks * n_blocks, 1, b * K * s + tile * s + 4 * b, N * K * s + 4 * N),
+        # queries, output gradient, band entries, log-sum-exp and delta per tile; keys and values
+        # in, their gradients out
+        "key_value_gradient": (visible_tiles, 4, 2 * b * K * s + tile * s + 8 * b, 4 * T * K * s),
+        # keys, values and band entries per tile; queries, output gradient and statistics in, the
+        # float32 query gradient and the whole band gradient out
+        "query_gradient": (visible_tiles, 3, 2 * b * K * s + tile * s, 2 * N * K * s + 8 * N + 4 * N * K + N * P * s),
+    }[short]
+    return 2.0 * H * B * tiles * matmuls * tile * K, float(H * B * (tiles * per_tile + once))
 
 
 def _forward_call(seeds, content_q, band, visible, k, v, lay: _Layout, ranges, interpret: bool):
