@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
           "f64": 8, "s64": 8, "u64": 8, "f8e4m3fn": 1, "f8e5m2": 1}
-_ARRAY = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\]")
+_ARRAY = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\](?:\{([\d,]*)(?::[^}]*?T\(([\d,]+)\))?)?")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (.*?) ([\w\-]+)\((.*?)\)(.*)$")
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+) .*\{$")
 # Operations that move no data of their own.
@@ -29,12 +29,28 @@ _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "afte
 DeclaredCost = Callable[[str, list[tuple[int, tuple[int, ...]]]], tuple[float, float] | None]
 
 
-def _arrays(text: str) -> list[tuple[str, tuple[int, ...]]]:
-    return [(dtype, tuple(int(d) for d in dims.split(",") if d)) for dtype, dims in _ARRAY.findall(text)]
+def _stored(dims: tuple[int, ...], minor_to_major: str, tile: str) -> tuple[int, ...]:
+    """The dimensions as memory holds them: a tiled layout (TPU's T(8,128)) pads the most
+    minor dimensions to whole tiles, and those bytes move too."""
+    if not tile or not minor_to_major:
+        return dims
+    stored = list(dims)
+    for axis, size in zip((int(a) for a in minor_to_major.split(",")), reversed([int(t) for t in tile.split(",")])):
+        stored[axis] = -(-stored[axis] // size) * size
+    return tuple(stored)
 
 
-def _bytes(arrays: list[tuple[str, tuple[int, ...]]]) -> int:
-    return sum(_BYTES[dtype] * math.prod(dims) for dtype, dims in arrays)
+def _arrays(text: str) -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]:
+    """(dtype, dimensions, dimensions as stored) of each array in an HLO shape."""
+    found = []
+    for dtype, dims, minor_to_major, tile in _ARRAY.findall(text):
+        shape = tuple(int(d) for d in dims.split(",") if d)
+        found.append((dtype, shape, _stored(shape, minor_to_major, tile)))
+    return found
+
+
+def _bytes(arrays: list[tuple[str, tuple[int, ...], tuple[int, ...]]]) -> int:
+    return sum(_BYTES[dtype] * math.prod(stored) for dtype, _, stored in arrays)
 
 
 def _parse(hlo_text: str) -> dict[str, list[dict[str, Any]]]:
@@ -69,6 +85,32 @@ def _dot_flops(instruction: dict[str, Any], shapes: dict[str, list]) -> float:
     return 2.0 * out * math.prod(lhs[0][1][d] for d in dims)
 
 
+def _window_hits(out_size: int, in_size: int, size: int, pad_low: int, stride: int) -> int:
+    """(output position, window position) pairs of one spatial dimension that read an input
+    element, not padding: XLA writes batch dimensions of a dot as padded windows this way."""
+    return sum(1 for o in range(out_size) for w in range(size) if 0 <= o * stride + w - pad_low < in_size)
+
+
+def _convolution_flops(instruction: dict[str, Any], shapes: dict[str, list]) -> float:
+    """2 x output batch x output features x input features x the window positions that read
+    input (TPU compilers write dots as convolutions, their batch dimensions as windows)."""
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", instruction["rest"])
+    lhs, rhs = (shapes.get(name, [(None, ())])[0][1] for name in instruction["operands"][:2])
+    if labels is None or not lhs or not rhs:
+        return 0.0
+    lhs_labels, rhs_labels, out_labels = labels.groups()
+    out = instruction["result"][0][1]
+    window = re.search(r"window=\{([^}]*)\}", instruction["rest"])
+    fields = dict(item.split("=") for item in window.group(1).split()) if window else {}
+    spatial = sorted(c for c in out_labels if c.isdigit())
+    sizes = [int(x) for x in fields.get("size", "x".join("1" * len(spatial))).split("x")]
+    pads = [int(p.split("_")[0]) for p in fields["pad"].split("x")] if "pad" in fields else [0] * len(spatial)
+    strides = [int(x) for x in fields["stride"].split("x")] if "stride" in fields else [1] * len(spatial)
+    hits = math.prod(_window_hits(out[out_labels.index(d)], lhs[lhs_labels.index(d)], size, pad, stride)
+                     for d, size, pad, stride in zip(spatial, sizes, pads, strides))
+    return 2.0 * out[out_labels.index("b")] * out[out_labels.index("f")] * rhs[rhs_labels.index("i")] * hits
+
+
 def _in_config_cost(rest: str) -> tuple[float, float] | None:
     """(flops, bytes) a Pallas TPU call declares in its backend config, or None."""
     found = re.search(r'cost_estimate\\?":\{\\?"flops\\?":\\?"?(\d+).*?bytes_accessed\\?":\\?"?(\d+)', rest)
@@ -92,8 +134,10 @@ def program_cost(hlo_text: str, peak_flops: float, bytes_per_sec: float,
     def fused_flops(name: str) -> float:
         total = 0.0
         for i in computations.get(name, []):
-            if i["opcode"] in ("dot", "convolution"):
+            if i["opcode"] == "dot":
                 total += _dot_flops(i, shapes)
+            elif i["opcode"] == "convolution":
+                total += _convolution_flops(i, shapes)
             elif i["opcode"] == "fusion":
                 total += sum(fused_flops(c) for c in _called(i))
         return total
@@ -107,15 +151,17 @@ def program_cost(hlo_text: str, peak_flops: float, bytes_per_sec: float,
                 continue
             operands = [a for o in i["operands"] for a in shapes.get(o, [])]
             moved, flops, source = _bytes(operands) + _bytes(i["result"]), 0.0, "hlo"
-            if i["opcode"] in ("dot", "convolution"):
+            if i["opcode"] == "dot":
                 flops = _dot_flops(i, shapes)
+            elif i["opcode"] == "convolution":
+                flops = _convolution_flops(i, shapes)
             elif i["opcode"] == "fusion":
                 flops = sum(fused_flops(c) for c in _called(i))
             elif i["opcode"] == "custom-call":
                 kernel = re.search(r'\bname = \\?"(\w+)\\?"', i["rest"])
                 declared = _in_config_cost(i["rest"])  # Mosaic kernels carry their pl.CostEstimate
                 if declared is None and kernel and declared_cost:
-                    declared = declared_cost(kernel.group(1), [(_BYTES[t], dims) for t, dims in operands])
+                    declared = declared_cost(kernel.group(1), [(_BYTES[t], dims) for t, dims, _ in operands])
                 if declared is not None:
                     (flops, moved), source = declared, "declared"
                 elif 'custom_call_target="__cublas' in i["rest"]:  # cuBLAS GEMMs

@@ -1,10 +1,13 @@
-"""Every paper config on the TPU slice it is meant for, compiled ahead of time on this machine.
+"""Every paper config on the TPU slice it is meant for, or on an H100 and an A100, compiled ahead
+of time on this machine.
 
     python -m experiments.tpu_slices [--output=docs/tpu_slices.json]    # needs libtpu: pip install -e '.[tpu]'
+    python -m experiments.tpu_slices --gpus [--output=docs/gpus.json]  # pip install -e '.[gpu-compile]'
 
-Each row is what `python -m ctx.train --config=CONFIG --compile_only --topology=SLICE`
-reports (ctx.aot): GiB per chip against the chip's HBM, and XLA's cost-model estimate of
-tokens/s and MFU per chip, which is an estimate, not a measurement. Prints a Markdown table.
+Each row is what `python -m ctx.train --config=CONFIG --compile_only --topology=TARGET`
+reports (ctx.aot): GiB per chip against the chip's memory, and the cost estimate of tokens/s and
+MFU per chip (XLA's cost model on TPUs, ctx.roofline on GPUs), an estimate, not a measurement;
+for GPUs also the Pallas kernels' registers and spills. Prints a Markdown table.
 """
 from __future__ import annotations
 
@@ -22,9 +25,15 @@ ROWS = [("experiments/pg19.py", "v5p-256"), ("experiments/pg19.py:txl", "v5p-256
         ("experiments/wt103.py", "v6e-64"), ("experiments/wt103.py:txl", "v6e-64"),
         ("experiments/enwik8.py", "v5litepod-64"), ("experiments/enwik8.py:txl", "v5litepod-64")]
 
+# (config, GPU, per-GPU batch): one GPU of a node; a global batch of 512 is many GPUs' worth.
+GPU_ROWS = [(config, gpu, batch) for config, batch in (("experiments/pg19.py", 4), ("experiments/wt103.py", 8),
+                                                      ("experiments/enwik8.py", 4))
+            for gpu in ("h100", "a100-80gb")]
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output", "", "Also write the reports as JSON here.")
 flags.DEFINE_multi_string("row", [], "CONFIG@SLICE rows to compile instead of the paper's six.")
+flags.DEFINE_bool("gpus", False, "Compile the paper configs for one H100 and one A100 (GPU_ROWS) instead.")
 
 
 def load_config(path: str):
@@ -35,9 +44,10 @@ def load_config(path: str):
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| config | slice (chips) | global batch (per chip) | fits | GiB per chip / HBM | "
-             "XLA est. tokens/s per chip | XLA est. MFU | compile here (s) | command |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| config | target (chips) | global batch (per chip) | fits | GiB per chip / HBM | "
+             "est. tokens/s per chip | est. MFU | kernels: most registers, spilled bytes | compile here (s) | "
+             "command |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         r = row["report"]
         e = r["estimate"] or {}
@@ -45,22 +55,35 @@ def markdown(rows: list[dict]) -> str:
                is not None else f"needs {r['oom'].get('required_gib', float('nan')):.1f} / {r['hbm_gib']:.1f}")
         tokens = f"{e['tokens_per_sec_per_chip']:,.0f}" if e.get("tokens_per_sec_per_chip") else "—"
         mfu = f"{r['estimated_mfu']:.1%}" if r["estimated_mfu"] else "—"
-        lines.append(f"| `{row['config'].removeprefix('experiments/')}` | {r['accelerator_type']} ({r['devices']}) | "
-                     f"{r['batch_size']} ({r['per_chip_batch']}) | {'yes' if r['fits'] else '**no**'} | {gib} | "
-                     f"{tokens} | {mfu} | {row['seconds']:.0f} | `python -m ctx.train --config={row['config']} "
-                     f"--compile_only --topology={row['slice']}` |")
+        kernels = r.get("kernels") or []
+        registers = "—"
+        if kernels:
+            spilled = sum(k.get("spill_store_bytes", 0) for k in kernels)
+            registers = f"{max(k.get('registers', 0) for k in kernels)}, {spilled}"
+        batch = (f" --config.train.per_device_batch_size={row['per_device_batch']}"
+                 if row.get("per_device_batch") else "")
+        fits = "yes" if r["fits"] else "**no**"
+        lines.append(f"| `{row['config'].removeprefix('experiments/')}` | "
+                     f"{r.get('accelerator_type') or r['topology']} ({r['devices']}) | {r['batch_size']} "
+                     f"({r['per_chip_batch']}) | {fits} | {gib} | {tokens} | {mfu} | {registers} | "
+                     f"{row['seconds']:.0f} | `python -m ctx.train --config={row['config']} --compile_only "
+                     f"--topology={row['slice']}{batch}` |")
     return "\n".join(lines)
 
 
 def main(argv: list[str]) -> None:
     del argv
-    rows = [tuple(r.split("@")) for r in FLAGS.row] or ROWS
+    rows = ([(*r.split("@"), None) for r in FLAGS.row]
+            or (GPU_ROWS if FLAGS.gpus else [(*r, None) for r in ROWS]))
     results = []
-    for config_path, tpu_slice in rows:
+    for config_path, target, per_device_batch in rows:
         start = time.perf_counter()
-        report = aot.compile_report(load_config(config_path), tpu_slice)
-        results.append({"config": config_path, "slice": tpu_slice, "report": report,
-                        "seconds": time.perf_counter() - start})
+        config = load_config(config_path)
+        if per_device_batch:
+            config.train.per_device_batch_size = per_device_batch
+        report = aot.compile_report(config, target)
+        results.append({"config": config_path, "slice": target, "per_device_batch": per_device_batch,
+                        "report": report, "seconds": time.perf_counter() - start})
         print(aot.summary(report), file=sys.stderr, flush=True)
         if FLAGS.output:
             with open(FLAGS.output, "w") as f:

@@ -56,3 +56,21 @@ def test_the_gpu_kernels_declare_their_tiles_flops_and_bytes():
     usage_flops, _ = pallas_gpu.declared_cost("relative_attention_key_usage_gpu", [q, band, visible, k, stats])
     assert usage_flops == 2 * N * N * K  # every query against the N evicted keys, once
     assert pallas_gpu.declared_cost("some_other_kernel", operands) is None
+
+
+def test_a_convolution_counts_only_the_window_positions_that_read_input():
+    """TPU compilers write dots as convolutions and their batch dimensions as padded windows,
+    so a convolution's FLOPs count the (output, window) pairs that read input: 4 input and 6
+    output features, 10 positions, a window of 3 padded by 1 on each side: 30 - 2 pairs."""
+    conv = jax.jit(lambda x, k: jax.lax.conv_general_dilated(x, k, (1,), ((1, 1),)))
+    text = conv.lower(jnp.zeros((1, 4, 10)), jnp.zeros((6, 4, 3))).compile().as_text()
+    assert roofline.program_cost(text, PEAK, BANDWIDTH)["flops"] == 2 * 6 * 4 * 28
+
+
+def test_tiled_layouts_move_their_padding():
+    """f32[8,8,512,1] in TPU's T(8,128) tiles is stored as [8,8,512,128]: 128x the bytes."""
+    text = ("HloModule m\n\nENTRY %main (p0: f32[8,8,512,1]) -> f32[8,8,512,1] {\n"
+            "  %p0 = f32[8,8,512,1]{3,2,1,0:T(8,128)} parameter(0)\n"
+            "  ROOT %c = f32[8,8,512,1]{3,2,1,0:T(8,128)} copy(%p0)\n}\n")
+    (op,) = roofline.program_cost(text, PEAK, BANDWIDTH)["operations"]
+    assert op["bytes"] == 2 * 4 * 8 * 8 * 512 * 128
