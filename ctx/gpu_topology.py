@@ -22,6 +22,7 @@ import re
 import sys
 
 from ctx.config import ConfigError
+from ctx.topology import describe_main
 
 GPU_COMPILE_INSTALL = "pip install -e '.[gpu-compile]'  (jax's CUDA plugin and nvcc, for compiling without a GPU)"
 # jax's GPU allocator takes this share of the memory unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise.
@@ -184,8 +185,6 @@ def compile_devices(node: GpuNode) -> list:
 
 
 def main(argv: list[str]) -> int:
-    from ctx.topology import describe_main
-
     return describe_main(argv, resolve, f"python -m ctx.gpu_topology GPU [FLAG_NAME]   ({known_names()})")
 
 
