@@ -144,7 +144,7 @@ class Target:
         return cls.gpu_node(topology) if gpu_topology.looks_like_gpu(topology) else cls.tpu(topology)
 
 
-def _variant(config: ml_collections.ConfigDict, **fields: Any) -> ml_collections.ConfigDict:
+def variant(config: ml_collections.ConfigDict, **fields: Any) -> ml_collections.ConfigDict:
     """A copy of config with section.field values replaced (keys like 'model.n_layers')."""
     config = config.copy_and_resolve_references()
     for key, value in fields.items():
@@ -273,9 +273,9 @@ def cost_estimate(config: ml_collections.ConfigDict, target: Target) -> dict[str
     (module docstring); None where the backend's cost analysis is missing."""
     costs, texts = [], []
     for layers in (1, 2):
-        variant = _variant(config, **{"model.n_layers": layers, "model.scan_unroll": 0,
-                                      "train.segments_per_call": 1})
-        compiled = target.compile(_lower(variant, target)[1])
+        loop_free = variant(config, **{"model.n_layers": layers, "model.scan_unroll": 0,
+                                       "train.segments_per_call": 1})
+        compiled = target.compile(_lower(loop_free, target)[1])
         text = compiled.as_text()
         if re.search(r"\bwhile\(", text):
             raise RuntimeError("the cost estimate's loop-free program still holds a while loop")
@@ -396,7 +396,7 @@ def largest_fitting_batch(config: ml_collections.ConfigDict, target: Target, per
     tries = []
     while len(tries) < max_compiles and (high is None or high - low > 1):
         candidate = low * 2 if high is None else (low + high) // 2
-        result = fit(_variant(config, **{"train.per_device_batch_size": candidate}), target)
+        result = fit(variant(config, **{"train.per_device_batch_size": candidate}), target)
         tries.append({"per_chip_batch": candidate, "fits": bool(result["fits"]),
                       "memory_gib": result["per_device_memory_estimate_gib"]})
         low, high = (candidate, high) if result["fits"] else (low, candidate)
