@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 import re
 import tempfile
@@ -225,52 +224,22 @@ def fit(config: ml_collections.ConfigDict, target: Target) -> dict[str, Any]:
             "kernels": kernels, "trainer": trainer}
 
 
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
-          "f64": 8, "s64": 8, "u64": 8}
-_SHAPE = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\]")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (.*?) ([\w\-]+)\((.*?)\)(.*)$")
-# Operations that touch HBM on their own (the elementwise work inside a fusion does not).
-_MEMORY_OPS = ("fusion", "custom-call", "copy", "copy-start", "dot", "convolution", "all-reduce", "all-gather",
-               "reduce-scatter", "all-to-all", "collective-permute", "dynamic-update-slice", "dynamic-slice",
-               "scatter", "gather", "sort", "reduce", "transpose")
-
-
-def _shape_bytes(text: str) -> int:
-    return sum(_BYTES[t] * math.prod(int(d) for d in dims.split(",") if d) for t, dims in _SHAPE.findall(text))
-
-
 def largest_by_bytes(hlo_text: str, top: int = 12, layers: int = 1) -> list[dict[str, Any]]:
     """The operations of a compiled one-layer step that move the most bytes per step of a
-    `layers`-layer model: each one's operands read plus results written (what XLA's cost analysis
-    counts as bytes accessed), times `layers` for the layer's own operations (their source op
-    lies under `layers.`), largest first, with the source op that made it. Fused computations'
-    insides are not operations of their own."""
-    defined: dict[str, int] = {}
+    `layers`-layer model (ctx.roofline's operations: operands read plus results written, what
+    XLA's cost analysis counts as bytes accessed), times `layers` for the layer's own operations
+    (their source op lies under `layers.`), largest first, with the source op that made it."""
     found = []
-    inside_fusion = False
-    for line in hlo_text.splitlines():
-        if line.endswith("{") and not line.startswith(" "):  # a computation starts
-            inside_fusion = "fused" in line.split("(")[0] or "wrapped" in line.split("(")[0]
-            continue
-        match = _INSTRUCTION.match(line)
-        if not match:
-            continue
-        name, result, opcode, operands, rest = match.groups()
-        defined[name] = _shape_bytes(result)
-        if inside_fusion or opcode not in _MEMORY_OPS:
-            continue
-        read = sum(defined.get(operand.strip().lstrip("%"), 0) for operand in operands.split(","))
-        op_name = re.search(r'op_name="([^"]*)"', rest)
-        source = op_name.group(1) if op_name else ""
-        times = layers if "/layers." in source else 1
-        found.append({"name": name, "opcode": opcode, "bytes": read + defined[name], "times_per_step": times,
-                      "bytes_per_step": times * (read + defined[name]), "op_name": source})
+    for op in roofline.operations(hlo_text, pallas_gpu.declared_cost):
+        times = layers if "/layers." in op["op_name"] else 1
+        found.append({"name": op["name"], "opcode": op["opcode"], "bytes": op["bytes"], "times_per_step": times,
+                      "bytes_per_step": times * op["bytes"], "op_name": op["op_name"]})
     return sorted(found, key=lambda f: -f["bytes_per_step"])[:top]
 
 
 def cost_estimate(config: ml_collections.ConfigDict, target: Target) -> dict[str, Any] | None:
     """XLA's per-chip cost of one training step (one segment), corrected for loop trip counts
-    (module docstring); None where the backend's cost analysis is missing."""
+    (module docstring): XLA's cost analysis where the backend has one (TPU), else ctx.roofline's."""
     costs, texts = [], []
     for layers in (1, 2):
         loop_free = variant(config, **{"model.n_layers": layers, "model.scan_unroll": 0,
@@ -301,7 +270,7 @@ def cost_estimate(config: ml_collections.ConfigDict, target: Target) -> dict[str
     per_operation = per_step("roofline_seconds")
     model_flops = train_flops_per_token(ModelConfig.from_config(config.model), B) * B * N / chips
     whole_step_roofline = (max(flops / target.peak_flops, hbm_bytes / target.hbm_bytes_per_sec)
-                if target.peak_flops and hbm_bytes else None)
+                           if target.peak_flops and hbm_bytes else None)
     # XLA's step time is its own model of the chip; where it is missing, not positive (large
     # programs overflow it) or below half the roofline, the roofline of XLA's own FLOPs and bytes
     # stands in, and `step_seconds_from` says which.

@@ -121,10 +121,9 @@ def _called(instruction: dict[str, Any]) -> list[str]:
     return re.findall(r"(?:calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-]+)", instruction["rest"])
 
 
-def program_cost(hlo_text: str, peak_flops: float, bytes_per_sec: float,
-                 declared_cost: DeclaredCost | None = None) -> dict[str, Any]:
-    """FLOPs, bytes and roofline seconds of a loop-free compiled program, summed over the
-    operations XLA launches; `operations` lists each with its cost, largest time first."""
+def operations(hlo_text: str, declared_cost: DeclaredCost | None = None) -> list[dict[str, Any]]:
+    """The operations a compiled program launches (fused computations' insides are not
+    operations of their own), each with its FLOPs, HBM bytes and the source op that made it."""
     computations = _parse(hlo_text)
     inner = {called for body in computations.values() for i in body if i["opcode"] in ("fusion", "reduce",
              "reduce-window", "scatter", "sort", "map", "select-and-scatter", "all-reduce", "reduce-scatter")
@@ -142,7 +141,7 @@ def program_cost(hlo_text: str, peak_flops: float, bytes_per_sec: float,
                 total += sum(fused_flops(c) for c in _called(i))
         return total
 
-    operations = []
+    found = []
     for name, body in computations.items():
         if name == "__entry__" or name in inner:
             continue
@@ -166,9 +165,18 @@ def program_cost(hlo_text: str, peak_flops: float, bytes_per_sec: float,
                     (flops, moved), source = declared, "declared"
                 elif 'custom_call_target="__cublas' in i["rest"]:  # cuBLAS GEMMs
                     flops = _dot_flops(i, shapes)
-            seconds = max(flops / peak_flops, moved / bytes_per_sec)
-            operations.append({"name": i["name"], "opcode": i["opcode"], "flops": flops, "bytes": moved,
-                               "seconds": seconds, "cost_from": source})
-    operations.sort(key=lambda o: -o["seconds"])
-    return {"flops": sum(o["flops"] for o in operations), "bytes": sum(o["bytes"] for o in operations),
-            "seconds": sum(o["seconds"] for o in operations), "operations": operations}
+            op_name = re.search(r'op_name="([^"]*)"', i["rest"])
+            found.append({"name": i["name"], "opcode": i["opcode"], "flops": flops, "bytes": moved,
+                          "cost_from": source, "op_name": op_name.group(1) if op_name else ""})
+    return found
+
+
+def program_cost(hlo_text: str, peak_flops: float, bytes_per_sec: float,
+                 declared_cost: DeclaredCost | None = None) -> dict[str, Any]:
+    """FLOPs, bytes and roofline seconds of a loop-free compiled program, summed over the
+    operations XLA launches; `operations` lists each with its cost, largest time first."""
+    ops = [{**o, "seconds": max(o["flops"] / peak_flops, o["bytes"] / bytes_per_sec)}
+           for o in operations(hlo_text, declared_cost)]
+    ops.sort(key=lambda o: -o["seconds"])
+    return {"flops": sum(o["flops"] for o in ops), "bytes": sum(o["bytes"] for o in ops),
+            "seconds": sum(o["seconds"] for o in ops), "operations": ops}
