@@ -19,6 +19,7 @@ import importlib.resources
 import importlib.util
 import os
 import re
+import shutil
 import sys
 
 from ctx.config import ConfigError
@@ -160,9 +161,7 @@ def ptxas_path() -> str | None:
         candidate = os.path.join(root, "bin", "ptxas")
         if os.access(candidate, os.X_OK):
             return candidate
-    from shutil import which
-
-    return which("ptxas")
+    return shutil.which("ptxas")
 
 
 def compile_devices(node: GpuNode) -> list:

@@ -84,7 +84,9 @@ def read(dump_dir: str, hlo_text: str, gpu: GpuModel) -> list[dict[str, Any]]:
     names = triton_kernel_names(hlo_text)
     launches = {}
     for sequence in glob.glob(os.path.join(dump_dir, "*thunk_sequence.txt")):
-        for name, grid, x, y, z, shared in _LAUNCH.findall(open(sequence).read()):
+        with open(sequence) as f:
+            launched = _LAUNCH.findall(f.read())
+        for name, grid, x, y, z, shared in launched:
             launches[name] = {"grid": [int(g) for g in grid.split(",")], "threads_per_block": int(x) * int(y) * int(z),
                               "shared_memory_bytes": int(shared)}
     ptx = {}

@@ -1,6 +1,7 @@
 """A roofline estimate of a compiled program, for chips whose compiler gives no cost model
-(XLA:GPU's `cost_analysis()` returns None): each operation XLA launches costs the larger of its
-FLOPs at the chip's peak and its HBM bytes at the chip's bandwidth, and a step is their sum.
+(XLA:GPU's `cost_analysis()` returns None) and beside XLA's own model on TPUs: each operation
+XLA launches costs the larger of its FLOPs at the chip's peak and its HBM bytes at the chip's
+bandwidth, and a step is their sum. `operations` also tells where the bytes go.
 
 What an operation costs is read off the compiled HLO: its bytes are its operands read plus its
 results written (what XLA's own analysis counts as bytes accessed; inside a fusion nothing

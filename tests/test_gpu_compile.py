@@ -199,3 +199,9 @@ def test_what_a_gpu_runs_log_says_of_its_kernels():
     assert kernels == ["relative_attention_forward_gpu", "relative_attention_key_value_gradient_gpu",
                        "relative_attention_query_gradient_gpu"]
     assert all(" 0 B spilled" in line and "program(s) per SM" in line for line in lines[2:])
+
+
+def test_without_the_cuda_plugin_the_error_gives_the_install_command(monkeypatch):
+    monkeypatch.setattr(gpu_topology, "compiler_installed", lambda: False)
+    with pytest.raises(ConfigError, match=r"--topology=h100-8 needs jax's CUDA plugin .*'\.\[gpu-compile\]'"):
+        gpu_topology.compile_devices(gpu_topology.resolve("h100-8"))
