@@ -41,6 +41,7 @@ from ctx.config import ModelConfig, resolve_attention, validate, with_global_bat
 from ctx.errors import InputError
 from ctx.flops import train_flops_per_token
 from ctx.nn import pallas_gpu
+from ctx.nn.fused_attention import AttentionOperands, flash_attention
 from ctx.nn.attention import cudnn_found
 from ctx.selfcheck import Problem
 from ctx.sharding import batch_sharding, make_mesh
@@ -341,7 +342,8 @@ def attention_kernels(cfg: ModelConfig, target: Target, rows: int = 2) -> list[d
     abstract.append(jax.ShapeDtypeStruct((rows, p.n_keys), jnp.bool_, sharding=sharding))
 
     def loss(*args):
-        out, _, usage = pallas_gpu.flash_attention(*args, p.n_cmem, p.n_mem, p.usage_keys, p.dropout, jnp.int32(7))
+        out, _, usage = flash_attention(pallas_gpu.KERNELS, AttentionOperands(*args), p.n_cmem, p.n_mem, p.usage_keys,
+                                        p.dropout, jnp.int32(7))
         return jnp.sum(out.astype(jnp.float32)), usage
 
     lowered = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)), has_aux=True)).trace(*abstract).lower(

@@ -7,6 +7,9 @@ import numpy as np
 
 from ctx.nn.memory import KEY_KINDS
 
+# One colour per memory kind in every panel, so one legend can serve several.
+KIND_COLORS = {kind: f"C{i}" for i, kind in enumerate(KEY_KINDS)}
+
 
 def _pyplot(headless: bool = False):
     """matplotlib, imported on first use (it is slow to import and only plots need it); files
@@ -51,7 +54,8 @@ def _label(report: dict[str, Any]) -> str:
             f"step {report.get('step')}")
 
 
-def plot_attention_mass(attention_mass: np.ndarray, ax=None, title: str = "Attention mass per layer"):
+def plot_attention_mass(attention_mass: np.ndarray, ax=None, title: str = "Attention mass per layer",
+                        legend: bool = True):
     """Stacked bars: share of each layer's attention on compressed memory, memory, segment."""
     plt = _pyplot()
 
@@ -59,18 +63,19 @@ def plot_attention_mass(attention_mass: np.ndarray, ax=None, title: str = "Atten
     layers = np.arange(attention_mass.shape[0])
     bottom = np.zeros(len(layers))
     for k, kind in enumerate(KEY_KINDS):
-        ax.bar(layers, attention_mass[:, k], bottom=bottom, label=kind)
+        ax.bar(layers, attention_mass[:, k], bottom=bottom, label=kind, color=KIND_COLORS[kind])
         bottom += attention_mass[:, k]
     ax.set_xticks(layers)  # one tick per layer, whole numbers
     ax.set_xlabel("layer")
     ax.set_ylim(0, 1)
     ax.set_ylabel("attention mass")
     ax.set_title(title)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)  # beside the bars, not over them
+    if legend:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)  # beside the bars, not over them
     return ax
 
 
-def plot_attention_by_age(report: dict[str, Any], layer: int = 0, ax=None):
+def plot_attention_by_age(report: dict[str, Any], layer: int = 0, ax=None, legend: bool = True):
     """Attention mass against key age (tokens back), one line per memory kind."""
     plt = _pyplot()
 
@@ -78,19 +83,36 @@ def plot_attention_by_age(report: dict[str, Any], layer: int = 0, ax=None):
     for kind in KEY_KINDS:
         ages, mass = report["mean_age_tokens"][kind], report["attention_by_age"][kind][layer]
         if len(ages):
-            ax.plot(np.maximum(ages, 0.5), mass, marker="o", label=kind)
+            ax.plot(np.maximum(ages, 0.5), mass, marker="o", label=kind, color=KIND_COLORS[kind])
     ax.set_xscale("log")
     ax.set_xlabel("key age (tokens back)")
     ax.set_ylabel("attention mass")
     ax.set_title(f"Layer {layer}: attention by age")
-    ax.legend()
+    if legend:
+        ax.legend()
     return ax
+
+
+def plot_attention(report: dict[str, Any], layer: int = 0):
+    """The attention mass per layer beside one layer's attention by age, with one legend for
+    both below them (a legend beside the bars sat on the neighbouring panel)."""
+    plt = _pyplot()
+    from matplotlib.patches import Patch
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    plot_attention_mass(report["attention_mass"], ax=axes[0], legend=False)
+    plot_attention_by_age(report, layer, ax=axes[1], legend=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))  # room for the legend below the panels
+    fig.legend(handles=[Patch(color=KIND_COLORS[kind], label=kind) for kind in KEY_KINDS], loc="lower center",
+               ncol=len(KEY_KINDS), frameon=False)
+    return fig
 
 
 def plot_losses(metrics: list[dict[str, Any]], ax=None):
     """Training loss (and compression loss on a second axis) against step from metrics rows."""
     plt = _pyplot()
 
+    own_figure = ax is None
     ax = ax or plt.subplots(figsize=(6, 3.5))[1]
     rows = [r for r in metrics if "split" not in r]
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="LM loss (nats/token)")
@@ -106,4 +128,6 @@ def plot_losses(metrics: list[dict[str, Any]], ax=None):
     lines = ax.get_lines() + twin.get_lines()  # one legend for both axes
     ax.legend(lines, [line.get_label() for line in lines], loc="upper center", bbox_to_anchor=(0.5, -0.2),
               ncol=len(lines), fontsize="small")  # below the axes, clear of the curves
+    if own_figure:
+        ax.figure.tight_layout()  # the legend inside the figure
     return ax

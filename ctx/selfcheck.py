@@ -40,8 +40,9 @@ from ctx.config import FUSED_ATTENTION_IMPLS, ModelConfig
 from ctx.distributed import any_process
 from ctx.errors import UserError
 from ctx.nn.attention import cudnn_attention
-from ctx.nn.attention_reference import range_masses, reference_attention, visibility
+from ctx.nn.attention_reference import draw_operands, range_masses, reference_attention, visibility
 from ctx.nn import losses, pallas_gpu, pallas_tpu
+from ctx.nn.fused_attention import AttentionOperands, flash_attention
 from ctx.nn.pallas_reconstruction import reconstruction_difference, reconstruction_loss
 
 HEADS, ROWS = 2, 2
@@ -55,7 +56,7 @@ MASS_TOLERANCE = 1e-2  # absolute, on shares of attention in [0, 1]
 PROBE_TOLERANCE = 0.25
 PROBE_SEEDS = (12345, 12346)
 # ctx's own kernels, which drop attention weights inside the tile.
-PALLAS_KERNELS = {"pallas_tpu": pallas_tpu.flash_attention, "pallas_gpu": pallas_gpu.flash_attention}
+PALLAS_KERNELS = {"pallas_tpu": pallas_tpu.KERNELS, "pallas_gpu": pallas_gpu.KERNELS}
 
 
 class SelfCheckFailed(UserError):
@@ -96,28 +97,8 @@ class Problem:
         return (self.n_cmem, self.n_cmem + self.n_queries) if self.usage else None
 
 
-def _visible(p: Problem) -> np.ndarray:
-    """[ROWS, T]: row 0 with its oldest quarter of memory slots empty, row 1 with no valid memory."""
-    memory = p.n_cmem + p.n_mem
-    rows = np.ones((ROWS, p.n_keys), bool)
-    rows[0, :memory // 4] = False
-    rows[1, :memory] = False
-    return rows
-
-
-def _draw(p: Problem, seed: int, position_dominant: bool) -> tuple[jax.Array, ...]:
-    """q, u, k, v, v biases, tables and visibility; the dominant term's factors are of unit
-    scale per logit, the other's a tenth of that."""
-    keys = jax.random.split(jax.random.key(seed), 6)
-    unit = p.head_dim ** -0.25  # q·r (or q·k) of two such vectors has unit variance
-    big, small = (unit, 0.1 * unit) if position_dominant else (0.1 * unit, unit)
-    shapes = [(HEADS, ROWS, p.n_queries, p.head_dim), (HEADS, p.head_dim), (HEADS, ROWS, p.n_keys, p.head_dim),
-              (HEADS, ROWS, p.n_keys, p.head_dim), (HEADS, 2 if p.n_cmem else 1, p.head_dim),
-              (HEADS, p.table_rows, p.head_dim)]
-    scales = [unit, 0.1 * unit, small, 1.0, 0.1 * unit, big]
-    arrays = [scale * jax.random.normal(key, shape, jnp.float32) for key, shape, scale in zip(keys, shapes, scales)]
-    q, u, k, v, vb, r = (a.astype(p.dtype) for a in arrays)
-    return q, u, k, v, vb, r, jnp.asarray(_visible(p))
+def _draw(p: Problem, seed: int, position_dominant: bool) -> AttentionOperands:
+    return draw_operands(p.n_cmem, p.n_mem, p.n_queries, p.head_dim, p.dtype, seed, position_dominant, HEADS, ROWS)
 
 
 def fused_attention(p: Problem) -> Callable[..., tuple[jax.Array, jax.Array | None, jax.Array | None]]:
@@ -125,8 +106,9 @@ def fused_attention(p: Problem) -> Callable[..., tuple[jax.Array, jax.Array | No
     range masses [H,B,N,3] or None, usage [H,B,keys] or None)."""
     if p.impl in PALLAS_KERNELS:
         def pallas(q, u, k, v, vb, r, visible, dropout=0.0, seed=None):
-            return PALLAS_KERNELS[p.impl](q, u, k, v, vb, r, visible, n_cmem=p.n_cmem, n_mem=p.n_mem,
-                                          usage_keys=p.usage_keys, dropout=dropout, dropout_seed=seed)
+            return flash_attention(PALLAS_KERNELS[p.impl], AttentionOperands(q, u, k, v, vb, r, visible),
+                                   n_cmem=p.n_cmem, n_mem=p.n_mem, usage_keys=p.usage_keys, dropout=dropout,
+                                   dropout_seed=seed)
         return pallas
     if p.impl == "cudnn":
         def cudnn(q, u, k, v, vb, r, visible, dropout=0.0, seed=None):

@@ -18,20 +18,7 @@ os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-# The few-minute tier (`pytest -m "not slow"`) covers the model, attention, memory, ops, config
-# and data; these modules run whole programs (subprocesses, training runs, many compiles) and
-# are marked slow as a whole. CI runs everything.
-SLOW_MODULES = {"test_bench", "test_evaluate", "test_launch", "test_multiprocess", "test_notebook",
-                "test_reliability", "test_reproduce", "test_sample", "test_tpu_compile", "test_train"}
-
-
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: runs whole programs; left out of the fast tier (-m 'not slow')")
+    config.addinivalue_line("markers", "slow: whole programs or ahead-of-time compiles (Mosaic, CUDA); each slow "
+                            "file, class or test says so where it is; left out of the fast tier (-m 'not slow')")
 
-
-def pytest_collection_modifyitems(items):
-    import pytest
-
-    for item in items:
-        if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
-            item.add_marker(pytest.mark.slow)

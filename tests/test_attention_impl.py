@@ -209,8 +209,8 @@ def test_attention_dropout_has_a_rate_of_its_own(dropout, attention_dropout, dro
 def test_the_pallas_kernels_drop_attention_weights_in_training_with_the_models_dropout_rng(kernel):
     """attention_dropout > 0 with a Pallas kernel: training-mode logits differ from
     evaluation's, the same dropout rng gives the same step, another rng another one, gradients
-    are finite (the mask against naive attention: tests/test_flash_attention.py and
-    tests/test_pallas_gpu.py), and both kernels give the same training step."""
+    are finite (the mask against naive attention: tests/test_fused_attention.py), and both
+    kernels give the same training step."""
     cfg = tiny_model_config(attention_impl=kernel, dropout=0.0, attention_dropout=0.5)
     model, variables, memory = build(cfg, batch_size=2)
     tokens = jnp.asarray(random_tokens(model.config, 2, 1))

@@ -10,6 +10,9 @@ from ctx.flops import forward_flops_per_token, train_flops_per_token
 from ctx.profile import instruction_sources, summarize
 from tests.helpers import build, dot_generals, run_module, tiny_model_config
 
+# Whole programs (subprocesses, training runs, many compiles): the slow tier.
+pytestmark = pytest.mark.slow
+
 KEYS = ("train_tokens_per_sec", "eval_tokens_per_sec", "step_seconds", "compile_seconds", "peak_rss_mib",
         "flops_per_token", "matmul_flops_per_sec", "mfu")
 

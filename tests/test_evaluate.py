@@ -33,6 +33,9 @@ from tests.helpers import (
     tiny_train_config,
 )
 
+# Whole programs (subprocesses, training runs, many compiles): the slow tier.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):

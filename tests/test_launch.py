@@ -10,6 +10,9 @@ import pytest
 
 from tests.helpers import ROOT, run_module, simulated_devices_env
 
+# Whole programs (subprocesses, training runs, many compiles): the slow tier.
+pytestmark = pytest.mark.slow
+
 SCRIPTS = ["launch/tpu.sh", "launch/slurm_gpu.sbatch", "launch/local.sh", "experiments/gpu_bench.sh"]
 
 

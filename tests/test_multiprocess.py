@@ -13,6 +13,9 @@ import pytest
 
 from tests.helpers import ROOT, TINY_CLI_FLAGS, read_metrics, run_module, script
 
+# Whole programs (subprocesses, training runs, many compiles): the slow tier.
+pytestmark = pytest.mark.slow
+
 
 def free_port() -> int:
     with socket.socket() as s:

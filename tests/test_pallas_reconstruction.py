@@ -68,6 +68,7 @@ def test_in_bfloat16_the_fused_loss_agrees_with_the_float32_loss_to_bf16_precisi
         np.testing.assert_allclose(g.astype(jnp.float32), r, rtol=0.1, atol=0.05 * float(jnp.abs(r).max()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("H, K, C, N, E", [(8, 128, 512, 512, 256),  # PG-19
                                            (8, 128, 1152, 768, 256),  # enwik8: evicted keys off a block edge
                                            (16, 64, 512, 512, 128)])  # WT103

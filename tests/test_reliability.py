@@ -13,6 +13,9 @@ import pytest
 from ctx import train
 from tests.helpers import ROOT, TINY_CLI_FLAGS, read_metrics, run_module, script, tiny_train_config
 
+# Whole programs (subprocesses, training runs, many compiles): the slow tier.
+pytestmark = pytest.mark.slow
+
 
 def start_training(workdir, num_steps, checkpoint_every, *args):
     """tests/scripts/train_with_faults.py in a process of its own; args: --fault=KIND:STEP, FIELD=VALUE."""

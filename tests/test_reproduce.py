@@ -8,6 +8,9 @@ import pytest
 from ctx.data.stream import empty_chunk
 from experiments import recall, reproduce
 
+# Whole programs (subprocesses, training runs, many compiles): the slow tier.
+pytestmark = pytest.mark.slow
+
 
 def test_episode_layout():
     chunk = empty_chunk(4, 2, 4, reset=False)

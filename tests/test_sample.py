@@ -13,6 +13,9 @@ from ctx import sample
 from ctx.sample import choose_token, generate
 from tests.helpers import ROOT, build, tiny_model_config, tiny_train_config
 
+# Whole programs (subprocesses, training runs, many compiles): the slow tier.
+pytestmark = pytest.mark.slow
+
 
 def teacher_forced_logprobs(model, variables, cfg, sequence):
     """log p(sequence[t+1] | sequence[:t+1]) from whole-segment passes, as in training."""

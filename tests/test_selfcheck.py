@@ -12,7 +12,8 @@ import pytest
 
 from ctx import selfcheck, train
 from ctx.config import ModelConfig
-from ctx.nn import pallas_gpu, pallas_reconstruction, pallas_tpu
+from ctx.nn import fused_attention, pallas_gpu, pallas_reconstruction, pallas_tpu
+from ctx.nn.fused_attention import FusedKernels
 from tests.helpers import run_module, tiny_model_config, tiny_train_config
 
 # Several key blocks, the compressed memory ending inside one (both tables in a tile), dropout.
@@ -90,19 +91,19 @@ def test_the_reconstruction_loss_kernel_is_checked_beside_the_tpu_kernel_and_its
 
 
 def test_a_dropout_seed_read_as_zero_fails_the_probe_and_repeats_the_masks(monkeypatch):
-    monkeypatch.setattr(pallas_tpu, "row_seeds", lambda seed, batch: jnp.zeros((batch,), jnp.int32))
+    monkeypatch.setattr(fused_attention, "row_seeds", lambda seed, batch: jnp.zeros((batch,), jnp.int32))
     result = checked(dropout=0.1)
     assert not result["checks"]["dropout_mask_probe"]["ok"]
     assert not result["checks"]["dropout_seeds_differ"]["ok"] and not result["checks"]["dropout_rows_differ"]["ok"]
 
 
 def test_a_mask_that_ignores_the_head_fails_the_probe(monkeypatch):
-    kept = pallas_tpu.kept_weights
+    kept = fused_attention.kept_weights
 
     def head_blind(seed, head, query, key, rate):
         return kept(seed, 0, query, key, rate)
 
-    monkeypatch.setattr(pallas_tpu, "kept_weights", head_blind)
+    monkeypatch.setattr(fused_attention, "kept_weights", head_blind)
     result = checked(dropout=0.1)
     assert not result["checks"]["dropout_mask_probe"]["ok"]
     assert result["checks"]["dropout_mask_probe"]["max_error"] >= 1  # at least one whole weight off
@@ -155,7 +156,7 @@ def test_the_gpu_kernel_passes_and_its_faults_are_caught_too(monkeypatch):
     result = checked(attention_impl="pallas_gpu")
     assert result["checks"]["output_position_dominant"]["max_error"] > 0.1
     monkeypatch.setattr(pallas_gpu, "band_columns", columns)
-    monkeypatch.setattr(pallas_gpu, "row_seeds", lambda seed, batch: jnp.zeros((batch,), jnp.int32))
+    monkeypatch.setattr(fused_attention, "row_seeds", lambda seed, batch: jnp.zeros((batch,), jnp.int32))
     result = checked(attention_impl="pallas_gpu", dropout=0.1)
     assert not result["checks"]["dropout_mask_probe"]["ok"] and not result["checks"]["dropout_rows_differ"]["ok"]
 
@@ -166,7 +167,7 @@ def test_a_kernel_that_does_not_compile_here_fails_its_check_and_auto_falls_back
     def broken(*args, **kwargs):
         raise RuntimeError("Triton compilation failed: out of shared memory\nmore detail")
 
-    monkeypatch.setitem(selfcheck.PALLAS_KERNELS, "pallas_gpu", broken)
+    monkeypatch.setitem(selfcheck.PALLAS_KERNELS, "pallas_gpu", FusedKernels(forward=broken, backward=broken))
     cfg = tiny_model_config(**LAYOUT, attention_impl="pallas_gpu")
     result = selfcheck.run_self_check(cfg)
     assert not result["ok"] and result["checks"]["compiles_and_runs"]["error"] == (

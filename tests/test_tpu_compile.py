@@ -1,6 +1,6 @@
 """TPU slices from a CPU machine: the name table, ahead-of-time compiles with libtpu (memory,
 fit, out-of-memory as a report, XLA's loop-corrected cost estimate); the Pallas kernel's own
-compiles are in test_flash_attention.py.
+compiles are in test_pallas_tpu.py.
 
 Needs libtpu (the [tpu] extra, which the test set-up installs); no TPU."""
 import json
@@ -11,6 +11,9 @@ from ctx import aot, topology
 from ctx.config import ConfigError
 from experiments import demo
 from tests.helpers import run_module
+
+# Whole programs (subprocesses, training runs, many compiles): the slow tier.
+pytestmark = pytest.mark.slow
 
 # Hand-checked against Google's tables: v4 and v5p names count TensorCores (2 per chip).
 DOCUMENTED = {"v4-8": ("v4:2x2x1", 4), "v4-32": ("v4:2x2x4", 16), "v4-128": ("v4:4x4x4", 64),

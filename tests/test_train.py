@@ -11,6 +11,9 @@ from ctx import train
 from ctx.optim import learning_rate, make_optimizer
 from tests.helpers import ROOT, read_metrics, run_script, simulated_devices_env, tiny_train_config
 
+# Whole programs (subprocesses, training runs, many compiles): the slow tier.
+pytestmark = pytest.mark.slow
+
 
 def train_rows(workdir):
     return [r for r in read_metrics(workdir) if "split" not in r]

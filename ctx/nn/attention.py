@@ -30,6 +30,7 @@ from jax.ad_checkpoint import checkpoint_name
 from ctx.config import ConfigError, ModelConfig
 from ctx.nn.ops import MASKED_LOGIT, softmax
 from ctx.nn import pallas_gpu, pallas_tpu
+from ctx.nn.fused_attention import AttentionOperands, FusedKernels, flash_attention
 from ctx.nn.pallas_launch import KERNEL_INPUTS
 from ctx.nn.relative_position import position_scores, sinusoid_table
 
@@ -223,8 +224,8 @@ class RelativeAttention(nn.Module):
             q_HBNK, k_HBTK, v_HBTK = (checkpoint_name(x, KERNEL_INPUTS) for x in (q_HBNK, k_HBTK, v_HBTK))
         r_HPK, v_HRK = self._position_inputs(q_HBNK.shape[2], n_mem=M, n_cmem=C, deterministic=deterministic)
         attend = {"xla": self._xla, "cudnn": self._cudnn,
-                  "pallas_tpu": functools.partial(self._pallas, pallas_tpu.flash_attention),
-                  "pallas_gpu": functools.partial(self._pallas, pallas_gpu.flash_attention)}[self.cfg.attention_impl]
+                  "pallas_tpu": functools.partial(self._pallas, pallas_tpu.KERNELS),
+                  "pallas_gpu": functools.partial(self._pallas, pallas_gpu.KERNELS)}[self.cfg.attention_impl]
         read_BNHK, probs_BHNT, mass, usage_BN = attend(q_HBNK, k_HBTK, v_HBTK, r_HPK, v_HRK, mask_B1NT, n_mem=M,
                                                        n_cmem=C, deterministic=deterministic)
         return AttentionOut(out=self.out(read_BNHK.astype(self.cfg.dtype)), queries=q_HBNK, keys=k_HBTK,
@@ -249,7 +250,7 @@ class RelativeAttention(nn.Module):
         usage_BN = seen_HBNT[..., C:C + N].mean(axis=(0, 2)) if self._reports_usage else None
         return read_BNHK, jnp.transpose(probs_HBNT, (1, 0, 2, 3)), mass, usage_BN
 
-    def _pallas(self, flash_attention, q_HBNK, k_HBTK, v_HBTK, r_HPK, v_HRK, mask_B1NT, *, n_mem, n_cmem,
+    def _pallas(self, kernels: FusedKernels, q_HBNK, k_HBTK, v_HBTK, r_HPK, v_HRK, mask_B1NT, *, n_mem, n_cmem,
                 deterministic):
         """One of ctx's flash kernels (ctx/nn/pallas_tpu.py, ctx/nn/pallas_gpu.py): the mask,
         position term and dropout inside each tile; the mass and the evicted keys' usage from
@@ -260,9 +261,11 @@ class RelativeAttention(nn.Module):
         if rate:  # drawn where the xla path's nn.Dropout of the weights draws
             seed = jax.lax.bitcast_convert_type(jax.random.bits(self.make_rng("dropout"), (), jnp.uint32), jnp.int32)
         visible_BT = mask_B1NT[:, 0, -1, :]  # the last query sees every valid memory slot and the segment
+        operands = AttentionOperands(q=q_HBNK, u=self._cast(self.u_bias), k=k_HBTK, v=v_HBTK, v_biases=v_HRK,
+                                     tables=r_HPK, visible=visible_BT)
         read_HBNK, mass_HBNR, usage_HBN = flash_attention(
-            q_HBNK, self._cast(self.u_bias), k_HBTK, v_HBTK, v_HRK, r_HPK, visible_BT, n_cmem=n_cmem, n_mem=n_mem,
-            usage_keys=(C, C + N) if self._reports_usage else None, dropout=rate, dropout_seed=seed)
+            kernels, operands, n_cmem=n_cmem, n_mem=n_mem, usage_keys=(C, C + N) if self._reports_usage else None,
+            dropout=rate, dropout_seed=seed)
         mass = jax.lax.stop_gradient(mass_HBNR.mean(axis=(0, 1, 2)))
         usage_BN = None if usage_HBN is None else jax.lax.stop_gradient(usage_HBN.mean(axis=0) / N)
         return jnp.transpose(read_HBNK, (1, 2, 0, 3)), None, mass, usage_BN

@@ -6,7 +6,7 @@ values [H,B,T,K] of [cmem; mem; segment], the v biases [H,R,K] and projected tab
 `position_scores` takes them, and `visible` [B,T] (whether each key holds a valid slot; the
 segment's keys are also hidden from the queries before them). Attention dropout uses the
 kernels' own mask (`ctx.nn.attention_dropout.kept_weights`), so a kernel and this reference agree weight for
-weight.
+weight. `draw_operands` draws the inputs both the tests and the self-check hold them to.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ctx.nn.attention_dropout import kept_weights, row_seeds
+from ctx.nn.fused_attention import AttentionOperands
 from ctx.nn.relative_position import position_scores
 
 
@@ -51,3 +52,26 @@ def range_masses(probs_HBNT: jax.Array, n_cmem: int, n_mem: int) -> jax.Array:
     """[H,B,N,3]: the attention each query gives the compressed memory, the memory, the segment."""
     bounds = (0, n_cmem, n_cmem + n_mem, probs_HBNT.shape[-1])
     return jnp.stack([probs_HBNT[..., lo:hi].sum(-1) for lo, hi in zip(bounds[:-1], bounds[1:])], axis=-1)
+
+
+def draw_operands(n_cmem: int, n_mem: int, n_queries: int, head_dim: int, dtype, seed: int,
+                  position_dominant: bool = True, heads: int = 2, rows: int = 2) -> AttentionOperands:
+    """Random operands of one layout, as the tests and `ctx.selfcheck` draw them: the dominant
+    term's factors (the position term's q and tables, or the content term's q and k) of unit
+    scale per logit, the other's a tenth of that, unit values; row 0 with its oldest quarter of
+    memory slots empty, row 1 with no valid memory (as after a reset), the other rows full."""
+    T = n_cmem + n_mem + n_queries
+    P = (n_cmem + n_queries if n_cmem else 0) + n_mem + n_queries
+    keys = jax.random.split(jax.random.key(seed), 6)
+    unit = head_dim ** -0.25  # q·r (or q·k) of two such vectors has unit variance
+    big, small = (unit, 0.1 * unit) if position_dominant else (0.1 * unit, unit)
+    shapes = [(heads, rows, n_queries, head_dim), (heads, head_dim), (heads, rows, T, head_dim),
+              (heads, rows, T, head_dim), (heads, 2 if n_cmem else 1, head_dim), (heads, P, head_dim)]
+    scales = [unit, 0.1 * unit, small, 1.0, 0.1 * unit, big]
+    arrays = [(scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+              for key, shape, scale in zip(keys, shapes, scales)]
+    visible = np.ones((rows, T), bool)
+    memory = n_cmem + n_mem
+    visible[0, :memory // 4] = False
+    visible[1, :memory] = False
+    return AttentionOperands(*arrays, jnp.asarray(visible))

@@ -25,9 +25,8 @@ Triton has no sequential grid axes, so a program loops over blocks itself (`fori
 jax's own Pallas flash attention does. Tiles are square and powers of two; Triton's dot needs
 16 or more (`block_size`; `ctx.config.pallas_gpu_layout_problem` checks a config's lengths).
 
-Layout is head-major, as the segment path makes it: q [H,B,N,K] (scaled, without biases), k and
-v [H,B,T,K] of [cmem; mem; segment], the tables [H,P,K] and their v biases [H,R,K] as
-`position_band` takes them.
+The operands and their layout are the contract's (`ctx.nn.fused_attention`, which holds the
+public `flash_attention`: pass it `KERNELS`).
 
 On a CUDA backend the kernel lowers through Triton; elsewhere it runs in Pallas interpret mode
 (same kernel, same numbers, slowly), so CPU tests check the very code a GPU runs, and a CPU
@@ -39,16 +38,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from ctx.nn.attention_dropout import kept_weights, row_seeds
+from ctx.nn.fused_attention import (AttentionOperands, FusedKernels, KeyLayout, dropped, output_delta,
+                                    range_masses)
 from ctx.nn.ops import MASKED_LOGIT
-from ctx.nn.pallas_launch import KERNEL_OUTPUTS, on_platform
+from ctx.nn.pallas_launch import on_platform
 from ctx.nn.relative_position import position_band
 
 # Square tiles, powers of two (Triton's blocks); Triton's dot needs at least
@@ -64,21 +64,6 @@ LARGEST_BLOCK = 64
 _KERNEL_PARAMS = {"forward": (4, 2), "key_usage": (4, 2), "key_value_gradient": (8, 3), "query_gradient": (8, 1)}
 
 
-def compiler_params(kernel: str, lay: "_Layout") -> pltriton.CompilerParams:
-    """Warps and pipeline stages of one kernel at one layout. Segments whose length is not a
-    power of two (enwik8's 768) run the forward on 8 warps: on 4 its tile spilled 64 bytes on
-    sm_80 at any depth up to 3 (ptxas), and 8 warps in one program per SM is what two programs
-    of 4 give."""
-    warps, stages = _KERNEL_PARAMS[kernel]
-    if kernel == "forward" and lay.n_queries & (lay.n_queries - 1):
-        warps = 8
-    return pltriton.CompilerParams(num_warps=warps, num_stages=stages)
-
-
-# The range masses are written as 4 lanes (a power of two); the fourth is zero.
-_MASS_LANES = 4
-
-
 def block_size(n_queries: int, n_keys: int) -> int:
     """The tile's side: the largest power of two up to LARGEST_BLOCK dividing both the queries
     and the keys (then also the memories, so key blocks line up with the virtual keys' gaps)."""
@@ -89,39 +74,25 @@ def block_size(n_queries: int, n_keys: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Layout:
-    """Where the keys and distances of a call are, and its tile (static)."""
+class Tiling(KeyLayout):
+    """A call's keys (`KeyLayout`) and its square tile (static)."""
 
-    n_cmem: int
-    n_mem: int
-    n_queries: int
     block: int
-    dropout: float = 0.0  # the rate at which attention weights are dropped
 
     @classmethod
-    def of(cls, q, k, n_cmem: int, n_mem: int, dropout: float = 0.0) -> "_Layout":
-        return cls(n_cmem, n_mem, q.shape[2], block_size(q.shape[2], k.shape[2]), dropout)
-
-    @property
-    def n_keys(self) -> int:
-        return self.n_cmem + self.n_mem + self.n_queries
-
-    @property
-    def gap(self) -> int:
-        """Band columns between the compressed memory's keys and the memory's: the cmem table's
-        N distances below n_cmem, which no key has (none without a compressed memory)."""
-        return self.n_queries if self.n_cmem else 0
+    def of(cls, keys: KeyLayout, n_keys: int) -> "Tiling":
+        return cls(keys.n_cmem, keys.n_mem, keys.n_queries, keys.dropout, block_size(keys.n_queries, n_keys))
 
     @property
     def band_width(self) -> int:
         """P: the band's columns, the tables' rows."""
-        return self.n_keys + self.gap
+        return self.n_keys + self.virtual_key_gap
 
     @property
     def unread_virtual_keys(self) -> tuple[tuple[int, int], ...]:
         """(first, length) of the virtual keys whose band columns no key reads: those before
         the first key (negative), and the gap's."""
-        return (-self.n_queries, self.n_queries), (self.n_cmem, self.gap)
+        return (-self.n_queries, self.n_queries), (self.n_cmem, self.virtual_key_gap)
 
     def key_blocks_seen_by(self, query_block):
         """Key blocks with a key some query of the block sees: all memory blocks and the
@@ -133,214 +104,281 @@ class _Layout:
         return jnp.maximum(key_block * self.block - (self.n_cmem + self.n_mem), 0) // self.block
 
 
-def band_columns(query: jax.Array, virtual_key: jax.Array, lay: _Layout) -> jax.Array:
+def compiler_params(kernel: str, tiling: Tiling) -> pltriton.CompilerParams:
+    """Warps and pipeline stages of one kernel at one layout. Segments whose length is not a
+    power of two (enwik8's 768) run the forward on 8 warps: on 4 its tile spilled 64 bytes on
+    sm_80 at any depth up to 3 (ptxas), and 8 warps in one program per SM is what two programs
+    of 4 give."""
+    warps, stages = _KERNEL_PARAMS[kernel]
+    if kernel == "forward" and tiling.n_queries & (tiling.n_queries - 1):
+        warps = 8
+    return pltriton.CompilerParams(num_warps=warps, num_stages=stages)
+
+
+# The range masses are written as 4 lanes (a power of two); the fourth is zero.
+_MASS_LANES = 4
+
+
+class _Inputs(NamedTuple):
+    """The attention operands as the kernels take them: as arrays, block specs, batch axes or
+    refs. The usage kernel reads no v (None)."""
+
+    content_q: Any  # [H,B,N,K]: q + u
+    band: Any  # [H,B,N,P]: (q + v)·R against the distances (`position_band`), compute dtype
+    visible: Any  # [B,T] int32
+    k: Any  # [H,B,T,K]
+    v: Any  # [H,B,T,K]
+
+
+class _ForwardOutputs(NamedTuple):
+    out: Any  # [H,B,N,K]
+    lse: Any  # [H,B,N]: the log-sum-exp per query
+    masses: Any  # [H,B,N,_MASS_LANES]: the attention each query gives each key range
+
+
+class _Statistics(NamedTuple):
+    """What the gradient kernels read of the forward and the output's gradient."""
+
+    lse: Any  # [H,B,N]
+    delta: Any  # [H,B,N]: `output_delta`
+    dout: Any  # [H,B,N,K]
+
+
+class _Tile(NamedTuple):
+    """A (query block, key block) tile's operands, loaded."""
+
+    content_q: jax.Array  # [b, K]
+    k: jax.Array  # [b, K]
+    v: jax.Array  # [b, K]
+    visible: jax.Array  # [b]
+    lse: jax.Array  # [b]
+    delta: jax.Array  # [b]
+    dout: jax.Array  # [b, K]
+
+
+# The batch axis of each operand; every result is [H, B, ...].
+_INPUT_BATCH_AXES = _Inputs(content_q=1, band=1, visible=0, k=1, v=1)
+_STATISTICS_BATCH_AXES = _Statistics(lse=1, delta=1, dout=1)
+_SEEDS_BATCH_AXIS = 0
+
+
+def band_columns(query: jax.Array, virtual_key: jax.Array, tiling: Tiling) -> jax.Array:
     """The band column of (query i, virtual key vj): vj + N-1-i. Columns from the band's width on
-    are the queries' future; the gap's virtual keys (`virtual_keys`) and those before the first
-    (negative vj) hold no key."""
-    return virtual_key + (lay.n_queries - 1) - query
+    are the queries' future; the gap's virtual keys (`KeyLayout.virtual_key`) and those before
+    the first (negative vj) hold no key."""
+    return virtual_key + (tiling.n_queries - 1) - query
 
 
-def virtual_keys(key: jax.Array, lay: _Layout) -> jax.Array:
-    """Key j's virtual index: j in the compressed memory, j + gap after it."""
-    return key + jnp.where(key >= lay.n_cmem, lay.gap, 0)
-
-
-def _wrapped(column, lay: _Layout):
+def _wrapped(column, tiling: Tiling):
     """Columns outside the band moved inside it (by P), where the masked loads and stores of
     those entries point. A GPU touches no masked address, but Pallas' interpreter stores a
     masked entry as its old value, so two entries of one store must never share an address:
     a tile row's columns are consecutive and fewer than P, so none lands on another's."""
-    return jnp.where(column < 0, column + lay.band_width,
-                     jnp.where(column >= lay.band_width, column - lay.band_width, column))
+    return jnp.where(column < 0, column + tiling.band_width,
+                     jnp.where(column >= tiling.band_width, column - tiling.band_width, column))
 
 
-def _tile(first_query, first_key, lay: _Layout):
+def _tile_indices(first_query, first_key, tiling: Tiling):
     """The tile's query indices [b, 1] and key indices [1, b]."""
-    query = first_query + jnp.arange(lay.block, dtype=jnp.int32)[:, None]
-    key = first_key + jnp.arange(lay.block, dtype=jnp.int32)[None, :]
+    query = first_query + jnp.arange(tiling.block, dtype=jnp.int32)[:, None]
+    key = first_key + jnp.arange(tiling.block, dtype=jnp.int32)[None, :]
     return query, key
 
 
-def _logits(content_q, k, visible, band_ref, first_query, first_key, lay: _Layout):
+def _logits(content_q, k, visible, band_ref, first_query, first_key, tiling: Tiling):
     """One tile's logits (q + u)·k + band[i, column(i, j)], the hidden keys at MASKED_LOGIT, in
     float32; and the band columns (`_wrapped`) with whether each is a column of it."""
-    query, key = _tile(first_query, first_key, lay)
+    query, key = _tile_indices(first_query, first_key, tiling)
     content = pltriton.dot(content_q, k, trans_b=True)
-    column = band_columns(query, virtual_keys(key, lay), lay)
-    in_band = column < lay.band_width
-    column = _wrapped(column, lay)
+    column = band_columns(query, tiling.virtual_key(key), tiling)
+    in_band = column < tiling.band_width
+    column = _wrapped(column, tiling)
     rows = jnp.broadcast_to(query, column.shape)
     position = pltriton.load(band_ref.at[rows, column], mask=in_band, other=0.0).astype(jnp.float32)
-    seen = (visible[None, :] != 0) & (key - (lay.n_cmem + lay.n_mem) <= query)
-    return jnp.where(seen, content + position, MASKED_LOGIT), column, in_band
+    return jnp.where(tiling.sees(visible[None, :], query, key), content + position, MASKED_LOGIT), column, in_band
 
 
-def _stream(seed_ref):
+def _dropout_stream(seed_ref):
     """The program's dropout stream: its row's seed and its head. Read where a kernel starts:
     Pallas' interpreter reads no program id inside a loop."""
     return seed_ref[...], pl.program_id(2)
 
 
-def _dropout_scale(stream, first_query, first_key, lay: _Layout) -> jax.Array | None:
-    """[b, b]: 0 for the tile's dropped weights, 1/(1-rate) for the kept ones; None without
-    dropout. The hash of the TPU kernel and the reference, on global indices."""
-    if not lay.dropout:
+def _dropout_scale(stream, first_query, first_key, tiling: Tiling) -> jax.Array | None:
+    """[b, b]: dropout's scale of the tile's weights (`KeyLayout.dropout_scale`); None without
+    dropout."""
+    if not tiling.dropout:
         return None
-    query, key = _tile(first_query, first_key, lay)
-    keep = kept_weights(*stream, query, key, lay.dropout)
-    return jnp.where(keep, 1.0 / (1.0 - lay.dropout), 0.0)
+    query, key = _tile_indices(first_query, first_key, tiling)
+    return tiling.dropout_scale(*stream, query, key)
 
 
-def _dropped(x: jax.Array, scale: jax.Array | None) -> jax.Array:
-    return x if scale is None else x * scale
+def _rows(index, tiling: Tiling):
+    return pl.ds(pl.multiple_of(index * tiling.block, tiling.block), tiling.block)
 
 
-def _rows(index, lay: _Layout):
-    return pl.ds(pl.multiple_of(index * lay.block, lay.block), lay.block)
-
-
-def _forward_kernel(seed_ref, content_q_ref, band_ref, visible_ref, k_ref, v_ref, out_ref, lse_ref, mass_ref, *,
-                    lay: _Layout, ranges: tuple[tuple[int, int], ...]):
-    query_block, stream = pl.program_id(0), _stream(seed_ref)
-    first_query = query_block * lay.block
-    content_q = content_q_ref[...]
+def _forward_kernel(seed_ref, inputs: _Inputs, outputs: _ForwardOutputs, *, tiling: Tiling):
+    query_block, stream = pl.program_id(0), _dropout_stream(seed_ref)
+    first_query = query_block * tiling.block
+    content_q = inputs.content_q[...]
     lane = jnp.arange(_MASS_LANES, dtype=jnp.int32)[None, :]
 
     def step(key_block, carry):
-        acc, row_max, row_sum, mass = carry
-        keys = _rows(key_block, lay)
-        s, _, _ = _logits(content_q, k_ref[keys, :], visible_ref[keys], band_ref, first_query,
-                          key_block * lay.block, lay)
+        acc, row_max, row_sum, masses = carry
+        keys = _rows(key_block, tiling)
+        s, _, _ = _logits(content_q, inputs.k[keys, :], inputs.visible[keys], inputs.band, first_query,
+                          key_block * tiling.block, tiling)
         new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
         p = jnp.exp(s - new_max[:, None])
         rescale = jnp.exp(row_max - new_max)
-        weights = _dropped(p, _dropout_scale(stream, first_query, key_block * lay.block, lay))
-        acc = rescale[:, None] * acc + pltriton.dot(weights.astype(v_ref.dtype), v_ref[keys, :])
-        # The attention each query gives each key range: row sums of the same unnormalised
-        # probabilities, one lane per range, rescaled like the row sum.
-        _, key = _tile(first_query, key_block * lay.block, lay)
-        tile_mass = jnp.zeros(mass.shape, jnp.float32)
-        for r, (lo, hi) in enumerate(ranges):
-            in_range = jnp.sum(jnp.where((key >= lo) & (key < hi), p, 0.0), axis=1)
-            tile_mass = tile_mass + jnp.where(lane == r, in_range[:, None], 0.0)
-        return acc, new_max, rescale * row_sum + jnp.sum(p, axis=1), rescale[:, None] * mass + tile_mass
+        weights = dropped(p, _dropout_scale(stream, first_query, key_block * tiling.block, tiling))
+        acc = rescale[:, None] * acc + pltriton.dot(weights.astype(inputs.v.dtype), inputs.v[keys, :])
+        # The range masses from the same unnormalised probabilities, rescaled like the row sum.
+        _, key = _tile_indices(first_query, key_block * tiling.block, tiling)
+        tile_masses = range_masses(p, key, lane, tiling.ranges)
+        return acc, new_max, rescale * row_sum + jnp.sum(p, axis=1), rescale[:, None] * masses + tile_masses
 
-    b = lay.block
+    b = tiling.block
     start = (jnp.zeros((b, content_q.shape[1]), jnp.float32), jnp.full((b,), -jnp.inf, jnp.float32),
              jnp.zeros((b,), jnp.float32), jnp.zeros((b, _MASS_LANES), jnp.float32))
-    acc, row_max, row_sum, mass = jax.lax.fori_loop(0, lay.key_blocks_seen_by(query_block), step, start)
-    out_ref[...] = (acc / row_sum[:, None]).astype(out_ref.dtype)
-    lse_ref[...] = row_max + jnp.log(row_sum)
-    mass_ref[...] = mass / row_sum[:, None]
+    acc, row_max, row_sum, masses = jax.lax.fori_loop(0, tiling.key_blocks_seen_by(query_block), step, start)
+    outputs.out[...] = (acc / row_sum[:, None]).astype(outputs.out.dtype)
+    outputs.lse[...] = row_max + jnp.log(row_sum)
+    outputs.masses[...] = masses / row_sum[:, None]
 
 
-def _usage_kernel(content_q_ref, band_ref, visible_ref, k_ref, lse_ref, usage_ref, *, lay: _Layout):
+def _key_usage_kernel(inputs: _Inputs, lse_ref, usage_ref, *, tiling: Tiling):
     """The attention each evicted key (C .. C+N) receives, summed over the queries (all of them
     see it: it is memory)."""
-    first_key = lay.n_cmem + pl.program_id(0) * lay.block
-    keys = pl.ds(first_key, lay.block)
-    k, visible = k_ref[keys, :], visible_ref[keys]
+    first_key = tiling.n_cmem + pl.program_id(0) * tiling.block
+    keys = pl.ds(first_key, tiling.block)
+    k, visible = inputs.k[keys, :], inputs.visible[keys]
 
     def step(query_block, usage):
-        rows = _rows(query_block, lay)
-        s, _, _ = _logits(content_q_ref[rows, :], k, visible, band_ref, query_block * lay.block, first_key, lay)
+        rows = _rows(query_block, tiling)
+        s, _, _ = _logits(inputs.content_q[rows, :], k, visible, inputs.band, query_block * tiling.block, first_key,
+                          tiling)
         return usage + jnp.sum(jnp.exp(s - lse_ref[rows][:, None]), axis=0)
 
-    usage_ref[...] = jax.lax.fori_loop(0, lay.n_queries // lay.block, step, jnp.zeros((lay.block,), jnp.float32))
+    usage_ref[...] = jax.lax.fori_loop(0, tiling.n_queries // tiling.block, step,
+                                       jnp.zeros((tiling.block,), jnp.float32))
 
 
-def _tile_gradients(stream, content_q, k, v, visible, band_ref, lse, delta, dout, first_query, first_key,
-                    lay: _Layout):
+def _tile_gradients(stream, tile: _Tile, band_ref, first_query, first_key, tiling: Tiling):
     """A tile's recomputed probabilities p, dropout scale, the logits' gradient ds and its band
-    columns. With dropout, out = (p∘z)·v: the weights' gradient is dp∘z, and delta =
-    rowsum(dout∘out) is still rowsum(p∘dp∘z), so the softmax's backward keeps its form."""
-    s, column, in_band = _logits(content_q, k, visible, band_ref, first_query, first_key, lay)
-    p = jnp.exp(s - lse[:, None])
-    scale = _dropout_scale(stream, first_query, first_key, lay)
-    dp = pltriton.dot(dout, v, trans_b=True)
-    ds = p * (_dropped(dp, scale) - delta[:, None])
+    columns (the softmax's backward with the weights' gradient dp∘z; see `output_delta`)."""
+    s, column, in_band = _logits(tile.content_q, tile.k, tile.visible, band_ref, first_query, first_key, tiling)
+    p = jnp.exp(s - tile.lse[:, None])
+    scale = _dropout_scale(stream, first_query, first_key, tiling)
+    dp = pltriton.dot(tile.dout, tile.v, trans_b=True)
+    ds = p * (dropped(dp, scale) - tile.delta[:, None])
     return p, scale, ds, column, in_band
 
 
-def _key_value_gradient_kernel(seed_ref, content_q_ref, band_ref, visible_ref, k_ref, v_ref, lse_ref, delta_ref,
-                               dout_ref, dk_ref, dv_ref, *, lay: _Layout):
-    key_block, stream = pl.program_id(0), _stream(seed_ref)
-    first_key = key_block * lay.block
-    k, v, visible = k_ref[...], v_ref[...], visible_ref[_rows(key_block, lay)]
+def _key_value_gradient_kernel(seed_ref, inputs: _Inputs, statistics: _Statistics, dk_ref, dv_ref, *,
+                               tiling: Tiling):
+    key_block, stream = pl.program_id(0), _dropout_stream(seed_ref)
+    first_key = key_block * tiling.block
+    k, v, visible = inputs.k[...], inputs.v[...], inputs.visible[_rows(key_block, tiling)]
 
     def step(query_block, carry):
         dk, dv = carry
-        rows = _rows(query_block, lay)
-        content_q, dout = content_q_ref[rows, :], dout_ref[rows, :]
-        p, scale, ds, _, _ = _tile_gradients(stream, content_q, k, v, visible, band_ref, lse_ref[rows],
-                                             delta_ref[rows], dout, query_block * lay.block, first_key, lay)
-        dv = dv + pltriton.dot(_dropped(p, scale).astype(dout.dtype), dout, trans_a=True)
+        rows = _rows(query_block, tiling)
+        content_q, dout = inputs.content_q[rows, :], statistics.dout[rows, :]
+        tile = _Tile(content_q, k, v, visible, statistics.lse[rows], statistics.delta[rows], dout)
+        p, scale, ds, _, _ = _tile_gradients(stream, tile, inputs.band, query_block * tiling.block, first_key,
+                                             tiling)
+        dv = dv + pltriton.dot(dropped(p, scale).astype(dout.dtype), dout, trans_a=True)
         return dk + pltriton.dot(ds.astype(content_q.dtype), content_q, trans_a=True), dv
 
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = jax.lax.fori_loop(lay.first_query_block_seeing(key_block), lay.n_queries // lay.block, step,
+    dk, dv = jax.lax.fori_loop(tiling.first_query_block_seeing(key_block), tiling.n_queries // tiling.block, step,
                                (zeros, zeros))
     dk_ref[...] = dk.astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _query_gradient_kernel(seed_ref, content_q_ref, band_ref, visible_ref, k_ref, v_ref, lse_ref, delta_ref,
-                           dout_ref, dq_ref, dband_ref, *, lay: _Layout):
-    query_block, stream = pl.program_id(0), _stream(seed_ref)
-    first_query = query_block * lay.block
-    content_q, lse, delta, dout = content_q_ref[...], lse_ref[...], delta_ref[...], dout_ref[...]
-    query, _ = _tile(first_query, 0, lay)
-    rows = jnp.broadcast_to(query, (lay.block, lay.block))
+def _query_gradient_kernel(seed_ref, inputs: _Inputs, statistics: _Statistics, dq_ref, dband_ref, *,
+                           tiling: Tiling):
+    query_block, stream = pl.program_id(0), _dropout_stream(seed_ref)
+    first_query = query_block * tiling.block
+    content_q, lse, delta, dout = inputs.content_q[...], statistics.lse[...], statistics.delta[...], \
+        statistics.dout[...]
+    query, _ = _tile_indices(first_query, 0, tiling)
+    rows = jnp.broadcast_to(query, (tiling.block, tiling.block))
 
     def step(key_block, dq):
-        keys = _rows(key_block, lay)
-        k = k_ref[keys, :]
-        _, _, ds, column, in_band = _tile_gradients(stream, content_q, k, v_ref[keys, :], visible_ref[keys],
-                                                    band_ref, lse, delta, dout, first_query,
-                                                    key_block * lay.block, lay)
+        keys = _rows(key_block, tiling)
+        k = inputs.k[keys, :]
+        tile = _Tile(content_q, k, inputs.v[keys, :], inputs.visible[keys], lse, delta, dout)
+        _, _, ds, column, in_band = _tile_gradients(stream, tile, inputs.band, first_query, key_block * tiling.block,
+                                                    tiling)
         pltriton.store(dband_ref.at[rows, column], ds.astype(dband_ref.dtype), mask=in_band)
         return dq + pltriton.dot(ds.astype(k.dtype), k)
 
-    dq = jax.lax.fori_loop(0, lay.key_blocks_seen_by(query_block), step, jnp.zeros(content_q.shape, jnp.float32))
+    dq = jax.lax.fori_loop(0, tiling.key_blocks_seen_by(query_block), step, jnp.zeros(content_q.shape, jnp.float32))
     dq_ref[...] = dq
 
     # The band columns no key reads get zeros.
     def zeros(first_virtual_key):
-        _, virtual = _tile(first_query, first_virtual_key, lay)
-        column = band_columns(query, virtual, lay)
-        inside = (column >= 0) & (column < lay.band_width)
-        pltriton.store(dband_ref.at[rows, _wrapped(column, lay)],
+        _, virtual = _tile_indices(first_query, first_virtual_key, tiling)
+        column = band_columns(query, virtual, tiling)
+        inside = (column >= 0) & (column < tiling.band_width)
+        pltriton.store(dband_ref.at[rows, _wrapped(column, tiling)],
                        jnp.zeros(column.shape, dband_ref.dtype), mask=inside)
 
-    for first, length in lay.unread_virtual_keys:
-        @pl.loop(0, length // lay.block)
+    for first, length in tiling.unread_virtual_keys:
+        @pl.loop(0, length // tiling.block)
         def _(t):
-            zeros(first + t * lay.block)
+            zeros(first + t * tiling.block)
 
 
-def _specs(q, band, lay: _Layout, queries_outer: bool) -> dict[str, pl.BlockSpec]:
-    """Block specs over the grid (outer block, row, head): a program holds its own block of
-    queries (`queries_outer`) or keys, and the whole (head, row) of what it loops over."""
-    N, K, b = q.shape[2], q.shape[3], lay.block
-    query_length, key_length = (b, lay.n_keys) if queries_outer else (N, b)
-
-    def per_head_row(length, tail, owned):
-        return pl.BlockSpec((None, None, length) + tail,
-                            lambda x, row, head: (head, row, x if owned else 0) + (0,) * len(tail))
-
-    return {"seed": pl.BlockSpec((None,), lambda x, row, head: (row,)),
-            "query": per_head_row(query_length, (K,), queries_outer),
-            "query_row": per_head_row(query_length, (), queries_outer),
-            "key": per_head_row(key_length, (K,), not queries_outer),
-            "band": pl.BlockSpec((None, None, N, band.shape[3]), lambda x, row, head: (head, row, 0, 0)),
-            "visible": pl.BlockSpec((None, lay.n_keys), lambda x, row, head: (row, 0))}
+# The blocks' index maps, over the grid (outer block x, batch row, head).
+def _owned_rows(x, row, head):  # the program's own block of an [H,B,L,K] operand
+    return head, row, x, 0
 
 
-def _call(kernel, grid, in_specs, out_specs, out_shape, name: str, interpret: bool, *operands):
-    lay = kernel.keywords["lay"]
-    params = compiler_params(name.removeprefix("relative_attention_").removesuffix("_gpu"), lay)
+def _owned_statistics(x, row, head):  # the program's own block of an [H,B,L] operand
+    return head, row, x
+
+
+def _whole_rows(x, row, head):  # the whole (head, row) of an [H,B,L,K] operand
+    return head, row, 0, 0
+
+
+def _whole_statistics(x, row, head):  # the whole (head, row) of an [H,B,L] operand
+    return head, row, 0
+
+
+def _row_seed(x, row, head):
+    return (row,)
+
+
+def _row_validity(x, row, head):
+    return row, 0
+
+
+def _specs(q_shape, band_shape, tiling: Tiling, queries_outer: bool) -> tuple[pl.BlockSpec, _Inputs, _Statistics]:
+    """Block specs over the grid (outer block, row, head) of the row seeds, the attention
+    operands and the statistics: a program holds its own block of queries (`queries_outer`) or
+    keys, and the whole (head, row) of what it loops over."""
+    N, K, b = q_shape[2], q_shape[3], tiling.block
+    query_length, key_length = (b, tiling.n_keys) if queries_outer else (N, b)
+    queries = pl.BlockSpec((None, None, query_length, K), _owned_rows if queries_outer else _whole_rows)
+    query_statistics = pl.BlockSpec((None, None, query_length),
+                                    _owned_statistics if queries_outer else _whole_statistics)
+    keys = pl.BlockSpec((None, None, key_length, K), _whole_rows if queries_outer else _owned_rows)
+    inputs = _Inputs(content_q=queries, band=pl.BlockSpec((None, None, N, band_shape[3]), _whole_rows),
+                     visible=pl.BlockSpec((None, tiling.n_keys), _row_validity), k=keys, v=keys)
+    return pl.BlockSpec((None,), _row_seed), inputs, _Statistics(query_statistics, query_statistics, queries)
+
+
+def _call(kernel, grid, in_specs, out_specs, out_shape, interpret: bool):
+    """The pallas_call of `kernel` (its name and warps from `_KERNEL_PARAMS`)."""
+    name = kernel.func.__name__.removeprefix("_").removesuffix("_kernel")
     return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-                          compiler_params=params, interpret=interpret, name=name)(*operands)
+                          compiler_params=compiler_params(name, kernel.keywords["tiling"]), interpret=interpret,
+                          name=f"relative_attention_{name}_gpu")
 
 
 def declared_cost(kernel: str, operands: list[tuple[int, tuple[int, ...]]]) -> tuple[float, float] | None:
@@ -372,123 +410,95 @@ def declared_cost(kernel: str, operands: list[tuple[int, tuple[int, ...]]]) -> t
     return 2.0 * H * B * tiles * matmuls * tile * K, float(H * B * (tiles * per_tile + once))
 
 
-def _forward_call(seeds, content_q, band, visible, k, v, lay: _Layout, ranges, interpret: bool):
-    H, B, N, K = content_q.shape
-    spec = _specs(content_q, band, lay, queries_outer=True)
-    mass = pl.BlockSpec((None, None, lay.block, _MASS_LANES), lambda i, row, head: (head, row, i, 0))
-    return _call(functools.partial(_forward_kernel, lay=lay, ranges=ranges), (N // lay.block, B, H),
-                 [spec[n] for n in ("seed", "query", "band", "visible", "key", "key")],
-                 [spec["query"], spec["query_row"], mass],
-                 [jax.ShapeDtypeStruct(content_q.shape, content_q.dtype),
-                  jax.ShapeDtypeStruct((H, B, N), jnp.float32),
-                  jax.ShapeDtypeStruct((H, B, N, _MASS_LANES), jnp.float32)],
-                 "relative_attention_forward_gpu", interpret, seeds, content_q, band, visible, k, v)
+def _forward_call(seeds, inputs: _Inputs, tiling: Tiling, interpret: bool) -> _ForwardOutputs:
+    H, B, N, K = inputs.content_q.shape
+    seed_spec, specs, statistics = _specs(inputs.content_q.shape, inputs.band.shape, tiling, queries_outer=True)
+    masses = pl.BlockSpec((None, None, tiling.block, _MASS_LANES), _owned_rows)
+    return _call(functools.partial(_forward_kernel, tiling=tiling), (N // tiling.block, B, H), [seed_spec, specs],
+                 [_ForwardOutputs(specs.content_q, statistics.lse, masses)],
+                 [_ForwardOutputs(jax.ShapeDtypeStruct(inputs.content_q.shape, inputs.content_q.dtype),
+                                  jax.ShapeDtypeStruct((H, B, N), jnp.float32),
+                                  jax.ShapeDtypeStruct((H, B, N, _MASS_LANES), jnp.float32))],
+                 interpret)(seeds, inputs)[0]
 
 
-def _usage_call(content_q, band, visible, k, lse, lay: _Layout, interpret: bool):
+def _key_usage_call(inputs: _Inputs, lse, tiling: Tiling, interpret: bool):
     """[H,B,N]: the attention each evicted key receives, summed over the queries."""
-    H, B, N, K = content_q.shape
-    spec = _specs(content_q, band, lay, queries_outer=False)
-    whole_keys = pl.BlockSpec((None, None, lay.n_keys, K), lambda t, row, head: (head, row, 0, 0))
-    return _call(functools.partial(_usage_kernel, lay=lay), (N // lay.block, B, H),
-                 [spec["query"], spec["band"], spec["visible"], whole_keys, spec["query_row"]],
-                 pl.BlockSpec((None, None, lay.block), lambda t, row, head: (head, row, t)),
-                 jax.ShapeDtypeStruct((H, B, N), jnp.float32), "relative_attention_key_usage_gpu", interpret,
-                 content_q, band, visible, k, lse)
+    H, B, N, K = inputs.content_q.shape
+    _, specs, statistics = _specs(inputs.content_q.shape, inputs.band.shape, tiling, queries_outer=False)
+    whole_keys = pl.BlockSpec((None, None, tiling.n_keys, K), _whole_rows)
+    return _call(functools.partial(_key_usage_kernel, tiling=tiling), (N // tiling.block, B, H),
+                 [specs._replace(k=whole_keys, v=None), statistics.lse],
+                 pl.BlockSpec((None, None, tiling.block), _owned_statistics),
+                 jax.ShapeDtypeStruct((H, B, N), jnp.float32), interpret)(inputs, lse)
 
 
-def _gradient_inputs(spec) -> list[pl.BlockSpec]:
-    return [spec[n] for n in ("seed", "query", "band", "visible", "key", "key", "query_row", "query_row", "query")]
+def _key_value_gradient_call(seeds, inputs: _Inputs, statistics: _Statistics, tiling: Tiling, interpret: bool):
+    H, B, N, K = inputs.content_q.shape
+    seed_spec, specs, statistics_specs = _specs(inputs.content_q.shape, inputs.band.shape, tiling,
+                                                queries_outer=False)
+    return _call(functools.partial(_key_value_gradient_kernel, tiling=tiling), (tiling.n_keys // tiling.block, B, H),
+                 [seed_spec, specs, statistics_specs], [specs.k, specs.v],
+                 [jax.ShapeDtypeStruct(inputs.k.shape, inputs.k.dtype),
+                  jax.ShapeDtypeStruct(inputs.v.shape, inputs.v.dtype)],
+                 interpret)(seeds, inputs, statistics)
 
 
-def _key_value_gradient_call(seeds, content_q, band, visible, k, v, lse, delta, dout, lay: _Layout,
-                             interpret: bool):
-    H, B, N, K = content_q.shape
-    spec = _specs(content_q, band, lay, queries_outer=False)
-    return _call(functools.partial(_key_value_gradient_kernel, lay=lay), (lay.n_keys // lay.block, B, H),
-                 _gradient_inputs(spec), [spec["key"], spec["key"]],
-                 [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-                 "relative_attention_key_value_gradient_gpu", interpret,
-                 seeds, content_q, band, visible, k, v, lse, delta, dout)
+def _query_gradient_call(seeds, inputs: _Inputs, statistics: _Statistics, tiling: Tiling, interpret: bool):
+    H, B, N, K = inputs.content_q.shape
+    seed_spec, specs, statistics_specs = _specs(inputs.content_q.shape, inputs.band.shape, tiling,
+                                                queries_outer=True)
+    return _call(functools.partial(_query_gradient_kernel, tiling=tiling), (N // tiling.block, B, H),
+                 [seed_spec, specs, statistics_specs], [specs.content_q, specs.band],
+                 [jax.ShapeDtypeStruct(inputs.content_q.shape, jnp.float32),
+                  jax.ShapeDtypeStruct(inputs.band.shape, inputs.band.dtype)],
+                 interpret)(seeds, inputs, statistics)
 
 
-def _query_gradient_call(seeds, content_q, band, visible, k, v, lse, delta, dout, lay: _Layout, interpret: bool):
-    H, B, N, K = content_q.shape
-    spec = _specs(content_q, band, lay, queries_outer=True)
-    return _call(functools.partial(_query_gradient_kernel, lay=lay), (N // lay.block, B, H),
-                 _gradient_inputs(spec), [spec["query"], spec["band"]],
-                 [jax.ShapeDtypeStruct(content_q.shape, jnp.float32), jax.ShapeDtypeStruct(band.shape, band.dtype)],
-                 "relative_attention_query_gradient_gpu", interpret,
-                 seeds, content_q, band, visible, k, v, lse, delta, dout)
+def _kernel_inputs(operands: AttentionOperands, keys: KeyLayout):
+    """The kernels' operands (`_Inputs`), and the band's VJP (to q, the v biases and the tables)."""
+    q = operands.q
+    band, band_vjp = jax.vjp(lambda q, vb, r: position_band(q, vb, r, keys.n_cmem).astype(q.dtype), q,
+                             operands.v_biases, operands.tables)
+    inputs = _Inputs(q + operands.u[:, None, None, :].astype(q.dtype), band, operands.visible.astype(jnp.int32),
+                     operands.k, operands.v)
+    return inputs, band_vjp
 
 
-# The batch axis of each kernel operand (seeds, content q, band, visible, k, v, lse, delta, dout).
-_BATCH_AXES = (0, 1, 1, 0, 1, 1, 1, 1, 1)
-
-
-def flash_attention(q_HBNK: jax.Array, u_HK: jax.Array, k_HBTK: jax.Array, v_HBTK: jax.Array,
-                    v_biases_HRK: jax.Array, r_HPK: jax.Array, visible_BT: jax.Array, n_cmem: int,
-                    n_mem: int, usage_keys: tuple[int, int] | None = None, dropout: float = 0.0,
-                    dropout_seed: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """`ctx.nn.pallas_tpu.flash_attention`'s contract on NVIDIA GPUs: softmax((q + u)·kᵀ +
-    position_scores(q, v_biases, r) over the visible keys)·v per head and batch row, [H,B,N,K];
-    the attention each query gives the compressed memory, the memory and the segment,
-    [H,B,N,3]; and for `usage_keys` (the evicted keys, (n_cmem, n_cmem + N), the only range
-    asked for) the attention each receives summed over the queries, [H,B,N] (else None). The
-    last two are statistics of the undropped weights, with no gradient. `dropout`: the rate at
-    which the attention weights are dropped, with the mask `kept_weights` draws from the int32
-    `dropout_seed`."""
-    if dropout and dropout_seed is None:
-        raise ValueError(f"attention dropout at {dropout} needs a dropout_seed")
-    N = q_HBNK.shape[2]
-    if usage_keys is not None and tuple(usage_keys) != (n_cmem, n_cmem + N):
-        raise ValueError(f"the GPU kernel reports the usage of the evicted keys ({n_cmem}, {n_cmem + N}) only, "
-                         f"not of {tuple(usage_keys)}")
-    seeds = row_seeds(0 if dropout_seed is None else dropout_seed, q_HBNK.shape[1])
-    return _attention(q_HBNK, u_HK, k_HBTK, v_HBTK, v_biases_HRK, r_HPK, visible_BT, seeds, n_cmem, n_mem,
-                      usage_keys is not None, float(dropout))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
-def _attention(q, u, k, v, v_biases, r, visible, seeds, n_cmem, n_mem, usage, dropout):
-    return _forward(q, u, k, v, v_biases, r, visible, seeds, n_cmem, n_mem, usage, dropout)[0]
-
-
-def _kernel_operands(q, u, v_biases, r, visible, n_cmem: int):
-    """The content queries q + u, the band in the compute dtype, validity as int32 [B,T], and
-    the band's VJP (to q, the v biases and the tables)."""
-    band, band_vjp = jax.vjp(lambda q, vb, r: position_band(q, vb, r, n_cmem).astype(q.dtype), q, v_biases, r)
-    return q + u[:, None, None, :].astype(q.dtype), band, visible.astype(jnp.int32), band_vjp
-
-
-def _forward(q, u, k, v, v_biases, r, visible, seeds, n_cmem, n_mem, usage, dropout):
-    lay = _Layout.of(q, k, n_cmem, n_mem, dropout)
-    content_q, band, visible_int, _ = _kernel_operands(q, u, v_biases, r, visible, n_cmem)
-    ranges = ((0, n_cmem), (n_cmem, n_cmem + n_mem), (n_cmem + n_mem, lay.n_keys))
-    out, lse, mass = on_platform(_forward_call, (seeds, content_q, band, visible_int, k, v), _BATCH_AXES[:6],
-                                 "cuda", lay=lay, ranges=ranges)
-    # Named for the layers' remat policy, which keeps them: the backward needs only these two
-    # small arrays, and recomputing them would rerun the whole kernel.
-    out, lse = (checkpoint_name(x, KERNEL_OUTPUTS) for x in (out, lse))
+def _forward(operands: AttentionOperands, seeds: jax.Array, keys: KeyLayout, usage_keys: tuple[int, int] | None):
+    tiling = Tiling.of(keys, operands.k.shape[2])
+    inputs, _ = _kernel_inputs(operands, keys)
+    outputs = on_platform(_forward_call, (seeds, inputs), (_SEEDS_BATCH_AXIS, _INPUT_BATCH_AXES), "cuda",
+                          tiling=tiling)
     evicted = None
-    if usage:
-        evicted = on_platform(_usage_call, (content_q, band, visible_int, k, lse), (1, 1, 0, 1, 1), "cuda", lay=lay)
-    return (out, mass[..., :len(ranges)], evicted), (q, u, k, v, v_biases, r, visible, seeds, out, lse)
+    if usage_keys is not None:
+        evicted = on_platform(_key_usage_call, (inputs._replace(v=None), outputs.lse),
+                              (_INPUT_BATCH_AXES._replace(v=None), 1), "cuda", tiling=tiling)
+    return (outputs.out, outputs.masses[..., :len(keys.ranges)], evicted), outputs.lse
 
 
-def _backward(n_cmem, n_mem, usage, dropout, residuals, cotangents):
-    q, u, k, v, v_biases, r, visible, seeds, out, lse = residuals
-    dout = cotangents[0].astype(q.dtype)
-    lay = _Layout.of(q, k, n_cmem, n_mem, dropout)
-    content_q, band, visible_int, band_vjp = _kernel_operands(q, u, v_biases, r, visible, n_cmem)
-    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-    operands = (seeds, content_q, band, visible_int, k, v, lse, delta, dout)
-    dk, dv = on_platform(_key_value_gradient_call, operands, _BATCH_AXES, "cuda", lay=lay)
-    dq_content, dband = on_platform(_query_gradient_call, operands, _BATCH_AXES, "cuda", lay=lay)
+def _backward(operands: AttentionOperands, seeds: jax.Array, keys: KeyLayout, out: jax.Array, lse: jax.Array,
+              dout: jax.Array) -> AttentionOperands:
+    tiling = Tiling.of(keys, operands.k.shape[2])
+    inputs, band_vjp = _kernel_inputs(operands, keys)
+    statistics = _Statistics(lse, output_delta(out, dout), dout)
+    batch_axes = (_SEEDS_BATCH_AXIS, _INPUT_BATCH_AXES, _STATISTICS_BATCH_AXES)
+    dk, dv = on_platform(_key_value_gradient_call, (seeds, inputs, statistics), batch_axes, "cuda", tiling=tiling)
+    dq_content, dband = on_platform(_query_gradient_call, (seeds, inputs, statistics), batch_axes, "cuda",
+                                    tiling=tiling)
     # The band's gradient is the position term's: the transpose of the band's GEMM.
-    dq_position, dv_biases, dr = band_vjp(dband)
-    du = jnp.sum(dq_content, axis=(1, 2)).astype(u.dtype)
-    return (dq_content + dq_position.astype(jnp.float32)).astype(q.dtype), du, dk, dv, dv_biases, dr, None, None
+    dq_position, dv_biases, dtables = band_vjp(dband)
+    du = jnp.sum(dq_content, axis=(1, 2)).astype(operands.u.dtype)
+    dq = (dq_content + dq_position.astype(jnp.float32)).astype(operands.q.dtype)
+    return AttentionOperands(q=dq, u=du, k=dk, v=dv, v_biases=dv_biases, tables=dtables, visible=None)
 
 
-_attention.defvjp(_forward, _backward)
+def _evicted_keys_only(usage_keys: tuple[int, int], keys: KeyLayout) -> None:
+    evicted = (keys.n_cmem, keys.n_cmem + keys.n_queries)
+    if usage_keys != evicted:
+        raise ValueError(f"the GPU kernel reports the usage of the evicted keys {evicted} only, not of {usage_keys}")
+
+
+# The GPU kernels, for `ctx.nn.fused_attention.flash_attention`: the usage of the evicted keys
+# (n_cmem, n_cmem + N) only, the one range the model asks for.
+KERNELS = FusedKernels(forward=_forward, backward=_backward, check_usage_keys=_evicted_keys_only)

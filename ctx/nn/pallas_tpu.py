@@ -34,12 +34,13 @@ without dropout no seed is passed at all. `ctx.selfcheck` proves the masks on th
 softmax statistics (log-sum-exp, range masses, key usage) are those of the undropped weights, as
 in the XLA path.
 
-Layout is head-major, as the segment path makes it: q [H,B,N,K] (scaled, without biases), k and
-v [H,B,T,K] of [cmem; mem; segment], the tables [H,P,K] and their v biases [H,R,K] as
-`position_scores` takes them.
+The operands and their layout are the contract's (`ctx.nn.fused_attention`, which holds the
+public `flash_attention`: pass it `KERNELS`).
 
 On a TPU backend the kernel lowers through Mosaic; on any other it runs in Pallas interpret
-mode (same kernel, same numbers, slowly), so CPU tests check the very code a TPU runs.
+mode (slowly), so CPU tests check the code a TPU runs: the same kernel but for three helpers
+(`_skew`, `_reverse_rows`, `_unskew_reversed`) that take, interpreted, XLA ops equal to the
+Mosaic ones the interpreter cannot run (tests/test_pallas_tpu.py pins each equivalence).
 `jax.lax.platform_dependent` picks per lowering platform, so compiling ahead of time for a TPU
 topology on a CPU machine lowers the Mosaic kernel. XLA cannot partition a Mosaic call, so under
 a mesh (the trainer and evaluation trace with their abstract mesh) it runs in a `shard_map` over
@@ -49,17 +50,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from ctx.nn.attention_dropout import kept_weights, row_seeds
+from ctx.nn.fused_attention import (AttentionOperands, FusedKernels, KeyLayout, dropped, output_delta,
+                                    range_masses)
 from ctx.nn.ops import MASKED_LOGIT
-from ctx.nn.pallas_launch import KERNEL_OUTPUTS, on_platform
+from ctx.nn.pallas_launch import on_platform
 
 # TPU tiles: the last two dimensions of a block are multiples of (8, 128) or the whole axis.
 _KEY_BLOCKS = (512, 384, 256, 128)  # 384: enwik8's lengths (1,152, 768) take no 256 or 512
@@ -81,20 +82,17 @@ def block_sizes(n_queries: int, n_keys: int, n_cmem: int = 0) -> tuple[int, int]
 
 
 @dataclasses.dataclass(frozen=True)
-class _Layout:
-    """Where the keys and distances of a call are, and its tiles (static)."""
+class Tiling(KeyLayout):
+    """A call's keys (`KeyLayout`) and its tiles (static)."""
 
-    n_cmem: int
-    n_mem: int
-    n_queries: int
     query_block: int
     key_block: int
-    dropout: float = 0.0  # the rate at which attention weights are dropped
     interpret: bool = False  # run by Pallas' interpreter, not Mosaic (see _skew)
 
     @classmethod
-    def of(cls, q, k, n_cmem: int, n_mem: int, dropout: float = 0.0) -> "_Layout":
-        return cls(n_cmem, n_mem, q.shape[2], *block_sizes(q.shape[2], k.shape[2], n_cmem), dropout)
+    def of(cls, keys: KeyLayout, n_keys: int, interpret: bool = False) -> "Tiling":
+        blocks = block_sizes(keys.n_queries, n_keys, keys.n_cmem)
+        return cls(keys.n_cmem, keys.n_mem, keys.n_queries, keys.dropout, *blocks, interpret)
 
     @property
     def window(self) -> int:
@@ -118,48 +116,106 @@ class _Layout:
         return -(-(rows + self.n_queries + self.window) // 8) * 8
 
 
-def _dropout_scale(seed_ref, first_query, first_key, lay: _Layout) -> jax.Array | None:
-    """[bq, bk]: 0 for the tile's dropped weights, 1/(1-rate) for the kept ones; None without
-    dropout. The backward hashes once and scales both the weights and their gradient."""
-    if not lay.dropout:
+class _Inputs(NamedTuple):
+    """The attention operands in the order the kernels take them: as arrays (u [H,1,K], two v
+    bias rows, the float32 table with zero rows after it, validity int32 [B,1,T]), as their
+    block specs, as batch axes, or as refs in a kernel. The usage kernel reads no v (None)."""
+
+    q: Any
+    u: Any
+    v_biases: Any
+    tables: Any
+    visible: Any
+    k: Any
+    v: Any
+
+
+class _ForwardOutputs(NamedTuple):
+    out: Any  # [H,B,N,K]
+    lse: Any  # [H,B,1,N]: the log-sum-exp per query, as a row
+    masses: Any  # [H,B,3,N]: the attention each query gives each key range, as rows
+
+
+class _ForwardScratch(NamedTuple):
+    row_max: Any  # [bq, 1]
+    row_sum: Any  # [bq, 1]
+    acc: Any  # [bq, K]: the weighted values
+    masses: Any  # [bq, 3]
+
+
+class _Statistics(NamedTuple):
+    lse_and_delta: Any  # [H,B,2,N]: the log-sum-exp and rowsum(dout∘out), as rows
+    dout: Any  # [H,B,N,K]
+
+
+class _Gradients(NamedTuple):
+    dq: Any  # [H,B,N,K]
+    du: Any  # [H,devices,1,K] float32, each device's rows summed
+    dtables: Any  # [H,devices,P',K] float32
+    dv_biases: Any  # [H,devices,2,K] float32
+    dk: Any  # [H,B,T,K]
+    dv: Any  # [H,B,T,K]
+
+
+class _BackwardScratch(NamedTuple):
+    dk: Any  # [bk, K]: over the query blocks
+    dv: Any  # [bk, K]
+    dq: Any  # [N, K]: over the (head, row)'s key and query blocks
+    dq_position: Any  # [N, K]: the position term's, each query block's rows reversed
+
+
+class _PositionGradients(NamedTuple):
+    """What a tile adds the position term's gradient to (refs)."""
+
+    dq: Any  # the (head, row)'s dq_position scratch
+    dtables: Any
+    dv_biases: Any
+
+
+# The batch axis of each operand (None: the same on every device); every result is [H, B, ...].
+_INPUT_BATCH_AXES = _Inputs(q=1, u=None, v_biases=None, tables=None, visible=0, k=1, v=1)
+_STATISTICS_BATCH_AXES = _Statistics(lse_and_delta=1, dout=1)
+_SEEDS_BATCH_AXIS = 0
+
+
+def _dropout_scale(seed_ref, first_query, first_key, tiling: Tiling) -> jax.Array | None:
+    """[bq, bk]: dropout's scale of the tile's weights (`KeyLayout.dropout_scale`); None without
+    dropout. The row seeds are prefetched; the grid is (head, row, ...)."""
+    if not tiling.dropout:
         return None
-    query = first_query + jax.lax.broadcasted_iota(jnp.int32, (lay.query_block, 1), 0)
-    key = first_key + jax.lax.broadcasted_iota(jnp.int32, (1, lay.key_block), 1)
-    keep = kept_weights(seed_ref[pl.program_id(1)], pl.program_id(0), query, key, lay.dropout)
-    return jnp.where(keep, 1.0 / (1.0 - lay.dropout), 0.0)
+    query = first_query + jax.lax.broadcasted_iota(jnp.int32, (tiling.query_block, 1), 0)
+    key = first_key + jax.lax.broadcasted_iota(jnp.int32, (1, tiling.key_block), 1)
+    return tiling.dropout_scale(seed_ref[pl.program_id(1)], pl.program_id(0), query, key)
 
 
-def _dropped(x: jax.Array, scale: jax.Array | None) -> jax.Array:
-    return x if scale is None else x * scale
-
-
-def _skew(band, lay: _Layout):
+def _skew(band, tiling: Tiling):
     """Row i of the tile's band [bq, window] moved left by bq-1-i, keeping the key block's
     columns: out[i, j] = band[i, j + bq-1-i]. On TPU one row-strided rotation
     (`pltpu.roll(stride=1)`: row i by i more than row i-1). Interpreted, the same values by one
     gather: JAX's interpreter splits a strided roll into one roll per row, and a program of
     hundreds of rolls per tile is so large that XLA:CPU's loader of a cached executable
     overflows its stack (a segfault on the second run of the same program)."""
-    if not lay.interpret:
-        return pltpu.roll(band, lay.window - lay.query_block + 1, 1, stride=1, stride_axis=0)[:, :lay.key_block]
-    rows = jax.lax.broadcasted_iota(jnp.int32, (lay.query_block, lay.key_block), 0)
-    columns = jax.lax.broadcasted_iota(jnp.int32, (lay.query_block, lay.key_block), 1)
-    return jnp.take_along_axis(band, columns + lay.query_block - 1 - rows, axis=1)
+    if not tiling.interpret:
+        return pltpu.roll(band, tiling.window - tiling.query_block + 1, 1, stride=1,
+                          stride_axis=0)[:, :tiling.key_block]
+    rows = jax.lax.broadcasted_iota(jnp.int32, (tiling.query_block, tiling.key_block), 0)
+    columns = jax.lax.broadcasted_iota(jnp.int32, (tiling.query_block, tiling.key_block), 1)
+    return jnp.take_along_axis(band, columns + tiling.query_block - 1 - rows, axis=1)
 
 
-def _window_rows(first_query, first_virtual_key, lay: _Layout):
+def _window_rows(first_query, first_virtual_key, tiling: Tiling):
     """The table rows of the distances a tile spans (see `_skewed_window`)."""
-    start = first_virtual_key + lay.n_queries - first_query - lay.query_block
-    if lay.aligned:
+    start = first_virtual_key + tiling.n_queries - first_query - tiling.query_block
+    if tiling.aligned:
         start = pl.multiple_of(start, 8)
-    return pl.ds(start, lay.window)
+    return pl.ds(start, tiling.window)
 
 
-def _reverse_rows(x: jax.Array, lay: _Layout, dtype) -> jax.Array:
+def _reverse_rows(x: jax.Array, tiling: Tiling, dtype) -> jax.Array:
     """x [n, m] with its rows in reverse order, in `dtype`. Mosaic lowers no `rev`, so on TPU a
     product with the exchange matrix (exact: each entry is one entry of x times 1);
     interpreted, a flip."""
-    if lay.interpret:
+    if tiling.interpret:
         return jnp.flip(x, 0).astype(dtype)
     n = x.shape[0]
     exchange = (jax.lax.broadcasted_iota(jnp.int32, (n, n), 0) + jax.lax.broadcasted_iota(jnp.int32, (n, n), 1)
@@ -168,17 +224,17 @@ def _reverse_rows(x: jax.Array, lay: _Layout, dtype) -> jax.Array:
     return jnp.dot(exchange, x, precision=precision, preferred_element_type=jnp.float32).astype(dtype)
 
 
-def _unskew_reversed(grad, lay: _Layout):
+def _unskew_reversed(grad, tiling: Tiling):
     """The inverse of `_skew`, with the rows in reverse order: a tile's logits' gradient
     [bq, bk] laid back onto its band window [bq, window] (row i moved right by bq-1-i, zeros
     around), row i landing in row bq-1-i. Unreversed, the inverse rotation has stride -1, which
     Mosaic does not lower; with the rows reversed, row bq-1-i moves right by bq-1-i, which is
     the forward's row-strided rotation (stride 1; Mosaic rotates 32-bit values only, so in
     float32). Interpreted, the same values by a gather."""
-    bq, bk, window = lay.query_block, lay.key_block, lay.window
-    padded = jnp.concatenate([_reverse_rows(grad, lay, jnp.float32), jnp.zeros((bq, window - bk), jnp.float32)],
+    bq, bk, window = tiling.query_block, tiling.key_block, tiling.window
+    padded = jnp.concatenate([_reverse_rows(grad, tiling, jnp.float32), jnp.zeros((bq, window - bk), jnp.float32)],
                              axis=1)
-    if not lay.interpret:
+    if not tiling.interpret:
         return pltpu.roll(padded, 0, 1, stride=1, stride_axis=0)
     rows = jax.lax.broadcasted_iota(jnp.int32, (bq, window), 0)
     source = jax.lax.broadcasted_iota(jnp.int32, (bq, window), 1) - rows
@@ -186,98 +242,94 @@ def _unskew_reversed(grad, lay: _Layout):
     return jnp.where((source >= 0) & (source < bk), gathered, jnp.zeros_like(gathered))
 
 
-def _position_gradient(grad, q, vb_ref, r_ref, dq_position_ref, dr_ref, dvb_ref, rows, first_query,
-                       first_virtual_key, table, lay: _Layout):
+def _position_gradient(grad, q, inputs: _Inputs, into: _PositionGradients, rows, first_query, first_virtual_key,
+                       table, tiling: Tiling):
     """Accumulate the gradients of one table's part of a tile's position term, (q + v)·R[window]
     skewed, from its logits' gradient `grad` [bq, bk] (compute dtype): the queries' (rows
     reversed within the query block, as `_unskew_reversed` leaves them), the window's table rows,
-    and the table's v bias (row `table` of dvb). Nothing score-sized leaves the kernel."""
-    window_rows = _window_rows(first_query, first_virtual_key, lay)
-    band_grad = _unskew_reversed(grad, lay).astype(q.dtype)  # [bq, window], rows reversed
-    window = r_ref[window_rows, :].astype(q.dtype)
+    and the table's v bias (row `table` of dv_biases). Nothing score-sized leaves the kernel."""
+    window_rows = _window_rows(first_query, first_virtual_key, tiling)
+    band_grad = _unskew_reversed(grad, tiling).astype(q.dtype)  # [bq, window], rows reversed
+    window = inputs.tables[window_rows, :].astype(q.dtype)
     dq = jnp.dot(band_grad, window, preferred_element_type=jnp.float32)
-    dq_position_ref[rows, :] += dq
-    v_row = jnp.where(table == 0, vb_ref[0:1, :], vb_ref[1:2, :])
-    dr_ref[window_rows, :] += jax.lax.dot_general(band_grad, _reverse_rows(q + v_row, lay, q.dtype),
-                                                  (((0,), (0,)), ((), ())),
-                                                  preferred_element_type=jnp.float32)
-    which = jax.lax.broadcasted_iota(jnp.int32, dvb_ref.shape, 0) == table
-    dvb_ref[...] += jnp.where(which, jnp.sum(dq, axis=0, keepdims=True), 0.0)
+    into.dq[rows, :] += dq
+    v_row = jnp.where(table == 0, inputs.v_biases[0:1, :], inputs.v_biases[1:2, :])
+    into.dtables[window_rows, :] += jax.lax.dot_general(band_grad, _reverse_rows(q + v_row, tiling, q.dtype),
+                                                        (((0,), (0,)), ((), ())),
+                                                        preferred_element_type=jnp.float32)
+    which = jax.lax.broadcasted_iota(jnp.int32, into.dv_biases.shape, 0) == table
+    into.dv_biases[...] += jnp.where(which, jnp.sum(dq, axis=0, keepdims=True), 0.0)
 
 
-def _skewed_window(q, v_row, r_ref, first_query, first_virtual_key, lay: _Layout):
+def _skewed_window(q, v_row, tables_ref, first_query, first_virtual_key, tiling: Tiling):
     """The position term [bq, bk] of the tile's queries against its keys, from the table's
     window of the distances they span. With the tables laid as `position_scores` lays them
     (distances descending, the compressed memory's first, then N unused rows), key j of
-    virtual index vj = j (cmem) or j + N (memory, segment) is column vj + N-1-i of the table
-    for query i, so the window starts at vj0 + N - q0 - bq and row i of the tile needs its
+    virtual index vj (`KeyLayout.virtual_key_gap`) is column vj + N-1-i of the table for
+    query i, so the window starts at vj0 + N - q0 - bq and row i of the tile needs its
     columns from bq-1-i on: a rotation by i more per row."""
-    window = r_ref[_window_rows(first_query, first_virtual_key, lay), :].astype(q.dtype)
+    window = tables_ref[_window_rows(first_query, first_virtual_key, tiling), :].astype(q.dtype)
     band = jax.lax.dot_general(q + v_row, window, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    return _skew(band, lay)
+    return _skew(band, tiling)
 
 
-def _logits(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, query_block, key_block, lay: _Layout):
+def _logits(inputs: _Inputs, query_block, key_block, tiling: Tiling):
     """One tile's logits (q + u)·k + (q + v)·R, with the hidden keys at MASKED_LOGIT, in float32;
     and the content queries q + u."""
-    q = q_ref[...]
-    content_q = q + u_ref[...]
-    s = jax.lax.dot_general(content_q, k_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    first_query, first_key = query_block * lay.query_block, key_block * lay.key_block
-    shape = (lay.query_block, lay.key_block)
+    q = inputs.q[...]
+    content_q = q + inputs.u[...]
+    s = jax.lax.dot_general(content_q, inputs.k[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    first_query, first_key = query_block * tiling.query_block, key_block * tiling.key_block
+    shape = (tiling.query_block, tiling.key_block)
     key = first_key + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
-    C, N = lay.n_cmem, lay.n_queries
+    C, gap, v_biases = tiling.n_cmem, tiling.virtual_key_gap, inputs.v_biases
     if not C:
-        position = _skewed_window(q, vb_ref[0:1, :], r_ref, first_query, first_key, lay)
-    elif lay.straddles:
-        position = jnp.where(key < C, _skewed_window(q, vb_ref[0:1, :], r_ref, first_query, first_key, lay),
-                             _skewed_window(q, vb_ref[1:2, :], r_ref, first_query, first_key + N, lay))
+        position = _skewed_window(q, v_biases[0:1, :], inputs.tables, first_query, first_key, tiling)
+    elif tiling.straddles:
+        position = jnp.where(key < C,
+                             _skewed_window(q, v_biases[0:1, :], inputs.tables, first_query, first_key, tiling),
+                             _skewed_window(q, v_biases[1:2, :], inputs.tables, first_query, first_key + gap, tiling))
     else:
         in_memory = first_key >= C
-        position = _skewed_window(q, jnp.where(in_memory, vb_ref[1:2, :], vb_ref[0:1, :]), r_ref, first_query,
-                                  first_key + jnp.where(in_memory, N, 0), lay)
+        position = _skewed_window(q, jnp.where(in_memory, v_biases[1:2, :], v_biases[0:1, :]), inputs.tables,
+                                  first_query, first_key + jnp.where(in_memory, gap, 0), tiling)
     query = first_query + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
-    segment_key = key - (C + lay.n_mem)
-    seen = (visible_ref[...] != 0) & (segment_key <= query)
-    return jnp.where(seen, s + position, MASKED_LOGIT), content_q
+    return jnp.where(tiling.sees(inputs.visible[...], query, key), s + position, MASKED_LOGIT), content_q
 
 
-def _forward_kernel(seed_ref, q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, v_ref, out_ref, lse_ref, mass_ref,
-                    max_ref, sum_ref, acc_ref, mass_acc, *, lay: _Layout, ranges: tuple[tuple[int, int], ...]):
+def _forward_kernel(seed_ref, inputs: _Inputs, outputs: _ForwardOutputs, scratch: _ForwardScratch, *,
+                    tiling: Tiling):
     key_block = pl.program_id(3)
 
     @pl.when(key_block == 0)
     def _start():
-        max_ref[...] = jnp.full(max_ref.shape, -jnp.inf, jnp.float32)
-        sum_ref[...] = jnp.zeros(sum_ref.shape, jnp.float32)
-        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
-        mass_acc[...] = jnp.zeros(mass_acc.shape, jnp.float32)
+        scratch.row_max[...] = jnp.full(scratch.row_max.shape, -jnp.inf, jnp.float32)
+        scratch.row_sum[...] = jnp.zeros(scratch.row_sum.shape, jnp.float32)
+        scratch.acc[...] = jnp.zeros(scratch.acc.shape, jnp.float32)
+        scratch.masses[...] = jnp.zeros(scratch.masses.shape, jnp.float32)
 
-    s, _ = _logits(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, pl.program_id(2), key_block, lay)
-    previous = max_ref[...]
+    s, _ = _logits(inputs, pl.program_id(2), key_block, tiling)
+    previous = scratch.row_max[...]
     new_max = jnp.maximum(previous, jnp.max(s, axis=-1, keepdims=True))
     p = jnp.exp(s - new_max)
     rescale = jnp.exp(previous - new_max)
-    sum_ref[...] = rescale * sum_ref[...] + jnp.sum(p, axis=-1, keepdims=True)
-    weights = _dropped(p, _dropout_scale(seed_ref, pl.program_id(2) * lay.query_block, key_block * lay.key_block, lay))
-    acc_ref[...] = rescale * acc_ref[...] + jnp.dot(weights.astype(v_ref.dtype), v_ref[...],
-                                                    preferred_element_type=jnp.float32)
-    max_ref[...] = new_max
-    # The attention each query gives each key range (cmem, mem, segment): row sums of the same
-    # unnormalised probabilities, one lane per range, rescaled like the row sum.
-    key = key_block * lay.key_block + jax.lax.broadcasted_iota(jnp.int32, p.shape, 1)
-    lane = jax.lax.broadcasted_iota(jnp.int32, mass_acc.shape, 1)
-    tile_mass = jnp.zeros(mass_acc.shape, jnp.float32)
-    for r, (lo, hi) in enumerate(ranges):
-        in_range = jnp.sum(jnp.where((key >= lo) & (key < hi), p, 0.0), axis=-1, keepdims=True)
-        tile_mass = tile_mass + jnp.where(lane == r, in_range, 0.0)
-    mass_acc[...] = rescale * mass_acc[...] + tile_mass
+    scratch.row_sum[...] = rescale * scratch.row_sum[...] + jnp.sum(p, axis=-1, keepdims=True)
+    weights = dropped(p, _dropout_scale(seed_ref, pl.program_id(2) * tiling.query_block,
+                                        key_block * tiling.key_block, tiling))
+    scratch.acc[...] = rescale * scratch.acc[...] + jnp.dot(weights.astype(inputs.v.dtype), inputs.v[...],
+                                                            preferred_element_type=jnp.float32)
+    scratch.row_max[...] = new_max
+    # The range masses from the same unnormalised probabilities, rescaled like the row sum.
+    key = key_block * tiling.key_block + jax.lax.broadcasted_iota(jnp.int32, p.shape, 1)
+    lane = jax.lax.broadcasted_iota(jnp.int32, scratch.masses.shape, 1)
+    tile_masses = range_masses(p, key, lane, tiling.ranges)
+    scratch.masses[...] = rescale * scratch.masses[...] + tile_masses
 
     @pl.when(key_block == pl.num_programs(3) - 1)
     def _finish():  # the statistics leave as rows, lane-dense (see `_columns`)
-        out_ref[...] = (acc_ref[...] / sum_ref[...]).astype(out_ref.dtype)
-        lse_ref[...] = (max_ref[...] + jnp.log(sum_ref[...])).T
-        mass_ref[...] = (mass_acc[...] / sum_ref[...]).T
+        outputs.out[...] = (scratch.acc[...] / scratch.row_sum[...]).astype(outputs.out.dtype)
+        outputs.lse[...] = (scratch.row_max[...] + jnp.log(scratch.row_sum[...])).T
+        outputs.masses[...] = (scratch.masses[...] / scratch.row_sum[...]).T
 
 
 def _columns(rows_ref) -> jax.Array:
@@ -288,15 +340,14 @@ def _columns(rows_ref) -> jax.Array:
     return rows_ref[...].T
 
 
-def _probabilities(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, lse, query_block, key_block, lay: _Layout):
+def _probabilities(inputs: _Inputs, lse, query_block, key_block, tiling: Tiling):
     """One tile's attention probabilities, recomputed from the forward's log-sum-exp [bq, 1];
     and the content queries."""
-    s, content_q = _logits(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, query_block, key_block, lay)
+    s, content_q = _logits(inputs, query_block, key_block, tiling)
     return jnp.exp(s - lse), content_q
 
 
-def _usage_kernel(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, lse_ref, usage_ref, *, lay: _Layout,
-                  first_key_block: int):
+def _usage_kernel(inputs: _Inputs, lse_ref, usage_ref, *, tiling: Tiling, first_key_block: int):
     """The attention each key of a key block receives, summed over the query blocks."""
     query_block = pl.program_id(3)
 
@@ -304,81 +355,77 @@ def _usage_kernel(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, lse_ref, usag
     def _start():
         usage_ref[...] = jnp.zeros(usage_ref.shape, jnp.float32)
 
-    p, _ = _probabilities(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, _columns(lse_ref), query_block,
-                          pl.program_id(2) + first_key_block, lay)
+    p, _ = _probabilities(inputs, _columns(lse_ref), query_block, pl.program_id(2) + first_key_block, tiling)
     usage_ref[...] += jnp.sum(p, axis=0, keepdims=True)
 
 
-def _backward_kernel(seed_ref, q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, v_ref, stats_ref, dout_ref,
-                     dq_ref, du_ref, dr_ref, dvb_ref, dk_ref, dv_ref, dk_acc, dv_acc, dq_acc, dq_position_acc, *,
-                     lay: _Layout):
+def _backward_kernel(seed_ref, inputs: _Inputs, statistics: _Statistics, grads: _Gradients,
+                     scratch: _BackwardScratch, *, tiling: Tiling):
     query_block, key_block = pl.program_id(3), pl.program_id(2)
     first_of_row = (query_block == 0) & (key_block == 0)
 
     @pl.when(first_of_row)
     def _start_row():  # the (head, row)'s query gradients stay in VMEM across its key blocks
-        for ref in (dq_acc, dq_position_acc):
+        for ref in (scratch.dq, scratch.dq_position):
             ref[...] = jnp.zeros(ref.shape, jnp.float32)
 
     @pl.when(first_of_row & (pl.program_id(1) == 0))
     def _start_head():  # the u, table and bias gradients, over all the head's rows
-        for ref in (du_ref, dr_ref, dvb_ref):
+        for ref in (grads.du, grads.dtables, grads.dv_biases):
             ref[...] = jnp.zeros(ref.shape, jnp.float32)
 
     @pl.when(query_block == 0)
     def _start():
-        dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
-        dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
+        scratch.dk[...] = jnp.zeros(scratch.dk.shape, jnp.float32)
+        scratch.dv[...] = jnp.zeros(scratch.dv.shape, jnp.float32)
 
-    stats = _columns(stats_ref)  # [bq, 2]: the log-sum-exp and delta = rowsum(dout∘out)
-    p, content_q = _probabilities(q_ref, u_ref, vb_ref, r_ref, visible_ref, k_ref, stats[:, 0:1], query_block,
-                                  key_block, lay)
-    dout = dout_ref[...]
-    first_query, first_key = query_block * lay.query_block, key_block * lay.key_block
-    scale = _dropout_scale(seed_ref, first_query, first_key, lay)
-    dv_acc[...] += jax.lax.dot_general(_dropped(p, scale).astype(dout.dtype), dout,
-                                       (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    dp = jax.lax.dot_general(dout, v_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    # With dropout, out = (p∘z)·v: the weights' gradient is dp∘z, and delta = rowsum(dout∘out)
-    # is still rowsum(p∘dp∘z), so the softmax's backward keeps its form.
-    ds = p * (_dropped(dp, scale) - stats[:, 1:2])
+    lse_and_delta = _columns(statistics.lse_and_delta)  # [bq, 2]
+    p, content_q = _probabilities(inputs, lse_and_delta[:, 0:1], query_block, key_block, tiling)
+    dout = statistics.dout[...]
+    first_query, first_key = query_block * tiling.query_block, key_block * tiling.key_block
+    scale = _dropout_scale(seed_ref, first_query, first_key, tiling)
+    scratch.dv[...] += jax.lax.dot_general(dropped(p, scale).astype(dout.dtype), dout,
+                                           (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    dp = jax.lax.dot_general(dout, inputs.v[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    ds = p * (dropped(dp, scale) - lse_and_delta[:, 1:2])
     ds_low = ds.astype(content_q.dtype)
-    dk_acc[...] += jax.lax.dot_general(ds_low, content_q, (((0,), (0,)), ((), ())),
-                                       preferred_element_type=jnp.float32)
-    rows = pl.ds(pl.multiple_of(first_query, lay.query_block), lay.query_block)
-    dq_content = jnp.dot(ds_low, k_ref[...], preferred_element_type=jnp.float32)
-    dq_acc[rows, :] += dq_content
-    du_ref[...] += jnp.sum(dq_content, axis=0, keepdims=True)  # u is in the content term only
+    scratch.dk[...] += jax.lax.dot_general(ds_low, content_q, (((0,), (0,)), ((), ())),
+                                           preferred_element_type=jnp.float32)
+    rows = pl.ds(pl.multiple_of(first_query, tiling.query_block), tiling.query_block)
+    dq_content = jnp.dot(ds_low, inputs.k[...], preferred_element_type=jnp.float32)
+    scratch.dq[rows, :] += dq_content
+    grads.du[...] += jnp.sum(dq_content, axis=0, keepdims=True)  # u is in the content term only
     # The same gradient is the position term's: back through the skew to the table's window.
-    position = functools.partial(_position_gradient, q=q_ref[...], vb_ref=vb_ref, r_ref=r_ref,
-                                 dq_position_ref=dq_position_acc, dr_ref=dr_ref, dvb_ref=dvb_ref, rows=rows,
-                                 first_query=first_query, lay=lay)
-    C, N = lay.n_cmem, lay.n_queries
+    position = functools.partial(_position_gradient, q=inputs.q[...], inputs=inputs,
+                                 into=_PositionGradients(scratch.dq_position, grads.dtables, grads.dv_biases),
+                                 rows=rows, first_query=first_query, tiling=tiling)
+    C, gap = tiling.n_cmem, tiling.virtual_key_gap
     if not C:
         position(ds_low, first_virtual_key=first_key, table=0)
-    elif lay.straddles:
+    elif tiling.straddles:
         key = first_key + jax.lax.broadcasted_iota(jnp.int32, ds_low.shape, 1)
         zero = jnp.zeros_like(ds_low)
         position(jnp.where(key < C, ds_low, zero), first_virtual_key=first_key, table=0)
-        position(jnp.where(key < C, zero, ds_low), first_virtual_key=first_key + N, table=1)
+        position(jnp.where(key < C, zero, ds_low), first_virtual_key=first_key + gap, table=1)
     else:
         in_memory = first_key >= C
-        position(ds_low, first_virtual_key=first_key + jnp.where(in_memory, N, 0), table=in_memory.astype(jnp.int32))
+        position(ds_low, first_virtual_key=first_key + jnp.where(in_memory, gap, 0),
+                 table=in_memory.astype(jnp.int32))
 
     @pl.when(query_block == pl.num_programs(3) - 1)
     def _finish():
-        dk_ref[...] = dk_acc[...].astype(dk_ref.dtype)
-        dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
+        grads.dk[...] = scratch.dk[...].astype(grads.dk.dtype)
+        grads.dv[...] = scratch.dv[...].astype(grads.dv.dtype)
 
     @pl.when((query_block == pl.num_programs(3) - 1) & (key_block == pl.num_programs(2) - 1))
     def _finish_row():  # the position gradient's query blocks come with their rows reversed
-        for block in range(lay.n_queries // lay.query_block):
-            rows = pl.ds(block * lay.query_block, lay.query_block)
-            dq_acc[rows, :] += _reverse_rows(dq_position_acc[rows, :], lay, jnp.float32)
-        dq_ref[...] = dq_acc[...].astype(dq_ref.dtype)
+        for block in range(tiling.n_queries // tiling.query_block):
+            rows = pl.ds(block * tiling.query_block, tiling.query_block)
+            scratch.dq[rows, :] += _reverse_rows(scratch.dq_position[rows, :], tiling, jnp.float32)
+        grads.dq[...] = scratch.dq[...].astype(grads.dq.dtype)
 
 
-def _cost(q, lay: _Layout, table_rows: int, kind: str, n_keys: int, n_ranges: int = 0) -> pl.CostEstimate:
+def _cost(q, tiling: Tiling, table_rows: int, kind: str, n_keys: int, n_ranges: int = 0) -> pl.CostEstimate:
     """What one call over `n_keys` keys moves between HBM and VMEM and computes. A block whose
     index does not change along the inner grid axis is fetched once; the others once per outer
     block. The table (float32) and biases are fetched once per head. Forward: q once, k, v and
@@ -393,15 +440,15 @@ def _cost(q, lay: _Layout, table_rows: int, kind: str, n_keys: int, n_ranges: in
     validity row once, q and the log-sum-exp once per key block, the usage written once; q·k
     and q·R."""
     H, B, N, K = q.shape
-    T, bq, bk = n_keys, lay.query_block, lay.key_block
+    T, bq, bk = n_keys, tiling.query_block, tiling.key_block
     item, rows = q.dtype.itemsize, H * B
     tables = H * (table_rows * K * 4 + 2 * K * item)
-    position = (lay.window / bk) * (2 if lay.straddles else 1)
+    position = (tiling.window / bk) * (2 if tiling.straddles else 1)
     per_row, gemms = {
         "forward": (N * K * item + (N // bq) * (2 * T * K * item + T * 4) + N * K * item + N * 4 * (1 + n_ranges),
                     2 + position),
         "backward": ((T // bk) * (2 * N * K * item + 2 * N * 4) + N * K * item + T * 4 + 4 * T * K * item,
-                     5 + 3 * position + (2 if lay.straddles else 1) * (bq / K + bq / bk)),
+                     5 + 3 * position + (2 if tiling.straddles else 1) * (bq / K + bq / bk)),
         "usage": ((T // bk) * (N * K * item + N * 4) + T * K * item + 2 * T * 4, 1 + position),
     }[kind]
     if kind == "backward":  # the u, table and bias gradients, written once per head
@@ -417,188 +464,187 @@ _SEMANTICS = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "
 _BACKWARD_SEMANTICS = pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary", "arbitrary"))
 
 
-def _grid(q, k, r, lay: _Layout, queries_outer: bool, key_blocks: tuple[int, int] | None = None):
-    """The grid (h, b, outer block, inner block) and the block specs of its operands: the
-    forward streams key blocks past each query block, the backward and the usage query blocks
-    past each key block; `key_blocks` (first, end) limits the grid to those (default all). `at`
-    turns an index map of (h, b, query block i, key block j) into the grid's."""
+# The blocks' index maps, over (head h, row b, query block i, key block j).
+def _query_rows(h, b, i, j):  # q, out, dout: the query block's rows
+    return h, b, i, 0
+
+
+def _key_rows(h, b, i, j):  # k, v and their gradients: the key block's rows
+    return h, b, j, 0
+
+
+def _whole_head(h, b, i, j):  # u, the v biases, the tables: the head's, whole
+    return h, 0, 0
+
+
+def _key_validity(h, b, i, j):  # the row's validity of the key block's keys
+    return b, 0, j
+
+
+def _query_statistics(h, b, i, j):  # the query block's statistics, as rows
+    return h, b, 0, i
+
+
+def _grid(q, k, tables, tiling: Tiling, queries_outer: bool, key_blocks: tuple[int, int] | None = None):
+    """The grid (h, b, outer block, inner block), the block specs of the attention operands
+    (`_Inputs`), and `on_grid`, which turns an index map of (h, b, query block i, key block j)
+    into the grid's. The forward streams key blocks past each query block, the backward and the
+    usage query blocks past each key block; `key_blocks` (first, end) limits the grid to those
+    (default all)."""
     H, B, N, K = q.shape
-    bq, bk = lay.query_block, lay.key_block
+    bq, bk = tiling.query_block, tiling.key_block
     first, end = key_blocks or (0, k.shape[2] // bk)
 
-    def at(index):
-        def grid_index(h, b, x, y, *scalars):  # scalars: the prefetched row seeds, not used here
+    def on_grid(index):
+        def grid_index(h, b, x, y, *prefetched):  # prefetched: the row seeds, not used here
             i, j = (x, y) if queries_outer else (y, x)
             return index(h, b, i, j + first)
         return grid_index
 
-    specs = {"query": pl.BlockSpec((None, None, bq, K), at(lambda h, b, i, j: (h, b, i, 0))),
-             "key": pl.BlockSpec((None, None, bk, K), at(lambda h, b, i, j: (h, b, j, 0))),
-             "u": pl.BlockSpec((None, 1, K), at(lambda h, b, i, j: (h, 0, 0))),
-             "v_biases": pl.BlockSpec((None, 2, K), at(lambda h, b, i, j: (h, 0, 0))),
-             "table": pl.BlockSpec((None,) + r.shape[1:], at(lambda h, b, i, j: (h, 0, 0))),
-             "visible": pl.BlockSpec((None, 1, bk), at(lambda h, b, i, j: (b, 0, j)))}
+    keys = pl.BlockSpec((None, None, bk, K), on_grid(_key_rows))
+    specs = _Inputs(q=pl.BlockSpec((None, None, bq, K), on_grid(_query_rows)),
+                    u=pl.BlockSpec((None, 1, K), on_grid(_whole_head)),
+                    v_biases=pl.BlockSpec((None, 2, K), on_grid(_whole_head)),
+                    tables=pl.BlockSpec((None,) + tables.shape[1:], on_grid(_whole_head)),
+                    visible=pl.BlockSpec((None, 1, bk), on_grid(_key_validity)), k=keys, v=keys)
     grid = (H, B, N // bq, end - first) if queries_outer else (H, B, end - first, N // bq)
-    return grid, specs, at
+    return grid, specs, on_grid
 
 
-def _statistics(n: int, lay: _Layout, at) -> pl.BlockSpec:
+def _statistics(n: int, tiling: Tiling, on_grid) -> pl.BlockSpec:
     """n per-query statistics of a query block, as rows [n, bq] of an [H,B,n,N] array (see
     `_columns`)."""
-    return pl.BlockSpec((None, None, n, lay.query_block), at(lambda h, b, i, j: (h, b, 0, i)))
+    return pl.BlockSpec((None, None, n, tiling.query_block), on_grid(_query_statistics))
 
 
-def _with_seeds(kernel, seeds: jax.Array, lay: _Layout) -> tuple[Callable, tuple[jax.Array, ...]]:
+def _with_seeds(kernel, seeds: jax.Array, tiling: Tiling) -> tuple[Callable, tuple[jax.Array, ...]]:
     """The kernel and its scalar-prefetched operands: with dropout the [B] row seeds, which land in
     scalar memory (SMEM) once per call rather than as a small block copied at every grid step;
     without dropout none, and the kernel's seed argument is None (nothing passed and left unread)."""
-    if lay.dropout:
+    if tiling.dropout:
         return kernel, (seeds,)
     return functools.partial(kernel, None), ()
 
 
-def _kernel_inputs(specs) -> list[pl.BlockSpec]:
-    return [specs[name] for name in ("query", "u", "v_biases", "table", "visible", "key", "key")]
-
-
-def _forward_call(q, u, vb, r, visible, k, v, seeds, lay: _Layout, ranges, interpret: bool):
-    lay = dataclasses.replace(lay, interpret=interpret)
-    grid, spec, at = _grid(q, k, r, lay, queries_outer=True)
-    bq, K = lay.query_block, q.shape[3]
-    kernel, seeded = _with_seeds(functools.partial(_forward_kernel, lay=lay, ranges=ranges), seeds, lay)
+def _forward_call(inputs: _Inputs, seeds, tiling: Tiling, interpret: bool) -> _ForwardOutputs:
+    tiling = dataclasses.replace(tiling, interpret=interpret)
+    q, n_ranges = inputs.q, len(tiling.ranges)
+    grid, specs, on_grid = _grid(q, inputs.k, inputs.tables, tiling, queries_outer=True)
+    bq, K = tiling.query_block, q.shape[3]
+    kernel, prefetched = _with_seeds(functools.partial(_forward_kernel, tiling=tiling), seeds, tiling)
     return pl.pallas_call(
         kernel, grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=len(seeded), grid=grid, in_specs=_kernel_inputs(spec),
-            out_specs=[spec["query"], _statistics(1, lay, at), _statistics(len(ranges), lay, at)],
-            scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
-                            pltpu.VMEM((bq, K), jnp.float32), pltpu.VMEM((bq, len(ranges)), jnp.float32)]),
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)] + [
-            jax.ShapeDtypeStruct(q.shape[:2] + (n, q.shape[2]), jnp.float32) for n in (1, len(ranges))],
-        compiler_params=_SEMANTICS, cost_estimate=_cost(q, lay, r.shape[1], "forward", k.shape[2], len(ranges)),
+            num_scalar_prefetch=len(prefetched), grid=grid, in_specs=[specs],
+            out_specs=[_ForwardOutputs(specs.q, _statistics(1, tiling, on_grid),
+                                       _statistics(n_ranges, tiling, on_grid))],
+            scratch_shapes=[_ForwardScratch(pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
+                                            pltpu.VMEM((bq, K), jnp.float32),
+                                            pltpu.VMEM((bq, n_ranges), jnp.float32))]),
+        out_shape=[_ForwardOutputs(jax.ShapeDtypeStruct(q.shape, q.dtype),
+                                   *(jax.ShapeDtypeStruct(q.shape[:2] + (n, q.shape[2]), jnp.float32)
+                                     for n in (1, n_ranges)))],
+        compiler_params=_SEMANTICS,
+        cost_estimate=_cost(q, tiling, inputs.tables.shape[1], "forward", inputs.k.shape[2], n_ranges),
         interpret=interpret, name="relative_attention_forward",
-    )(*seeded, q, u, vb, r, visible, k, v)
+    )(*prefetched, inputs)[0]
 
 
-def _backward_call(q, u, vb, r, visible, k, v, seeds, stats, dout, lay: _Layout, interpret: bool):
-    lay = dataclasses.replace(lay, interpret=interpret)
-    grid, spec, at = _grid(q, k, r, lay, queries_outer=False)
-    bk, K, H = lay.key_block, q.shape[3], q.shape[0]
+def _backward_call(inputs: _Inputs, seeds, statistics: _Statistics, tiling: Tiling, interpret: bool) -> _Gradients:
+    tiling = dataclasses.replace(tiling, interpret=interpret)
+    q, k, v, tables = inputs.q, inputs.k, inputs.v, inputs.tables
+    grid, specs, on_grid = _grid(q, k, tables, tiling, queries_outer=False)
+    bk, K, H = tiling.key_block, q.shape[3], q.shape[0]
 
     def per_row(*shape):  # one block per (head, row), in VMEM across the row's key and query blocks
-        return pl.BlockSpec((None, None) + shape, at(lambda h, b, i, j: (h, b) + (0,) * len(shape)))
+        return pl.BlockSpec((None, None) + shape, on_grid(lambda h, b, i, j: (h, b) + (0,) * len(shape)))
 
     def per_head(*shape):  # one block per head, over all its rows (of this device)
-        return pl.BlockSpec((None, None) + shape, at(lambda h, b, i, j: (h, 0) + (0,) * len(shape)))
+        return pl.BlockSpec((None, None) + shape, on_grid(lambda h, b, i, j: (h, 0) + (0,) * len(shape)))
 
-    kernel, seeded = _with_seeds(functools.partial(_backward_kernel, lay=lay), seeds, lay)
-    dq, du, dr, dvb, dk, dv = pl.pallas_call(
+    kernel, prefetched = _with_seeds(functools.partial(_backward_kernel, tiling=tiling), seeds, tiling)
+    return pl.pallas_call(
         kernel, grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=len(seeded), grid=grid,
-            in_specs=_kernel_inputs(spec) + [_statistics(2, lay, at), spec["query"]],
-            out_specs=[per_row(q.shape[2], K), per_head(1, K), per_head(r.shape[1], K), per_head(2, K),
-                       spec["key"], spec["key"]],
-            scratch_shapes=[pltpu.VMEM((bk, K), jnp.float32), pltpu.VMEM((bk, K), jnp.float32),
-                            pltpu.VMEM(q.shape[2:], jnp.float32), pltpu.VMEM(q.shape[2:], jnp.float32)]),
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((H, 1, 1, K), jnp.float32),
-                   jax.ShapeDtypeStruct((H, 1) + r.shape[1:], jnp.float32),
-                   jax.ShapeDtypeStruct((H, 1, 2, K), jnp.float32),
-                   jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=_BACKWARD_SEMANTICS, cost_estimate=_cost(q, lay, r.shape[1], "backward", k.shape[2]),
+            num_scalar_prefetch=len(prefetched), grid=grid,
+            in_specs=[specs, _Statistics(_statistics(2, tiling, on_grid), specs.q)],
+            out_specs=[_Gradients(per_row(q.shape[2], K), per_head(1, K), per_head(tables.shape[1], K),
+                                  per_head(2, K), specs.k, specs.v)],
+            scratch_shapes=[_BackwardScratch(pltpu.VMEM((bk, K), jnp.float32), pltpu.VMEM((bk, K), jnp.float32),
+                                             pltpu.VMEM(q.shape[2:], jnp.float32),
+                                             pltpu.VMEM(q.shape[2:], jnp.float32))]),
+        out_shape=[_Gradients(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((H, 1, 1, K), jnp.float32),
+                              jax.ShapeDtypeStruct((H, 1) + tables.shape[1:], jnp.float32),
+                              jax.ShapeDtypeStruct((H, 1, 2, K), jnp.float32),
+                              jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))],
+        compiler_params=_BACKWARD_SEMANTICS, cost_estimate=_cost(q, tiling, tables.shape[1], "backward", k.shape[2]),
         interpret=interpret, name="relative_attention_backward",
-    )(*seeded, q, u, vb, r, visible, k, v, stats, dout)
-    return dq, du, dr, dvb, dk, dv
+    )(*prefetched, inputs, statistics)[0]
 
 
-def _usage_call(q, u, vb, r, visible, k, lse, lay: _Layout, key_blocks: tuple[int, int], interpret: bool):
+def _key_usage_block(h, b, j, i):  # the usage kernel's grid is (head, row, key block, query block)
+    return h, b, 0, j
+
+
+def _usage_call(inputs: _Inputs, lse, tiling: Tiling, key_blocks: tuple[int, int], interpret: bool):
     """[H,B,1,keys]: the attention each key of the key blocks (first, end) receives, summed
     over the queries."""
-    lay = dataclasses.replace(lay, interpret=interpret)
-    grid, spec, at = _grid(q, k, r, lay, queries_outer=False, key_blocks=key_blocks)
-    n_keys = (key_blocks[1] - key_blocks[0]) * lay.key_block
+    tiling = dataclasses.replace(tiling, interpret=interpret)
+    q = inputs.q
+    grid, specs, on_grid = _grid(q, inputs.k, inputs.tables, tiling, queries_outer=False, key_blocks=key_blocks)
+    n_keys = (key_blocks[1] - key_blocks[0]) * tiling.key_block
     return pl.pallas_call(
-        functools.partial(_usage_kernel, lay=lay, first_key_block=key_blocks[0]), grid=grid,
-        in_specs=_kernel_inputs(spec)[:-1] + [_statistics(1, lay, at)],
-        out_specs=pl.BlockSpec((None, None, 1, lay.key_block), lambda h, b, j, i: (h, b, 0, j)),
+        functools.partial(_usage_kernel, tiling=tiling, first_key_block=key_blocks[0]), grid=grid,
+        in_specs=[specs._replace(v=None), _statistics(1, tiling, on_grid)],
+        out_specs=pl.BlockSpec((None, None, 1, tiling.key_block), _key_usage_block),
         out_shape=jax.ShapeDtypeStruct(q.shape[:2] + (1, n_keys), jnp.float32),
-        compiler_params=_SEMANTICS, cost_estimate=_cost(q, lay, r.shape[1], "usage", n_keys), interpret=interpret,
-        name="relative_attention_key_usage",
-    )(q, u, vb, r, visible, k, lse)
+        compiler_params=_SEMANTICS, cost_estimate=_cost(q, tiling, inputs.tables.shape[1], "usage", n_keys),
+        interpret=interpret, name="relative_attention_key_usage",
+    )(inputs, lse)
 
 
-# The batch axis of each kernel operand (None: the same on every device); every result is
-# [H, B, ...].
-_BATCH_AXES = {"forward": (1, None, None, None, 0, 1, 1, 0), "backward": (1, None, None, None, 0, 1, 1, 0, 1, 1),
-               "usage": (1, None, None, None, 0, 1, 1)}
-
-
-def _kernel_operands(q, u, v_biases, r, visible, lay: _Layout):
-    """u as [H,1,K], two v-bias rows (the memory's twice without a compressed memory), the
-    table in float32 with zero rows after it (`_Layout.padded_rows`), validity as int32 [B,1,T]."""
+def _kernel_inputs(operands: AttentionOperands, tiling: Tiling) -> _Inputs:
+    """The operands as the kernels take them: u as [H,1,K], two v-bias rows (the memory's twice
+    without a compressed memory), the table in float32 with zero rows after it
+    (`Tiling.padded_rows`), validity as int32 [B,1,T]."""
+    q, r = operands.q, operands.tables
     rows = r.shape[1]
+    v_biases = operands.v_biases
     vb = v_biases if v_biases.shape[1] == 2 else jnp.concatenate([v_biases, v_biases], axis=1)
-    table = jnp.pad(r.astype(jnp.float32), ((0, 0), (0, lay.padded_rows(rows) - rows), (0, 0)))
-    return u[:, None, :].astype(q.dtype), vb.astype(q.dtype), table, visible.astype(jnp.int32)[:, None, :]
+    table = jnp.pad(r.astype(jnp.float32), ((0, 0), (0, tiling.padded_rows(rows) - rows), (0, 0)))
+    return _Inputs(q, operands.u[:, None, :].astype(q.dtype), vb.astype(q.dtype), table,
+                   operands.visible.astype(jnp.int32)[:, None, :], operands.k, operands.v)
 
 
-def flash_attention(q_HBNK: jax.Array, u_HK: jax.Array, k_HBTK: jax.Array, v_HBTK: jax.Array,
-                    v_biases_HRK: jax.Array, r_HPK: jax.Array, visible_BT: jax.Array, n_cmem: int,
-                    n_mem: int, usage_keys: tuple[int, int] | None = None, dropout: float = 0.0,
-                    dropout_seed: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """softmax((q + u)·kᵀ + position_scores(q, v_biases, r) over the visible keys)·v per head
-    and batch row, [H,B,N,K], with neither the probabilities nor the position term in HBM;
-    the attention each query gives the compressed memory, the memory and the segment,
-    [H,B,N,3]; and, for keys `usage_keys` = (first, end) when given, the attention each of
-    them receives summed over the queries, [H,B,end-first] (else None). The last two are
-    statistics of the undropped weights, with no gradient. `visible_BT`: whether each key of
-    [cmem; mem; segment] holds a valid slot; the segment's keys are also hidden from the
-    queries before them. `dropout`: the rate at which the attention weights are dropped, with
-    the mask `kept_weights` draws from the int32 `dropout_seed`."""
-    if dropout and dropout_seed is None:
-        raise ValueError(f"attention dropout at {dropout} needs a dropout_seed")
-    seeds = row_seeds(0 if dropout_seed is None else dropout_seed, q_HBNK.shape[1])
-    return _attention(q_HBNK, u_HK, k_HBTK, v_HBTK, v_biases_HRK, r_HPK, visible_BT, seeds, n_cmem, n_mem,
-                      usage_keys, float(dropout))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
-def _attention(q, u, k, v, v_biases, r, visible, seeds, n_cmem, n_mem, usage_keys, dropout):
-    return _forward(q, u, k, v, v_biases, r, visible, seeds, n_cmem, n_mem, usage_keys, dropout)[0]
-
-
-def _forward(q, u, k, v, v_biases, r, visible, seeds, n_cmem, n_mem, usage_keys, dropout):
-    lay = _Layout.of(q, k, n_cmem, n_mem, dropout)
-    operands = _kernel_operands(q, u, v_biases, r, visible, lay)
-    ranges = ((0, n_cmem), (n_cmem, n_cmem + n_mem), (n_cmem + n_mem, k.shape[2]))
-    out, lse, mass = on_platform(_forward_call, (q, *operands, k, v, seeds), _BATCH_AXES["forward"], "tpu", lay=lay,
-                                 ranges=ranges)
-    # Named for the layers' remat policy, which keeps them: the backward needs only these two
-    # small arrays ([H,B,N,K] and [H,B,1,N]), and recomputing them would rerun the whole kernel.
-    out, lse = (checkpoint_name(x, KERNEL_OUTPUTS) for x in (out, lse))
-    mass = jnp.swapaxes(mass, 2, 3)
+def _forward(operands: AttentionOperands, seeds: jax.Array, keys: KeyLayout, usage_keys: tuple[int, int] | None):
+    tiling = Tiling.of(keys, operands.k.shape[2])
+    inputs = _kernel_inputs(operands, tiling)
+    outputs = on_platform(_forward_call, (inputs, seeds), (_INPUT_BATCH_AXES, _SEEDS_BATCH_AXIS), "tpu",
+                          tiling=tiling)
+    masses = jnp.swapaxes(outputs.masses, 2, 3)
     usage = None
     if usage_keys is not None:
         first, end = usage_keys
-        blocks = (first // lay.key_block, -(-end // lay.key_block))
-        covered = on_platform(_usage_call, (q, *operands, k, lse), _BATCH_AXES["usage"], "tpu", lay=lay,
-                              key_blocks=blocks)
-        offset = blocks[0] * lay.key_block
+        blocks = (first // tiling.key_block, -(-end // tiling.key_block))
+        covered = on_platform(_usage_call, (inputs._replace(v=None), outputs.lse),
+                              (_INPUT_BATCH_AXES._replace(v=None), 1), "tpu", tiling=tiling, key_blocks=blocks)
+        offset = blocks[0] * tiling.key_block
         usage = covered[:, :, 0, first - offset:end - offset]
-    return (out, mass, usage), (q, u, k, v, v_biases, r, visible, seeds, out, lse)
+    return (outputs.out, masses, usage), outputs.lse
 
 
-def _backward(n_cmem, n_mem, usage_keys, dropout, residuals, cotangents):
-    q, u, k, v, v_biases, r, visible, seeds, out, lse = residuals
-    dout = cotangents[0]
-    lay = _Layout.of(q, k, n_cmem, n_mem, dropout)
-    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)[:, :, None, :]
-    stats = jnp.concatenate([lse, delta], axis=2)  # [H,B,2,N], rows as the kernel reads them
-    operands = (q, *_kernel_operands(q, u, v_biases, r, visible, lay), k, v, seeds, stats, dout.astype(q.dtype))
-    dq, du, dr, dvb, dk, dv = on_platform(_backward_call, operands, _BATCH_AXES["backward"], "tpu", lay=lay)
+def _backward(operands: AttentionOperands, seeds: jax.Array, keys: KeyLayout, out: jax.Array, lse: jax.Array,
+              dout: jax.Array) -> AttentionOperands:
+    tiling = Tiling.of(keys, operands.k.shape[2])
+    statistics = _Statistics(jnp.concatenate([lse, output_delta(out, dout)[:, :, None, :]], axis=2), dout)
+    inputs = _kernel_inputs(operands, tiling)
+    grads = on_platform(_backward_call, (inputs, seeds, statistics),
+                        (_INPUT_BATCH_AXES, _SEEDS_BATCH_AXIS, _STATISTICS_BATCH_AXES), "tpu", tiling=tiling)
     # The u, table and bias gradients come summed over each device's rows: [H, devices, ...].
-    du = jnp.sum(du, axis=(1, 2)).astype(u.dtype)
-    dr = jnp.sum(dr, axis=1)[:, :r.shape[1]].astype(r.dtype)
-    dv_biases = jnp.sum(dvb, axis=1)[:, :v_biases.shape[1]].astype(v_biases.dtype)
-    return dq, du, dk, dv, dv_biases, dr, None, None
+    du = jnp.sum(grads.du, axis=(1, 2)).astype(operands.u.dtype)
+    dtables = jnp.sum(grads.dtables, axis=1)[:, :operands.tables.shape[1]].astype(operands.tables.dtype)
+    dv_biases = jnp.sum(grads.dv_biases, axis=1)[:, :operands.v_biases.shape[1]].astype(operands.v_biases.dtype)
+    return AttentionOperands(q=grads.dq, u=du, k=grads.dk, v=grads.dv, v_biases=dv_biases, tables=dtables,
+                             visible=None)
 
 
-_attention.defvjp(_forward, _backward)
+# The TPU kernels, for `ctx.nn.fused_attention.flash_attention`: any range of keys reports its usage.
+KERNELS = FusedKernels(forward=_forward, backward=_backward)

@@ -17,14 +17,15 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
 
-from ctx.nn.pallas_tpu import _Layout, _skew, block_sizes  # noqa: E402
+from ctx.nn.fused_attention import KeyLayout  # noqa: E402
+from ctx.nn.pallas_tpu import Tiling, _skew  # noqa: E402
 
 results, done = {}, {}
 for task in ("pg19", "enwik8", "wt103"):
     for variant in ("ct", "txl"):
         m = importlib.import_module(f"experiments.{task}").get_config(variant).model
         C, M, N = m.compressed_length, m.memory_length, m.segment_length
-        lay = _Layout(C, M, N, *block_sizes(N, C + M + N, C))
+        lay = Tiling.of(KeyLayout(C, M, N, dropout=0.0), C + M + N)
         tile = (lay.query_block, lay.key_block, lay.window)
         if tile in done:
             results[f"{task}:{variant}"] = results[done[tile]]

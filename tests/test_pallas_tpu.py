@@ -16,8 +16,9 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import SingleDeviceSharding
 
 from ctx import aot, train
-from ctx.nn.attention_reference import dropout_mask, reference_attention
-from ctx.nn.pallas_tpu import _Layout, _skew, _unskew_reversed, block_sizes, flash_attention
+from ctx.nn import fused_attention, pallas_tpu
+from ctx.nn.fused_attention import AttentionOperands
+from ctx.nn.pallas_tpu import Tiling, _skew, _unskew_reversed, block_sizes
 from experiments import demo
 from tests.helpers import ROOT, read_metrics, run_script, simulated_devices_env, tiny_train_config
 
@@ -29,15 +30,10 @@ from tests.helpers import ROOT, read_metrics, run_script, simulated_devices_env,
 LAYOUTS = [(256, 128, 512), (192, 320, 512), (0, 384, 256)]
 
 
-def inputs(n_cmem, n_mem, N, dtype, H=2, B=2, K=8, seed=0):
-    """Random queries, keys, values, u, v biases and tables (of `position_scores`' layout),
-    with row 1's oldest 100 memory slots empty (as after a reset)."""
-    T, P = n_cmem + n_mem + N, (n_cmem + N if n_cmem else 0) + n_mem + N
-    shapes = [(H, B, N, K), (H, K), (H, B, T, K), (H, B, T, K), (H, 2 if n_cmem else 1, K), (H, P, K)]
-    arrays = [0.5 * jax.random.normal(key, shape, jnp.float32).astype(dtype)
-              for key, shape in zip(jax.random.split(jax.random.key(seed), len(shapes)), shapes)]
-    visible = jnp.asarray(np.stack([np.ones(T, bool), np.arange(T) >= 100]))
-    return arrays + [visible]
+def flash_attention(*args, n_cmem=0, n_mem=0, usage_keys=None, dropout=0.0, dropout_seed=None):
+    """The TPU kernel through the contract's entry point, on q, u, k, v, v biases, tables, visible."""
+    return fused_attention.flash_attention(pallas_tpu.KERNELS, AttentionOperands(*args), n_cmem, n_mem, usage_keys,
+                                           dropout, dropout_seed)
 
 
 def test_block_sizes_divide_the_axes_in_tpu_tiles_or_take_them_whole():
@@ -52,81 +48,10 @@ def test_block_sizes_divide_the_axes_in_tpu_tiles_or_take_them_whole():
     assert block_sizes(384, 1152, 384) == (128, 384)  # the 384-wide layout checked against naive attention
 
 
-@pytest.mark.parametrize("layout, dtype, tolerance",
-                         [(layout, jnp.float32, 1e-5) for layout in LAYOUTS]
-                         + [pytest.param(layout, jnp.bfloat16, 3e-2, marks=pytest.mark.slow) for layout in LAYOUTS]
-                         # 384-wide key blocks (enwik8's) and 128-query blocks, 9 tiles per row
-                         + [((384, 384, 384), jnp.float32, 1e-5)])
-def test_the_kernel_equals_naive_attention_in_the_output_and_every_gradient(layout, dtype, tolerance):
-    n_cmem, n_mem, N = layout
-    args = inputs(n_cmem, n_mem, N, dtype)
-    weights = jax.random.normal(jax.random.key(9), args[0].shape, jnp.float32)
-
-    def kernel(*a):
-        return flash_attention(*a, n_cmem, n_mem)[0]
-
-    def naive(*a):
-        return reference_attention(*a, n_cmem, n_mem)[0]
-
-    def loss(attention):
-        return lambda *a: jnp.sum(attention(*a).astype(jnp.float32) * weights)
-
-    got, want = jax.jit(kernel)(*args), naive(*args)
-    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tolerance)
-    argnums = tuple(range(6))
-    grads = jax.jit(jax.grad(loss(kernel), argnums=argnums))(*args)
-    expected = jax.grad(loss(naive), argnums=argnums)(*args)
-    for name, g, e in zip("q u k v v_biases tables".split(), grads, expected):
-        assert g.dtype == e.dtype == dtype, name
-        scale = float(jnp.max(jnp.abs(e.astype(jnp.float32))))
-        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(e, np.float32), atol=tolerance * scale,
-                                   err_msg=name)
-    assert not np.any(np.asarray(grads[2], np.float32)[:, 1, :100])  # empty slots' keys get no gradient
-
-
-def test_the_kernel_drops_the_weights_naive_attention_drops_with_the_same_mask():
-    """Attention dropout inside the kernel: the output and all six gradients equal naive
-    attention's with the mask `kept_weights` hashes from the seed and the indices (the
-    backward regenerates the forward's); the mask keeps 1 - rate of the weights, and another
-    seed, head, row, query or key draws another one."""
-    n_cmem, n_mem, N = LAYOUTS[1]
-    rate, seed = 0.3, jnp.int32(1234)
-    args = inputs(n_cmem, n_mem, N, jnp.float32)
-    weights = jax.random.normal(jax.random.key(9), args[0].shape, jnp.float32)
-
-    def kernel(*a):
-        return flash_attention(*a, n_cmem, n_mem, None, rate, seed)[0]
-
-    def naive(*a):
-        return reference_attention(*a, n_cmem, n_mem, rate, seed)[0]
-
-    def loss(attention):
-        return lambda *a: jnp.sum(attention(*a) * weights)
-
-    got, want = jax.jit(kernel)(*args), naive(*args)
-    np.testing.assert_allclose(got, want, atol=1e-5)
-    assert np.abs(np.asarray(got - reference_attention(*args, n_cmem, n_mem)[0])).max() > 0.1  # it did drop
-    argnums = tuple(range(6))
-    grads = jax.jit(jax.grad(loss(kernel), argnums=argnums))(*args)
-    expected = jax.grad(loss(naive), argnums=argnums)(*args)
-    for name, g, e in zip("q u k v v_biases tables".split(), grads, expected):
-        np.testing.assert_allclose(g, e, atol=1e-5 * float(jnp.max(jnp.abs(e))), err_msg=name)
-
-    mask = np.asarray(dropout_mask(seed, 4, 2, 256, 1024, rate))
-    assert abs(mask.mean() - (1 - rate)) < 2e-3
-    # Independent masks agree on 0.7² + 0.3² = 58% of the weights.
-    assert 0.57 < (mask[0] == mask[1]).mean() < 0.59 and 0.57 < (mask[:, 0] == mask[:, 1]).mean() < 0.59
-    assert 0.57 < (mask == np.asarray(dropout_mask(jnp.int32(1235), 4, 2, 256, 1024, rate))).mean() < 0.59
-    assert 0.57 < (mask[..., 1:] == mask[..., :-1]).mean() < 0.59  # neighbouring keys
-    assert 0.57 < (mask[:, :, 1:] == mask[:, :, :-1]).mean() < 0.59  # neighbouring queries
-    with pytest.raises(ValueError, match="attention dropout at 0.3 needs a dropout_seed"):
-        flash_attention(*args, n_cmem, n_mem, None, rate)
-
-
 def test_the_interpreted_skew_is_the_row_strided_rotation_a_tpu_runs():
     """Interpreted, a tile skews its position band by one gather instead of `pltpu.roll`
     (whose interpreter is one roll per row); both give the same tile."""
-    lay = _Layout(n_cmem=0, n_mem=16, n_queries=16, query_block=8, key_block=16)
+    lay = Tiling(n_cmem=0, n_mem=16, n_queries=16, dropout=0.0, query_block=8, key_block=16)
     band = jax.random.normal(jax.random.key(3), (lay.query_block, lay.window), jnp.float32)
     rolled = jax.jit(lambda b: pltpu.roll(b, lay.window - lay.query_block + 1, 1, stride=1, stride_axis=0))(band)
     interpreted = _skew(band, dataclasses.replace(lay, interpret=True))
@@ -140,7 +65,7 @@ def test_the_backward_lays_the_gradient_back_with_the_rotation_a_tpu_runs():
     """The backward's inverse of the skew, as a TPU runs it (an exchange product reversing the
     rows, then `pltpu.roll(stride=1)`, both interpreted by Pallas here), equals the gather the
     interpreted kernel uses; and it is the skew's inverse: skewing it back gives the tile."""
-    lay = _Layout(n_cmem=0, n_mem=16, n_queries=16, query_block=8, key_block=16)
+    lay = Tiling(n_cmem=0, n_mem=16, n_queries=16, dropout=0.0, query_block=8, key_block=16)
     grad = jax.random.normal(jax.random.key(4), (lay.query_block, lay.key_block), jnp.float32)
 
     def kernel(grad_ref, out_ref):
@@ -166,27 +91,7 @@ def test_the_kernels_gradient_program_runs_again_from_the_compilation_cache(tmp_
     assert runs[0].stdout.splitlines()[-1] == runs[1].stdout.splitlines()[-1]
 
 
-@pytest.mark.parametrize("layout", LAYOUTS[:2])
-def test_the_kernel_returns_the_attention_each_query_gives_each_key_range_and_each_evicted_key_receives(layout):
-    """The range masses (memory-kind metrics) and the usage of the keys `most_used` compression
-    ranks (the N oldest memory slots, C .. C+N: here over 4 key blocks of 128, and across the
-    end of a 512-key block where the compressed memory ends inside one)."""
-    n_cmem, n_mem, N = layout
-    args = inputs(n_cmem, n_mem, N, jnp.float32)
-    args[-1] = args[-1].at[1, :n_cmem + 40].set(False)  # row 1: empty up to 40 of the evicted slots
-    _, mass, usage = jax.jit(flash_attention, static_argnums=(7, 8, 9))(*args, n_cmem, n_mem, (n_cmem, n_cmem + N))
-    probs = np.asarray(reference_attention(*args, n_cmem, n_mem)[1])
-    bounds = (0, n_cmem, n_cmem + n_mem, probs.shape[-1])
-    expected = np.stack([probs[..., lo:hi].sum(-1) for lo, hi in zip(bounds[:-1], bounds[1:])], -1)
-    assert mass.shape == (2, 2, N, 3)
-    np.testing.assert_allclose(mass, expected, atol=1e-5)
-    np.testing.assert_allclose(mass.sum(-1), 1.0, atol=1e-5)
-    assert usage.shape == (2, 2, N)
-    np.testing.assert_allclose(usage, probs[..., n_cmem:n_cmem + N].sum(axis=2), rtol=1e-5, atol=1e-5)
-    assert not np.any(np.asarray(usage)[:, 1, :40]) and np.all(np.asarray(usage)[:, :, 40:] > 0)
-    assert jax.jit(flash_attention, static_argnums=(7, 8))(*args, n_cmem, n_mem)[2] is None  # only when asked
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("n_cmem, n_mem", [(512, 512), (448, 576), (0, 1024)])
 def test_the_kernel_lowers_through_mosaic_for_tpu_at_the_pg19_shape_with_its_cost(n_cmem, n_mem):
     """8 heads, batch 2, 512 queries against 1,536 keys, head dim 128, bf16 (the PG-19 layout;
@@ -203,16 +108,17 @@ def test_the_kernel_lowers_through_mosaic_for_tpu_at_the_pg19_shape_with_its_cos
     abstract.append(jax.ShapeDtypeStruct((B, T), jnp.bool_, sharding=sharding))
 
     def attend(*args):
-        return flash_attention(*args, n_cmem, n_mem)[0]
+        return flash_attention(*args, n_cmem=n_cmem, n_mem=n_mem)[0]
 
     def loss(*args):
         return jnp.sum(attend(*args).astype(jnp.float32))
 
     def attend_and_rank(*args):  # with the usage of the evicted keys, for 'most_used'
-        return flash_attention(*args, n_cmem, n_mem, (n_cmem, n_cmem + N))[::2]
+        return flash_attention(*args, n_cmem=n_cmem, n_mem=n_mem, usage_keys=(n_cmem, n_cmem + N))[::2]
 
     def dropped_loss(*args):  # with attention dropout
-        return jnp.sum(flash_attention(*args, n_cmem, n_mem, None, 0.1, jnp.int32(7))[0].astype(jnp.float32))
+        return jnp.sum(flash_attention(*args, n_cmem=n_cmem, n_mem=n_mem, dropout=0.1,
+                                       dropout_seed=jnp.int32(7))[0].astype(jnp.float32))
 
     forward = target.compile(jax.jit(attend).lower(*abstract))
     both = target.compile(jax.jit(jax.grad(loss, argnums=tuple(range(6)))).lower(*abstract))
@@ -236,6 +142,7 @@ def test_the_kernel_lowers_through_mosaic_for_tpu_at_the_pg19_shape_with_its_cos
         assert f"f32[{H},{B},1,{N}]" in program.as_text()
 
 
+@pytest.mark.slow
 def test_a_training_chunk_with_the_pallas_attention_compiles_for_a_tpu_slice():
     cfg = demo.get_config()
     cfg.train.segments_per_call = 2
@@ -304,7 +211,8 @@ def test_the_kernel_compiles_for_the_generations_of_the_other_paper_slices(slice
     abstract.append(jax.ShapeDtypeStruct((B, T), jnp.bool_, sharding=sharding))
 
     def loss(*args):
-        out, _, usage = flash_attention(*args, C, M, (C, C + N), 0.1, jnp.int32(7))
+        out, _, usage = flash_attention(*args, n_cmem=C, n_mem=M, usage_keys=(C, C + N), dropout=0.1,
+                                        dropout_seed=jnp.int32(7))
         return jnp.sum(out.astype(jnp.float32)) + jnp.sum(usage)
 
     text = target.compile(jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)))).lower(*abstract)).as_text()
