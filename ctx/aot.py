@@ -37,10 +37,12 @@ import ml_collections
 
 from ctx import gpu_topology, kernel_resources, roofline
 from ctx import topology as tpu_topology
-from ctx.config import ModelConfig, resolve_attention, validate, with_global_batch
+from ctx.backend import resolve_attention_here
+from ctx.config import ModelConfig, validate, with_global_batch
 from ctx.errors import InputError
 from ctx.flops import train_flops_per_token
 from ctx.nn import pallas_gpu
+from ctx.nn.attention_policy import resolve_attention
 from ctx.nn.fused_attention import AttentionOperands, flash_attention
 from ctx.nn.attention import cudnn_found
 from ctx.selfcheck import Problem
@@ -158,7 +160,9 @@ def _lower(config: ml_collections.ConfigDict, target: Target, lowering_platforms
     `lowering_platforms` (e.g. ('cuda',)) lowers it for other platforms than the target's, as
     far as StableHLO (how a CPU machine checks a GPU program short of compiling it)."""
     config = with_global_batch(config, len(target.devices))
-    trainer = Trainer(config, make_mesh(config.mesh, target.devices))
+    mesh = make_mesh(config.mesh, target.devices)
+    # Resolved for the target's chips; the self-check needs the chips themselves.
+    trainer = Trainer(config, resolve_attention_here(ModelConfig.from_config(config.model), target.devices[0]), mesh)
     abstract = trainer.abstract_checkpoint()
     G, B, N = config.train.segments_per_call, config.train.batch_size, trainer.model_config.segment_length
     rows = batch_sharding(trainer.mesh, 1, 3)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from ctx.aot import compiled_memory
+from ctx.backend import model_config_for_run
 from ctx.cli import FLAGS, define_config_flags, run_main
 from ctx.config import validate, with_global_batch
 from ctx.data.datasets import load_corpus
@@ -63,7 +64,7 @@ def run_benchmark(config: ml_collections.ConfigDict, chunks: int = 3,
     source operation is written to trace_dir/op_time.json (ctx.profile)."""
     validate(config)
     config = with_global_batch(config, jax.device_count())
-    trainer = Trainer(config)
+    trainer = Trainer(config, model_config_for_run(config, "ctx.bench"))
     cfg, G = trainer.model_config, config.train.segments_per_call
     stream = TrainStream(load_corpus(config.data, "train"), config.train.batch_size, cfg.segment_length,
                          seed=config.seed)

@@ -11,7 +11,6 @@ import dataclasses
 import importlib.util
 import math
 import os
-import re
 from typing import Any, Mapping
 
 import ml_collections
@@ -48,8 +47,8 @@ def model_config(**overrides: Any) -> ml_collections.ConfigDict:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The model's fields and their defaults (a tiny Compressive Transformer), in one place:
-    `model_config()` makes the ConfigDict section from them, and `from_config` turns a
-    validated section back into this immutable copy that Flax modules carry as a field."""
+    `model_config()` makes the ConfigDict section from them, and `from_config` turns a section
+    back into this immutable, validated copy that Flax modules carry as a field."""
 
     vocab_size: int = 256
     n_layers: int = 2
@@ -85,15 +84,19 @@ class ModelConfig:
     # docs/architecture.md#attention-implementations.
     attention_impl: str = "xla"
 
+    def __post_init__(self) -> None:
+        """An invalid ModelConfig cannot exist: every way of making one (from_config, a hand-made
+        one, dataclasses.replace) is checked here, with the error naming the field."""
+        object.__setattr__(self, "dilation_rates", tuple(self.dilation_rates))
+        validate_model(self)
+
     @classmethod
     def from_config(cls, section: ml_collections.ConfigDict | Mapping[str, Any]) -> "ModelConfig":
         """The typed copy of a config's model section, validated (ConfigError names the field)."""
         if isinstance(section, ModelConfig):
             return section
-        validate_model(section)
-        values = {f.name: _get(section, f.name) for f in dataclasses.fields(cls)}
-        values["dilation_rates"] = tuple(int(r) for r in values["dilation_rates"])
-        return cls(**values)
+        validate_model(section)  # names the unknown or missing fields of a section
+        return cls(**{f.name: _get(section, f.name) for f in dataclasses.fields(cls)})
 
     @property
     def head_dim(self) -> int:
@@ -138,71 +141,17 @@ class ModelConfig:
         return self.compresses and self.compression in LEARNED_COMPRESSIONS
 
 
-# The Pallas TPU kernel skews its position band with a row-strided lane rotation, which Mosaic
-# lowers on TPU v5 and later only.
-PALLAS_TPU_FIRST_GENERATION = 5
-
-
-def tpu_generation(device_kind: str) -> int | None:
-    """The generation of a TPU device kind ('TPU v4' -> 4, 'TPU v5 lite' -> 5, 'TPU7x' -> 7)."""
-    found = re.search(r"TPU\s*v?(\d+)", device_kind)
-    return int(found.group(1)) if found else None
-
-
-# The Pallas GPU kernel's square tiles are powers of two that divide the segment and the
-# memories, and Triton's dot needs them at least this large.
-PALLAS_GPU_SMALLEST_BLOCK = 16
-
-
-def pallas_gpu_layout_problem(cfg: ModelConfig) -> str:
-    """Why Triton cannot compile the Pallas GPU kernel at `cfg`'s layout ('' when it can)."""
-    head = cfg.head_dim
-    if not (PALLAS_GPU_SMALLEST_BLOCK <= head <= 256 and head & (head - 1) == 0):
-        return f"its head dimension (d_model / n_heads = {head}) must be a power of two from 16 to 256"
-    memories = cfg.memory_length + cfg.compressed_length
-    if cfg.segment_length % PALLAS_GPU_SMALLEST_BLOCK or memories % PALLAS_GPU_SMALLEST_BLOCK:
-        return (f"segment_length ({cfg.segment_length}) and memory_length + compressed_length ({memories}) must "
-                f"be multiples of {PALLAS_GPU_SMALLEST_BLOCK} (its tiles)")
-    return ""
-
-
-def _is_amd(device_kind: str) -> bool:
-    return any(name in device_kind for name in ("AMD", "Radeon", "Instinct"))
-
-
-def resolve_attention(cfg: ModelConfig, platform: str, device_kind: str = "") -> ModelConfig:
-    """`cfg` with attention_impl='auto' replaced by what runs on `platform` ('cpu', 'gpu', 'tpu')
-    and its `device_kind` (jax's, e.g. 'TPU v5 lite', 'NVIDIA H100 80GB HBM3'): the platform's
-    fused kernel where the config and the chip allow it, else 'xla'. On NVIDIA GPUs that is
-    'pallas_gpu', else 'cudnn' where the config needs neither attention dropout nor most_used.
-    A kernel asked for by name that cannot run here is refused in one line rather than by the
-    compiler: 'pallas_tpu' on a TPU older than it supports, 'pallas_gpu' on a TPU, an AMD GPU
-    or at a layout Triton cannot tile."""
-    generation = tpu_generation(device_kind) if platform == "tpu" else None
-    too_old = generation is not None and generation < PALLAS_TPU_FIRST_GENERATION
-    if cfg.attention_impl == "pallas_tpu" and too_old:
-        raise ConfigError(f"model.attention_impl='pallas_tpu' needs TPU v{PALLAS_TPU_FIRST_GENERATION} or later (its "
-                          f"strided lane rotation does not lower on {device_kind}); use attention_impl='xla' or 'auto'")
-    gpu_problem = pallas_gpu_layout_problem(cfg)
-    if cfg.attention_impl == "pallas_gpu":
-        if platform == "tpu" or (platform == "gpu" and _is_amd(device_kind)):
-            raise ConfigError(f"model.attention_impl='pallas_gpu' is a Triton kernel for NVIDIA GPUs, and this is "
-                              f"{device_kind or platform}; use attention_impl='auto'")
-        if platform == "gpu" and gpu_problem:
-            raise ConfigError(f"model.attention_impl='pallas_gpu' cannot run this config: {gpu_problem}; use "
-                              "attention_impl='xla' or 'auto'")
-    if cfg.attention_impl != "auto":
-        return cfg
-    if platform == "gpu":
-        if not gpu_problem and not _is_amd(device_kind):
-            fused = "pallas_gpu"
-        elif cfg.attention_dropout_rate or cfg.compression == "most_used":
-            fused = "xla"
-        else:
-            fused = "cudnn"
-    else:
-        fused = {"tpu": "xla" if too_old else "pallas_tpu"}.get(platform, "xla")
-    return dataclasses.replace(cfg, attention_impl=fused)
+def require_resolved(model_config: Any, taker: str) -> ModelConfig:
+    """`model_config` when it is a ModelConfig with attention_impl resolved for the platform; a
+    ConfigError naming the one fix otherwise (the typed config is the only way in)."""
+    fix = ("make it once where the run starts: ctx.backend.model_config_for_run(config, command), or "
+           "ctx.backend.resolve_attention_here(ModelConfig.from_config(config.model))")
+    if not isinstance(model_config, ModelConfig):
+        raise ConfigError(f"{taker} takes the run's ModelConfig, not a {type(model_config).__name__}: {fix}")
+    if model_config.attention_impl == "auto":
+        raise ConfigError(f"{taker} takes a ModelConfig with attention_impl resolved for the platform, not 'auto': "
+                          f"{fix}")
+    return model_config
 
 
 def _get(cfg: Any, name: str) -> Any:
@@ -234,7 +183,9 @@ def validate_model(cfg: Any) -> None:
     missing = sorted(expected - present)
     _require(not unknown, f"config.model has unknown field(s) {unknown}; known fields: {sorted(expected)}")
     _require(not missing, f"config.model is missing field(s) {missing}; start from ctx.config.model_config()")
-    g = lambda name: _get(cfg, name)  # noqa: E731
+    def g(name):
+        return _get(cfg, name)
+
     for name in ("vocab_size", "n_layers", "d_model", "n_heads", "d_ff", "segment_length",
                  "memory_length", "compressed_length", "compression_rate"):
         value = g(name)

@@ -24,9 +24,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from ctx.backend import announce, resolve_attention_here
+from ctx.backend import announce, model_config_for_run
 from ctx.cli import FLAGS, define_config_flags, run_main
-from ctx.config import ModelConfig, with_global_batch
+from ctx.config import with_global_batch
 from ctx.data.datasets import PG19_WORDS, check_data_config, load_corpus
 from ctx.data.source import TokenizedCorpus
 from ctx.data.stream import SEGMENT_KEYS, eval_chunks
@@ -36,7 +36,6 @@ from ctx.nn.memory import init_memory, select_rows
 from ctx.nn.transformer import CompressiveTransformer
 from ctx.progress import progress as progress_bar
 from ctx.restore import restore_for_inference
-from ctx.selfcheck import checked_attention
 from ctx.sharding import (check_batch_fits, device_chunk, make_mesh, memory_shardings, process_rows, replicated,
                           to_host, tracing_on)
 
@@ -179,12 +178,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: 
     mesh = make_mesh(config.mesh)
     batch_size = config.eval.batch_size or with_global_batch(config, mesh.size).train.batch_size
     check_batch_fits(batch_size, mesh)
-    model_cfg = resolve_attention_here(ModelConfig.from_config(config.model), mesh.devices.flat[0])
-    if attention_selfcheck:
-        # Evaluation drops no weights: the check skips attention dropout.
-        model_cfg = checked_attention(dataclasses.replace(model_cfg, attention_dropout=0.0),
-                                      config.model.attention_impl, "ctx.evaluate")
-        model_cfg = dataclasses.replace(model_cfg, attention_dropout=config.model.attention_dropout)
+    model_cfg = model_config_for_run(config, "ctx.evaluate", mesh.devices.flat[0], check=attention_selfcheck,
+                                     evaluation=True)
     restored = restore_for_inference(config, workdir, step, mesh, model_cfg)
     model, params, step = restored.model, restored.params, restored.step
     data = config.data.copy_and_resolve_references()  # read with the run's tokenizer; the caller's config stays

@@ -16,10 +16,9 @@ import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
-from ctx.backend import resolve_attention_here
 from ctx.checkpoint import Checkpointer
 from ctx.compat import check_resumable
-from ctx.config import ModelConfig, validate
+from ctx.config import ModelConfig, require_resolved, validate
 from ctx.data.tokenizer import check_vocab, load_tokenizer
 from ctx.errors import InputError, MissingInput, UserError
 from ctx.nn.memory import init_memory
@@ -59,10 +58,11 @@ READ_ATTEMPTS = 10
 
 
 def restore_for_inference(config: ml_collections.ConfigDict, workdir: str, step: int | None, mesh,
-                          model_config: ModelConfig | None = None) -> Restored:
-    """Parameters of checkpoint `step` (default: latest) on `mesh`, and the run's tokenizer;
-    the model is built from `model_config` when the caller resolved (and checked) it already."""
+                          model_config: ModelConfig) -> Restored:
+    """Parameters of checkpoint `step` (default: latest) on `mesh`, and the run's tokenizer; the
+    model is built from `model_config`, which the caller resolved (and checked) where it started."""
     validate(config)
+    require_resolved(model_config, "restore_for_inference")
     checkpoint_dir = os.path.join(workdir, "checkpoints")
     if not is_remote(workdir) and not os.path.isdir(checkpoint_dir):
         raise MissingInput(f"--workdir={workdir} has no checkpoints/ folder; train first or fix the path")
@@ -102,13 +102,12 @@ def _superseded(checkpointer: Checkpointer, step: int, seconds: float = 10.0) ->
 
 
 def _read(checkpointer: Checkpointer, step: int, config: ml_collections.ConfigDict, workdir: str, mesh,
-          model_config: ModelConfig | None):
+          cfg: ModelConfig):
     check_resumable(checkpointer.restore_config(step), config)
     recorded = checkpointer.restore_data(step).get("tokenizer")
     tokenizer_path = resolve_tokenizer(config.data.tokenizer, workdir, recorded)
     tokenizer = load_tokenizer(tokenizer_path)
     check_vocab(tokenizer, config)
-    cfg = model_config or resolve_attention_here(ModelConfig.from_config(config.model), mesh.devices.flat[0])
     model = CompressiveTransformer(cfg)
     abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(
         (1, cfg.segment_length), jnp.int32), init_memory(cfg, 1))["params"])

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ctx.backend import model_config_for_run
 from ctx.cli import FLAGS, define_config_flags, run_main
 from ctx.config import ModelConfig
 from ctx.errors import InputError
@@ -117,8 +118,10 @@ def main() -> None:
     if not FLAGS.prompt:
         raise InputError("--prompt is empty; give some text to continue, e.g. --prompt='The'")
     config = FLAGS.config
-    restored = restore_for_inference(config, FLAGS.workdir, None if FLAGS.step < 0 else FLAGS.step,
-                                     make_mesh(config.mesh, jax.devices()[:1]))
+    mesh = make_mesh(config.mesh, jax.devices()[:1])
+    # The choice of attention goes to stderr: stdout is the sampled text alone.
+    model_cfg = model_config_for_run(config, "ctx.sample", mesh.devices.flat[0], evaluation=True, log=sys.stderr)
+    restored = restore_for_inference(config, FLAGS.workdir, None if FLAGS.step < 0 else FLAGS.step, mesh, model_cfg)
     prompt = restored.tokenizer.encode(FLAGS.prompt)
     sample = generate(restored.params, restored.model.config, prompt, FLAGS.num_tokens, jax.random.PRNGKey(FLAGS.seed),
                       temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,

@@ -15,17 +15,17 @@ recovers, for every query, how many weights of each key class the kernel kept, w
 the reference's count exactly: one wrong keep-or-drop decision anywhere shows. Where the
 attention-reconstruction loss runs as a kernel too (beside `pallas_tpu`), its reads' difference
 and its gradients are checked against the XLA loss at the same layout. `ctx.train` and
-`ctx.evaluate` run this at start-up when the resolved attention is a fused one; a passing
-result is cached per (jax, libtpu or CUDA version, device kind, implementation, layout).
+`ctx.evaluate` (every entry point, through `ctx.backend.model_config_for_run`) run this at
+start-up when the resolved attention is a fused one; a passing result is cached there per (jax,
+libtpu or CUDA version, device kind, implementation, layout).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
+import functools
 import importlib.metadata
 import json
-import os
 import sys
 import time
 from typing import Any, Callable
@@ -34,12 +34,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ctx.backend import resolve_attention_here
 from ctx.cli import FLAGS, define_config_flags, run_main
 from ctx.config import FUSED_ATTENTION_IMPLS, ModelConfig
-from ctx.distributed import any_process
 from ctx.errors import UserError
 from ctx.nn.attention import cudnn_attention
+from ctx.nn.attention_policy import resolve_attention
 from ctx.nn.attention_reference import draw_operands, range_masses, reference_attention, visibility
 from ctx.nn import losses, pallas_gpu, pallas_tpu
 from ctx.nn.fused_attention import AttentionOperands, flash_attention
@@ -55,6 +54,10 @@ MASS_TOLERANCE = 1e-2  # absolute, on shares of attention in [0, 1]
 # and far below one wrong decision.
 PROBE_TOLERANCE = 0.25
 PROBE_SEEDS = (12345, 12346)
+# The draws' seeds: one per output check (the gradients and dropout reuse the first), the
+# gradients' weights, the reconstruction loss's operands.
+DRAW_SEEDS = {"output_position_dominant": 1, "output_content_dominant": 2}
+GRADIENT_WEIGHTS_SEED, RECONSTRUCTION_SEED = 3, 4
 # ctx's own kernels, which drop attention weights inside the tile.
 PALLAS_KERNELS = {"pallas_tpu": pallas_tpu.KERNELS, "pallas_gpu": pallas_gpu.KERNELS}
 
@@ -98,7 +101,8 @@ class Problem:
 
 
 def _draw(p: Problem, seed: int, position_dominant: bool) -> AttentionOperands:
-    return draw_operands(p.n_cmem, p.n_mem, p.n_queries, p.head_dim, p.dtype, seed, position_dominant, HEADS, ROWS)
+    return draw_operands(p.n_cmem, p.n_mem, p.n_queries, p.head_dim, p.dtype, seed,
+                         position_dominant=position_dominant, heads=HEADS, rows=ROWS)
 
 
 def fused_attention(p: Problem) -> Callable[..., tuple[jax.Array, jax.Array | None, jax.Array | None]]:
@@ -125,7 +129,7 @@ def _reference(p: Problem):
     def run(q, u, k, v, vb, r, visible, dropout=0.0, seed=None):
         with jax.default_matmul_precision("highest"):
             args = [x.astype(jnp.float32) for x in (q, u, k, v, vb, r)]
-            return reference_attention(*args, visible, p.n_cmem, p.n_mem, dropout, seed)
+            return reference_attention(*args, visible, n_cmem=p.n_cmem, n_mem=p.n_mem, dropout=dropout, seed=seed)
     return run
 
 
@@ -145,76 +149,114 @@ def run_self_check(cfg: ModelConfig) -> dict[str, Any]:
     error's first line) rather than crashing the run that asked, so 'auto' can fall back."""
     p = Problem.of(cfg)
     start = time.perf_counter()
-    checks: dict[str, dict[str, Any]] = {}
     try:
-        _run_checks(p, checks)
+        checks = _run_checks(p)
     except Exception as error:  # noqa: BLE001 - any failure of the kernel here is the verdict
         first_line = (str(error).strip().splitlines() or [""])[0][:300]
-        checks["compiles_and_runs"] = {"ok": False, "max_error": float("inf"), "tolerance": 0.0,
-                                       "error": f"{type(error).__name__}: {first_line}"}
+        checks = {"compiles_and_runs": {"ok": False, "max_error": float("inf"), "tolerance": 0.0,
+                                        "error": f"{type(error).__name__}: {first_line}"}}
     return {"impl": p.impl, "ok": all(c["ok"] for c in checks.values()), "checks": checks,
-            "layout": dataclasses.asdict(p), "device": _device_kind(), "versions": _versions(),
+            "layout": dataclasses.asdict(p), "device": device_kind(), "versions": versions(),
             "seconds": round(time.perf_counter() - start, 2)}
 
 
-def _run_checks(p: Problem, checks: dict[str, dict[str, Any]]) -> None:
-    kernel, reference = fused_attention(p), _reference(p)
-    out_tol, grad_tol = OUTPUT_TOLERANCE[p.dtype], GRADIENT_TOLERANCE[p.dtype]
-    seed = jnp.int32(PROBE_SEEDS[0])
-    forward = jax.jit(kernel, static_argnames="dropout")
-    reference_forward = jax.jit(reference, static_argnames="dropout")
-    finite = []
+# What each check returns: its verdicts by name, and the arrays it computed (all must be finite).
+Checked = tuple[dict[str, dict[str, Any]], list[jax.Array]]
 
+
+@dataclasses.dataclass(frozen=True)
+class _Subject:
+    """The attention under check and its reference, each as the checks call it (jitted)."""
+
+    p: Problem
+    kernel: Callable
+    reference: Callable
+
+    @functools.cached_property
+    def forward(self) -> Callable:
+        return jax.jit(self.kernel, static_argnames="dropout")
+
+    @functools.cached_property
+    def reference_forward(self) -> Callable:
+        return jax.jit(self.reference, static_argnames="dropout")
+
+
+def _run_checks(p: Problem) -> dict[str, dict[str, Any]]:
+    subject = _Subject(p, fused_attention(p), _reference(p))
+    results = [output_checks(subject), gradient_checks(subject, 0.0)]
+    if p.dropout:
+        results += [gradient_checks(subject, p.dropout), dropout_checks(subject)]
+    if p.compressed:
+        results.append(reconstruction_checks(p))
+    checks = {name: verdict for found, _ in results for name, verdict in found.items()}
+    computed = [x for _, arrays in results for x in arrays]
+    checks["finite"] = _check(float(sum(int(not np.isfinite(np.asarray(x, np.float32)).all()) for x in computed)),
+                              0.0)
+    return checks
+
+
+def output_checks(subject: _Subject) -> Checked:
+    """The output against the reference on a position-dominant draw (a wrong skew, window or
+    table moves it by O(1)) and a content-dominant one; on the first also the range masses, the
+    evicted keys' usage, and a second run equal to the first."""
+    p, tolerance, checks, computed = subject.p, OUTPUT_TOLERANCE[subject.p.dtype], {}, []
     for name, position_dominant in (("output_position_dominant", True), ("output_content_dominant", False)):
-        inputs = _draw(p, 1 if position_dominant else 2, position_dominant)
-        out, mass, usage = forward(*inputs)
-        want, probs = reference_forward(*inputs)
-        checks[name] = _check(_relative_error(out, want), out_tol)
-        finite.append(out)
+        inputs = _draw(p, DRAW_SEEDS[name], position_dominant)
+        out, mass, usage = subject.forward(*inputs)
+        want, probs = subject.reference_forward(*inputs)
+        checks[name] = _check(_relative_error(out, want), tolerance)
+        computed.append(out)
         if position_dominant:
             if mass is not None:
                 checks["attention_mass"] = _check(float(jnp.abs(mass - range_masses(probs, p.n_cmem, p.n_mem)).max()),
                                                   MASS_TOLERANCE)
             if usage is not None:
                 received = probs[..., p.n_cmem:p.n_cmem + p.n_queries].sum(axis=2)
-                checks["usage"] = _check(_relative_error(usage, received), out_tol)
-            again, _, _ = forward(*inputs)
+                checks["usage"] = _check(_relative_error(usage, received), tolerance)
+            again, _, _ = subject.forward(*inputs)
             checks["two_runs_equal"] = _check(float(jnp.abs(again.astype(jnp.float32) - out.astype(jnp.float32)).max()),
                                               0.0)
-
-    inputs = _draw(p, 1, True)
-    weights = jax.random.normal(jax.random.key(3), inputs[0].shape, jnp.float32)
-    for label, dropout in (("", 0.0),) + ((("_dropout", p.dropout),) if p.dropout else ()):
-        got = _gradients(lambda *a: kernel(*a, dropout=dropout, seed=seed)[0], inputs, weights)
-        want = _gradients(lambda *a: reference(*a, dropout=dropout, seed=seed)[0], inputs, weights)
-        for argument, g, w in zip(("q", "u", "k", "v", "v_biases", "tables"), got, want):
-            checks[f"gradient_{argument}{label}"] = _check(_relative_error(g, w), grad_tol)
-        finite.extend(got)
-    if p.dropout:
-        out, _, _ = forward(*inputs, dropout=p.dropout, seed=seed)
-        want, _ = reference_forward(*inputs, dropout=p.dropout, seed=seed)
-        checks["output_dropout"] = _check(_relative_error(out, want), out_tol)
-        undropped, _, _ = forward(*inputs)
-        # Dropping weights must move the output by well over the tolerance: the error is the
-        # tolerance as a share of that move.
-        checks["dropout_changes_output"] = _check(out_tol / max(_relative_error(out, undropped), 1e-12), 1 / 3)
-        finite.append(out)
-        checks.update(_dropout_probe(p, forward, reference_forward))
-    if p.compressed:
-        finite.extend(_reconstruction_checks(p, checks))
-    checks["finite"] = _check(float(sum(int(not np.isfinite(np.asarray(x, np.float32)).all()) for x in finite)), 0.0)
+    return checks, computed
 
 
-def _reconstruction_checks(p: Problem, checks: dict[str, dict[str, Any]]) -> tuple[jax.Array, ...]:
+def gradient_checks(subject: _Subject, dropout: float) -> Checked:
+    """The six gradients against the reference's, with the weights dropped at `dropout` by the
+    probe's first seed (named with a '_dropout' suffix when dropping)."""
+    inputs = _draw(subject.p, DRAW_SEEDS["output_position_dominant"], True)
+    weights = jax.random.normal(jax.random.key(GRADIENT_WEIGHTS_SEED), inputs[0].shape, jnp.float32)
+    seed, label = jnp.int32(PROBE_SEEDS[0]), "_dropout" if dropout else ""
+    got = _gradients(lambda *a: subject.kernel(*a, dropout=dropout, seed=seed)[0], inputs, weights)
+    want = _gradients(lambda *a: subject.reference(*a, dropout=dropout, seed=seed)[0], inputs, weights)
+    checks = {f"gradient_{argument}{label}": _check(_relative_error(g, w), GRADIENT_TOLERANCE[subject.p.dtype])
+              for argument, g, w in zip(AttentionOperands._fields[:6], got, want)}
+    return checks, list(got)
+
+
+def dropout_checks(subject: _Subject) -> Checked:
+    """With dropout: the output against the reference's with the same mask; dropping moves the
+    output by well over the tolerance; and the probe's exact counts of kept weights."""
+    p, tolerance = subject.p, OUTPUT_TOLERANCE[subject.p.dtype]
+    inputs, seed = _draw(p, DRAW_SEEDS["output_position_dominant"], True), jnp.int32(PROBE_SEEDS[0])
+    out, _, _ = subject.forward(*inputs, dropout=p.dropout, seed=seed)
+    want, _ = subject.reference_forward(*inputs, dropout=p.dropout, seed=seed)
+    undropped, _, _ = subject.forward(*inputs)
+    checks = {"output_dropout": _check(_relative_error(out, want), tolerance),
+              # The move must be at least 3 tolerances: the error is the tolerance as a share of it.
+              "dropout_changes_output": _check(tolerance / max(_relative_error(out, undropped), 1e-12), 1 / 3)}
+    checks.update(_dropout_probe(p, subject.forward, subject.reference_forward))
+    return checks, [out]
+
+
+def reconstruction_checks(p: Problem) -> Checked:
     """The attention-reconstruction loss's kernel against the XLA loss at full float32
     precision: the two reads' difference, and the gradients of the compressed keys and values
-    (the only ones it has). Returns what it computed, for the finiteness check."""
+    (the only ones it has)."""
     C, N, E, K = p.n_cmem, p.n_queries, p.compressed, p.head_dim
     shapes = [(HEADS, ROWS, N, K)] + [(HEADS, ROWS, p.n_keys, K)] * 2 + [(HEADS, ROWS, E, K)] * 2
     scales = [K ** -0.25, K ** -0.25, 1.0, K ** -0.25, 1.0]  # unit-variance logits, unit values
-    q, k, v, kc, vc = (scale * jax.random.normal(key, shape, jnp.float32)
-                       for key, shape, scale in zip(jax.random.split(jax.random.key(4), 5), shapes, scales))
-    q, k, v, kc, vc = (x.astype(p.dtype) for x in (q, k, v, kc, vc))
+    keys = jax.random.split(jax.random.key(RECONSTRUCTION_SEED), 5)
+    q, k, v, kc, vc = ((scale * jax.random.normal(key, shape, jnp.float32)).astype(p.dtype)
+                       for key, shape, scale in zip(keys, shapes, scales))
 
     def reference(kc, vc):
         with jax.default_matmul_precision("highest"):
@@ -225,14 +267,14 @@ def _reconstruction_checks(p: Problem, checks: dict[str, dict[str, Any]]) -> tup
         return jax.jit(jax.grad(loss, argnums=(0, 1)))(kc, vc)
 
     out = jax.jit(lambda kc, vc: reconstruction_difference(q, k, v, C, N, kc, vc))(kc, vc)
-    checks["reconstruction_difference"] = _check(_relative_error(out, jax.jit(reference)(kc, vc)),
-                                                 OUTPUT_TOLERANCE[p.dtype])
+    checks = {"reconstruction_difference": _check(_relative_error(out, jax.jit(reference)(kc, vc)),
+                                                  OUTPUT_TOLERANCE[p.dtype])}
     got = gradients(lambda kc, vc: reconstruction_loss(q, k, v, C, N, kc, vc))
     want = gradients(lambda kc, vc: losses.attention_reconstruction_loss(reference(kc, vc)))
     for name, g, w in zip(("k", "v"), got, want):
         checks[f"reconstruction_gradient_compressed_{name}"] = _check(_relative_error(g, w),
                                                                       GRADIENT_TOLERANCE[p.dtype])
-    return (out, *got)
+    return checks, [out, *got]
 
 
 def _gradients(attention, inputs, weights) -> tuple[jax.Array, ...]:
@@ -266,7 +308,9 @@ def _dropout_probe(p: Problem, forward, reference_forward) -> dict[str, dict[str
 
     got = [counts(forward, s) for s in PROBE_SEEDS]
     want = [np.round(counts(reference_forward, s)) for s in PROBE_SEEDS]
-    same = lambda a, b: float(np.mean(np.round(a) == np.round(b)))  # noqa: E731
+    def same(a, b):
+        return float(np.mean(np.round(a) == np.round(b)))
+
     # Two independent masks give equal counts in a minority of entries (the reference's share);
     # a repeated mask (a seed read as zero, or ignored) in all of them. The error is the share
     # of equal counts, allowed up to halfway between the two.
@@ -276,12 +320,12 @@ def _dropout_probe(p: Problem, forward, reference_forward) -> dict[str, dict[str
             "dropout_rows_differ": _check(same(got[0][:, 0], got[0][:, 1]), allowed)}
 
 
-def _device_kind() -> str:
+def device_kind() -> str:
     device = jax.devices()[0]
     return f"{device.platform}:{device.device_kind}"
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
     versions = {"jax": jax.__version__, "jaxlib": importlib.metadata.version("jaxlib")}
     for package in ("libtpu", "jax-cuda12-plugin", "jax-cuda13-plugin"):
         try:
@@ -293,74 +337,16 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def cache_path(cfg: ModelConfig) -> str:
-    """Where a passing result for this layout, device and software is kept."""
-    key = json.dumps({"problem": dataclasses.asdict(Problem.of(cfg)), "device": _device_kind(),
-                      "versions": _versions()}, sort_keys=True)
-    folder = os.path.join(os.environ.get("CTX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "ctx"),
-                          "selfcheck")
-    return os.path.join(folder, hashlib.sha256(key.encode()).hexdigest()[:20] + ".json")
-
-
-def cached_self_check(cfg: ModelConfig) -> dict[str, Any]:
-    """The self-check's result, from the cache when this exact check passed before here."""
-    path = cache_path(cfg)
-    try:
-        with open(path) as f:
-            return {**json.load(f), "cached": True}
-    except (OSError, ValueError):
-        pass
-    result = run_self_check(cfg)
-    if result["ok"]:
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path + f".{os.getpid()}", "w") as f:
-                json.dump(result, f)
-            os.replace(path + f".{os.getpid()}", path)
-        except OSError:
-            pass  # an unwritable cache only costs the next run the check again
-    return {**result, "cached": False}
-
-
-def checked_attention(cfg: ModelConfig, requested: str, command: str) -> ModelConfig:
-    """`cfg` (attention resolved) after its fused attention passed the self-check on every
-    process. A failure refuses the run when the config named the implementation, and falls back
-    to 'xla' (same parameters and checkpoints) with a warning under 'auto'."""
-    if cfg.attention_impl not in FUSED_ATTENTION_IMPLS:
-        return cfg
-    result = cached_self_check(cfg)
-    failed = [f"{name}: {c['error']}" if "error" in c else f"{name}: error {c['max_error']:.3g} > {c['tolerance']:.3g}"
-              for name, c in result["checks"].items() if not c["ok"]]
-    anywhere = any_process(bool(failed))
-    where = f"{result['device']} (jax {result['versions']['jax']})"
-    is_main = jax.process_index() == 0
-    if not anywhere:
-        if is_main:
-            print(f"{command}: attention self-check passed: {cfg.attention_impl} on {where}, "
-                  f"{len(result['checks'])} checks{' (cached)' if result['cached'] else ''}", flush=True)
-        return cfg
-    reason = "; ".join(failed[:3]) if failed else "it failed on another process"
-    if requested == "auto":
-        if is_main:
-            print(f"warning: the {cfg.attention_impl} attention failed its self-check on {where} ({reason}); "
-                  "model.attention_impl=auto falls back to xla", file=sys.stderr, flush=True)
-        return dataclasses.replace(cfg, attention_impl="xla")
-    raise SelfCheckFailed(f"the {cfg.attention_impl} attention failed its self-check on {where} ({reason}); "
-                          "nothing was started: run with --config.model.attention_impl=xla (same parameters and "
-                          f"checkpoints); `python -m ctx.selfcheck --config=...` shows every check")
-
-
 def main() -> None:
-    cfg = resolve_attention_here(ModelConfig.from_config(FLAGS.config.model))
+    device = jax.devices()[0]
+    cfg = resolve_attention(ModelConfig.from_config(FLAGS.config.model), device.platform, device.device_kind)
     if cfg.attention_impl not in FUSED_ATTENTION_IMPLS:
-        result = {"impl": cfg.attention_impl, "ok": True, "checks": {}, "device": _device_kind(),
+        result = {"impl": cfg.attention_impl, "ok": True, "checks": {}, "device": device_kind(),
                   "note": "the xla attention is the reference itself; nothing to check"}
     else:
         result = run_self_check(cfg)
     print(json.dumps(result), flush=True)
     sys.exit(0 if result["ok"] else 1)
-
-
 
 if __name__ == "__main__":
     define_config_flags()

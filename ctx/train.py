@@ -22,11 +22,11 @@ import ml_collections
 from etils import epath
 
 from ctx import aot
-from ctx.backend import announce, attention_line, resolve_attention_here
+from ctx.backend import announce, model_config_for_run
 from ctx.checkpoint import Checkpointer, CheckpointError, quiet_refused_writes, read_latest_config
 from ctx.cli import FLAGS, define_config_flags, run_main
 from ctx.compat import check_resumable_training
-from ctx.config import ModelConfig, validate, with_global_batch
+from ctx.config import validate, with_global_batch
 from ctx.data.datasets import load_corpus
 from ctx.data.prefetch import ChunkPrefetcher
 from ctx.data.stream import TrainStream
@@ -38,7 +38,6 @@ from ctx.metrics import MetricWriter
 from ctx.progress import progress
 from ctx.remote import check_reachable
 from ctx.run_guard import StopRequest, WorkdirLock
-from ctx.selfcheck import checked_attention
 from ctx.sharding import device_chunk, process_rows, replicated
 from ctx.trainer import Trainer
 
@@ -83,12 +82,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, hooks: H
     if epath.Path(workdir).exists() and not epath.Path(workdir).is_dir():
         raise InputError(f"--workdir={workdir} exists and is not a directory")
     is_main = jax.process_index() == 0
-    model_cfg = resolve_attention_here(ModelConfig.from_config(config.model))
-    if is_main:
-        print(f"ctx.train: attention {attention_line(model_cfg, config.model.attention_impl, jax.default_backend())}",
-              flush=True)
-    if attention_selfcheck:
-        model_cfg = checked_attention(model_cfg, config.model.attention_impl, "ctx.train")
+    model_cfg = model_config_for_run(config, "ctx.train", check=attention_selfcheck)
     if is_main and jax.default_backend() == "gpu":  # the GPU kernels' registers, spills, shared memory
         try:
             lines = aot.attention_kernel_lines(model_cfg, aot.Target.local())
@@ -96,7 +90,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, hooks: H
             lines = [f"the Pallas kernels' resources could not be read ({str(error).splitlines()[0][:200]})"]
         for line in lines:
             print(f"ctx.train: {line}", flush=True)
-    trainer = Trainer(config, model_config=model_cfg)
+    trainer = Trainer(config, model_cfg)
     train_corpus = load_corpus(config.data, "train", progress=is_main)
     valid_corpus = load_corpus(config.data, "validation", progress=is_main)
     tokenizer = train_corpus.tokenizer

@@ -15,8 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from ctx.backend import resolve_attention_here
-from ctx.config import ModelConfig
+from ctx.config import ModelConfig, require_resolved
 from ctx.nn import losses
 from ctx.nn.memory import Memory, init_memory
 from ctx.nn.transformer import CompressiveTransformer
@@ -34,13 +33,12 @@ class TrainState:
 class Trainer:
     """The compiled pieces of one run: model, optimizer, mesh, shardings, the chunk step."""
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh=None, model_config: ModelConfig | None = None) -> None:
-        """`model_config`: config.model as the caller converted and resolved (and self-checked)
-        it; by default resolved for the mesh's devices (a TPU slice's, compiling ahead of time)."""
+    def __init__(self, config: ml_collections.ConfigDict, model_config: ModelConfig, mesh=None) -> None:
+        """`config`: the run's train and mesh sections; `model_config`: its model, converted and
+        resolved once where the run started (and self-checked there), for the mesh's devices."""
         self.config = config
+        self.model_config = require_resolved(model_config, "Trainer")
         self.mesh = mesh or make_mesh(config.mesh)
-        self.model_config = model_config or resolve_attention_here(ModelConfig.from_config(config.model),
-                                                                   self.mesh.devices.flat[0])
         self.model = CompressiveTransformer(self.model_config)
         self.tx = make_optimizer(config.train)
         check_batch_fits(config.train.batch_size, self.mesh)

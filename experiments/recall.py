@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ctx.backend import model_config_for_run
 from ctx.config import default_config
 from ctx.data.stream import empty_chunk
 from ctx.nn.memory import init_memory
@@ -130,7 +131,7 @@ def make_recall_eval(model):
 def run_recall(config: ml_collections.ConfigDict, train_lengths: Sequence[int], eval_lengths: Sequence[int],
                eval_batch: int = 256) -> dict[str, Any]:
     """Train on episodes of the given lengths, then score each eval length on fresh episodes."""
-    trainer = Trainer(config)
+    trainer = Trainer(config, model_config_for_run(config, "experiments.recall"))
     K, n_s = config.train.segments_per_call, config.model.segment_length
     stream = RecallStream(config.train.batch_size, n_s, train_lengths, seed=config.seed)
     state = trainer.init_state(jax.random.PRNGKey(config.seed))

@@ -11,6 +11,7 @@ import numpy as np
 from jax.extend import core as jax_core
 
 import ctx
+from ctx.backend import resolve_attention_here
 
 # The repository root: where `python -m ctx.*` subprocesses run.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,6 +60,11 @@ def tiny_model_config(**overrides) -> ctx.ModelConfig:
                     memory_length=4, compressed_length=4, compression_rate=2)
     defaults.update(overrides)
     return ctx.ModelConfig.from_config(ctx.model_config(**defaults))
+
+
+def resolved(config) -> ctx.ModelConfig:
+    """A whole config's model section as the entry points pass it on: typed, attention resolved here."""
+    return resolve_attention_here(ctx.ModelConfig.from_config(config.model))
 
 
 def build(cfg, batch_size=2, seed=0):

@@ -13,7 +13,8 @@ import pytest
 import ctx
 from ctx import diagnostics, evaluate
 from ctx.backend import attention_line
-from ctx.config import ConfigError, ModelConfig, resolve_attention, validate_model
+from ctx.config import ConfigError, ModelConfig, validate_model
+from ctx.nn.attention_policy import resolve_attention
 from ctx.nn.memory import reset_rows
 from ctx.nn.pallas_launch import KERNEL_INPUTS
 from tests.helpers import build, random_tokens, tiny_model_config
@@ -156,10 +157,11 @@ def test_auto_picks_a_fused_attention_only_for_a_config_it_can_run():
 
 def test_the_model_refuses_an_unresolved_or_untyped_config():
     tokens, memory = jnp.zeros((1, 4), jnp.int32), ctx.init_memory(tiny_model_config(), 1)
-    with pytest.raises(ConfigError, match="resolve_attention_here"):
+    with pytest.raises(ConfigError, match="attention_impl resolved for the platform, not 'auto'"):
         ctx.CompressiveTransformer(ModelConfig(segment_length=4, memory_length=4, compressed_length=4,
                                                attention_impl="auto")).init(jax.random.key(0), tokens, memory)
-    with pytest.raises(ConfigError, match="ModelConfig.from_config"):
+    with pytest.raises(ConfigError, match="takes the run's ModelConfig, not a ConfigDict: make it once where the "
+                       "run starts: ctx.backend.model_config_for_run"):
         ctx.CompressiveTransformer(ctx.model_config()).init(jax.random.key(0), tokens, memory)
 
 
@@ -229,17 +231,20 @@ def test_the_pallas_kernels_drop_attention_weights_in_training_with_the_models_d
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_a_hand_made_config_never_gets_its_attention_dropout_silently_dropped():
-    cfg = ModelConfig(attention_impl="cudnn", dropout=0.1)  # the dataclass, not validated
-    model = ctx.CompressiveTransformer(cfg)
-    memory = ctx.init_memory(cfg, 1)
-    tokens = jnp.zeros((1, cfg.segment_length), jnp.int32)
-    variables = model.init(jax.random.key(0), tokens, memory)  # deterministic: no dropout asked
-    rngs = {"dropout": jax.random.key(1)}
-    with pytest.raises(ValueError, match=r"no attention dropout, and the config asks for 0.1 \(model.attention_"):
-        model.apply(variables, tokens, memory, deterministic=False, rngs=rngs)
-    kept = ctx.CompressiveTransformer(dataclasses.replace(cfg, attention_dropout=0.0))
-    assert np.isfinite(kept.apply(variables, tokens, memory, deterministic=False, rngs=rngs)[0]).all()
+def test_a_model_config_cannot_exist_invalid_however_it_is_made():
+    """ModelConfig validates itself: a hand-made one, a replaced one and a converted section are
+    all refused with the field and the fix (cudnn has no attention dropout to give)."""
+    message = r"model.attention_impl='cudnn' has no attention dropout, and model.attention_dropout is 0.1"
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig(attention_impl="cudnn", dropout=0.1)
+    with pytest.raises(ConfigError, match=message):
+        dataclasses.replace(ModelConfig(attention_impl="cudnn"), dropout=0.1)
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_config(ctx.model_config(attention_impl="cudnn", dropout=0.1))
+    with pytest.raises(ConfigError, match=r"model.d_model \(30\) must be divisible by model.n_heads \(4\)"):
+        ModelConfig(d_model=30)
+    assert ModelConfig(attention_impl="cudnn", dropout=0.1, attention_dropout=0.0).attention_dropout_rate == 0.0
+    assert ModelConfig(dilation_rates=[1, 2]).dilation_rates == (1, 2)  # hashable, as Flax needs
 
 
 def test_auto_picks_the_pallas_kernel_only_on_tpu_generations_that_run_it():

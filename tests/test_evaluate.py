@@ -25,6 +25,7 @@ from tests.helpers import (
     byte_corpus,
     dot_generals,
     read_metrics,
+    resolved,
     run_module,
     run_script,
     script,
@@ -76,7 +77,7 @@ def test_report_matches_training_validation_and_naive_loop(trained_run):
     assert sum(b["count"] for b in report["by_position"]) == report["tokens"]
     from ctx.checkpoint import Checkpointer
     ckpt = Checkpointer(os.path.join(trained_run, "checkpoints"), 10)
-    state, _, _ = ckpt.restore(4, train.Trainer(cfg).abstract_checkpoint())
+    state, _, _ = ckpt.restore(4, train.Trainer(cfg, resolved(cfg)).abstract_checkpoint())
     ckpt.close()
     naive = naive_document_nll(cfg, state["train_state"].params, corpus)
     per_doc = np.array([d["nll"] for d in report["per_document"]])

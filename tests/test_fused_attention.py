@@ -70,7 +70,7 @@ def test_the_output_range_masses_and_evicted_keys_usage_equal_the_reference(impl
     p = problem(impl, layout)
     args = operands(layout)
     out, masses, usage = jax.jit(selfcheck.fused_attention(p))(*args)
-    want, probs = reference_attention(*args, p.n_cmem, p.n_mem)
+    want, probs = reference_attention(*args, n_cmem=p.n_cmem, n_mem=p.n_mem)
     np.testing.assert_allclose(out, want, atol=1e-5)
     if impl == "cudnn":  # no statistics
         assert masses is None and usage is None
@@ -90,7 +90,7 @@ def test_every_gradient_equals_the_references(impl, layout):
     p = problem(impl, layout)
     args = operands(layout)
     grads = assert_gradients_equal(lambda *a: selfcheck.fused_attention(p)(*a)[0],
-                                   lambda *a: reference_attention(*a, p.n_cmem, p.n_mem)[0], args, 1e-5)
+                                   lambda *a: reference_attention(*a, n_cmem=p.n_cmem, n_mem=p.n_mem)[0], args, 1e-5)
     memory = p.n_cmem + p.n_mem
     assert not np.any(np.asarray(grads[2])[:, 1, :memory])  # row 1's empty slots' keys get no gradient
     assert np.all(np.any(np.asarray(grads[2])[:, 0, memory // 4:] != 0, axis=-1))
@@ -102,8 +102,8 @@ def test_every_gradient_equals_the_references(impl, layout):
 def test_in_bfloat16_every_gradient_equals_the_reference_to_bf16_precision(impl, layout):
     p = problem(impl, layout, "bfloat16")
     assert_gradients_equal(lambda *a: selfcheck.fused_attention(p)(*a)[0],
-                           lambda *a: reference_attention(*a, p.n_cmem, p.n_mem)[0], operands(layout, "bfloat16"),
-                           3e-2)
+                           lambda *a: reference_attention(*a, n_cmem=p.n_cmem, n_mem=p.n_mem)[0],
+                           operands(layout, "bfloat16"), 3e-2)
 
 
 @pytest.mark.parametrize("impl", FUSED)
@@ -119,11 +119,12 @@ def test_with_dropout_the_kernel_drops_the_references_weights_in_the_output_and_
         return selfcheck.fused_attention(p)(*a, dropout=rate, seed=seed)[0]
 
     def reference(*a):
-        return reference_attention(*a, p.n_cmem, p.n_mem, rate, seed)[0]
+        return reference_attention(*a, n_cmem=p.n_cmem, n_mem=p.n_mem, dropout=rate, seed=seed)[0]
 
     got = jax.jit(attention)(*args)
     np.testing.assert_allclose(got, reference(*args), atol=1e-5)
-    assert np.abs(np.asarray(got - reference_attention(*args, p.n_cmem, p.n_mem)[0])).max() > 0.1  # it did drop
+    undropped = reference_attention(*args, n_cmem=p.n_cmem, n_mem=p.n_mem)[0]
+    assert np.abs(np.asarray(got - undropped)).max() > 0.1  # it did drop
     assert_gradients_equal(attention, reference, args, 1e-5)
     with pytest.raises(ValueError, match="attention dropout at 0.3 needs a dropout_seed"):
         selfcheck.fused_attention(p)(*args, dropout=rate)
@@ -143,7 +144,7 @@ def test_the_dropout_mask_keeps_one_minus_the_rate_independently_per_seed_head_r
 def test_the_tpu_kernel_reports_the_usage_of_any_key_range_and_the_gpu_kernel_of_the_evicted_keys_only():
     n_cmem, n_mem, N = INSIDE_TPU_BLOCK
     args = operands(INSIDE_TPU_BLOCK)
-    probs = reference_attention(*args, n_cmem, n_mem)[1]
+    probs = reference_attention(*args, n_cmem=n_cmem, n_mem=n_mem)[1]
     for first, end in [(100, 700), (0, 8)]:  # across the 512-key block where the compressed memory ends
         usage = jax.jit(flash_attention, static_argnums=(0, 2, 3, 4))(pallas_tpu.KERNELS, args, n_cmem, n_mem,
                                                                        (first, end))[2]

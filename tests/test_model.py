@@ -137,7 +137,9 @@ def test_temporal_range_matches_derived_bound(n_m, n_cm):
 
 def _split_compress(grads):
     flat = jax.tree_util.tree_flatten_with_path(grads)[0]
-    is_compress = lambda path: any(getattr(k, "key", None) == "compress" for k in path)  # noqa: E731
+    def is_compress(path):
+        return any(getattr(k, "key", None) == "compress" for k in path)
+
     compress = [np.abs(np.asarray(g)).max() for p, g in flat if is_compress(p)]
     other = [np.abs(np.asarray(g)).max() for p, g in flat if not is_compress(p)]
     return compress, other
@@ -199,7 +201,6 @@ def test_parameter_free_compressions_have_no_parameters(compression):
 
 
 def test_most_used_keeps_the_most_attended_entries_in_time_order():
-    from ctx.config import ModelConfig
     from ctx.nn.compression import Compressor
     cfg = ModelConfig.from_config(tiny_model_config(compression="most_used", compression_loss="none",
                                                     segment_length=6, compression_rate=3))
@@ -240,7 +241,9 @@ def test_shallow_layer_stacks_unroll_and_deep_ones_scan():
     assert loops_over_layers(n_layers=UNROLL_LAYERS_UP_TO) == 0
     assert loops_over_layers(n_layers=UNROLL_LAYERS_UP_TO + 1) == 1
     assert loops_over_layers(n_layers=2, scan_unroll=1) == 1
-    per_iteration = lambda **o: ModelConfig.from_config(tiny_model_config(**o)).layers_per_scan_iteration  # noqa: E731
+    def per_iteration(**overrides):
+        return tiny_model_config(**overrides).layers_per_scan_iteration
+
     assert per_iteration(n_layers=3) == 3 and per_iteration(n_layers=36) == 1
     assert per_iteration(n_layers=36, scan_unroll=3) == 3
 

@@ -13,9 +13,10 @@ from tests.helpers import ROOT
 # Whole programs (subprocesses, training runs, many compiles): the slow tier.
 pytestmark = pytest.mark.slow
 
-# Run first in the kernel (not stored in the notebook): after each cell, before the inline
-# backend shows and closes the cell's figures, every legend's box is measured against the
-# figure and against each other panel (with its tick labels and title); overlaps are printed.
+# Run first in the kernel (not stored in the notebook): before the inline backend shows and
+# closes figures (at plt.show() and at the end of a cell), every legend's box is measured
+# against the figure and against each other panel (with its tick labels and title); what was
+# measured and any overlap are printed.
 FIGURE_CHECK = """
 import json as _json
 
@@ -38,10 +39,23 @@ def _legend_overlaps():
                 twin = owner is not None and ax.get_position().bounds == owner.get_position().bounds
                 if ax is not owner and not twin and box.overlaps(ax.get_tightbbox(renderer, bbox_extra_artists=[])):
                     found.append(f"figure {number}: a legend covers the panel {ax.get_title()!r}")
-    print("LEGEND CHECK", _json.dumps({"figures": len(_plt.get_fignums()), "overlaps": found}))
+    if _plt.get_fignums():
+        print("LEGEND CHECK", _json.dumps({"figures": len(_plt.get_fignums()), "overlaps": found}))
 
 
+# Registered before pyplot loads the inline backend, whose own hook then runs after this one.
 get_ipython().events.register("post_execute", _legend_overlaps)
+import matplotlib.pyplot as _pyplot
+
+_show = _pyplot.show
+
+
+def _measured_show(*args, **kwargs):
+    _legend_overlaps()
+    return _show(*args, **kwargs)
+
+
+_pyplot.show = _measured_show
 """
 
 

@@ -14,14 +14,14 @@ from ctx import evaluate, train
 from ctx.restore import restore_for_inference
 from ctx.sharding import make_mesh
 from tests.data.make_checkpoint_v1 import OUT, config
-from tests.helpers import ROOT, read_metrics
+from tests.helpers import ROOT, read_metrics, resolved
 
 FIXTURE = os.path.join(ROOT, OUT)
 
 
 def test_old_checkpoint_has_the_parameter_tree_of_todays_model():
     cfg = config()
-    restored = restore_for_inference(cfg, FIXTURE, None, make_mesh(cfg.mesh, jax.devices()[:1]))
+    restored = restore_for_inference(cfg, FIXTURE, None, make_mesh(cfg.mesh, jax.devices()[:1]), resolved(cfg))
     model_cfg = ctx.ModelConfig.from_config(cfg.model)
     model = ctx.CompressiveTransformer(model_cfg)
     fresh = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, model_cfg.segment_length), jnp.int32),

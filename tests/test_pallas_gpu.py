@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from ctx import aot, selfcheck
-from ctx.config import ModelConfig, resolve_attention
+from ctx.config import ModelConfig
 from ctx.nn import pallas_gpu
+from ctx.nn.attention_policy import resolve_attention
 from ctx.nn.fused_attention import AttentionOperands, KeyLayout, flash_attention
 from experiments import demo
 

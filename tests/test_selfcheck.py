@@ -10,7 +10,7 @@ import os
 import jax.numpy as jnp
 import pytest
 
-from ctx import selfcheck, train
+from ctx import backend, selfcheck, train
 from ctx.config import ModelConfig
 from ctx.nn import fused_attention, pallas_gpu, pallas_reconstruction, pallas_tpu
 from ctx.nn.fused_attention import FusedKernels
@@ -120,17 +120,17 @@ def test_a_failing_kernel_asked_for_by_name_refuses_the_run_and_writes_nothing(t
     assert not (tmp_path / "run").exists()
     # Under 'auto' the same failure falls back to xla, which has the same parameters.
     resolved = ModelConfig.from_config(cfg.model)
-    assert selfcheck.checked_attention(resolved, "auto", "ctx.train").attention_impl == "xla"
+    assert backend.checked_attention(resolved, "auto", "ctx.train").attention_impl == "xla"
     assert not (tmp_path / "cache" / "selfcheck").exists()  # a failure is never cached
 
 
 def test_a_passing_result_is_cached_per_layout_device_and_versions(tmp_path):
     cfg = tiny_model_config(**LAYOUT, attention_impl="pallas_tpu")
-    first = selfcheck.cached_self_check(cfg)
-    assert first["ok"] and not first["cached"] and os.path.exists(selfcheck.cache_path(cfg))
-    assert selfcheck.cached_self_check(cfg)["cached"]
+    first = backend.cached_self_check(cfg)
+    assert first["ok"] and not first["cached"] and os.path.exists(backend.cache_path(cfg))
+    assert backend.cached_self_check(cfg)["cached"]
     other = dataclasses.replace(cfg, segment_length=8)
-    assert selfcheck.cache_path(other) != selfcheck.cache_path(cfg)
+    assert backend.cache_path(other) != backend.cache_path(cfg)
 
 
 def test_the_command_prints_one_json_line_and_its_exit_status_says_the_verdict(tmp_path):
@@ -172,8 +172,8 @@ def test_a_kernel_that_does_not_compile_here_fails_its_check_and_auto_falls_back
     result = selfcheck.run_self_check(cfg)
     assert not result["ok"] and result["checks"]["compiles_and_runs"]["error"] == (
         "RuntimeError: Triton compilation failed: out of shared memory")
-    assert selfcheck.checked_attention(cfg, "auto", "ctx.train").attention_impl == "xla"
+    assert backend.checked_attention(cfg, "auto", "ctx.train").attention_impl == "xla"
     assert "the pallas_gpu attention failed its self-check on cpu:cpu" in capsys.readouterr().err
     with pytest.raises(selfcheck.SelfCheckFailed, match=r"\(compiles_and_runs: RuntimeError: Triton compilation "
                        r"failed: out of shared memory\); nothing was started"):
-        selfcheck.checked_attention(cfg, "pallas_gpu", "ctx.train")
+        backend.checked_attention(cfg, "pallas_gpu", "ctx.train")

@@ -9,7 +9,7 @@ import pytest
 
 from ctx import train
 from ctx.optim import learning_rate, make_optimizer
-from tests.helpers import ROOT, read_metrics, run_script, simulated_devices_env, tiny_train_config
+from tests.helpers import ROOT, read_metrics, resolved, run_script, simulated_devices_env, tiny_train_config
 
 # Whole programs (subprocesses, training runs, many compiles): the slow tier.
 pytestmark = pytest.mark.slow
@@ -22,7 +22,7 @@ def train_rows(workdir):
 def params_of(workdir, step=None, cfg=None):
     from ctx.checkpoint import Checkpointer
     cfg = cfg or tiny_train_config()
-    trainer = train.Trainer(cfg)
+    trainer = train.Trainer(cfg, resolved(cfg))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), 10)
     state, data, _ = ckpt.restore(step or ckpt.latest_step(), trainer.abstract_checkpoint())
     ckpt.close()

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from ctx.config import ConfigError, ModelConfig
+from ctx.config import ModelConfig
 from ctx.nn.ops import MASKED_LOGIT, softmax
 from ctx.nn import pallas_gpu, pallas_tpu
 from ctx.nn.fused_attention import AttentionOperands, FusedKernels, flash_attention
@@ -274,13 +274,7 @@ class RelativeAttention(nn.Module):
         """jax.nn.dot_product_attention (cuDNN on GPUs), batch-major, with q + u (already scaled)
         and the shifted position term as its bias, the mask folded in as a large negative value
         (a boolean mask would make cuDNN compute a useless bias gradient). No mass, no dropout."""
-        del n_mem
-        rate = 0.0 if deterministic else self.cfg.attention_dropout_rate
-        if rate:  # validate_model refuses it; a hand-made ModelConfig may not
-            raise ConfigError(f"the cudnn attention has no attention dropout, and the config asks for {rate} "
-                              "(model.attention_dropout, or model.dropout while it is None); set "
-                              "attention_dropout=0, or attention_impl='pallas_gpu' (NVIDIA GPUs), 'pallas_tpu' (TPUs) "
-                              "or 'xla'")
+        del n_mem, deterministic  # a ModelConfig with cudnn has no attention dropout (it validates itself)
         read_BNHK = cudnn_attention(q_HBNK, self._cast(self.u_bias), k_HBTK, v_HBTK, v_HRK, r_HPK, mask_B1NT, n_cmem)
         return read_BNHK, None, None, None
 

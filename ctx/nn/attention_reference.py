@@ -32,7 +32,7 @@ def visibility(visible_BT: jax.Array, n_queries: int, n_cmem: int, n_mem: int) -
     return visible_BT[:, None, :] & causal_NT[None]
 
 
-def reference_attention(q, u, k, v, v_biases, r, visible, n_cmem: int, n_mem: int, dropout: float = 0.0,
+def reference_attention(q, u, k, v, v_biases, r, visible, *, n_cmem: int, n_mem: int, dropout: float = 0.0,
                         seed: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """(output [H,B,N,K], undropped probabilities [H,B,N,T] in float32): softmax((q + u)·k +
     position_scores(q, v_biases, r) over the visible keys), the weights dropped with the kernels'
@@ -54,7 +54,7 @@ def range_masses(probs_HBNT: jax.Array, n_cmem: int, n_mem: int) -> jax.Array:
     return jnp.stack([probs_HBNT[..., lo:hi].sum(-1) for lo, hi in zip(bounds[:-1], bounds[1:])], axis=-1)
 
 
-def draw_operands(n_cmem: int, n_mem: int, n_queries: int, head_dim: int, dtype, seed: int,
+def draw_operands(n_cmem: int, n_mem: int, n_queries: int, head_dim: int, dtype, seed: int, *,
                   position_dominant: bool = True, heads: int = 2, rows: int = 2) -> AttentionOperands:
     """Random operands of one layout, as the tests and `ctx.selfcheck` draw them: the dominant
     term's factors (the position term's q and tables, or the content term's q and k) of unit

@@ -23,7 +23,7 @@ the band's GEMM. Key blocks wholly in a query block's future are skipped in ever
 
 Triton has no sequential grid axes, so a program loops over blocks itself (`fori_loop`), as
 jax's own Pallas flash attention does. Tiles are square and powers of two; Triton's dot needs
-16 or more (`block_size`; `ctx.config.pallas_gpu_layout_problem` checks a config's lengths).
+16 or more (`block_size`; `layout_problem` checks a config's lengths).
 
 The operands and their layout are the contract's (`ctx.nn.fused_attention`, which holds the
 public `flash_attention`: pass it `KERNELS`).
@@ -45,14 +45,16 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from ctx.config import ModelConfig
 from ctx.nn.fused_attention import (AttentionOperands, FusedKernels, KeyLayout, dropped, output_delta,
                                     range_masses)
 from ctx.nn.ops import MASKED_LOGIT
 from ctx.nn.pallas_launch import on_platform
 from ctx.nn.relative_position import position_band
 
-# Square tiles, powers of two (Triton's blocks); Triton's dot needs at least
-# `ctx.config.PALLAS_GPU_SMALLEST_BLOCK` on a side, which the config's layout checks.
+# Square tiles, powers of two (Triton's blocks), from SMALLEST_BLOCK (Triton's dot needs 16 on a
+# side; `layout_problem` checks a config's lengths) to LARGEST_BLOCK.
+SMALLEST_BLOCK = 16
 LARGEST_BLOCK = 64
 # The forward's and the usage kernel's programs: 4 warps hold a 64-wide tile in at most 255
 # registers per thread, so two programs share an SM by registers (and by shared memory at 2
@@ -71,6 +73,20 @@ def block_size(n_queries: int, n_keys: int) -> int:
     while n_queries % size or n_keys % size:
         size //= 2
     return size
+
+
+def layout_problem(cfg: ModelConfig) -> str:
+    """Why Triton cannot compile this kernel at `cfg`'s layout ('' when it can): its square tiles
+    are powers of two that divide the segment and the memories, at least SMALLEST_BLOCK wide
+    (Triton's dot), and its head dimension a power of two that Triton's dot takes."""
+    head = cfg.head_dim
+    if not (SMALLEST_BLOCK <= head <= 256 and head & (head - 1) == 0):
+        return f"its head dimension (d_model / n_heads = {head}) must be a power of two from 16 to 256"
+    memories = cfg.memory_length + cfg.compressed_length
+    if cfg.segment_length % SMALLEST_BLOCK or memories % SMALLEST_BLOCK:
+        return (f"segment_length ({cfg.segment_length}) and memory_length + compressed_length ({memories}) must "
+                f"be multiples of {SMALLEST_BLOCK} (its tiles)")
+    return ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,8 +6,8 @@ The loss (Rae et al. 2019, section 3.2; Sonnet's `CompressiveTransformer`) compa
 content-only attention over the memories a segment evicts with its attention over their
 compression, under the layer's own projections held constant. In XLA it is two score-sized
 softmaxes per layer in the forward, recomputed under remat, and the backward of one of them: in
-the TPU estimate of the PG-19 step, nearly as much HBM traffic as the attention kernels (6.6
-against 8.1 GB per step, docs/performance.md). Here each (head, row, query block) tile reads its
+the TPU estimate of the PG-19 step, nearly as much HBM traffic as the attention kernels
+(docs/performance.md). Here each (head, row, query block) tile reads its
 queries once, attends over the evicted keys and over the compressed keys in VMEM, and writes
 the difference of the two reads, [H,B,N,K] float32 (what the backward needs), and its sum of
 squares (the loss, summed by XLA over the tiles). The backward needs the gradient of the
@@ -23,6 +23,7 @@ in Pallas interpret mode (same kernel, same numbers), so CPU tests check the cod
 from __future__ import annotations
 
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +37,32 @@ from ctx.nn.pallas_tpu import block_sizes
 _LANES = 128
 
 
+class _Reads(NamedTuple):
+    """The forward's operands (arrays, block specs or batch axes): the queries, the layer's keys
+    and values (the evicted ones among them) and the compressed keys and values."""
+
+    q: Any  # [H,B,N,K]
+    k: Any  # [H,B,T,K]
+    v: Any
+    kc: Any  # [H,B,E,K]
+    vc: Any
+
+
+class _CompressedGradient(NamedTuple):
+    """The backward's operands: the queries, the compressed keys and values, the reads'
+    difference and the loss's scale."""
+
+    q: Any
+    kc: Any
+    vc: Any
+    difference: Any  # [H,B,N,K] float32
+    scale: Any  # [1, lanes]: -2 / size x the loss's cotangent, the same on every device
+
+
+_READS_BATCH_AXES = _Reads(q=1, k=1, v=1, kc=1, vc=1)
+_GRADIENT_BATCH_AXES = _CompressedGradient(q=1, kc=1, vc=1, difference=1, scale=None)
+
+
 def _read(q, k, v):
     """softmax(q·kᵀ)·v of a tile's queries over whole key rows, float32; and the probabilities."""
     s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
@@ -44,10 +71,10 @@ def _read(q, k, v):
     return jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32), p
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, difference_ref, squares_ref, *, evicted: slice):
-    q = q_ref[...]
-    read_old, _ = _read(q, k_ref[evicted, :], v_ref[evicted, :])
-    read_compressed, _ = _read(q, kc_ref[...], vc_ref[...])
+def _forward_kernel(reads: _Reads, difference_ref, squares_ref, *, evicted: slice):
+    q = reads.q[...]
+    read_old, _ = _read(q, reads.k[evicted, :], reads.v[evicted, :])
+    read_compressed, _ = _read(q, reads.kc[...], reads.vc[...])
     difference = read_old - read_compressed
     difference_ref[...] = difference
     # The tile's sum of squares in lane 0 of its own lane-dense block (the rest zero).
@@ -55,15 +82,15 @@ def _forward_kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, difference_ref, squares
     squares_ref[...] = jnp.where(lane == 0, jnp.sum(difference * difference), 0.0)
 
 
-def _backward_kernel(q_ref, kc_ref, vc_ref, difference_ref, scale_ref, dkc_ref, dvc_ref):
+def _backward_kernel(operands: _CompressedGradient, dkc_ref, dvc_ref):
     @pl.when(pl.program_id(2) == 0)
     def _start():
         dkc_ref[...] = jnp.zeros(dkc_ref.shape, jnp.float32)
         dvc_ref[...] = jnp.zeros(dvc_ref.shape, jnp.float32)
 
-    q, k, v = q_ref[...], kc_ref[...], vc_ref[...]
+    q, k, v = operands.q[...], operands.kc[...], operands.vc[...]
     read, p = _read(q, k, v)
-    d_read = difference_ref[...] * scale_ref[0:1, 0:1]  # the compressed read's gradient
+    d_read = operands.difference[...] * operands.scale[0:1, 0:1]  # the compressed read's gradient
     d_low = d_read.astype(v.dtype)
     dvc_ref[...] += jax.lax.dot_general(p.astype(v.dtype), d_low, (((0,), (0,)), ((), ())),
                                         preferred_element_type=jnp.float32)
@@ -82,7 +109,8 @@ def _evicted_keys(n_keys: int, first: int, count: int, K: int) -> tuple[pl.Block
     return pl.BlockSpec((None, None, n_keys, K), lambda h, b, i: (h, b, 0, 0)), slice(first, first + count)
 
 
-def _forward_call(q, k, v, kc, vc, first: int, count: int, interpret: bool):
+def _forward_call(reads: _Reads, first: int, count: int, interpret: bool):
+    q, k, kc = reads.q, reads.k, reads.kc
     H, B, N, K = q.shape
     bq = block_sizes(N, count)[0]
     E, item = kc.shape[2], q.dtype.itemsize
@@ -95,16 +123,17 @@ def _forward_call(q, k, v, kc, vc, first: int, count: int, interpret: bool):
         bytes_accessed=rows * (N * K * (item + 4) + 2 * K * item * (keys.block_shape[2] + E)))
     return pl.pallas_call(
         functools.partial(_forward_kernel, evicted=evicted), grid=(H, B, N // bq),
-        in_specs=[queries, keys, keys, compressed, compressed],
+        in_specs=[_Reads(queries, keys, keys, compressed, compressed)],
         out_specs=[queries, pl.BlockSpec((None, None, 1, _LANES), lambda h, b, i: (h, b, 0, i))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, jnp.float32),
                    jax.ShapeDtypeStruct((H, B, 1, _LANES * (N // bq)), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel")),
         cost_estimate=cost, interpret=interpret, name="reconstruction_reads_forward",
-    )(q, k, v, kc, vc)
+    )(reads)
 
 
-def _backward_call(q, kc, vc, difference, scale, interpret: bool):
+def _backward_call(operands: _CompressedGradient, interpret: bool):
+    q, kc = operands.q, operands.kc
     H, B, N, K = q.shape
     E, item = kc.shape[2], q.dtype.itemsize
     bq = block_sizes(N, E)[0]
@@ -116,12 +145,13 @@ def _backward_call(q, kc, vc, difference, scale, interpret: bool):
     shape = jax.ShapeDtypeStruct(kc.shape, jnp.float32)
     return pl.pallas_call(
         _backward_kernel, grid=(H, B, N // bq),
-        in_specs=[queries, compressed, compressed, queries, pl.BlockSpec((1, _LANES), lambda h, b, i: (0, 0))],
+        in_specs=[_CompressedGradient(queries, compressed, compressed, queries,
+                                      pl.BlockSpec((1, _LANES), lambda h, b, i: (0, 0)))],
         out_specs=[compressed, compressed],
         out_shape=[shape, shape],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         cost_estimate=cost, interpret=interpret, name="reconstruction_reads_backward",
-    )(q, kc, vc, difference, scale)
+    )(operands)
 
 
 def _constants(q, k, v, kc, vc):
@@ -132,7 +162,7 @@ def _constants(q, k, v, kc, vc):
 
 def _reads(q, k, v, kc, vc, first, count):
     """The forward kernel, once per device: (difference [H,B,N,K], per-tile sums of squares)."""
-    return on_platform(_forward_call, (q, k, v, kc, vc), (1, 1, 1, 1, 1), "tpu", first=first, count=count)
+    return on_platform(_forward_call, (_Reads(q, k, v, kc, vc),), (_READS_BATCH_AXES,), "tpu", first=first, count=count)
 
 
 def reconstruction_difference(q_HBNK: jax.Array, k_HBTK: jax.Array, v_HBTK: jax.Array, first_evicted: int,
@@ -169,7 +199,8 @@ def _backward(first, count, residuals, d_loss):
     # loss = mean((read_old - read_compressed)^2): the compressed read's gradient is
     # -2 (read_old - read_compressed) / size, times the loss's cotangent.
     scale = jnp.full((1, _LANES), -2.0 / difference.size, jnp.float32) * d_loss
-    dkc, dvc = on_platform(_backward_call, (q, kc, vc, difference, scale), (1, 1, 1, 1, None), "tpu")
+    dkc, dvc = on_platform(_backward_call, (_CompressedGradient(q, kc, vc, difference, scale),),
+                           (_GRADIENT_BATCH_AXES,), "tpu")
     return None, None, None, dkc.astype(kc.dtype), dvc.astype(vc.dtype)
 
 

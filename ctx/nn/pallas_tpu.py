@@ -67,6 +67,10 @@ _KEY_BLOCKS = (512, 384, 256, 128)  # 384: enwik8's lengths (1,152, 768) take no
 _QUERY_BLOCKS = (256, 128, 64, 32, 16, 8)
 _LANES = 128
 
+# The kernel skews its position band with a row-strided lane rotation, which Mosaic lowers on
+# TPU v5 and later only (`ctx.nn.attention_policy` keeps 'auto' off older chips).
+FIRST_TPU_GENERATION = 5
+
 
 def _block(length: int, choices: tuple[int, ...]) -> int:
     """The largest block size in `choices` that divides `length`, else the whole axis."""
@@ -242,7 +246,7 @@ def _unskew_reversed(grad, tiling: Tiling):
     return jnp.where((source >= 0) & (source < bk), gathered, jnp.zeros_like(gathered))
 
 
-def _position_gradient(grad, q, inputs: _Inputs, into: _PositionGradients, rows, first_query, first_virtual_key,
+def _position_gradient(grad, q, inputs: _Inputs, into: _PositionGradients, *, rows, first_query, first_virtual_key,
                        table, tiling: Tiling):
     """Accumulate the gradients of one table's part of a tile's position term, (q + v)·R[window]
     skewed, from its logits' gradient `grad` [bq, bk] (compute dtype): the queries' (rows

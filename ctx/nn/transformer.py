@@ -22,7 +22,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from ctx.config import ConfigError, ModelConfig
+from ctx.config import ModelConfig, require_resolved
 from ctx.errors import InputError
 from ctx.nn import losses, pallas_reconstruction
 from ctx.nn.attention import AttentionOut, LayerCache, RelativeAttention, attention_mask, head_major
@@ -236,13 +236,7 @@ class CompressiveTransformer(nn.Module):
     config: ModelConfig  # ctx.ModelConfig.from_config(cfg.model), with attention_impl resolved
 
     def setup(self) -> None:
-        cfg = self.config
-        if not isinstance(cfg, ModelConfig):
-            raise ConfigError(f"CompressiveTransformer takes a ModelConfig, got {type(cfg).__name__}: "
-                              "pass ctx.ModelConfig.from_config(config.model)")
-        if cfg.attention_impl == "auto":
-            raise ConfigError("model.attention_impl='auto' is resolved where the platform is known: pass "
-                              "ctx.backend.resolve_attention_here(cfg)")
+        cfg = require_resolved(self.config, "CompressiveTransformer")
         self.embed = Embedding(cfg)
         self.embed_dropout = nn.Dropout(cfg.dropout)
         self.layers = layer_stack(cfg)(cfg)
