@@ -21,6 +21,7 @@ optimizer), and a step of L layers is outside + L x layer. That holds for FLOPs,
 and XLA's own step-time estimate (`optimal_seconds`). Everything derived from it is labelled
 as XLA's estimate: it is not a measurement.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -50,14 +51,22 @@ from ctx.sharding import batch_sharding, make_mesh
 from ctx.trainer import Trainer
 
 ESTIMATE_LABEL = "XLA's TPU cost-model estimate from an ahead-of-time compile, not a measurement"
-ROOFLINE_LABEL = ("roofline estimate from an ahead-of-time compile (per operation the larger of FLOPs at peak and "
-                  "HBM bytes at bandwidth, summed), not a measurement")
-ESTIMATE_METHOD = ("loop-free compiles with 1 and 2 layers unrolled and 1 segment per call: "
-                   "step = (1-layer cost - layer) + n_layers x layer, layer = 2-layer cost - 1-layer cost")
-MEMORY_KINDS = {"arguments": "argument_size_in_bytes", "outputs": "output_size_in_bytes",
-                "temporaries": "temp_size_in_bytes", "generated_code": "generated_code_size_in_bytes",
-                "aliased": "alias_size_in_bytes"}
-GIB = 2 ** 30
+ROOFLINE_LABEL = (
+    "roofline estimate from an ahead-of-time compile (per operation the larger of FLOPs at peak and "
+    "HBM bytes at bandwidth, summed), not a measurement"
+)
+ESTIMATE_METHOD = (
+    "loop-free compiles with 1 and 2 layers unrolled and 1 segment per call: "
+    "step = (1-layer cost - layer) + n_layers x layer, layer = 2-layer cost - 1-layer cost"
+)
+MEMORY_KINDS = {
+    "arguments": "argument_size_in_bytes",
+    "outputs": "output_size_in_bytes",
+    "temporaries": "temp_size_in_bytes",
+    "generated_code": "generated_code_size_in_bytes",
+    "aliased": "alias_size_in_bytes",
+}
+GIB = 2**30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +99,9 @@ class Target:
                 return lowered.compile(), None
             with tempfile.TemporaryDirectory(prefix="ctx-gpu-compile-") as dump:
                 try:
-                    compiled = lowered.compile(compiler_options=kernel_resources.compile_options(dump))
+                    compiled = lowered.compile(
+                        compiler_options=kernel_resources.compile_options(dump)
+                    )
                 except Exception as error:  # noqa: BLE001 - a kernel over the GPU's limits is one line
                     raise kernel_resources.refused(error, self.gpu.name) or error from None
                 return compiled, kernel_resources.read(dump, compiled.as_text(), self.gpu.model)
@@ -122,8 +133,13 @@ class Target:
             model = gpu_topology.model_of(devices[0]) if devices[0].platform == "gpu" else None
             if model is None:
                 return cls(devices, stats["bytes_limit"] / GIB)
-            return cls(devices, stats["bytes_limit"] / GIB, model.peak_bf16_flops, model.hbm_bytes_per_sec,
-                       gpu=gpu_topology.GpuNode(model, len(devices)))
+            return cls(
+                devices,
+                stats["bytes_limit"] / GIB,
+                model.peak_bf16_flops,
+                model.hbm_bytes_per_sec,
+                gpu=gpu_topology.GpuNode(model, len(devices)),
+            )
         host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         return cls(devices, host / jax.local_device_count() / GIB)
 
@@ -131,19 +147,33 @@ class Target:
     def tpu(cls, name: str) -> "Target":
         tpu = tpu_topology.resolve(name)
         g = tpu.generation
-        return cls(tpu_topology.compile_devices(tpu), g.hbm_gib, g.peak_bf16_flops, g.hbm_bytes_per_sec, tpu,
-                   compile_only=True)
+        return cls(
+            tpu_topology.compile_devices(tpu),
+            g.hbm_gib,
+            g.peak_bf16_flops,
+            g.hbm_bytes_per_sec,
+            tpu,
+            compile_only=True,
+        )
 
     @classmethod
     def gpu_node(cls, name: str) -> "Target":
         node = gpu_topology.resolve(name)
-        return cls(gpu_topology.compile_devices(node), node.usable_memory_gib, node.model.peak_bf16_flops,
-                   node.model.hbm_bytes_per_sec, gpu=node, compile_only=True)
+        return cls(
+            gpu_topology.compile_devices(node),
+            node.usable_memory_gib,
+            node.model.peak_bf16_flops,
+            node.model.hbm_bytes_per_sec,
+            gpu=node,
+            compile_only=True,
+        )
 
     @classmethod
     def named(cls, topology: str) -> "Target":
         """A TPU slice (v5p-256, v5p:4x4x8) or NVIDIA GPUs (h100, h100-8) by --topology's name."""
-        return cls.gpu_node(topology) if gpu_topology.looks_like_gpu(topology) else cls.tpu(topology)
+        return (
+            cls.gpu_node(topology) if gpu_topology.looks_like_gpu(topology) else cls.tpu(topology)
+        )
 
 
 def variant(config: ml_collections.ConfigDict, **fields: Any) -> ml_collections.ConfigDict:
@@ -155,22 +185,40 @@ def variant(config: ml_collections.ConfigDict, **fields: Any) -> ml_collections.
     return config
 
 
-def _lower(config: ml_collections.ConfigDict, target: Target, lowering_platforms: tuple[str, ...] | None = None):
+def _lower(
+    config: ml_collections.ConfigDict,
+    target: Target,
+    lowering_platforms: tuple[str, ...] | None = None,
+):
     """The training chunk lowered for the target's mesh, with abstract (shape-only) inputs;
     `lowering_platforms` (e.g. ('cuda',)) lowers it for other platforms than the target's, as
     far as StableHLO (how a CPU machine checks a GPU program short of compiling it)."""
     config = with_global_batch(config, len(target.devices))
     mesh = make_mesh(config.mesh, target.devices)
     # Resolved for the target's chips; the self-check needs the chips themselves.
-    trainer = Trainer(config, resolve_attention_here(ModelConfig.from_config(config.model), target.devices[0]), mesh)
+    trainer = Trainer(
+        config,
+        resolve_attention_here(ModelConfig.from_config(config.model), target.devices[0]),
+        mesh,
+    )
     abstract = trainer.abstract_checkpoint()
-    G, B, N = config.train.segments_per_call, config.train.batch_size, trainer.model_config.segment_length
+    G, B, N = (
+        config.train.segments_per_call,
+        config.train.batch_size,
+        trainer.model_config.segment_length,
+    )
     rows = batch_sharding(trainer.mesh, 1, 3)
-    chunk = {"tokens": jax.ShapeDtypeStruct((G, B, N), jnp.int32, sharding=rows),
-             "targets": jax.ShapeDtypeStruct((G, B, N), jnp.int32, sharding=rows),
-             "weights": jax.ShapeDtypeStruct((G, B, N), jnp.float32, sharding=rows),
-             "reset": jax.ShapeDtypeStruct((G, B), jnp.bool_, sharding=batch_sharding(trainer.mesh, 1, 2))}
-    traced = trainer.train_chunk.trace(abstract["train_state"], abstract["memory"], abstract["rng"], chunk)
+    chunk = {
+        "tokens": jax.ShapeDtypeStruct((G, B, N), jnp.int32, sharding=rows),
+        "targets": jax.ShapeDtypeStruct((G, B, N), jnp.int32, sharding=rows),
+        "weights": jax.ShapeDtypeStruct((G, B, N), jnp.float32, sharding=rows),
+        "reset": jax.ShapeDtypeStruct(
+            (G, B), jnp.bool_, sharding=batch_sharding(trainer.mesh, 1, 2)
+        ),
+    }
+    traced = trainer.train_chunk.trace(
+        abstract["train_state"], abstract["memory"], abstract["rng"], chunk
+    )
     return trainer, traced.lower(lowering_platforms=lowering_platforms or target.lowering_platforms)
 
 
@@ -181,9 +229,15 @@ def compiled_memory(compiled: Any) -> dict[str, Any]:
     if stats is None:
         return {"per_device_bytes": {}, "per_device_memory_estimate_gib": None, "memory_gib": {}}
     per_device = {field: int(getattr(stats, field, 0) or 0) for field in MEMORY_KINDS.values()}
-    estimate = sum(per_device[f] for f in list(MEMORY_KINDS.values())[:4]) - per_device["alias_size_in_bytes"]
-    return {"per_device_bytes": per_device, "per_device_memory_estimate_gib": estimate / GIB,
-            "memory_gib": {kind: per_device[field] / GIB for kind, field in MEMORY_KINDS.items()}}
+    estimate = (
+        sum(per_device[f] for f in list(MEMORY_KINDS.values())[:4])
+        - per_device["alias_size_in_bytes"]
+    )
+    return {
+        "per_device_bytes": per_device,
+        "per_device_memory_estimate_gib": estimate / GIB,
+        "memory_gib": {kind: per_device[field] / GIB for kind, field in MEMORY_KINDS.items()},
+    }
 
 
 def out_of_memory(error: BaseException) -> dict[str, Any] | None:
@@ -191,11 +245,14 @@ def out_of_memory(error: BaseException) -> dict[str, Any] | None:
     text = str(error)
     if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
         return None
-    line = next((s.strip() for s in text.splitlines() if "memory" in s.lower()), text.strip().splitlines()[0])
+    line = next(
+        (s.strip() for s in text.splitlines() if "memory" in s.lower()),
+        text.strip().splitlines()[0],
+    )
     report: dict[str, Any] = {"message": line}
     needed = re.search(r"required for ([^()]+?) \(([\d.]+)([KMGT])\)", line)
     available = re.search(r"available HBM \(([\d.]+)([KMGT])\)", line)
-    scale = {"K": 2 ** -20, "M": 2 ** -10, "G": 1, "T": 2 ** 10}
+    scale = {"K": 2**-20, "M": 2**-10, "G": 1, "T": 2**10}
     if needed:
         report["required_gib"] = float(needed.group(2)) * scale[needed.group(3)]
         report["required_for"] = needed.group(1)
@@ -218,15 +275,30 @@ def fit(config: ml_collections.ConfigDict, target: Target) -> dict[str, Any]:
         if oom.get("required_gib") and oom.get("available_gib") and per_chip > 1:
             # A first guess that takes the whole requirement to grow with the batch; the fixed
             # part (parameters, optimizer state) makes the true answer smaller: --search_batch.
-            oom["guess_per_chip_batch"] = max(1, int(per_chip * oom["available_gib"] / oom["required_gib"]))
-        return {"compile_seconds": time.perf_counter() - start, "fits": False, "oom": oom,
-                "per_device_bytes": {}, "per_device_memory_estimate_gib": None, "memory_gib": {},
-                "kernels": None, "trainer": trainer}
+            oom["guess_per_chip_batch"] = max(
+                1, int(per_chip * oom["available_gib"] / oom["required_gib"])
+            )
+        return {
+            "compile_seconds": time.perf_counter() - start,
+            "fits": False,
+            "oom": oom,
+            "per_device_bytes": {},
+            "per_device_memory_estimate_gib": None,
+            "memory_gib": {},
+            "kernels": None,
+            "trainer": trainer,
+        }
     memory = compiled_memory(compiled)
     total = memory["per_device_memory_estimate_gib"]
     fits = None if total is None or target.hbm_gib is None else total <= target.hbm_gib
-    return {"compile_seconds": time.perf_counter() - start, "fits": fits, "oom": None, **memory,
-            "kernels": kernels, "trainer": trainer}
+    return {
+        "compile_seconds": time.perf_counter() - start,
+        "fits": fits,
+        "oom": None,
+        **memory,
+        "kernels": kernels,
+        "trainer": trainer,
+    }
 
 
 def largest_by_bytes(hlo_text: str, top: int = 12, layers: int = 1) -> list[dict[str, Any]]:
@@ -237,8 +309,16 @@ def largest_by_bytes(hlo_text: str, top: int = 12, layers: int = 1) -> list[dict
     found = []
     for op in roofline.operations(hlo_text, pallas_gpu.declared_cost):
         times = layers if "/layers." in op["op_name"] else 1
-        found.append({"name": op["name"], "opcode": op["opcode"], "bytes": op["bytes"], "times_per_step": times,
-                      "bytes_per_step": times * op["bytes"], "op_name": op["op_name"]})
+        found.append(
+            {
+                "name": op["name"],
+                "opcode": op["opcode"],
+                "bytes": op["bytes"],
+                "times_per_step": times,
+                "bytes_per_step": times * op["bytes"],
+                "op_name": op["op_name"],
+            }
+        )
     return sorted(found, key=lambda f: -f["bytes_per_step"])[:top]
 
 
@@ -247,15 +327,19 @@ def cost_estimate(config: ml_collections.ConfigDict, target: Target) -> dict[str
     (module docstring): XLA's cost analysis where the backend has one (TPU), else ctx.roofline's."""
     costs, texts = [], []
     for layers in (1, 2):
-        loop_free = variant(config, **{"model.n_layers": layers, "model.scan_unroll": 0,
-                                       "train.segments_per_call": 1})
+        loop_free = variant(
+            config,
+            **{"model.n_layers": layers, "model.scan_unroll": 0, "train.segments_per_call": 1},
+        )
         compiled = target.compile(_lower(loop_free, target)[1])
         text = compiled.as_text()
         if re.search(r"\bwhile\(", text):
             raise RuntimeError("the cost estimate's loop-free program still holds a while loop")
         # XLA's own analysis where the backend has one (TPU); the roofline on every backend.
         analysis = dict(compiled.cost_analysis() or {})
-        own = roofline.program_cost(text, target.peak_flops, target.hbm_bytes_per_sec, pallas_gpu.declared_cost)
+        own = roofline.program_cost(
+            text, target.peak_flops, target.hbm_bytes_per_sec, pallas_gpu.declared_cost
+        )
         if "flops" not in analysis:
             analysis = {"flops": own["flops"], "bytes accessed": own["bytes"]}
         analysis["roofline_seconds"] = own["seconds"]
@@ -271,24 +355,39 @@ def cost_estimate(config: ml_collections.ConfigDict, target: Target) -> dict[str
 
     global_config = with_global_batch(config, len(target.devices))
     B, N, chips = global_config.train.batch_size, config.model.segment_length, len(target.devices)
-    flops, hbm_bytes, seconds = per_step("flops"), per_step("bytes accessed"), per_step("optimal_seconds")
+    flops, hbm_bytes, seconds = (
+        per_step("flops"),
+        per_step("bytes accessed"),
+        per_step("optimal_seconds"),
+    )
     per_operation = per_step("roofline_seconds")
     model_flops = train_flops_per_token(ModelConfig.from_config(config.model), B) * B * N / chips
-    whole_step_roofline = (max(flops / target.peak_flops, hbm_bytes / target.hbm_bytes_per_sec)
-                           if target.peak_flops and hbm_bytes else None)
+    whole_step_roofline = (
+        max(flops / target.peak_flops, hbm_bytes / target.hbm_bytes_per_sec)
+        if target.peak_flops and hbm_bytes
+        else None
+    )
     # XLA's step time is its own model of the chip; where it is missing, not positive (large
     # programs overflow it) or below half the roofline, the roofline of XLA's own FLOPs and bytes
     # stands in, and `step_seconds_from` says which.
-    plausible = (seconds is not None and all(c.get("optimal_seconds", 0) > 0 for c in costs)
-                 and (whole_step_roofline is None or seconds >= 0.5 * whole_step_roofline))
+    plausible = (
+        seconds is not None
+        and all(c.get("optimal_seconds", 0) > 0 for c in costs)
+        and (whole_step_roofline is None or seconds >= 0.5 * whole_step_roofline)
+    )
     estimate = {
-        "label": ESTIMATE_LABEL if seconds is not None else ROOFLINE_LABEL, "method": ESTIMATE_METHOD,
-        "xla_flops_per_step": flops, "model_flops_per_step": model_flops,
+        "label": ESTIMATE_LABEL if seconds is not None else ROOFLINE_LABEL,
+        "method": ESTIMATE_METHOD,
+        "xla_flops_per_step": flops,
+        "model_flops_per_step": model_flops,
         "xla_over_model_flops": flops / model_flops,
         # With remat the excess is the recomputed forward; without, the non-matmul work.
         "excess_flops_per_step": flops - model_flops,
-        "excess_flops_are": ("recomputation (model.remat=" + config.model.remat + ") and non-matmul work"
-                             if config.model.remat != "none" else "non-matmul work (no remat)"),
+        "excess_flops_are": (
+            "recomputation (model.remat=" + config.model.remat + ") and non-matmul work"
+            if config.model.remat != "none"
+            else "non-matmul work (no remat)"
+        ),
         "hbm_bytes_per_step": hbm_bytes,
         "arithmetic_intensity": flops / hbm_bytes if hbm_bytes else None,
         "xla_optimal_seconds_per_step": seconds,
@@ -298,9 +397,18 @@ def cost_estimate(config: ml_collections.ConfigDict, target: Target) -> dict[str
         "per_operation_roofline_over_xla": per_operation / seconds if seconds else None,
         # Without XLA's model (GPUs) the per-operation roofline; where XLA's is implausible, the
         # whole step's roofline of XLA's own FLOPs and bytes.
-        "step_seconds": seconds if plausible else whole_step_roofline if seconds is not None else per_operation,
-        "step_seconds_from": ("xla_optimal_seconds" if plausible else "roofline" if seconds is not None
-                              else "per_operation_roofline"),
+        "step_seconds": seconds
+        if plausible
+        else whole_step_roofline
+        if seconds is not None
+        else per_operation,
+        "step_seconds_from": (
+            "xla_optimal_seconds"
+            if plausible
+            else "roofline"
+            if seconds is not None
+            else "per_operation_roofline"
+        ),
         # Where the bytes go: the one-layer step's largest operations (a layer's repeat per layer).
         "largest_by_bytes": largest_by_bytes(texts[0], layers=n_layers),
     }
@@ -317,19 +425,27 @@ def cost_estimate(config: ml_collections.ConfigDict, target: Target) -> dict[str
 def _fit_for_gpu(config: ml_collections.ConfigDict, target: Target) -> dict[str, Any]:
     """`fit` for a GPU without one: the cuDNN attention needs cuDNN on this machine to be traced
     and compiled, and where it cannot be, that is the user's one line."""
-    if resolve_attention(ModelConfig.from_config(config.model), "gpu", target.devices[0].device_kind
-                         ).attention_impl != "cudnn":
+    if (
+        resolve_attention(
+            ModelConfig.from_config(config.model), "gpu", target.devices[0].device_kind
+        ).attention_impl
+        != "cudnn"
+    ):
         return fit(config, target)
     if not cudnn_found():
-        raise InputError(f"model.attention_impl='cudnn' cannot be compiled for {target.gpu.name} here: cuDNN not "
-                         "found (pip install nvidia-cudnn-cu12 beside the CUDA plugin); compile "
-                         "attention_impl='pallas_gpu' or 'xla' instead")
+        raise InputError(
+            f"model.attention_impl='cudnn' cannot be compiled for {target.gpu.name} here: cuDNN not "
+            "found (pip install nvidia-cudnn-cu12 beside the CUDA plugin); compile "
+            "attention_impl='pallas_gpu' or 'xla' instead"
+        )
     try:
         return fit(config, target)
     except Exception as error:  # noqa: BLE001 - XLA's and cuDNN's own errors, as one line
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise InputError(f"model.attention_impl='cudnn' cannot be compiled for {target.gpu.name} on this machine "
-                         f"({first[:300]}); compile attention_impl='pallas_gpu' or 'xla' instead") from None
+        raise InputError(
+            f"model.attention_impl='cudnn' cannot be compiled for {target.gpu.name} on this machine "
+            f"({first[:300]}); compile attention_impl='pallas_gpu' or 'xla' instead"
+        ) from None
 
 
 def attention_kernels(cfg: ModelConfig, target: Target, rows: int = 2) -> list[dict[str, Any]]:
@@ -338,20 +454,39 @@ def attention_kernels(cfg: ModelConfig, target: Target, rows: int = 2) -> list[d
     each asks of the GPU (ctx.kernel_resources). `rows` batch rows; the resources do not
     depend on them, nor on the heads."""
     p = Problem.of(dataclasses.replace(cfg, attention_impl="pallas_gpu"))
-    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(target.devices[:1], ("x",)), jax.sharding.PartitionSpec())
-    shapes = [(cfg.n_heads, rows, p.n_queries, p.head_dim), (cfg.n_heads, p.head_dim),
-              (cfg.n_heads, rows, p.n_keys, p.head_dim), (cfg.n_heads, rows, p.n_keys, p.head_dim),
-              (cfg.n_heads, 2 if p.n_cmem else 1, p.head_dim), (cfg.n_heads, p.table_rows, p.head_dim)]
-    abstract = [jax.ShapeDtypeStruct(shape, jnp.dtype(p.dtype), sharding=sharding) for shape in shapes]
+    sharding = jax.sharding.NamedSharding(
+        jax.sharding.Mesh(target.devices[:1], ("x",)), jax.sharding.PartitionSpec()
+    )
+    shapes = [
+        (cfg.n_heads, rows, p.n_queries, p.head_dim),
+        (cfg.n_heads, p.head_dim),
+        (cfg.n_heads, rows, p.n_keys, p.head_dim),
+        (cfg.n_heads, rows, p.n_keys, p.head_dim),
+        (cfg.n_heads, 2 if p.n_cmem else 1, p.head_dim),
+        (cfg.n_heads, p.table_rows, p.head_dim),
+    ]
+    abstract = [
+        jax.ShapeDtypeStruct(shape, jnp.dtype(p.dtype), sharding=sharding) for shape in shapes
+    ]
     abstract.append(jax.ShapeDtypeStruct((rows, p.n_keys), jnp.bool_, sharding=sharding))
 
     def loss(*args):
-        out, _, usage = flash_attention(pallas_gpu.KERNELS, AttentionOperands(*args), p.n_cmem, p.n_mem, p.usage_keys,
-                                        p.dropout, jnp.int32(7))
+        out, _, usage = flash_attention(
+            pallas_gpu.KERNELS,
+            AttentionOperands(*args),
+            p.n_cmem,
+            p.n_mem,
+            p.usage_keys,
+            p.dropout,
+            jnp.int32(7),
+        )
         return jnp.sum(out.astype(jnp.float32)), usage
 
-    lowered = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)), has_aux=True)).trace(*abstract).lower(
-        lowering_platforms=("cuda",))
+    lowered = (
+        jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)), has_aux=True))
+        .trace(*abstract)
+        .lower(lowering_platforms=("cuda",))
+    )
     return target.compile_with_kernels(lowered)[1] or []
 
 
@@ -363,8 +498,13 @@ def attention_kernel_lines(cfg: ModelConfig, target: Target) -> list[str]:
     return kernel_resources.report_lines(attention_kernels(cfg, target), target.gpu.model)
 
 
-def largest_fitting_batch(config: ml_collections.ConfigDict, target: Target, per_chip: int, fits: bool,
-                          max_compiles: int = 6) -> dict[str, Any]:
+def largest_fitting_batch(
+    config: ml_collections.ConfigDict,
+    target: Target,
+    per_chip: int,
+    fits: bool,
+    max_compiles: int = 6,
+) -> dict[str, Any]:
     """Bisection over the per-chip batch (doubling first when the given one fits); each try
     is one full compile. Returns the largest batch that fitted (0: none) and the tries."""
     low, high = (per_chip, None) if fits else (0, per_chip)
@@ -372,15 +512,27 @@ def largest_fitting_batch(config: ml_collections.ConfigDict, target: Target, per
     while len(tries) < max_compiles and (high is None or high - low > 1):
         candidate = low * 2 if high is None else (low + high) // 2
         result = fit(variant(config, **{"train.per_device_batch_size": candidate}), target)
-        tries.append({"per_chip_batch": candidate, "fits": bool(result["fits"]),
-                      "memory_gib": result["per_device_memory_estimate_gib"]})
+        tries.append(
+            {
+                "per_chip_batch": candidate,
+                "fits": bool(result["fits"]),
+                "memory_gib": result["per_device_memory_estimate_gib"],
+            }
+        )
         low, high = (candidate, high) if result["fits"] else (low, candidate)
-    return {"largest_fitting_per_chip_batch": low, "exact": high is not None and high - low <= 1,
-            "batch_search": tries}
+    return {
+        "largest_fitting_per_chip_batch": low,
+        "exact": high is not None and high - low <= 1,
+        "batch_search": tries,
+    }
 
 
-def compile_report(config: ml_collections.ConfigDict, topology: str | None = None,
-                   search_batch: bool = False, estimate: bool = True) -> dict[str, Any]:
+def compile_report(
+    config: ml_collections.ConfigDict,
+    topology: str | None = None,
+    search_batch: bool = False,
+    estimate: bool = True,
+) -> dict[str, Any]:
     """Compile the training chunk ahead of time for the local devices or a TPU slice
     (`topology`: v5p-256, v5litepod-16, v5p:4x4x8, ...) and report memory, fit and XLA's
     cost estimate per chip (module docstring)."""
@@ -391,56 +543,88 @@ def compile_report(config: ml_collections.ConfigDict, topology: str | None = Non
     chips = trainer.mesh.size
     per_chip = trainer.config.train.batch_size // chips
     report = {
-        "platform": target.platform, "devices": chips, "mesh": dict(trainer.mesh.shape),
-        "segments_per_call": trainer.config.train.segments_per_call, "batch_size": trainer.config.train.batch_size,
-        "per_chip_batch": per_chip, "chip": target.devices[0].device_kind,
+        "platform": target.platform,
+        "devices": chips,
+        "mesh": dict(trainer.mesh.shape),
+        "segments_per_call": trainer.config.train.segments_per_call,
+        "batch_size": trainer.config.train.batch_size,
+        "per_chip_batch": per_chip,
+        "chip": target.devices[0].device_kind,
         # model.attention_impl as compiled: 'auto' resolved for the target's chips, not this host
         "attention": trainer.model_config.attention_impl,
-        **({"topology": target.slice.topology, "accelerator_type": target.slice.accelerator_type}
-           if target.slice else {}),
+        **(
+            {"topology": target.slice.topology, "accelerator_type": target.slice.accelerator_type}
+            if target.slice
+            else {}
+        ),
         **({"topology": target.gpu.name} if target.gpu and target.compile_only else {}),
         **({"gpu": target.gpu.describe()} if target.gpu else {}),
-        "hbm_gib": target.hbm_gib, **result,
-        "headroom_gib": (target.hbm_gib - result["per_device_memory_estimate_gib"]
-                         if result["per_device_memory_estimate_gib"] is not None and target.hbm_gib else None),
+        "hbm_gib": target.hbm_gib,
+        **result,
+        "headroom_gib": (
+            target.hbm_gib - result["per_device_memory_estimate_gib"]
+            if result["per_device_memory_estimate_gib"] is not None and target.hbm_gib
+            else None
+        ),
     }
     if search_batch:
         report.update(largest_fitting_batch(config, target, per_chip, bool(result["fits"])))
     if target.gpu:
-        report["kernel_problems"] = kernel_resources.problems(result["kernels"] or [], target.gpu.model)
+        report["kernel_problems"] = kernel_resources.problems(
+            result["kernels"] or [], target.gpu.model
+        )
     # The estimate needs a chip's figures (TPU: XLA's cost model; GPU: the roofline) and a program that fits.
-    report["estimate"] = cost_estimate(config, target) if estimate and target.peak_flops and result["fits"] else None
+    report["estimate"] = (
+        cost_estimate(config, target) if estimate and target.peak_flops and result["fits"] else None
+    )
     report["estimated_mfu"] = (report["estimate"] or {}).get("mfu")
     return report
 
 
 def summary(report: dict[str, Any]) -> str:
     """Two or three lines for a person; the JSON line carries everything."""
-    where = (report.get("accelerator_type") or (report["gpu"]["gpu"] + f" ({report['chip']})" if "gpu" in report
-                                                else f"{report['devices']} {report['platform']} device(s)"))
+    where = report.get("accelerator_type") or (
+        report["gpu"]["gpu"] + f" ({report['chip']})"
+        if "gpu" in report
+        else f"{report['devices']} {report['platform']} device(s)"
+    )
     if report["oom"]:
         oom = report["oom"]
-        lines = [f"{where}: does NOT fit at per-chip batch {report['per_chip_batch']}: {oom['message']}"]
+        lines = [
+            f"{where}: does NOT fit at per-chip batch {report['per_chip_batch']}: {oom['message']}"
+        ]
         if "guess_per_chip_batch" in oom and "largest_fitting_per_chip_batch" not in report:
-            lines.append(f"try a per-chip batch of at most {oom['guess_per_chip_batch']} "
-                         "(--config.train.per_device_batch_size; --search_batch finds the largest that fits)")
+            lines.append(
+                f"try a per-chip batch of at most {oom['guess_per_chip_batch']} "
+                "(--config.train.per_device_batch_size; --search_batch finds the largest that fits)"
+            )
     elif report["per_device_memory_estimate_gib"] is not None:
         hbm = f" of {report['hbm_gib']:.2f} GiB" if report["hbm_gib"] else ""
         verdict = "fits" if report["fits"] else "does NOT fit"
-        lines = [f"{where}: {verdict} at per-chip batch {report['per_chip_batch']}: "
-                 f"{report['per_device_memory_estimate_gib']:.2f} GiB per chip{hbm}"]
+        lines = [
+            f"{where}: {verdict} at per-chip batch {report['per_chip_batch']}: "
+            f"{report['per_device_memory_estimate_gib']:.2f} GiB per chip{hbm}"
+        ]
     else:
         lines = [f"{where}: compiled; the backend reports no memory analysis"]
     lines[0] += f" ({report['attention']} attention)"
     if "largest_fitting_per_chip_batch" in report:
         bound = "" if report["exact"] else " (at least; more compiles would tell)"
-        lines.append(f"largest per-chip batch that fits: {report['largest_fitting_per_chip_batch']}{bound}")
+        lines.append(
+            f"largest per-chip batch that fits: {report['largest_fitting_per_chip_batch']}{bound}"
+        )
     e = report.get("estimate")
     if e and e["step_seconds"]:
-        lines.append(f"{e['label']} ({e['step_seconds_from'].replace('_', ' ')}): "
-                     f"{e['step_seconds'] * 1e3:.1f} ms per step, "
-                     f"{e['tokens_per_sec_per_chip']:,.0f} tokens/s per chip, MFU {e['mfu']:.1%}, "
-                     f"{e['arithmetic_intensity']:.0f} FLOP/byte (ridge {e['ridge_flops_per_byte']:.0f})")
+        lines.append(
+            f"{e['label']} ({e['step_seconds_from'].replace('_', ' ')}): "
+            f"{e['step_seconds'] * 1e3:.1f} ms per step, "
+            f"{e['tokens_per_sec_per_chip']:,.0f} tokens/s per chip, MFU {e['mfu']:.1%}, "
+            f"{e['arithmetic_intensity']:.0f} FLOP/byte (ridge {e['ridge_flops_per_byte']:.0f})"
+        )
     if report.get("kernels"):
-        lines.extend(kernel_resources.report_lines(report["kernels"], gpu_topology.resolve(report["gpu"]["gpu"]).model))
+        lines.extend(
+            kernel_resources.report_lines(
+                report["kernels"], gpu_topology.resolve(report["gpu"]["gpu"]).model
+            )
+        )
     return "\n".join(lines)

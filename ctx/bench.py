@@ -8,6 +8,7 @@ min and max are over `--chunks` chunks after compilation. MFU is the analytic mo
 rate (ctx.flops) over the matmul rate measured on the same machine in the same run, in the
 model's compute dtype.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,7 +47,7 @@ def matmul_flops_per_sec(dtype: str, n: int | None = None, repeats: int = 10) ->
         start = time.perf_counter()
         matmul(a, b).block_until_ready()
         best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best
+    return 2 * n**3 / best
 
 
 def _timed(fn, *args) -> tuple[Any, float]:
@@ -56,8 +57,12 @@ def _timed(fn, *args) -> tuple[Any, float]:
     return out, time.perf_counter() - start
 
 
-def run_benchmark(config: ml_collections.ConfigDict, chunks: int = 3,
-                  peak_flops_per_sec: float = 0.0, trace_dir: str = "") -> dict[str, Any]:
+def run_benchmark(
+    config: ml_collections.ConfigDict,
+    chunks: int = 3,
+    peak_flops_per_sec: float = 0.0,
+    trace_dir: str = "",
+) -> dict[str, Any]:
     """peak_flops_per_sec: the chip's datasheet rate in the compute dtype (0 = unknown); when
     given, `mfu_vs_peak` is reported beside `mfu` (which is against the measured matmul rate).
     trace_dir: when given, one more training chunk runs under jax.profiler and its time by
@@ -66,8 +71,12 @@ def run_benchmark(config: ml_collections.ConfigDict, chunks: int = 3,
     config = with_global_batch(config, jax.device_count())
     trainer = Trainer(config, model_config_for_run(config, "ctx.bench"))
     cfg, G = trainer.model_config, config.train.segments_per_call
-    stream = TrainStream(load_corpus(config.data, "train"), config.train.batch_size, cfg.segment_length,
-                         seed=config.seed)
+    stream = TrainStream(
+        load_corpus(config.data, "train"),
+        config.train.batch_size,
+        cfg.segment_length,
+        seed=config.seed,
+    )
     host_chunks = [stream.next_chunk(G) for _ in range(chunks + 1)]
     device_chunks = [device_chunk(trainer.mesh, c) for c in host_chunks]
     state = trainer.init_state(jax.random.PRNGKey(config.seed))
@@ -83,13 +92,17 @@ def run_benchmark(config: ml_collections.ConfigDict, chunks: int = 3,
         train_seconds.append(seconds / G)
     if trace_dir:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-            (state, memory, rng, metrics), _ = _timed(compiled, state, memory, rng, device_chunks[-1])
+            (state, memory, rng, metrics), _ = _timed(
+                compiled, state, memory, rng, device_chunks[-1]
+            )
         op_time = write_summary(trace_dir, compiled.as_text(), steps=G)
     tokens_per_step = config.train.batch_size * cfg.segment_length
 
     eval_fn = make_eval_chunk_fn(trainer.model, trainer.mesh)
     eval_memory = trainer.init_memory()
-    eval_memory, _ = _timed(lambda m: eval_fn(state.params, m, device_chunks[0])[0], eval_memory)  # compile
+    eval_memory, _ = _timed(
+        lambda m: eval_fn(state.params, m, device_chunks[0])[0], eval_memory
+    )  # compile
     eval_seconds = []
     for chunk in device_chunks[1:]:
         (eval_memory, _), seconds = _timed(eval_fn, state.params, eval_memory, chunk)
@@ -111,7 +124,7 @@ def run_benchmark(config: ml_collections.ConfigDict, chunks: int = 3,
         "steps_timed": len(train_seconds) * G,
         "compile_seconds": compile_seconds,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "peak_device_memory_mib": device_stats.get("peak_bytes_in_use", 0) / 2 ** 20 or None,
+        "peak_device_memory_mib": device_stats.get("peak_bytes_in_use", 0) / 2**20 or None,
         "flops_per_token": flops,
         "eval_flops_per_token": eval_flops,
         "matmul_flops_per_sec": matmul,
@@ -130,18 +143,35 @@ def run_benchmark(config: ml_collections.ConfigDict, chunks: int = 3,
 
 
 def main() -> None:
-    print(json.dumps(run_benchmark(FLAGS.config, FLAGS.chunks, FLAGS.peak_tflops * 1e12, FLAGS.trace_dir)),
-          flush=True)
+    print(
+        json.dumps(
+            run_benchmark(FLAGS.config, FLAGS.chunks, FLAGS.peak_tflops * 1e12, FLAGS.trace_dir)
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":
     from absl import flags
 
     define_config_flags()
-    flags.DEFINE_integer("chunks", 3, "Timed chunks of segments_per_call segments (after one warm-up chunk).",
-                         lower_bound=1)
-    flags.DEFINE_float("peak_tflops", 0.0, "The chip's datasheet TFLOP/s in the compute dtype (e.g. 989 for "
-                       "H100/H200 dense bf16); adds mfu_vs_peak. 0 = not reported.", lower_bound=0.0)
-    flags.DEFINE_string("trace_dir", "", "Trace one more training chunk with jax.profiler into this folder "
-                        "and write its time by source operation to op_time.json there.")
+    flags.DEFINE_integer(
+        "chunks",
+        3,
+        "Timed chunks of segments_per_call segments (after one warm-up chunk).",
+        lower_bound=1,
+    )
+    flags.DEFINE_float(
+        "peak_tflops",
+        0.0,
+        "The chip's datasheet TFLOP/s in the compute dtype (e.g. 989 for "
+        "H100/H200 dense bf16); adds mfu_vs_peak. 0 = not reported.",
+        lower_bound=0.0,
+    )
+    flags.DEFINE_string(
+        "trace_dir",
+        "",
+        "Trace one more training chunk with jax.profiler into this folder "
+        "and write its time by source operation to op_time.json there.",
+    )
     run_main(main)

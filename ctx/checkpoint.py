@@ -4,6 +4,7 @@
 `data` the stream position and `config` the config the run was started with (both JSON).
 Checkpoint N is the state after N training segments.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -89,13 +90,18 @@ def quiet_refused_writes() -> None:
         logger = logging.getLogger(name)
         if _ECHO_FILTER not in logger.filters:
             logger.addFilter(_ECHO_FILTER)
-    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+    warnings.filterwarnings(
+        "ignore", message="coroutine .* was never awaited", category=RuntimeWarning
+    )
     previous = sys.unraisablehook
     if getattr(previous, "mutes_closed_loop", False):
         return
 
     def hook(unraisable):
-        if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"):
+        if not (
+            unraisable.exc_type is RuntimeError
+            and str(unraisable.exc_value) == "Event loop is closed"
+        ):
             previous(unraisable)
 
     hook.mutes_closed_loop = True
@@ -109,15 +115,19 @@ def read_latest_config(directory: str) -> dict | None:
     see the folder appear at different moments cannot fall out of step.
     """
     folder = epath.Path(directory)
-    steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+    steps = (
+        sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+    )
     if not steps:
         return None
     path = folder / str(steps[-1]) / "config" / "metadata"
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as error:
-        raise CheckpointError(f"the config saved with checkpoint {steps[-1]} ({path}) cannot be read "
-                              f"({type(error).__name__}); the checkpoint is damaged") from None
+        raise CheckpointError(
+            f"the config saved with checkpoint {steps[-1]} ({path}) cannot be read "
+            f"({type(error).__name__}); the checkpoint is damaged"
+        ) from None
 
 
 def _is_empty(leaf: Any) -> bool:
@@ -136,20 +146,31 @@ def _is_memory(node: Any) -> bool:
 def _saved_form(tree: Any) -> Any:
     """Memory as a dict of its four arrays: the keys and values only evaluation carries are
     never saved, and checkpoints keep the tree they always had."""
-    return jax.tree.map(lambda m: {f: getattr(m, f) for f in SAVED_MEMORY_FIELDS} if _is_memory(m) else m,
-                        tree, is_leaf=_is_memory)
+    return jax.tree.map(
+        lambda m: {f: getattr(m, f) for f in SAVED_MEMORY_FIELDS} if _is_memory(m) else m,
+        tree,
+        is_leaf=_is_memory,
+    )
 
 
 def _from_saved_form(restored: Any, abstract: Any) -> Any:
-    return jax.tree.map(lambda a, r: Memory(**r) if _is_memory(a) else r, abstract, restored, is_leaf=_is_memory)
+    return jax.tree.map(
+        lambda a, r: Memory(**r) if _is_memory(a) else r, abstract, restored, is_leaf=_is_memory
+    )
 
 
 def _with_empty(restored: Any, abstract: Any) -> Any:
     """Put back the zero-size arrays `_without_empty` left out, on the abstract's shardings."""
     leaves, treedef = jax.tree.flatten(abstract)
     saved = iter(jax.tree.leaves(restored))
-    return treedef.unflatten([jax.device_put(np.zeros(x.shape, x.dtype), getattr(x, "sharding", None))
-                              if _is_empty(x) else next(saved) for x in leaves])
+    return treedef.unflatten(
+        [
+            jax.device_put(np.zeros(x.shape, x.dtype), getattr(x, "sharding", None))
+            if _is_empty(x)
+            else next(saved)
+            for x in leaves
+        ]
+    )
 
 
 # Listing steps reads each step folder's metadata; a live run's clean-up can delete a folder
@@ -174,10 +195,16 @@ class Checkpointer:
         # The step folder is made before save returns: made in the background, a folder the file
         # system refuses (read-only, vanished) leaves orbax's writer threads waiting 20 minutes
         # for it, and the process with them.
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, async_options=ocp.AsyncOptions(
-            create_directories_asynchronously=False))
-        self.manager = _listed(lambda: ocp.CheckpointManager(self.directory, options=options,
-                                                             item_names=("state", "data", "config")))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            create=True,
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
+        )
+        self.manager = _listed(
+            lambda: ocp.CheckpointManager(
+                self.directory, options=options, item_names=("state", "data", "config")
+            )
+        )
         self._writing: int | None = None  # the step of the latest save started
 
     def reload(self) -> None:
@@ -196,9 +223,15 @@ class Checkpointer:
         self.wait()  # the previous write's failure, named after its own step
         self._writing = step
         with self._writes():
-            self.manager.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(_without_empty(_saved_form(state))), data=ocp.args.JsonSave(data_state),
-                config=ocp.args.JsonSave(config)), force=True)
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(_without_empty(_saved_form(state))),
+                    data=ocp.args.JsonSave(data_state),
+                    config=ocp.args.JsonSave(config),
+                ),
+                force=True,
+            )
 
     def write_failure(self) -> CheckpointError | None:
         """The failure of an asynchronous checkpoint write so far, if any (so that a run stops
@@ -222,23 +255,38 @@ class Checkpointer:
                 raise
             named = re.search(re.escape(self.directory) + r"/(\d+)", str(error))
             step = int(named.group(1)) if named else self._writing
-            kept = [int(p.name) for p in epath.Path(self.directory).iterdir() if p.name.isdigit()] \
-                if epath.Path(self.directory).is_dir() else []
-            resume = (f"checkpoint {max(kept)} and earlier are kept: run the same command again to resume from it"
-                      if kept else "no earlier checkpoint exists")
+            kept = (
+                [int(p.name) for p in epath.Path(self.directory).iterdir() if p.name.isdigit()]
+                if epath.Path(self.directory).is_dir()
+                else []
+            )
+            resume = (
+                f"checkpoint {max(kept)} and earlier are kept: run the same command again to resume from it"
+                if kept
+                else "no earlier checkpoint exists"
+            )
             _ECHO_FILTER.refusal_reported = True
-            raise CheckpointError(f"checkpoint {step} could not be written to {self.directory}/{step} "
-                                  f"({os.strerror(code)}); {_WRITE_FIXES[code]}, then {resume}") from None
+            raise CheckpointError(
+                f"checkpoint {step} could not be written to {self.directory}/{step} "
+                f"({os.strerror(code)}); {_WRITE_FIXES[code]}, then {resume}"
+            ) from None
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
         """Restore onto the shardings in `abstract_state` (any device count)."""
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_without_empty(_saved_form(abstract_state))), data=ocp.args.JsonRestore(),
-            config=ocp.args.JsonRestore()))
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(_without_empty(_saved_form(abstract_state))),
+                data=ocp.args.JsonRestore(),
+                config=ocp.args.JsonRestore(),
+            ),
+        )
         state = _from_saved_form(restored.state, abstract_state)
         return _with_empty(state, abstract_state), restored.data, restored.config
 
-    def restore_latest(self, abstract_state: Any, fallback: bool = False) -> tuple[int, Any, dict] | None:
+    def restore_latest(
+        self, abstract_state: Any, fallback: bool = False
+    ) -> tuple[int, Any, dict] | None:
         """(step, state, data) of the newest readable checkpoint, or None if there is none.
 
         A half-written step (an interrupted async save, on any host) is never listed: orbax
@@ -264,13 +312,21 @@ class Checkpointer:
                 reason = "another process could not read it"
             older = steps[i + 1] if i + 1 < len(steps) else None
             if not fallback or older is None:
-                hint = (f"set --config.train.on_corrupt_checkpoint=previous to resume from step {older}"
-                        if older is not None else "no older checkpoint is left to fall back to")
-                raise CheckpointError(f"checkpoint {step} in {self.directory}/{step} cannot be read ({reason}); "
-                                      f"{hint}") from None
+                hint = (
+                    f"set --config.train.on_corrupt_checkpoint=previous to resume from step {older}"
+                    if older is not None
+                    else "no older checkpoint is left to fall back to"
+                )
+                raise CheckpointError(
+                    f"checkpoint {step} in {self.directory}/{step} cannot be read ({reason}); "
+                    f"{hint}"
+                ) from None
             self._set_aside(step)
-            print(f"warning: checkpoint {step} cannot be read ({reason}); moved it to "
-                  f"{self.directory}/corrupt-{step} and trying step {older}", flush=True)
+            print(
+                f"warning: checkpoint {step} cannot be read ({reason}); moved it to "
+                f"{self.directory}/corrupt-{step} and trying step {older}",
+                flush=True,
+            )
         return None
 
     def _set_aside(self, step: int) -> None:
@@ -285,14 +341,25 @@ class Checkpointer:
         source = epath.Path(self.directory) / str(step)
         target = epath.Path(self.directory) / f"corrupt-{step}"
         if target.exists():
-            target = epath.Path(self.directory) / f"corrupt-{step}-{len(list(epath.Path(self.directory).iterdir()))}"
+            target = (
+                epath.Path(self.directory)
+                / f"corrupt-{step}-{len(list(epath.Path(self.directory).iterdir()))}"
+            )
         source.rename(target)
 
     def restore_params(self, step: int, abstract_params: Any) -> Any:
         """Only the parameters of checkpoint `step`, onto the shardings in `abstract_params`."""
         target = {"train_state": {"params": abstract_params}}
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=target,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                    partial_restore=True,
+                )
+            ),
+        )
         return restored.state["train_state"]["params"]
 
     def restore_data(self, step: int) -> dict:
@@ -300,10 +367,14 @@ class Checkpointer:
 
     def restore_config(self, step: int) -> dict:
         try:
-            return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+            return self.manager.restore(
+                step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+            ).config
         except Exception as error:
-            raise CheckpointError(f"the config saved with checkpoint {step} in {self.directory}/{step} cannot be "
-                                  f"read ({type(error).__name__}); the checkpoint is damaged") from None
+            raise CheckpointError(
+                f"the config saved with checkpoint {step} in {self.directory}/{step} cannot be "
+                f"read ({type(error).__name__}); the checkpoint is damaged"
+            ) from None
 
     def wait(self) -> None:
         with self._writes():

@@ -5,6 +5,7 @@ ends with one line on stderr naming what is wrong and exit status 2, not a trace
 else is a bug, reported in one line naming its type with exit status 1; `--verbose` shows the
 traceback of either.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,13 @@ from typing import Callable
 from absl import flags
 from ml_collections import config_flags
 
-from ctx.distributed import (HEARTBEAT_TIMEOUT_SECONDS, initialize, is_runtime_failure, lost_processes,
-                             use_the_cpu_where_nothing_else_is)
+from ctx.distributed import (
+    HEARTBEAT_TIMEOUT_SECONDS,
+    initialize,
+    is_runtime_failure,
+    lost_processes,
+    use_the_cpu_where_nothing_else_is,
+)
 from ctx.errors import InputError, UserError
 
 FLAGS = flags.FLAGS
@@ -27,9 +33,11 @@ FLAGS = flags.FLAGS
 USER_ERRORS = (UserError, flags.Error)
 
 
-CONFIG_FIELDS_HELP = ("Config fields: every section's defaults and what each field means are in ctx/config.py; "
-                      "experiments/*.py hold the configs (demo, bench, pg19, enwik8, wt103). Override any field "
-                      "with --config.<section>.<field>=value.")
+CONFIG_FIELDS_HELP = (
+    "Config fields: every section's defaults and what each field means are in ctx/config.py; "
+    "experiments/*.py hold the configs (demo, bench, pg19, enwik8, wt103). Override any field "
+    "with --config.<section>.<field>=value."
+)
 
 
 def define_common_flags() -> None:
@@ -40,17 +48,35 @@ def define_common_flags() -> None:
 def define_config_flags() -> None:
     """The flags of the commands that run a config (train, evaluate, sample, bench)."""
     define_common_flags()
-    config_flags.DEFINE_config_file("config", None, "experiments/<task>.py[:variant], overridable "
-                                    "with --config.<section>.<field>=value", lock_config=True)
-    flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, TensorBoard events.")
-    flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
-                      "jax.distributed: auto = with the flags below, on TPU pod slices and under SLURM.")
+    config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "experiments/<task>.py[:variant], overridable with --config.<section>.<field>=value",
+        lock_config=True,
+    )
+    flags.DEFINE_string(
+        "workdir", None, "Run directory: checkpoints, metrics.jsonl, TensorBoard events."
+    )
+    flags.DEFINE_enum(
+        "distributed",
+        "auto",
+        ["auto", "on", "off"],
+        "jax.distributed: auto = with the flags below, on TPU pod slices and under SLURM.",
+    )
     flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
-    flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).", lower_bound=1)
-    flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).", lower_bound=0)
-    flags.DEFINE_integer("heartbeat_timeout_seconds", HEARTBEAT_TIMEOUT_SECONDS,
-                         "Multi-process runs: a process silent this long is lost, and the others exit with "
-                         "an error instead of waiting for it.", lower_bound=1)
+    flags.DEFINE_integer(
+        "num_processes", None, "Number of processes (multi-process runs).", lower_bound=1
+    )
+    flags.DEFINE_integer(
+        "process_id", None, "This process's index (multi-process runs).", lower_bound=0
+    )
+    flags.DEFINE_integer(
+        "heartbeat_timeout_seconds",
+        HEARTBEAT_TIMEOUT_SECONDS,
+        "Multi-process runs: a process silent this long is lost, and the others exit with "
+        "an error instead of waiting for it.",
+        lower_bound=1,
+    )
 
 
 def run_main(main: Callable[[], None], needs_config: bool = True) -> None:
@@ -72,8 +98,13 @@ def run_main(main: Callable[[], None], needs_config: bool = True) -> None:
         if needs_config and config is None:
             raise InputError("--config is required, e.g. --config=experiments/demo.py")
         if needs_config:
-            initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.distributed,
-                       FLAGS.heartbeat_timeout_seconds)
+            initialize(
+                FLAGS.coordinator_address,
+                FLAGS.num_processes,
+                FLAGS.process_id,
+                FLAGS.distributed,
+                FLAGS.heartbeat_timeout_seconds,
+            )
         main()
     except Exception as error:  # noqa: BLE001 - every failure of a CLI ends as one line
         if "--verbose" in sys.argv or "--verbose=true" in sys.argv:
@@ -81,7 +112,11 @@ def run_main(main: Callable[[], None], needs_config: bool = True) -> None:
         if is_runtime_failure(error):
             _stop_after_lost_contact(error)
         user_error = isinstance(error, USER_ERRORS)
-        prefix = "error" if user_error else f"error ({type(error).__name__}; --verbose shows the traceback)"
+        prefix = (
+            "error"
+            if user_error
+            else f"error ({type(error).__name__}; --verbose shows the traceback)"
+        )
         print(f"{prefix}: {_one_line(error)}", file=sys.stderr)
         sys.exit(2 if user_error else 1)
 
@@ -107,14 +142,21 @@ def _stop_after_lost_contact(error: BaseException) -> None:
     input: no restart). os._exit skips the runtime's shutdown barrier, which would wait for the
     lost process and then abort with a core dump."""
     timeout = FLAGS.heartbeat_timeout_seconds
-    print(f"error: a collective between the processes failed ({_one_line(error)[:300]}); this process "
-          "stops too. Run the job again (the launchers do): it resumes from the last checkpoint every "
-          f"process completed. Asking which process was lost (up to --heartbeat_timeout_seconds={timeout}).",
-          file=sys.stderr, flush=True)
+    print(
+        f"error: a collective between the processes failed ({_one_line(error)[:300]}); this process "
+        "stops too. Run the job again (the launchers do): it resumes from the last checkpoint every "
+        f"process completed. Asking which process was lost (up to --heartbeat_timeout_seconds={timeout}).",
+        file=sys.stderr,
+        flush=True,
+    )
     lost = lost_processes(timeout)
     if lost:
-        print(f"error: process {', '.join(map(str, lost))} stopped sending heartbeats: "
-              f"{'it was' if len(lost) == 1 else 'they were'} lost.", file=sys.stderr, flush=True)
+        print(
+            f"error: process {', '.join(map(str, lost))} stopped sending heartbeats: "
+            f"{'it was' if len(lost) == 1 else 'they were'} lost.",
+            file=sys.stderr,
+            flush=True,
+        )
     sys.stdout.flush()
     os._exit(1)
 
@@ -129,7 +171,14 @@ def _input_message(error: BaseException) -> str:
         return _one_line(error)
     if isinstance(error, (AttributeError, KeyError)):  # an override of a field the config lacks
         name = text.strip("'\" ")
-        override = next((a for a in sys.argv[1:] if a.startswith("--config.") and f".{name}" in a.split("=")[0]), None)
+        override = next(
+            (
+                a
+                for a in sys.argv[1:]
+                if a.startswith("--config.") and f".{name}" in a.split("=")[0]
+            ),
+            None,
+        )
         if override:
             field = override.split("=")[0].removeprefix("--config.")
             return f"{override.split('=')[0]}: the config has no field {field} (its fields: ctx/config.py)"

@@ -5,6 +5,7 @@ convert the model section once into a frozen, hashable `ModelConfig` (`ModelConf
 which validates it) and resolve `attention_impl='auto'` for the platform they run on
 (`resolve_attention`); everything below them takes that typed config.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,7 +40,9 @@ class ConfigError(UserError, ValueError):
 def model_config(**overrides: Any) -> ml_collections.ConfigDict:
     """The model section of a config: ModelConfig's defaults, with `overrides`."""
     cfg = ml_collections.ConfigDict(dataclasses.asdict(ModelConfig()))
-    cfg.attention_dropout = config_dict.placeholder(float)  # None, and still settable from the command line
+    cfg.attention_dropout = config_dict.placeholder(
+        float
+    )  # None, and still settable from the command line
     cfg.update(overrides)
     return cfg
 
@@ -134,7 +137,11 @@ class ModelConfig:
     def fused_reconstruction_loss(self) -> bool:
         """Whether the attention-reconstruction loss's reads run as one Pallas kernel, as they
         do beside the TPU attention kernel (ctx.nn.pallas_reconstruction)."""
-        return self.compresses and self.compression_loss == "attention" and self.attention_impl == "pallas_tpu"
+        return (
+            self.compresses
+            and self.compression_loss == "attention"
+            and self.attention_impl == "pallas_tpu"
+        )
 
     @property
     def has_compression_params(self) -> bool:
@@ -144,13 +151,19 @@ class ModelConfig:
 def require_resolved(model_config: Any, taker: str) -> ModelConfig:
     """`model_config` when it is a ModelConfig with attention_impl resolved for the platform; a
     ConfigError naming the one fix otherwise (the typed config is the only way in)."""
-    fix = ("make it once where the run starts: ctx.backend.model_config_for_run(config, command), or "
-           "ctx.backend.resolve_attention_here(ModelConfig.from_config(config.model))")
+    fix = (
+        "make it once where the run starts: ctx.backend.model_config_for_run(config, command), or "
+        "ctx.backend.resolve_attention_here(ModelConfig.from_config(config.model))"
+    )
     if not isinstance(model_config, ModelConfig):
-        raise ConfigError(f"{taker} takes the run's ModelConfig, not a {type(model_config).__name__}: {fix}")
+        raise ConfigError(
+            f"{taker} takes the run's ModelConfig, not a {type(model_config).__name__}: {fix}"
+        )
     if model_config.attention_impl == "auto":
-        raise ConfigError(f"{taker} takes a ModelConfig with attention_impl resolved for the platform, not 'auto': "
-                          f"{fix}")
+        raise ConfigError(
+            f"{taker} takes a ModelConfig with attention_impl resolved for the platform, not 'auto': "
+            f"{fix}"
+        )
     return model_config
 
 
@@ -181,62 +194,114 @@ def validate_model(cfg: Any) -> None:
     present = _fields(cfg)
     unknown = sorted(present - expected)
     missing = sorted(expected - present)
-    _require(not unknown, f"config.model has unknown field(s) {unknown}; known fields: {sorted(expected)}")
-    _require(not missing, f"config.model is missing field(s) {missing}; start from ctx.config.model_config()")
+    _require(
+        not unknown,
+        f"config.model has unknown field(s) {unknown}; known fields: {sorted(expected)}",
+    )
+    _require(
+        not missing,
+        f"config.model is missing field(s) {missing}; start from ctx.config.model_config()",
+    )
+
     def g(name):
         return _get(cfg, name)
 
-    for name in ("vocab_size", "n_layers", "d_model", "n_heads", "d_ff", "segment_length",
-                 "memory_length", "compressed_length", "compression_rate"):
+    for name in (
+        "vocab_size",
+        "n_layers",
+        "d_model",
+        "n_heads",
+        "d_ff",
+        "segment_length",
+        "memory_length",
+        "compressed_length",
+        "compression_rate",
+    ):
         value = g(name)
-        _require(isinstance(value, int) and not isinstance(value, bool),
-                 f"model.{name} must be an integer, got {value!r}")
+        _require(
+            isinstance(value, int) and not isinstance(value, bool),
+            f"model.{name} must be an integer, got {value!r}",
+        )
         _require(value >= 0, f"model.{name} must not be negative, got {value}")
     for name in ("n_layers", "d_model", "n_heads", "d_ff", "segment_length", "compression_rate"):
         _require(g(name) > 0, f"model.{name} must be positive, got 0")
     unroll = g("scan_unroll")
-    _require(isinstance(unroll, int) and not isinstance(unroll, bool) and unroll >= 0,
-             "model.scan_unroll must be a non-negative integer (layers per scan iteration, 0 = auto), "
-             f"got {unroll!r}")
+    _require(
+        isinstance(unroll, int) and not isinstance(unroll, bool) and unroll >= 0,
+        "model.scan_unroll must be a non-negative integer (layers per scan iteration, 0 = auto), "
+        f"got {unroll!r}",
+    )
     _require(g("vocab_size") >= 2, f"model.vocab_size must be at least 2, got {g('vocab_size')}")
-    _require(g("d_model") % g("n_heads") == 0,
-             f"model.d_model ({g('d_model')}) must be divisible by model.n_heads ({g('n_heads')}); "
-             "change one of them")
-    _require(g("d_model") % 2 == 0,
-             f"model.d_model ({g('d_model')}) must be even (sinusoid position tables pair sin/cos)")
+    _require(
+        g("d_model") % g("n_heads") == 0,
+        f"model.d_model ({g('d_model')}) must be divisible by model.n_heads ({g('n_heads')}); "
+        "change one of them",
+    )
+    _require(
+        g("d_model") % 2 == 0,
+        f"model.d_model ({g('d_model')}) must be even (sinusoid position tables pair sin/cos)",
+    )
     _require(_is_rate(g("dropout")), f"model.dropout must be in [0, 1), got {g('dropout')!r}")
-    _require(g("attention_dropout") is None or _is_rate(g("attention_dropout")),
-             f"model.attention_dropout must be in [0, 1), or None for model.dropout's rate, "
-             f"got {g('attention_dropout')!r}")
-    for name, allowed in (("compression", COMPRESSIONS), ("compression_loss", COMPRESSION_LOSSES),
-                          ("layer_norm", LAYER_NORMS), ("dtype", DTYPES), ("remat", REMAT_CHOICES),
-                          ("attention_impl", ATTENTION_IMPLS)):
-        _require(g(name) in allowed, f"model.{name}={g(name)!r} is unknown; choose one of {list(allowed)}")
+    _require(
+        g("attention_dropout") is None or _is_rate(g("attention_dropout")),
+        f"model.attention_dropout must be in [0, 1), or None for model.dropout's rate, "
+        f"got {g('attention_dropout')!r}",
+    )
+    for name, allowed in (
+        ("compression", COMPRESSIONS),
+        ("compression_loss", COMPRESSION_LOSSES),
+        ("layer_norm", LAYER_NORMS),
+        ("dtype", DTYPES),
+        ("remat", REMAT_CHOICES),
+        ("attention_impl", ATTENTION_IMPLS),
+    ):
+        _require(
+            g(name) in allowed,
+            f"model.{name}={g(name)!r} is unknown; choose one of {list(allowed)}",
+        )
     if g("attention_impl") == "cudnn":
         rate = g("dropout") if g("attention_dropout") is None else g("attention_dropout")
-        source = "model.dropout, which it follows while unset" if g("attention_dropout") is None else "set there"
-        _require(rate == 0, "model.attention_impl='cudnn' has no attention dropout, and model.attention_dropout "
-                 f"is {rate} ({source}); set --config.model.attention_dropout=0 (the other dropouts stay), "
-                 "or attention_impl='pallas_gpu' (NVIDIA GPUs), 'pallas_tpu' (TPUs) or 'xla'")
-        _require(g("compression") != "most_used", "model.compression='most_used' reads the attention each "
-                 "evicted memory receives, which cuDNN's fused kernel does not return; use "
-                 "attention_impl='pallas_gpu' (NVIDIA GPUs), 'pallas_tpu' (TPUs) or 'xla'")
+        source = (
+            "model.dropout, which it follows while unset"
+            if g("attention_dropout") is None
+            else "set there"
+        )
+        _require(
+            rate == 0,
+            "model.attention_impl='cudnn' has no attention dropout, and model.attention_dropout "
+            f"is {rate} ({source}); set --config.model.attention_dropout=0 (the other dropouts stay), "
+            "or attention_impl='pallas_gpu' (NVIDIA GPUs), 'pallas_tpu' (TPUs) or 'xla'",
+        )
+        _require(
+            g("compression") != "most_used",
+            "model.compression='most_used' reads the attention each "
+            "evicted memory receives, which cuDNN's fused kernel does not return; use "
+            "attention_impl='pallas_gpu' (NVIDIA GPUs), 'pallas_tpu' (TPUs) or 'xla'",
+        )
     rates = g("dilation_rates")
-    _require(all(isinstance(r, int) and r > 0 for r in rates),
-             f"model.dilation_rates must be positive integers, got {rates!r}")
+    _require(
+        all(isinstance(r, int) and r > 0 for r in rates),
+        f"model.dilation_rates must be positive integers, got {rates!r}",
+    )
     if g("compressed_length") > 0:
-        _require(g("segment_length") % g("compression_rate") == 0,
-                 f"model.segment_length ({g('segment_length')}) must be a multiple of "
-                 f"model.compression_rate ({g('compression_rate')}): each segment evicts "
-                 "segment_length memories that are compressed in groups of compression_rate")
-        _require(g("compression_loss") != "autoencoder" or g("compression") in LEARNED_COMPRESSIONS,
-                 f"model.compression_loss='autoencoder' needs a learned compression "
-                 f"({list(LEARNED_COMPRESSIONS)}), got model.compression={g('compression')!r}; "
-                 "use compression_loss='none' or 'attention' for parameter-free compression")
-        _require(g("compression_loss") != "none" or g("compression") not in LEARNED_COMPRESSIONS,
-                 f"model.compression={g('compression')!r} with model.compression_loss='none' would "
-                 "never be trained (compressed memories carry no gradient); use 'attention' or "
-                 "'autoencoder', or a parameter-free compression ('max', 'mean', 'most_used')")
+        _require(
+            g("segment_length") % g("compression_rate") == 0,
+            f"model.segment_length ({g('segment_length')}) must be a multiple of "
+            f"model.compression_rate ({g('compression_rate')}): each segment evicts "
+            "segment_length memories that are compressed in groups of compression_rate",
+        )
+        _require(
+            g("compression_loss") != "autoencoder" or g("compression") in LEARNED_COMPRESSIONS,
+            f"model.compression_loss='autoencoder' needs a learned compression "
+            f"({list(LEARNED_COMPRESSIONS)}), got model.compression={g('compression')!r}; "
+            "use compression_loss='none' or 'attention' for parameter-free compression",
+        )
+        _require(
+            g("compression_loss") != "none" or g("compression") not in LEARNED_COMPRESSIONS,
+            f"model.compression={g('compression')!r} with model.compression_loss='none' would "
+            "never be trained (compressed memories carry no gradient); use 'attention' or "
+            "'autoencoder', or a parameter-free compression ('max', 'mean', 'most_used')",
+        )
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -277,13 +342,15 @@ def default_config() -> ml_collections.ConfigDict:
         )
     )
     cfg.data = ml_collections.ConfigDict(
-        dict(dataset="demo",  # 'demo' | 'pg19' | 'enwik8' | 'wt103'
-             path="",  # where the source lives: a local folder/file or a gs:// URL
-             tokenizer="bytes",  # 'bytes' or the path of a SentencePiece .model
-             cache_dir="",  # tokenized splits and prepared TFDS files; "" = ~/.cache/ctx
-             validation_fraction=0.1,  # demo only: share of topics held out
-             piece_bytes=1_000_000,  # enwik8 only: bytes per document piece
-             shuffle=True)
+        dict(
+            dataset="demo",  # 'demo' | 'pg19' | 'enwik8' | 'wt103'
+            path="",  # where the source lives: a local folder/file or a gs:// URL
+            tokenizer="bytes",  # 'bytes' or the path of a SentencePiece .model
+            cache_dir="",  # tokenized splits and prepared TFDS files; "" = ~/.cache/ctx
+            validation_fraction=0.1,  # demo only: share of topics held out
+            piece_bytes=1_000_000,  # enwik8 only: bytes per document piece
+            shuffle=True,
+        )
     )
     # Validation/evaluation: 0 = the training values. shrink_batch: halve the batch whenever half
     # the rows have run out of documents (one compile per batch size).
@@ -297,14 +364,18 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     "experiments/demo.py:txl"): the file's `get_config(variant)`, as the commands read it."""
     path, _, variant = spec.partition(":")
     if not os.path.isfile(path):
-        raise ConfigError(f"{path}: no such config file; configs are Python files like experiments/demo.py")
+        raise ConfigError(
+            f"{path}: no such config file; configs are Python files like experiments/demo.py"
+        )
     module_spec = importlib.util.spec_from_file_location(f"ctx_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(variant) if variant else module.get_config()
 
 
-def with_global_batch(cfg: ml_collections.ConfigDict, num_devices: int) -> ml_collections.ConfigDict:
+def with_global_batch(
+    cfg: ml_collections.ConfigDict, num_devices: int
+) -> ml_collections.ConfigDict:
     """The config with train.batch_size = per_device_batch_size x num_devices when the per-device
     size is set (a copy); otherwise cfg itself."""
     per_device = cfg.train.get("per_device_batch_size", 0)
@@ -322,29 +393,69 @@ def validate(cfg: Any) -> None:
         return
     validate_model(cfg.model)
     train = cfg.train
-    for name in ("num_steps", "batch_size", "per_device_batch_size", "segments_per_call", "checkpoint_every",
-                 "max_checkpoints_to_keep", "eval_every",
-                 "warmup_steps", "decay_steps", "accumulate_after", "accumulate_every"):
+    for name in (
+        "num_steps",
+        "batch_size",
+        "per_device_batch_size",
+        "segments_per_call",
+        "checkpoint_every",
+        "max_checkpoints_to_keep",
+        "eval_every",
+        "warmup_steps",
+        "decay_steps",
+        "accumulate_after",
+        "accumulate_every",
+    ):
         value = train[name]
-        _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
-                 f"train.{name} must be a non-negative integer, got {value!r}")
-    for name in ("batch_size", "segments_per_call", "accumulate_every", "checkpoint_every",
-                 "max_checkpoints_to_keep"):
+        _require(
+            isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+            f"train.{name} must be a non-negative integer, got {value!r}",
+        )
+    for name in (
+        "batch_size",
+        "segments_per_call",
+        "accumulate_every",
+        "checkpoint_every",
+        "max_checkpoints_to_keep",
+    ):
         _require(train[name] > 0, f"train.{name} must be positive, got {train[name]}")
-    _require(train.on_corrupt_checkpoint in ("error", "previous"),
-             f"train.on_corrupt_checkpoint={train.on_corrupt_checkpoint!r} is unknown; choose 'error' or 'previous'")
-    for name in ("peak_lr", "init_lr", "end_lr", "compress_peak_lr", "grad_clip", "compress_grad_clip",
-                 "b1", "b2", "eps", "weight_decay"):
+    _require(
+        train.on_corrupt_checkpoint in ("error", "previous"),
+        f"train.on_corrupt_checkpoint={train.on_corrupt_checkpoint!r} is unknown; choose 'error' or 'previous'",
+    )
+    for name in (
+        "peak_lr",
+        "init_lr",
+        "end_lr",
+        "compress_peak_lr",
+        "grad_clip",
+        "compress_grad_clip",
+        "b1",
+        "b2",
+        "eps",
+        "weight_decay",
+    ):
         value = train[name]
-        _require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                 and value >= 0, f"train.{name} must be a finite non-negative number, got {value!r}")
+        _require(
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and value >= 0,
+            f"train.{name} must be a finite non-negative number, got {value!r}",
+        )
     for name in ("b1", "b2"):
-        _require(train[name] < 1, f"train.{name} must be below 1 (an Adam decay rate), got {train[name]}")
+        _require(
+            train[name] < 1, f"train.{name} must be below 1 (an Adam decay rate), got {train[name]}"
+        )
     evaluation = cfg.get("eval", {})
     for name in ("batch_size", "segments_per_call"):
         value = evaluation.get(name, 0)
-        _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
-                 f"eval.{name} must be a non-negative integer (0 = the training value), got {value!r}")
-    _require(cfg.mesh.data == -1 or cfg.mesh.data > 0,
-             f"mesh.data must be -1 (all remaining devices) or positive, got {cfg.mesh.data}")
+        _require(
+            isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+            f"eval.{name} must be a non-negative integer (0 = the training value), got {value!r}",
+        )
+    _require(
+        cfg.mesh.data == -1 or cfg.mesh.data > 0,
+        f"mesh.data must be -1 (all remaining devices) or positive, got {cfg.mesh.data}",
+    )
     _require(cfg.mesh.fsdp > 0, f"mesh.fsdp must be positive, got {cfg.mesh.fsdp}")

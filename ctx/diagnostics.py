@@ -1,5 +1,6 @@
 """Looking inside: where attention goes (compressed memory, memory, segment; by age), the
 per-layer compression loss, and the memories as NumPy arrays (their plots: ctx.plots)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,7 +20,10 @@ def derived_temporal_range(cfg: ModelConfig) -> int:
     reaches from position p to S(p) - R, with S(p) = n_s * floor(p / n_s) its segment's start
     and R = n_m + c * n_cm (derivation in tests/test_model.py). When R is a multiple of n_s
     this is the paper's n_s - 1 + l * (n_m + c * n_cm); Transformer-XL has n_cm = 0."""
-    n_s, reach = cfg.segment_length, cfg.memory_length + cfg.compression_rate * cfg.compressed_length
+    n_s, reach = (
+        cfg.segment_length,
+        cfg.memory_length + cfg.compression_rate * cfg.compressed_length,
+    )
     oldest = n_s - 1  # the last position of the segment that starts at 0
     for _ in range(cfg.n_layers):
         oldest = n_s * (oldest // n_s) - reach
@@ -37,16 +41,21 @@ def dependence_by_distance(cfg: ModelConfig, seed: int = 0) -> np.ndarray:
     batch = np.repeat(tokens[None], T + 1, axis=0)  # the last row is left unchanged
     batch[np.arange(T), np.arange(T)] = (batch[np.arange(T), np.arange(T)] + 1) % cfg.vocab_size
     model = CompressiveTransformer(cfg)
-    params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, n_s), jnp.int32), init_memory(cfg, 1))["params"]
+    params = model.init(
+        jax.random.PRNGKey(seed), jnp.zeros((1, n_s), jnp.int32), init_memory(cfg, 1)
+    )["params"]
 
     @jax.jit
     def last_logits(segments):
         def step(memory, tokens):
             logits, memory, _ = model.apply({"params": params}, tokens, memory)
             return memory, logits[:, -1]
+
         return jax.lax.scan(step, init_memory(cfg, T + 1), segments)[1][-1]
 
-    last = np.asarray(last_logits(jnp.asarray(batch.reshape(T + 1, n_segments, n_s).transpose(1, 0, 2))))
+    last = np.asarray(
+        last_logits(jnp.asarray(batch.reshape(T + 1, n_segments, n_s).transpose(1, 0, 2)))
+    )
     changed = np.abs(last[:T] - last[T]).max(-1) > 1e-5
     return changed[::-1]
 
@@ -64,7 +73,8 @@ def inspect_segment(model, params: Any, tokens, memory: Memory, buckets: int = 4
     cfg = dataclasses.replace(model.config, attention_impl="xla")
     model = CompressiveTransformer(cfg)
     (logits, new_memory, aux), state = jax.jit(
-        lambda p, t, m: model.apply({"params": p}, t, m, mutable=["intermediates"]))(params, tokens, memory)
+        lambda p, t, m: model.apply({"params": p}, t, m, mutable=["intermediates"])
+    )(params, tokens, memory)
     probs = np.asarray(state["intermediates"]["layers"]["attention_probs"][0])  # [L,B,H,N,T]
     C, M, N, c = cfg.compressed_length, cfg.memory_length, cfg.segment_length, cfg.compression_rate
     i = np.arange(N)[:, None]
@@ -77,9 +87,14 @@ def inspect_segment(model, params: Any, tokens, memory: Memory, buckets: int = 4
     by_age, mean_age = {}, {}
     for kind, (lo, hi) in spans.items():
         groups = np.array_split(np.arange(hi - lo), buckets) if hi > lo else []
-        by_age[kind] = np.stack([probs[..., lo + g].sum(-1).mean(axis=(1, 2, 3)) for g in groups], axis=1) \
-            if len(groups) else np.zeros((cfg.n_layers, 0))
-        mean_age[kind] = np.array([ages[kind][:, g].mean() for g in groups]) if len(groups) else np.zeros(0)
+        by_age[kind] = (
+            np.stack([probs[..., lo + g].sum(-1).mean(axis=(1, 2, 3)) for g in groups], axis=1)
+            if len(groups)
+            else np.zeros((cfg.n_layers, 0))
+        )
+        mean_age[kind] = (
+            np.array([ages[kind][:, g].mean() for g in groups]) if len(groups) else np.zeros(0)
+        )
     return {
         "attention_mass": np.asarray(aux.attention_mass),  # [L, 3] (compressed, memory, segment)
         "attention_by_age": by_age,  # kind -> [L, buckets]
@@ -88,4 +103,3 @@ def inspect_segment(model, params: Any, tokens, memory: Memory, buckets: int = 4
         "logits": np.asarray(logits),
         "memory": new_memory,
     }
-

@@ -5,6 +5,7 @@ nothing_else_is`), and multi-host runs: one process per host, the same command o
 explicit flags (--coordinator_address, --num_processes, --process_id), or what JAX
 detects itself on Cloud TPU pod slices and under SLURM. ctx grows no cluster manager.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,13 +24,17 @@ from ctx.errors import InputError
 def system_accelerators(dev_dir: str = "/dev") -> dict[str, int]:
     """Accelerators the operating system shows, whatever JAX sees: NVIDIA GPUs
     (/dev/nvidiaN) and TPU chips (/dev/accelN on v4 and v5e, /dev/vfio/N on v5p and v6e)."""
+
     def matching(folder: str, pattern: str) -> int:
         try:
             return sum(bool(re.fullmatch(pattern, name)) for name in os.listdir(folder))
         except OSError:
             return 0
-    return {"gpu": matching(dev_dir, r"nvidia\d+"),
-            "tpu": matching(dev_dir, r"accel\d+") + matching(os.path.join(dev_dir, "vfio"), r"\d+")}
+
+    return {
+        "gpu": matching(dev_dir, r"nvidia\d+"),
+        "tpu": matching(dev_dir, r"accel\d+") + matching(os.path.join(dev_dir, "vfio"), r"\d+"),
+    }
 
 
 def use_the_cpu_where_nothing_else_is() -> None:
@@ -59,32 +64,51 @@ def _multi_host_environment() -> bool:
 HEARTBEAT_TIMEOUT_SECONDS = 100
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, mode: str = "auto",
-               heartbeat_timeout_seconds: int = HEARTBEAT_TIMEOUT_SECONDS) -> bool:
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    mode: str = "auto",
+    heartbeat_timeout_seconds: int = HEARTBEAT_TIMEOUT_SECONDS,
+) -> bool:
     """Start jax.distributed if this run spans processes; returns whether it did.
 
     mode 'auto': with explicit settings, or on a multi-host TPU slice / SLURM job;
     'on': always (JAX auto-detects the cluster); 'off': never.
     """
     if heartbeat_timeout_seconds < 1:
-        raise InputError(f"--heartbeat_timeout_seconds={heartbeat_timeout_seconds} must be at least 1")
+        raise InputError(
+            f"--heartbeat_timeout_seconds={heartbeat_timeout_seconds} must be at least 1"
+        )
     if mode not in ("auto", "on", "off"):
         raise InputError(f"--distributed={mode!r} is unknown; choose auto, on or off")
-    explicit = coordinator_address is not None or num_processes is not None or process_id is not None
+    explicit = (
+        coordinator_address is not None or num_processes is not None or process_id is not None
+    )
     if mode == "off" or (mode == "auto" and not explicit and not _multi_host_environment()):
         return False
     if explicit and None in (coordinator_address, num_processes, process_id):
-        raise InputError("--coordinator_address, --num_processes and --process_id go together; give all three")
+        raise InputError(
+            "--coordinator_address, --num_processes and --process_id go together; give all three"
+        )
     if explicit and not 0 <= process_id < num_processes:
-        raise InputError(f"--process_id={process_id} must be in [0, --num_processes={num_processes})")
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id, heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+        raise InputError(
+            f"--process_id={process_id} must be in [0, --num_processes={num_processes})"
+        )
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        heartbeat_timeout_seconds=heartbeat_timeout_seconds,
+    )
     return True
+
 
 # How the runtime words a failed collective or RPC: an absl status code first ("UNKNOWN: Gloo
 # AllGather failed: ... Connection closed by peer"); ctx's own errors never start this way.
-_RUNTIME_STATUS = re.compile(r"^(UNKNOWN|INTERNAL|UNAVAILABLE|DEADLINE_EXCEEDED|ABORTED|CANCELLED|DATA_LOSS): ")
+_RUNTIME_STATUS = re.compile(
+    r"^(UNKNOWN|INTERNAL|UNAVAILABLE|DEADLINE_EXCEEDED|ABORTED|CANCELLED|DATA_LOSS): "
+)
 
 
 def causes(error: BaseException | None) -> Iterator[BaseException]:
@@ -112,6 +136,7 @@ def lost_processes(heartbeat_timeout_seconds: int) -> list[int] | None:
     """
     try:  # the runtime client has no public accessor (present in jax 0.10.2 and 0.11.2)
         from jax._src import distributed as jax_distributed
+
         client = jax_distributed.global_state.client
     except (ImportError, AttributeError):
         return None

@@ -18,6 +18,7 @@ plus the output layer 2·d·V; the token embedding (a lookup) is not counted. Tr
 3 × forward (backward twice the forward), except that the compression network's backward
 sees only the compression loss (counted the same).
 """
+
 from __future__ import annotations
 
 from ctx.config import ModelConfig
@@ -29,14 +30,24 @@ def forward_flops_per_token(cfg: ModelConfig, batch_size: int) -> float:
     the position tables' projection is shared."""
     if batch_size < 1:
         raise InputError(f"batch_size must be a positive number of rows, got {batch_size}")
-    d, N, M, C, c = cfg.d_model, cfg.segment_length, cfg.memory_length, cfg.compressed_length, cfg.compression_rate
+    d, N, M, C, c = (
+        cfg.d_model,
+        cfg.segment_length,
+        cfg.memory_length,
+        cfg.compressed_length,
+        cfg.compression_rate,
+    )
     T, P = C + M + N, (M + N) + ((C + N) if C else 0)
-    layer = (2 * d * 3 * d + 2 * d * d
-             + 2 * (C + M) * 2 * d * d / N
-             + 4 * T * d + 2 * T * d / N
-             + 2 * P * d
-             + 2 * P * (d + 1) * d / (batch_size * N)
-             + 4 * d * cfg.d_ff)
+    layer = (
+        2 * d * 3 * d
+        + 2 * d * d
+        + 2 * (C + M) * 2 * d * d / N
+        + 4 * T * d
+        + 2 * T * d / N
+        + 2 * P * d
+        + 2 * P * (d + 1) * d / (batch_size * N)
+        + 4 * d * cfg.d_ff
+    )
     compressor = 0.0
     if C and cfg.compression in ("conv", "dilated_conv"):
         compressor = 2 * d * d
@@ -63,8 +74,11 @@ def parameter_count(cfg: ModelConfig) -> dict[str, int]:
     layer = attention + 2 * d * cfg.d_ff + cfg.d_ff + d + 4 * d  # MLP, 2 LayerNorms
     compress = 0
     if cfg.has_compression_params:
-        compress = cfg.compression_rate * d * d + (2 * d * d * len(cfg.dilation_rates)
-                                                    if cfg.compression == "dilated_conv" else 0)
-    total = cfg.n_layers * (layer + compress) + cfg.vocab_size * d + d * cfg.vocab_size + cfg.vocab_size
+        compress = cfg.compression_rate * d * d + (
+            2 * d * d * len(cfg.dilation_rates) if cfg.compression == "dilated_conv" else 0
+        )
+    total = (
+        cfg.n_layers * (layer + compress) + cfg.vocab_size * d + d * cfg.vocab_size + cfg.vocab_size
+    )
     total += 2 * d if cfg.layer_norm == "pre" else 0
     return {"total": total, "compression": cfg.n_layers * compress}

@@ -9,6 +9,7 @@ new objects holding only the new rows: `metrics/part-<first step>-<time>.jsonl`,
 event file of their own under `tensorboard/` (TensorBoard reads every event file in a folder).
 `read_metrics(workdir)` gives the whole history either way.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,13 @@ REMOTE_FLUSH_SECONDS = 120.0
 
 
 class MetricWriter:
-    def __init__(self, workdir: str, enabled: bool = True, remote_flush_seconds: float = REMOTE_FLUSH_SECONDS,
-                 clock=time.monotonic) -> None:
+    def __init__(
+        self,
+        workdir: str,
+        enabled: bool = True,
+        remote_flush_seconds: float = REMOTE_FLUSH_SECONDS,
+        clock=time.monotonic,
+    ) -> None:
         self.enabled = enabled
         if not enabled:
             return
@@ -60,7 +66,9 @@ class MetricWriter:
             self._jsonl.flush()
             self._tb.flush()
             return
-        if self._pending and (force or self._clock() - self._last_upload >= self._remote_flush_seconds):
+        if self._pending and (
+            force or self._clock() - self._last_upload >= self._remote_flush_seconds
+        ):
             self._upload(self._pending)
             self._pending, self._last_upload = [], self._clock()
 
@@ -76,8 +84,10 @@ class MetricWriter:
                 _add_scalars(events, row)
             events.close()
             for file_name in os.listdir(local):
-                with open(os.path.join(local, file_name), "rb") as source, \
-                        fsspec.open(f"{self._workdir}/tensorboard/{file_name}", "wb") as target:
+                with (
+                    open(os.path.join(local, file_name), "rb") as source,
+                    fsspec.open(f"{self._workdir}/tensorboard/{file_name}", "wb") as target,
+                ):
                     target.write(source.read())
 
     def close(self) -> None:
@@ -92,7 +102,11 @@ class MetricWriter:
 def _add_scalars(events, row: dict[str, Any]) -> None:
     prefix = row.get("split", "train")
     for key, value in row.items():
-        if key not in ("step", "split") and isinstance(value, (int, float)) and math.isfinite(value):
+        if (
+            key not in ("step", "split")
+            and isinstance(value, (int, float))
+            and math.isfinite(value)
+        ):
             events.add_scalar(f"{prefix}/{key}", value, row["step"])
 
 

@@ -1,4 +1,5 @@
 """Plots a person would rather look at than read (matplotlib, headless)."""
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -23,7 +24,9 @@ def _pyplot(headless: bool = False):
     return plt
 
 
-def plot_loss_by_position(reports: Sequence[dict[str, Any]], path: str, labels: Sequence[str] | None = None) -> None:
+def plot_loss_by_position(
+    reports: Sequence[dict[str, Any]], path: str, labels: Sequence[str] | None = None
+) -> None:
     """Mean NLL against token position in the document (log x), one line per report.
 
     Overlaying a Compressive Transformer and a Transformer-XL report shows where the
@@ -33,7 +36,10 @@ def plot_loss_by_position(reports: Sequence[dict[str, Any]], path: str, labels: 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for i, report in enumerate(reports):
         buckets = report["by_position"]
-        x = [max(b["start"], 1) * (2 ** 0.5) if b["end"] - b["start"] > 1 else max(b["start"], 0.7) for b in buckets]
+        x = [
+            max(b["start"], 1) * (2**0.5) if b["end"] - b["start"] > 1 else max(b["start"], 0.7)
+            for b in buckets
+        ]
         label = labels[i] if labels else _label(report)
         ax.plot(x, [b["mean_nll"] for b in buckets], marker="o", label=label)
     ax.set_xscale("log")
@@ -50,12 +56,18 @@ def plot_loss_by_position(reports: Sequence[dict[str, Any]], path: str, labels: 
 def _label(report: dict[str, Any]) -> str:
     model = report.get("model", {})
     kind = "TXL" if model.get("compressed_length", 1) == 0 else "CT"
-    return (f"{kind} n_m={model.get('memory_length')} n_cm={model.get('compressed_length')} "
-            f"step {report.get('step')}")
+    return (
+        f"{kind} n_m={model.get('memory_length')} n_cm={model.get('compressed_length')} "
+        f"step {report.get('step')}"
+    )
 
 
-def plot_attention_mass(attention_mass: np.ndarray, ax=None, title: str = "Attention mass per layer",
-                        legend: bool = True):
+def plot_attention_mass(
+    attention_mass: np.ndarray,
+    ax=None,
+    title: str = "Attention mass per layer",
+    legend: bool = True,
+):
     """Stacked bars: share of each layer's attention on compressed memory, memory, segment."""
     plt = _pyplot()
 
@@ -71,7 +83,9 @@ def plot_attention_mass(attention_mass: np.ndarray, ax=None, title: str = "Atten
     ax.set_ylabel("attention mass")
     ax.set_title(title)
     if legend:
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)  # beside the bars, not over them
+        ax.legend(
+            loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0
+        )  # beside the bars, not over them
     return ax
 
 
@@ -103,8 +117,12 @@ def plot_attention(report: dict[str, Any], layer: int = 0):
     plot_attention_mass(report["attention_mass"], ax=axes[0], legend=False)
     plot_attention_by_age(report, layer, ax=axes[1], legend=False)
     fig.tight_layout(rect=(0, 0.08, 1, 1))  # room for the legend below the panels
-    fig.legend(handles=[Patch(color=KIND_COLORS[kind], label=kind) for kind in KEY_KINDS], loc="lower center",
-               ncol=len(KEY_KINDS), frameon=False)
+    fig.legend(
+        handles=[Patch(color=KIND_COLORS[kind], label=kind) for kind in KEY_KINDS],
+        loc="lower center",
+        ncol=len(KEY_KINDS),
+        frameon=False,
+    )
     return fig
 
 
@@ -122,12 +140,23 @@ def plot_losses(metrics: list[dict[str, Any]], ax=None):
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     twin = ax.twinx()
-    twin.plot([r["step"] for r in rows], [r["compression_loss"] for r in rows], color="tab:gray", alpha=0.6,
-              label="compression loss (right axis)")
+    twin.plot(
+        [r["step"] for r in rows],
+        [r["compression_loss"] for r in rows],
+        color="tab:gray",
+        alpha=0.6,
+        label="compression loss (right axis)",
+    )
     twin.set_ylabel("compression loss", color="tab:gray")
     lines = ax.get_lines() + twin.get_lines()  # one legend for both axes
-    ax.legend(lines, [line.get_label() for line in lines], loc="upper center", bbox_to_anchor=(0.5, -0.2),
-              ncol=len(lines), fontsize="small")  # below the axes, clear of the curves
+    ax.legend(
+        lines,
+        [line.get_label() for line in lines],
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.2),
+        ncol=len(lines),
+        fontsize="small",
+    )  # below the axes, clear of the curves
     if own_figure:
         ax.figure.tight_layout()  # the legend inside the figure
     return ax

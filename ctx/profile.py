@@ -7,6 +7,7 @@ compiled program's metadata, to the JAX operation that produced it (for example
 backward is what JAX's transpose generated), and summed per process of the trace (host
 threads on CPUs; the device stream on GPUs, where host events are only launches).
 """
+
 from __future__ import annotations
 
 import collections
@@ -19,11 +20,15 @@ from typing import Any
 
 from ctx.errors import MissingInput
 
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = [^\n]*?op_name=\"([^\"]*)\"", re.MULTILINE)
+_INSTRUCTION = re.compile(
+    r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = [^\n]*?op_name=\"([^\"]*)\"", re.MULTILINE
+)
 _CALLER = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = [^\n]*?calls=%?([\w.\-]+)", re.MULTILINE)
 _COMPUTATION = re.compile(r"^%?([\w.\-]+) \([^\n]*\{\n(.*?)^\}", re.MULTILINE | re.DOTALL)
-_WRAPPER = re.compile(r"^(while|body|cond|closed_call|eval_jaxpr|checkpoint|rematted_computation|"
-                      r"(jit|jvp|transpose|vmap|remat)\(.*\))$")
+_WRAPPER = re.compile(
+    r"^(while|body|cond|closed_call|eval_jaxpr|checkpoint|rematted_computation|"
+    r"(jit|jvp|transpose|vmap|remat)\(.*\))$"
+)
 # Flax names a call of a module's method `module.method` (`layers.segment`, `attention._residual`;
 # the root module by its class): ops are named by the modules that own them (`layers/attention/...`).
 _METHOD_FRAME = re.compile(r"^([A-Za-z_]\w*)\.\w+$")
@@ -59,27 +64,40 @@ def instruction_sources(hlo_text: str) -> dict[str, str]:
     sources = {}
     for name, op_name in op_names.items():
         direction = "B " if "transpose(jvp(" in op_name else "F "
-        sources[name] = sources[name.replace(".", "_")] = direction + (_source_path(op_name)
-                                                                      or "(loop or call plumbing)")
+        sources[name] = sources[name.replace(".", "_")] = direction + (
+            _source_path(op_name) or "(loop or call plumbing)"
+        )
     return sources
 
 
 def load_trace_events(trace_dir: str) -> tuple[list[dict], dict[int, str]]:
     """Complete ('X') events of the newest perfetto trace under trace_dir, and process names."""
-    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True),
-                   key=os.path.getmtime)
+    files = sorted(
+        glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True),
+        key=os.path.getmtime,
+    )
     if not files:
-        raise MissingInput(f"no *.trace.json.gz under {trace_dir} (was the trace made with "
-                                "create_perfetto_trace=True?)")
+        raise MissingInput(
+            f"no *.trace.json.gz under {trace_dir} (was the trace made with "
+            "create_perfetto_trace=True?)"
+        )
     with gzip.open(files[-1]) as f:
         events = json.load(f)["traceEvents"]
-    names = {e["pid"]: e.get("args", {}).get("name", str(e["pid"])) for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    names = {
+        e["pid"]: e.get("args", {}).get("name", str(e["pid"]))
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
     return [e for e in events if e.get("ph") == "X"], names
 
 
-def summarize(events: list[dict], process_names: dict[int, str], sources: dict[str, str],
-              steps: int, top: int = 40) -> dict[str, Any]:
+def summarize(
+    events: list[dict],
+    process_names: dict[int, str],
+    sources: dict[str, str],
+    steps: int,
+    top: int = 40,
+) -> dict[str, Any]:
     """Per process: milliseconds per step by source op, for events that name an HLO instruction
     (a loop's own event spans its body, so 'while' ops overlap the rest), and the events that
     name none (runtime work, library kernels) by their own name."""
@@ -98,9 +116,14 @@ def summarize(events: list[dict], process_names: dict[int, str], sources: dict[s
     def rows(times):
         return [{"op": op, "ms": ms} for op, ms in times.most_common(top)]
 
-    return {process: {"total_ms_per_step": sum(mapped[process].values()),
-                      "top_ms_per_step": rows(mapped[process]), "unmapped_ms_per_step": rows(unmapped[process])}
-            for process in set(mapped) | set(unmapped)}
+    return {
+        process: {
+            "total_ms_per_step": sum(mapped[process].values()),
+            "top_ms_per_step": rows(mapped[process]),
+            "unmapped_ms_per_step": rows(unmapped[process]),
+        }
+        for process in set(mapped) | set(unmapped)
+    }
 
 
 def write_summary(trace_dir: str, hlo_text: str, steps: int) -> str:

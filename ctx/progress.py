@@ -1,4 +1,5 @@
 """Progress bars for long work (training, evaluation, tokenizing), on one process only."""
+
 from __future__ import annotations
 
 from typing import Any, Iterable

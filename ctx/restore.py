@@ -4,6 +4,7 @@ The model is built from the given config (plus overrides); fields that shape par
 must match the checkpoint's recorded config, memory lengths and batch size may differ. The
 tokenizer the run trained with is found through the checkpoint's fingerprint.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,15 +58,22 @@ def resolve_tokenizer(configured: str, workdir: str, recorded: str | None) -> st
 READ_ATTEMPTS = 10
 
 
-def restore_for_inference(config: ml_collections.ConfigDict, workdir: str, step: int | None, mesh,
-                          model_config: ModelConfig) -> Restored:
+def restore_for_inference(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    step: int | None,
+    mesh,
+    model_config: ModelConfig,
+) -> Restored:
     """Parameters of checkpoint `step` (default: latest) on `mesh`, and the run's tokenizer; the
     model is built from `model_config`, which the caller resolved (and checked) where it started."""
     validate(config)
     require_resolved(model_config, "restore_for_inference")
     checkpoint_dir = os.path.join(workdir, "checkpoints")
     if not is_remote(workdir) and not os.path.isdir(checkpoint_dir):
-        raise MissingInput(f"--workdir={workdir} has no checkpoints/ folder; train first or fix the path")
+        raise MissingInput(
+            f"--workdir={workdir} has no checkpoints/ folder; train first or fix the path"
+        )
     checkpointer = Checkpointer(checkpoint_dir, max_to_keep=1000)
     try:
         for attempt in range(READ_ATTEMPTS):
@@ -76,15 +84,22 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str, step:
             if chosen not in steps:
                 raise InputError(f"--step={chosen} is not in {checkpoint_dir} (steps: {steps})")
             try:
-                model, params, tokenizer, tokenizer_path = _read(checkpointer, chosen, config, workdir, mesh,
-                                                                 model_config)
+                model, params, tokenizer, tokenizer_path = _read(
+                    checkpointer, chosen, config, workdir, mesh, model_config
+                )
                 break
             except Exception:  # noqa: BLE001 - re-raised unless a live run moved on while it was read
-                if step is not None or attempt + 1 == READ_ATTEMPTS or not _superseded(checkpointer, chosen):
+                if (
+                    step is not None
+                    or attempt + 1 == READ_ATTEMPTS
+                    or not _superseded(checkpointer, chosen)
+                ):
                     raise
     finally:
         checkpointer.close()
-    return Restored(model=model, params=params, tokenizer=tokenizer, tokenizer_path=tokenizer_path, step=chosen)
+    return Restored(
+        model=model, params=params, tokenizer=tokenizer, tokenizer_path=tokenizer_path, step=chosen
+    )
 
 
 def _superseded(checkpointer: Checkpointer, step: int, seconds: float = 10.0) -> bool:
@@ -101,16 +116,30 @@ def _superseded(checkpointer: Checkpointer, step: int, seconds: float = 10.0) ->
         time.sleep(0.1)
 
 
-def _read(checkpointer: Checkpointer, step: int, config: ml_collections.ConfigDict, workdir: str, mesh,
-          cfg: ModelConfig):
+def _read(
+    checkpointer: Checkpointer,
+    step: int,
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    mesh,
+    cfg: ModelConfig,
+):
     check_resumable(checkpointer.restore_config(step), config)
     recorded = checkpointer.restore_data(step).get("tokenizer")
     tokenizer_path = resolve_tokenizer(config.data.tokenizer, workdir, recorded)
     tokenizer = load_tokenizer(tokenizer_path)
     check_vocab(tokenizer, config)
     model = CompressiveTransformer(cfg)
-    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(
-        (1, cfg.segment_length), jnp.int32), init_memory(cfg, 1))["params"])
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            abstract, tree_param_sharding(mesh, abstract))
+    abstract = jax.eval_shape(
+        lambda: model.init(
+            jax.random.PRNGKey(0),
+            jnp.zeros((1, cfg.segment_length), jnp.int32),
+            init_memory(cfg, 1),
+        )["params"]
+    )
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        abstract,
+        tree_param_sharding(mesh, abstract),
+    )
     return model, checkpointer.restore_params(step, abstract), tokenizer, tokenizer_path

@@ -11,21 +11,53 @@ declares (a Mosaic kernel's pl.CostEstimate, in its backend config; for Triton k
 `declared_cost(name, operands)`, from the operands' shapes). It is an estimate, not a
 measurement: no overlap of operations, no launch latency, peak rates.
 """
+
 from __future__ import annotations
 
 import math
 import re
 from typing import Any, Callable
 
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
-          "f64": 8, "s64": 8, "u64": 8, "f8e4m3fn": 1, "f8e5m2": 1}
-_ARRAY = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\](?:\{([\d,]*)(?::[^}]*?T\(([\d,]+)\))?)?")
+_BYTES = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "bf16": 2,
+    "f16": 2,
+    "s16": 2,
+    "u16": 2,
+    "f32": 4,
+    "s32": 4,
+    "u32": 4,
+    "f64": 8,
+    "s64": 8,
+    "u64": 8,
+    "f8e4m3fn": 1,
+    "f8e5m2": 1,
+}
+_ARRAY = re.compile(
+    r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\](?:\{([\d,]*)(?::[^}]*?T\(([\d,]+)\))?)?"
+)
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (.*?) ([\w\-]+)\((.*?)\)(.*)$")
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+) .*\{$")
 # Operations that move no data of their own.
-_FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id",
-         "replica-id", "iota", "copy-done", "all-reduce-done", "all-gather-done", "collective-permute-done",
-         "async-done", "opt-barrier"}
+_FREE = {
+    "parameter",
+    "constant",
+    "get-tuple-element",
+    "tuple",
+    "bitcast",
+    "after-all",
+    "partition-id",
+    "replica-id",
+    "iota",
+    "copy-done",
+    "all-reduce-done",
+    "all-gather-done",
+    "collective-permute-done",
+    "async-done",
+    "opt-barrier",
+}
 # A Triton kernel's (FLOPs, bytes) from its name and operands' (itemsize, shape); None: unknown.
 DeclaredCost = Callable[[str, list[tuple[int, tuple[int, ...]]]], tuple[float, float] | None]
 
@@ -36,7 +68,9 @@ def _stored(dims: tuple[int, ...], minor_to_major: str, tile: str) -> tuple[int,
     if not tile or not minor_to_major:
         return dims
     stored = list(dims)
-    for axis, size in zip((int(a) for a in minor_to_major.split(",")), reversed([int(t) for t in tile.split(",")])):
+    for axis, size in zip(
+        (int(a) for a in minor_to_major.split(",")), reversed([int(t) for t in tile.split(",")])
+    ):
         stored[axis] = -(-stored[axis] // size) * size
     return tuple(stored)
 
@@ -69,8 +103,15 @@ def _parse(hlo_text: str) -> dict[str, list[dict[str, Any]]]:
         if match and current is not None:
             name, result, opcode, operands, rest = match.groups()
             names = [o.strip().split(" ")[-1].lstrip("%") for o in operands.split(",") if o.strip()]
-            current.append({"name": name, "result": _arrays(result), "opcode": opcode, "rest": rest,
-                            "operands": names})
+            current.append(
+                {
+                    "name": name,
+                    "result": _arrays(result),
+                    "opcode": opcode,
+                    "rest": rest,
+                    "operands": names,
+                }
+            )
     return computations
 
 
@@ -79,7 +120,8 @@ def _dot_flops(instruction: dict[str, Any], shapes: dict[str, list]) -> float:
     out = math.prod(instruction["result"][0][1]) if instruction["result"] else 0
     lhs = shapes.get(instruction["operands"][0], [])
     contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", instruction["rest"]) or re.search(
-        r'"lhs_contracting_dimensions":\[([^\]]*)\]', instruction["rest"])
+        r'"lhs_contracting_dimensions":\[([^\]]*)\]', instruction["rest"]
+    )
     if not lhs or contracting is None:
         return 0.0
     dims = [int(d.strip('" ')) for d in contracting.group(1).split(",") if d.strip('" ')]
@@ -89,7 +131,9 @@ def _dot_flops(instruction: dict[str, Any], shapes: dict[str, list]) -> float:
 def _window_hits(out_size: int, in_size: int, size: int, pad_low: int, stride: int) -> int:
     """(output position, window position) pairs of one spatial dimension that read an input
     element, not padding: XLA writes batch dimensions of a dot as padded windows this way."""
-    return sum(1 for o in range(out_size) for w in range(size) if 0 <= o * stride + w - pad_low < in_size)
+    return sum(
+        1 for o in range(out_size) for w in range(size) if 0 <= o * stride + w - pad_low < in_size
+    )
 
 
 def _convolution_flops(instruction: dict[str, Any], shapes: dict[str, list]) -> float:
@@ -105,30 +149,64 @@ def _convolution_flops(instruction: dict[str, Any], shapes: dict[str, list]) -> 
     fields = dict(item.split("=") for item in window.group(1).split()) if window else {}
     spatial = sorted(c for c in out_labels if c.isdigit())
     sizes = [int(x) for x in fields.get("size", "x".join("1" * len(spatial))).split("x")]
-    pads = [int(p.split("_")[0]) for p in fields["pad"].split("x")] if "pad" in fields else [0] * len(spatial)
-    strides = [int(x) for x in fields["stride"].split("x")] if "stride" in fields else [1] * len(spatial)
-    hits = math.prod(_window_hits(out[out_labels.index(d)], lhs[lhs_labels.index(d)], size, pad, stride)
-                     for d, size, pad, stride in zip(spatial, sizes, pads, strides))
-    return 2.0 * out[out_labels.index("b")] * out[out_labels.index("f")] * rhs[rhs_labels.index("i")] * hits
+    pads = (
+        [int(p.split("_")[0]) for p in fields["pad"].split("x")]
+        if "pad" in fields
+        else [0] * len(spatial)
+    )
+    strides = (
+        [int(x) for x in fields["stride"].split("x")] if "stride" in fields else [1] * len(spatial)
+    )
+    hits = math.prod(
+        _window_hits(out[out_labels.index(d)], lhs[lhs_labels.index(d)], size, pad, stride)
+        for d, size, pad, stride in zip(spatial, sizes, pads, strides)
+    )
+    return (
+        2.0
+        * out[out_labels.index("b")]
+        * out[out_labels.index("f")]
+        * rhs[rhs_labels.index("i")]
+        * hits
+    )
 
 
 def _in_config_cost(rest: str) -> tuple[float, float] | None:
     """(flops, bytes) a Pallas TPU call declares in its backend config, or None."""
-    found = re.search(r'cost_estimate\\?":\{\\?"flops\\?":\\?"?(\d+).*?bytes_accessed\\?":\\?"?(\d+)', rest)
+    found = re.search(
+        r'cost_estimate\\?":\{\\?"flops\\?":\\?"?(\d+).*?bytes_accessed\\?":\\?"?(\d+)', rest
+    )
     return (float(found.group(1)), float(found.group(2))) if found else None
 
 
 def _called(instruction: dict[str, Any]) -> list[str]:
-    return re.findall(r"(?:calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-]+)", instruction["rest"])
+    return re.findall(
+        r"(?:calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-]+)",
+        instruction["rest"],
+    )
 
 
 def operations(hlo_text: str, declared_cost: DeclaredCost | None = None) -> list[dict[str, Any]]:
     """The operations a compiled program launches (fused computations' insides are not
     operations of their own), each with its FLOPs, HBM bytes and the source op that made it."""
     computations = _parse(hlo_text)
-    inner = {called for body in computations.values() for i in body if i["opcode"] in ("fusion", "reduce",
-             "reduce-window", "scatter", "sort", "map", "select-and-scatter", "all-reduce", "reduce-scatter")
-             for called in _called(i)}
+    inner = {
+        called
+        for body in computations.values()
+        for i in body
+        if i["opcode"]
+        in (
+            "fusion",
+            "reduce",
+            "reduce-window",
+            "scatter",
+            "sort",
+            "map",
+            "select-and-scatter",
+            "all-reduce",
+            "reduce-scatter",
+        )
+        for called in _called(i)
+    }
     shapes = {i["name"]: i["result"] for body in computations.values() for i in body}
 
     def fused_flops(name: str) -> float:
@@ -161,23 +239,43 @@ def operations(hlo_text: str, declared_cost: DeclaredCost | None = None) -> list
                 kernel = re.search(r'\bname = \\?"(\w+)\\?"', i["rest"])
                 declared = _in_config_cost(i["rest"])  # Mosaic kernels carry their pl.CostEstimate
                 if declared is None and kernel and declared_cost:
-                    declared = declared_cost(kernel.group(1), [(_BYTES[t], dims) for t, dims, _ in operands])
+                    declared = declared_cost(
+                        kernel.group(1), [(_BYTES[t], dims) for t, dims, _ in operands]
+                    )
                 if declared is not None:
                     (flops, moved), source = declared, "declared"
                 elif 'custom_call_target="__cublas' in i["rest"]:  # cuBLAS GEMMs
                     flops = _dot_flops(i, shapes)
             op_name = re.search(r'op_name="([^"]*)"', i["rest"])
-            found.append({"name": i["name"], "opcode": i["opcode"], "flops": flops, "bytes": moved,
-                          "cost_from": source, "op_name": op_name.group(1) if op_name else ""})
+            found.append(
+                {
+                    "name": i["name"],
+                    "opcode": i["opcode"],
+                    "flops": flops,
+                    "bytes": moved,
+                    "cost_from": source,
+                    "op_name": op_name.group(1) if op_name else "",
+                }
+            )
     return found
 
 
-def program_cost(hlo_text: str, peak_flops: float, bytes_per_sec: float,
-                 declared_cost: DeclaredCost | None = None) -> dict[str, Any]:
+def program_cost(
+    hlo_text: str,
+    peak_flops: float,
+    bytes_per_sec: float,
+    declared_cost: DeclaredCost | None = None,
+) -> dict[str, Any]:
     """FLOPs, bytes and roofline seconds of a loop-free compiled program, summed over the
     operations XLA launches; `operations` lists each with its cost, largest time first."""
-    ops = [{**o, "seconds": max(o["flops"] / peak_flops, o["bytes"] / bytes_per_sec)}
-           for o in operations(hlo_text, declared_cost)]
+    ops = [
+        {**o, "seconds": max(o["flops"] / peak_flops, o["bytes"] / bytes_per_sec)}
+        for o in operations(hlo_text, declared_cost)
+    ]
     ops.sort(key=lambda o: -o["seconds"])
-    return {"flops": sum(o["flops"] for o in ops), "bytes": sum(o["bytes"] for o in ops),
-            "seconds": sum(o["seconds"] for o in ops), "operations": ops}
+    return {
+        "flops": sum(o["flops"] for o in ops),
+        "bytes": sum(o["bytes"] for o in ops),
+        "seconds": sum(o["seconds"] for o in ops),
+        "operations": ops,
+    }

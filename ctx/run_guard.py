@@ -3,6 +3,7 @@
 TPU preemption sends SIGTERM; the loop finishes its current chunk, writes a checkpoint and
 exits, so the restarted run resumes exactly where this one stopped.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -34,8 +35,10 @@ class WorkdirLock:
             self._file.seek(0)
             holder = self._file.read().strip() or "unknown"
             self._file.close()
-            raise WorkdirLocked(f"another training process (pid {holder}) is using --workdir={workdir}; "
-                                "wait for it to finish or choose another workdir") from None
+            raise WorkdirLocked(
+                f"another training process (pid {holder}) is using --workdir={workdir}; "
+                "wait for it to finish or choose another workdir"
+            ) from None
         self._file.seek(0)
         self._file.truncate()
         self._file.write(str(os.getpid()))
@@ -64,4 +67,3 @@ class StopRequest:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
-

@@ -8,6 +8,7 @@ memory; the rest is fed one token at a time against cached keys and values of
 segment pass as training (FIFO, compression), so what the sampler sees is exactly what a
 teacher-forced pass over the same text would compute.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,7 +38,9 @@ class Sample:
 
 
 @partial(jax.jit, static_argnames=("top_k",))
-def choose_token(logits_BV: jax.Array, rng: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
+def choose_token(
+    logits_BV: jax.Array, rng: jax.Array, temperature: float, top_k: int, top_p: float
+) -> jax.Array:
     """Sample from softmax(logits / temperature) restricted to the top_k tokens and to the
     smallest set whose probability reaches top_p; temperature 0 is greedy."""
     logits = logits_BV.astype(jnp.float32)
@@ -49,7 +52,9 @@ def choose_token(logits_BV: jax.Array, rng: jax.Array, temperature: float, top_k
     sorted_probs = jax.nn.softmax(jnp.take_along_axis(scaled, order, axis=-1), axis=-1)
     before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs  # mass of strictly more likely tokens
     keep_sorted = before < top_p
-    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    keep = (
+        jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    )
     scaled = jnp.where(keep, scaled, -jnp.inf)
     sampled = jax.random.categorical(rng, scaled, axis=-1)
     return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
@@ -61,24 +66,41 @@ def _steps(cfg: ModelConfig):
     repeated `generate` calls (a notebook loop) reuse their compiled programs."""
     model = CompressiveTransformer(cfg)
     advance = jax.jit(lambda p, segment, memory: model.apply(p, segment, memory)[1])
-    prefill = jax.jit(lambda p, memory: model.apply(p, memory, method=CompressiveTransformer.prefill))
-    decode = jax.jit(lambda p, token, cache: model.apply(p, token, cache, method=CompressiveTransformer.decode))
+    prefill = jax.jit(
+        lambda p, memory: model.apply(p, memory, method=CompressiveTransformer.prefill)
+    )
+    decode = jax.jit(
+        lambda p, token, cache: model.apply(p, token, cache, method=CompressiveTransformer.decode)
+    )
     return advance, prefill, decode
 
 
-def generate(params: Any, cfg: ModelConfig, prompt_tokens, num_tokens: int, rng: jax.Array,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, bos_id: int = 0) -> Sample:
+def generate(
+    params: Any,
+    cfg: ModelConfig,
+    prompt_tokens,
+    num_tokens: int,
+    rng: jax.Array,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    bos_id: int = 0,
+) -> Sample:
     """Continue `prompt_tokens` ([P] or [B, P] ids) by `num_tokens` tokens per row."""
     prompt = np.asarray(prompt_tokens, np.int64)
     prompt = prompt[None] if prompt.ndim == 1 else prompt
     if prompt.ndim != 2:
         raise InputError(f"prompt_tokens must be [P] or [batch, P] ids, got shape {prompt.shape}")
     if prompt.size and (prompt.min() < 0 or prompt.max() >= cfg.vocab_size):
-        raise InputError(f"prompt token ids must be in [0, {cfg.vocab_size}), got [{prompt.min()}, {prompt.max()}]")
+        raise InputError(
+            f"prompt token ids must be in [0, {cfg.vocab_size}), got [{prompt.min()}, {prompt.max()}]"
+        )
     if num_tokens < 1:
         raise InputError(f"num_tokens must be positive, got {num_tokens}")
     if not 0.0 < top_p <= 1.0 or temperature < 0 or top_k < 0:
-        raise InputError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+        raise InputError(
+            f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}"
+        )
     variables = {"params": params}
     B, n_s = prompt.shape[0], cfg.segment_length
     inputs = np.concatenate([np.full((B, 1), bos_id), prompt], axis=1).astype(np.int32)
@@ -87,7 +109,7 @@ def generate(params: Any, cfg: ModelConfig, prompt_tokens, num_tokens: int, rng:
 
     memory = init_memory(cfg, B)
     for s in range(whole):
-        memory = advance(variables, jnp.asarray(inputs[:, s * n_s:(s + 1) * n_s]), memory)
+        memory = advance(variables, jnp.asarray(inputs[:, s * n_s : (s + 1) * n_s]), memory)
     cache, segment = prefill(variables, memory), []
 
     def feed(token_B):
@@ -106,7 +128,11 @@ def generate(params: Any, cfg: ModelConfig, prompt_tokens, num_tokens: int, rng:
         rng, key = jax.random.split(rng)
         token = choose_token(logits, key, temperature, top_k, top_p)
         tokens.append(np.asarray(token))
-        logprobs.append(np.asarray(jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]))
+        logprobs.append(
+            np.asarray(
+                jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
+            )
+        )
         if i + 1 < num_tokens:
             logits = feed(np.asarray(token))
     return Sample(tokens=np.stack(tokens, axis=1), logprobs=np.stack(logprobs, axis=1))
@@ -120,12 +146,24 @@ def main() -> None:
     config = FLAGS.config
     mesh = make_mesh(config.mesh, jax.devices()[:1])
     # The choice of attention goes to stderr: stdout is the sampled text alone.
-    model_cfg = model_config_for_run(config, "ctx.sample", mesh.devices.flat[0], evaluation=True, log=sys.stderr)
-    restored = restore_for_inference(config, FLAGS.workdir, None if FLAGS.step < 0 else FLAGS.step, mesh, model_cfg)
+    model_cfg = model_config_for_run(
+        config, "ctx.sample", mesh.devices.flat[0], evaluation=True, log=sys.stderr
+    )
+    restored = restore_for_inference(
+        config, FLAGS.workdir, None if FLAGS.step < 0 else FLAGS.step, mesh, model_cfg
+    )
     prompt = restored.tokenizer.encode(FLAGS.prompt)
-    sample = generate(restored.params, restored.model.config, prompt, FLAGS.num_tokens, jax.random.PRNGKey(FLAGS.seed),
-                      temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
-                      bos_id=restored.tokenizer.bos_id)
+    sample = generate(
+        restored.params,
+        restored.model.config,
+        prompt,
+        FLAGS.num_tokens,
+        jax.random.PRNGKey(FLAGS.seed),
+        temperature=FLAGS.temperature,
+        top_k=FLAGS.top_k,
+        top_p=FLAGS.top_p,
+        bos_id=restored.tokenizer.bos_id,
+    )
     sys.stdout.write(FLAGS.prompt + restored.tokenizer.decode(sample.tokens[0]) + "\n")
 
 
@@ -137,8 +175,13 @@ if __name__ == "__main__":
     flags.DEFINE_integer("num_tokens", 200, "How many tokens to generate.", lower_bound=1)
     flags.DEFINE_float("temperature", 0.8, "Softmax temperature (0 = greedy).", lower_bound=0.0)
     flags.DEFINE_integer("top_k", 0, "Keep only the k most likely tokens (0 = all).", lower_bound=0)
-    flags.DEFINE_float("top_p", 0.95, "Nucleus: keep the most likely tokens up to this mass (0 < top_p <= 1).",
-                       lower_bound=0.0, upper_bound=1.0)
+    flags.DEFINE_float(
+        "top_p",
+        0.95,
+        "Nucleus: keep the most likely tokens up to this mass (0 < top_p <= 1).",
+        lower_bound=0.0,
+        upper_bound=1.0,
+    )
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
     flags.DEFINE_integer("step", -1, "Checkpoint step (default: the latest).")
     run_main(main)

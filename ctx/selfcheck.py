@@ -19,6 +19,7 @@ and its gradients are checked against the XLA loss at the same layout. `ctx.trai
 start-up when the resolved attention is a fused one; a passing result is cached there per (jax,
 libtpu or CUDA version, device kind, implementation, layout).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -82,10 +83,17 @@ class Problem:
 
     @classmethod
     def of(cls, cfg: ModelConfig) -> "Problem":
-        return cls(cfg.attention_impl, cfg.segment_length, cfg.memory_length, cfg.compressed_length, cfg.head_dim,
-                   cfg.dtype, cfg.attention_dropout_rate if cfg.attention_impl in PALLAS_KERNELS else 0.0,
-                   cfg.compresses and cfg.compression == "most_used",
-                   cfg.slots_per_segment if cfg.fused_reconstruction_loss else 0)
+        return cls(
+            cfg.attention_impl,
+            cfg.segment_length,
+            cfg.memory_length,
+            cfg.compressed_length,
+            cfg.head_dim,
+            cfg.dtype,
+            cfg.attention_dropout_rate if cfg.attention_impl in PALLAS_KERNELS else 0.0,
+            cfg.compresses and cfg.compression == "most_used",
+            cfg.slots_per_segment if cfg.fused_reconstruction_loss else 0,
+        )
 
     @property
     def n_keys(self) -> int:
@@ -101,24 +109,45 @@ class Problem:
 
 
 def _draw(p: Problem, seed: int, position_dominant: bool) -> AttentionOperands:
-    return draw_operands(p.n_cmem, p.n_mem, p.n_queries, p.head_dim, p.dtype, seed,
-                         position_dominant=position_dominant, heads=HEADS, rows=ROWS)
+    return draw_operands(
+        p.n_cmem,
+        p.n_mem,
+        p.n_queries,
+        p.head_dim,
+        p.dtype,
+        seed,
+        position_dominant=position_dominant,
+        heads=HEADS,
+        rows=ROWS,
+    )
 
 
-def fused_attention(p: Problem) -> Callable[..., tuple[jax.Array, jax.Array | None, jax.Array | None]]:
+def fused_attention(
+    p: Problem,
+) -> Callable[..., tuple[jax.Array, jax.Array | None, jax.Array | None]]:
     """The implementation under check at the kernels' calling convention: (output [H,B,N,K],
     range masses [H,B,N,3] or None, usage [H,B,keys] or None)."""
     if p.impl in PALLAS_KERNELS:
+
         def pallas(q, u, k, v, vb, r, visible, dropout=0.0, seed=None):
-            return flash_attention(PALLAS_KERNELS[p.impl], AttentionOperands(q, u, k, v, vb, r, visible),
-                                   n_cmem=p.n_cmem, n_mem=p.n_mem, usage_keys=p.usage_keys, dropout=dropout,
-                                   dropout_seed=seed)
+            return flash_attention(
+                PALLAS_KERNELS[p.impl],
+                AttentionOperands(q, u, k, v, vb, r, visible),
+                n_cmem=p.n_cmem,
+                n_mem=p.n_mem,
+                usage_keys=p.usage_keys,
+                dropout=dropout,
+                dropout_seed=seed,
+            )
+
         return pallas
     if p.impl == "cudnn":
+
         def cudnn(q, u, k, v, vb, r, visible, dropout=0.0, seed=None):
             mask = visibility(visible, p.n_queries, p.n_cmem, p.n_mem)[:, None]
             read_BNHK = cudnn_attention(q, u, k, v, vb, r, mask, p.n_cmem)
             return jnp.transpose(read_BNHK, (2, 0, 1, 3)), None, None
+
         return cudnn
     raise ValueError(f"no fused attention named {p.impl!r}")
 
@@ -126,10 +155,14 @@ def fused_attention(p: Problem) -> Callable[..., tuple[jax.Array, jax.Array | No
 def _reference(p: Problem):
     """The reference at full float32 precision, compiled as programs of its own (they cannot
     share a miscompile with the kernel): output, undropped probabilities."""
+
     def run(q, u, k, v, vb, r, visible, dropout=0.0, seed=None):
         with jax.default_matmul_precision("highest"):
             args = [x.astype(jnp.float32) for x in (q, u, k, v, vb, r)]
-            return reference_attention(*args, visible, n_cmem=p.n_cmem, n_mem=p.n_mem, dropout=dropout, seed=seed)
+            return reference_attention(
+                *args, visible, n_cmem=p.n_cmem, n_mem=p.n_mem, dropout=dropout, seed=seed
+            )
+
     return run
 
 
@@ -139,8 +172,11 @@ def _relative_error(got, want) -> float:
 
 
 def _check(error: float, tolerance: float) -> dict[str, Any]:
-    return {"ok": bool(np.isfinite(error) and error <= tolerance), "max_error": float(error),
-            "tolerance": float(tolerance)}
+    return {
+        "ok": bool(np.isfinite(error) and error <= tolerance),
+        "max_error": float(error),
+        "tolerance": float(tolerance),
+    }
 
 
 def run_self_check(cfg: ModelConfig) -> dict[str, Any]:
@@ -153,11 +189,23 @@ def run_self_check(cfg: ModelConfig) -> dict[str, Any]:
         checks = _run_checks(p)
     except Exception as error:  # noqa: BLE001 - any failure of the kernel here is the verdict
         first_line = (str(error).strip().splitlines() or [""])[0][:300]
-        checks = {"compiles_and_runs": {"ok": False, "max_error": float("inf"), "tolerance": 0.0,
-                                        "error": f"{type(error).__name__}: {first_line}"}}
-    return {"impl": p.impl, "ok": all(c["ok"] for c in checks.values()), "checks": checks,
-            "layout": dataclasses.asdict(p), "device": device_kind(), "versions": versions(),
-            "seconds": round(time.perf_counter() - start, 2)}
+        checks = {
+            "compiles_and_runs": {
+                "ok": False,
+                "max_error": float("inf"),
+                "tolerance": 0.0,
+                "error": f"{type(error).__name__}: {first_line}",
+            }
+        }
+    return {
+        "impl": p.impl,
+        "ok": all(c["ok"] for c in checks.values()),
+        "checks": checks,
+        "layout": dataclasses.asdict(p),
+        "device": device_kind(),
+        "versions": versions(),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
 
 
 # What each check returns: its verdicts by name, and the arrays it computed (all must be finite).
@@ -190,8 +238,9 @@ def _run_checks(p: Problem) -> dict[str, dict[str, Any]]:
         results.append(reconstruction_checks(p))
     checks = {name: verdict for found, _ in results for name, verdict in found.items()}
     computed = [x for _, arrays in results for x in arrays]
-    checks["finite"] = _check(float(sum(int(not np.isfinite(np.asarray(x, np.float32)).all()) for x in computed)),
-                              0.0)
+    checks["finite"] = _check(
+        float(sum(int(not np.isfinite(np.asarray(x, np.float32)).all()) for x in computed)), 0.0
+    )
     return checks
 
 
@@ -200,7 +249,10 @@ def output_checks(subject: _Subject) -> Checked:
     table moves it by O(1)) and a content-dominant one; on the first also the range masses, the
     evicted keys' usage, and a second run equal to the first."""
     p, tolerance, checks, computed = subject.p, OUTPUT_TOLERANCE[subject.p.dtype], {}, []
-    for name, position_dominant in (("output_position_dominant", True), ("output_content_dominant", False)):
+    for name, position_dominant in (
+        ("output_position_dominant", True),
+        ("output_content_dominant", False),
+    ):
         inputs = _draw(p, DRAW_SEEDS[name], position_dominant)
         out, mass, usage = subject.forward(*inputs)
         want, probs = subject.reference_forward(*inputs)
@@ -208,14 +260,17 @@ def output_checks(subject: _Subject) -> Checked:
         computed.append(out)
         if position_dominant:
             if mass is not None:
-                checks["attention_mass"] = _check(float(jnp.abs(mass - range_masses(probs, p.n_cmem, p.n_mem)).max()),
-                                                  MASS_TOLERANCE)
+                checks["attention_mass"] = _check(
+                    float(jnp.abs(mass - range_masses(probs, p.n_cmem, p.n_mem)).max()),
+                    MASS_TOLERANCE,
+                )
             if usage is not None:
-                received = probs[..., p.n_cmem:p.n_cmem + p.n_queries].sum(axis=2)
+                received = probs[..., p.n_cmem : p.n_cmem + p.n_queries].sum(axis=2)
                 checks["usage"] = _check(_relative_error(usage, received), tolerance)
             again, _, _ = subject.forward(*inputs)
-            checks["two_runs_equal"] = _check(float(jnp.abs(again.astype(jnp.float32) - out.astype(jnp.float32)).max()),
-                                              0.0)
+            checks["two_runs_equal"] = _check(
+                float(jnp.abs(again.astype(jnp.float32) - out.astype(jnp.float32)).max()), 0.0
+            )
     return checks, computed
 
 
@@ -226,9 +281,15 @@ def gradient_checks(subject: _Subject, dropout: float) -> Checked:
     weights = jax.random.normal(jax.random.key(GRADIENT_WEIGHTS_SEED), inputs[0].shape, jnp.float32)
     seed, label = jnp.int32(PROBE_SEEDS[0]), "_dropout" if dropout else ""
     got = _gradients(lambda *a: subject.kernel(*a, dropout=dropout, seed=seed)[0], inputs, weights)
-    want = _gradients(lambda *a: subject.reference(*a, dropout=dropout, seed=seed)[0], inputs, weights)
-    checks = {f"gradient_{argument}{label}": _check(_relative_error(g, w), GRADIENT_TOLERANCE[subject.p.dtype])
-              for argument, g, w in zip(AttentionOperands._fields[:6], got, want)}
+    want = _gradients(
+        lambda *a: subject.reference(*a, dropout=dropout, seed=seed)[0], inputs, weights
+    )
+    checks = {
+        f"gradient_{argument}{label}": _check(
+            _relative_error(g, w), GRADIENT_TOLERANCE[subject.p.dtype]
+        )
+        for argument, g, w in zip(AttentionOperands._fields[:6], got, want)
+    }
     return checks, list(got)
 
 
@@ -240,9 +301,13 @@ def dropout_checks(subject: _Subject) -> Checked:
     out, _, _ = subject.forward(*inputs, dropout=p.dropout, seed=seed)
     want, _ = subject.reference_forward(*inputs, dropout=p.dropout, seed=seed)
     undropped, _, _ = subject.forward(*inputs)
-    checks = {"output_dropout": _check(_relative_error(out, want), tolerance),
-              # The move must be at least 3 tolerances: the error is the tolerance as a share of it.
-              "dropout_changes_output": _check(tolerance / max(_relative_error(out, undropped), 1e-12), 1 / 3)}
+    checks = {
+        "output_dropout": _check(_relative_error(out, want), tolerance),
+        # The move must be at least 3 tolerances: the error is the tolerance as a share of it.
+        "dropout_changes_output": _check(
+            tolerance / max(_relative_error(out, undropped), 1e-12), 1 / 3
+        ),
+    }
     checks.update(_dropout_probe(p, subject.forward, subject.reference_forward))
     return checks, [out]
 
@@ -253,27 +318,35 @@ def reconstruction_checks(p: Problem) -> Checked:
     (the only ones it has)."""
     C, N, E, K = p.n_cmem, p.n_queries, p.compressed, p.head_dim
     shapes = [(HEADS, ROWS, N, K)] + [(HEADS, ROWS, p.n_keys, K)] * 2 + [(HEADS, ROWS, E, K)] * 2
-    scales = [K ** -0.25, K ** -0.25, 1.0, K ** -0.25, 1.0]  # unit-variance logits, unit values
+    scales = [K**-0.25, K**-0.25, 1.0, K**-0.25, 1.0]  # unit-variance logits, unit values
     keys = jax.random.split(jax.random.key(RECONSTRUCTION_SEED), 5)
-    q, k, v, kc, vc = ((scale * jax.random.normal(key, shape, jnp.float32)).astype(p.dtype)
-                       for key, shape, scale in zip(keys, shapes, scales))
+    q, k, v, kc, vc = (
+        (scale * jax.random.normal(key, shape, jnp.float32)).astype(p.dtype)
+        for key, shape, scale in zip(keys, shapes, scales)
+    )
 
     def reference(kc, vc):
         with jax.default_matmul_precision("highest"):
             full = [x.astype(jnp.float32) for x in (q, k, v)]
-            return losses.reconstruction_difference(*full, C, N, kc.astype(jnp.float32), vc.astype(jnp.float32))
+            return losses.reconstruction_difference(
+                *full, C, N, kc.astype(jnp.float32), vc.astype(jnp.float32)
+            )
 
     def gradients(loss):
         return jax.jit(jax.grad(loss, argnums=(0, 1)))(kc, vc)
 
     out = jax.jit(lambda kc, vc: reconstruction_difference(q, k, v, C, N, kc, vc))(kc, vc)
-    checks = {"reconstruction_difference": _check(_relative_error(out, jax.jit(reference)(kc, vc)),
-                                                  OUTPUT_TOLERANCE[p.dtype])}
+    checks = {
+        "reconstruction_difference": _check(
+            _relative_error(out, jax.jit(reference)(kc, vc)), OUTPUT_TOLERANCE[p.dtype]
+        )
+    }
     got = gradients(lambda kc, vc: reconstruction_loss(q, k, v, C, N, kc, vc))
     want = gradients(lambda kc, vc: losses.attention_reconstruction_loss(reference(kc, vc)))
     for name, g, w in zip(("k", "v"), got, want):
-        checks[f"reconstruction_gradient_compressed_{name}"] = _check(_relative_error(g, w),
-                                                                      GRADIENT_TOLERANCE[p.dtype])
+        checks[f"reconstruction_gradient_compressed_{name}"] = _check(
+            _relative_error(g, w), GRADIENT_TOLERANCE[p.dtype]
+        )
     return checks, [out, *got]
 
 
@@ -293,8 +366,14 @@ def _dropout_probe(p: Problem, forward, reference_forward) -> dict[str, dict[str
     among the keys j ≡ c (mod K). The counts must equal the reference's exactly, differ between
     seeds and between rows (a seed read as zero, or ignored, repeats the masks)."""
     f32 = dataclasses.replace(p, dtype="float32")
-    zeros = [jnp.zeros(shape, jnp.float32) for shape in
-             [(HEADS, ROWS, p.n_queries, p.head_dim), (HEADS, p.head_dim), (HEADS, ROWS, p.n_keys, p.head_dim)]]
+    zeros = [
+        jnp.zeros(shape, jnp.float32)
+        for shape in [
+            (HEADS, ROWS, p.n_queries, p.head_dim),
+            (HEADS, p.head_dim),
+            (HEADS, ROWS, p.n_keys, p.head_dim),
+        ]
+    ]
     one_hot = jax.nn.one_hot(jnp.arange(p.n_keys) % p.head_dim, p.head_dim, dtype=jnp.float32)
     v = jnp.broadcast_to(one_hot, (HEADS, ROWS, p.n_keys, p.head_dim))
     vb = jnp.zeros((HEADS, 2 if p.n_cmem else 1, p.head_dim), jnp.float32)
@@ -303,11 +382,14 @@ def _dropout_probe(p: Problem, forward, reference_forward) -> dict[str, dict[str
     n_visible = (p.n_cmem + p.n_mem + 1 + np.arange(p.n_queries))[None, None, :, None]
 
     def counts(attention, seed):
-        out = attention(zeros[0], zeros[1], zeros[2], v, vb, r, visible, dropout=p.dropout, seed=jnp.int32(seed))[0]
+        out = attention(
+            zeros[0], zeros[1], zeros[2], v, vb, r, visible, dropout=p.dropout, seed=jnp.int32(seed)
+        )[0]
         return np.asarray(out, np.float64) * n_visible * (1 - p.dropout)
 
     got = [counts(forward, s) for s in PROBE_SEEDS]
     want = [np.round(counts(reference_forward, s)) for s in PROBE_SEEDS]
+
     def same(a, b):
         return float(np.mean(np.round(a) == np.round(b)))
 
@@ -315,9 +397,13 @@ def _dropout_probe(p: Problem, forward, reference_forward) -> dict[str, dict[str
     # a repeated mask (a seed read as zero, or ignored) in all of them. The error is the share
     # of equal counts, allowed up to halfway between the two.
     allowed = (1 + max(same(want[0], want[1]), same(want[0][:, 0], want[0][:, 1]))) / 2
-    return {"dropout_mask_probe": _check(max(float(np.abs(g - w).max()) for g, w in zip(got, want)), PROBE_TOLERANCE),
-            "dropout_seeds_differ": _check(same(got[0], got[1]), allowed),
-            "dropout_rows_differ": _check(same(got[0][:, 0], got[0][:, 1]), allowed)}
+    return {
+        "dropout_mask_probe": _check(
+            max(float(np.abs(g - w).max()) for g, w in zip(got, want)), PROBE_TOLERANCE
+        ),
+        "dropout_seeds_differ": _check(same(got[0], got[1]), allowed),
+        "dropout_rows_differ": _check(same(got[0][:, 0], got[0][:, 1]), allowed),
+    }
 
 
 def device_kind() -> str:
@@ -339,14 +425,22 @@ def versions() -> dict[str, str]:
 
 def main() -> None:
     device = jax.devices()[0]
-    cfg = resolve_attention(ModelConfig.from_config(FLAGS.config.model), device.platform, device.device_kind)
+    cfg = resolve_attention(
+        ModelConfig.from_config(FLAGS.config.model), device.platform, device.device_kind
+    )
     if cfg.attention_impl not in FUSED_ATTENTION_IMPLS:
-        result = {"impl": cfg.attention_impl, "ok": True, "checks": {}, "device": device_kind(),
-                  "note": "the xla attention is the reference itself; nothing to check"}
+        result = {
+            "impl": cfg.attention_impl,
+            "ok": True,
+            "checks": {},
+            "device": device_kind(),
+            "note": "the xla attention is the reference itself; nothing to check",
+        }
     else:
         result = run_self_check(cfg)
     print(json.dumps(result), flush=True)
     sys.exit(0 if result["ok"] else 1)
+
 
 if __name__ == "__main__":
     define_config_flags()

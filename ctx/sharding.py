@@ -3,6 +3,7 @@
 Axis `data` splits batch rows (and their memory); axis `fsdp` splits batch rows too and,
 for models too big to replicate, each parameter's largest divisible dimension.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,10 +26,15 @@ def make_mesh(mesh_cfg: Any, devices: list | None = None) -> Mesh:
     fsdp = int(mesh_cfg.fsdp)
     data = len(devices) // fsdp if mesh_cfg.data == -1 else int(mesh_cfg.data)
     if data < 1 or data * fsdp != len(devices):
-        raise InputError(f"mesh.data={mesh_cfg.data} x mesh.fsdp={fsdp} does not fit the {len(devices)} "
-                         "available devices; set mesh.data=-1 or sizes whose product is the device count")
-    return Mesh(np.asarray(devices).reshape(data, fsdp), BATCH_AXES,
-                axis_types=(jax.sharding.AxisType.Auto,) * 2)
+        raise InputError(
+            f"mesh.data={mesh_cfg.data} x mesh.fsdp={fsdp} does not fit the {len(devices)} "
+            "available devices; set mesh.data=-1 or sizes whose product is the device count"
+        )
+    return Mesh(
+        np.asarray(devices).reshape(data, fsdp),
+        BATCH_AXES,
+        axis_types=(jax.sharding.AxisType.Auto,) * 2,
+    )
 
 
 def batch_sharding(mesh: Mesh, batch_axis: int, ndim: int) -> NamedSharding:
@@ -44,8 +50,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def memory_shardings(mesh: Mesh):
     """Memory rows (axis 1 of mem/cmem, axis 0 of the masks) follow the batch."""
-    return Memory(mem=batch_sharding(mesh, 1, 4), cmem=batch_sharding(mesh, 1, 4),
-                  mem_mask=batch_sharding(mesh, 0, 2), cmem_mask=batch_sharding(mesh, 0, 2))
+    return Memory(
+        mem=batch_sharding(mesh, 1, 4),
+        cmem=batch_sharding(mesh, 1, 4),
+        mem_mask=batch_sharding(mesh, 0, 2),
+        cmem_mask=batch_sharding(mesh, 0, 2),
+    )
 
 
 def param_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
@@ -96,11 +106,17 @@ def to_host(x: jax.Array) -> np.ndarray:
 def check_batch_fits(batch_size: int, mesh: Mesh) -> None:
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch_size % shards:
-        raise InputError(f"train.batch_size={batch_size} must be a multiple of the {shards} batch shards "
-                         f"(mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})")
+        raise InputError(
+            f"train.batch_size={batch_size} must be a multiple of the {shards} batch shards "
+            f"(mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})"
+        )
 
 
 def tracing_on(mesh: Mesh | None):
     """Context in which a jitted function traces with `mesh` as its abstract mesh, so that code
     XLA cannot partition itself (the Pallas attention kernel) can shard_map over its axes."""
-    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if mesh is not None else contextlib.nullcontext()
+    return (
+        jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+        if mesh is not None
+        else contextlib.nullcontext()
+    )

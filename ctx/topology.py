@@ -8,6 +8,7 @@ libtpu for devices that XLA's TPU compiler can target from any machine, no TPU n
 
     python -m ctx.topology v5p-256      # the slice's facts as JSON (launch/tpu.sh reads them)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,9 +25,29 @@ from ctx.distributed import system_accelerators
 LIBTPU_INSTALL = "pip install -e '.[tpu]'  (libtpu pinned to the installed jax)"
 
 # Chip layouts of the power-of-two slices; other layouts are given in libtpu's own form.
-CUBE_LAYOUTS = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
-                512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
-PLANE_LAYOUTS = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+CUBE_LAYOUTS = {
+    4: "2x2x1",
+    8: "2x2x2",
+    16: "2x2x4",
+    32: "2x4x4",
+    64: "4x4x4",
+    128: "4x4x8",
+    256: "4x8x8",
+    512: "8x8x8",
+    1024: "8x8x16",
+    2048: "8x16x16",
+    4096: "16x16x16",
+}
+PLANE_LAYOUTS = {
+    1: "1x1",
+    4: "2x2",
+    8: "2x4",
+    16: "4x4",
+    32: "4x8",
+    64: "8x8",
+    128: "8x16",
+    256: "16x16",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,11 +71,26 @@ class Generation:
 
 
 GENERATIONS = (
-    Generation("v4", ("v4",), 2, 30.75, 275e12, 1.2e12, "tpu-ubuntu2204-base", "megacore", CUBE_LAYOUTS),
-    Generation("v5e", ("v5litepod", "v5e"), 1, 15.75, 197e12, 0.819e12, "v2-alpha-tpuv5-lite", "default",
-               PLANE_LAYOUTS),
-    Generation("v5p", ("v5p",), 2, 95.74, 459e12, 2.765e12, "v2-alpha-tpuv5", "megacore", CUBE_LAYOUTS),
-    Generation("v6e", ("v6e",), 1, 31.25, 918e12, 1.64e12, "v2-alpha-tpuv6e", "default", PLANE_LAYOUTS),
+    Generation(
+        "v4", ("v4",), 2, 30.75, 275e12, 1.2e12, "tpu-ubuntu2204-base", "megacore", CUBE_LAYOUTS
+    ),
+    Generation(
+        "v5e",
+        ("v5litepod", "v5e"),
+        1,
+        15.75,
+        197e12,
+        0.819e12,
+        "v2-alpha-tpuv5-lite",
+        "default",
+        PLANE_LAYOUTS,
+    ),
+    Generation(
+        "v5p", ("v5p",), 2, 95.74, 459e12, 2.765e12, "v2-alpha-tpuv5", "megacore", CUBE_LAYOUTS
+    ),
+    Generation(
+        "v6e", ("v6e",), 1, 31.25, 918e12, 1.64e12, "v2-alpha-tpuv6e", "default", PLANE_LAYOUTS
+    ),
 )
 
 
@@ -82,17 +118,28 @@ class TpuSlice:
 
     def describe(self) -> dict:
         g = self.generation
-        return {"accelerator_type": self.accelerator_type, "topology": self.topology, "chips": self.chips,
-                "generation": g.name, "hbm_gib": g.hbm_gib, "peak_bf16_tflops": g.peak_bf16_flops / 1e12,
-                "hbm_gb_per_sec": g.hbm_bytes_per_sec / 1e9, "ridge_flops_per_byte": g.ridge_flops_per_byte,
-                "runtime_version": g.runtime_version}
+        return {
+            "accelerator_type": self.accelerator_type,
+            "topology": self.topology,
+            "chips": self.chips,
+            "generation": g.name,
+            "hbm_gib": g.hbm_gib,
+            "peak_bf16_tflops": g.peak_bf16_flops / 1e12,
+            "hbm_gb_per_sec": g.hbm_bytes_per_sec / 1e9,
+            "ridge_flops_per_byte": g.ridge_flops_per_byte,
+            "runtime_version": g.runtime_version,
+        }
 
 
 def valid_forms() -> str:
     cloud = ", ".join(f"{p}-N" for g in GENERATIONS for p in g.cloud_prefixes)
-    examples = ", ".join(f"{g.cloud_prefixes[0]}-{max(g.layouts) * g.name_counts_per_chip}" for g in GENERATIONS)
-    return (f"Cloud accelerator types ({cloud}; e.g. {examples}; v4 and v5p count TensorCores, two per "
-            f"chip, v5e and v6e count chips) or libtpu layouts (v4:2x2x4, v5e:4x4, v5p:4x4x8, v6e:8x8)")
+    examples = ", ".join(
+        f"{g.cloud_prefixes[0]}-{max(g.layouts) * g.name_counts_per_chip}" for g in GENERATIONS
+    )
+    return (
+        f"Cloud accelerator types ({cloud}; e.g. {examples}; v4 and v5p count TensorCores, two per "
+        f"chip, v5e and v6e count chips) or libtpu layouts (v4:2x2x4, v5e:4x4, v5p:4x4x8, v6e:8x8)"
+    )
 
 
 def resolve(name: str, flag: str = "--topology") -> TpuSlice:
@@ -105,9 +152,11 @@ def resolve(name: str, flag: str = "--topology") -> TpuSlice:
         layout = tuple(int(s) for s in by_libtpu.group(2).split("x"))
         dims = 3 if generation.layouts is CUBE_LAYOUTS else 2
         if len(layout) != dims or min(layout) < 1:
-            raise ConfigError(f"{flag}={name}: {generation.name} slices have {dims} layout axes "
-                              f"(e.g. {generation.name}:{generation.layouts[max(generation.layouts)]}); "
-                              f"valid forms: {valid_forms()}")
+            raise ConfigError(
+                f"{flag}={name}: {generation.name} slices have {dims} layout axes "
+                f"(e.g. {generation.name}:{generation.layouts[max(generation.layouts)]}); "
+                f"valid forms: {valid_forms()}"
+            )
         return TpuSlice(generation, layout)
     by_cloud = re.fullmatch(r"([a-z0-9]+)-(\d+)", text)
     if by_cloud:
@@ -115,10 +164,14 @@ def resolve(name: str, flag: str = "--topology") -> TpuSlice:
         count = int(by_cloud.group(2))
         chips, remainder = divmod(count, generation.name_counts_per_chip)
         if remainder or chips not in generation.layouts:
-            sizes = ", ".join(str(c * generation.name_counts_per_chip) for c in sorted(generation.layouts))
+            sizes = ", ".join(
+                str(c * generation.name_counts_per_chip) for c in sorted(generation.layouts)
+            )
             axes = "AxBxC" if generation.layouts is CUBE_LAYOUTS else "AxB"
-            raise ConfigError(f"{flag}={name}: {by_cloud.group(1)}-N takes N in {sizes} here; give other "
-                              f"slices as a libtpu layout ({generation.name}:{axes})")
+            raise ConfigError(
+                f"{flag}={name}: {by_cloud.group(1)}-N takes N in {sizes} here; give other "
+                f"slices as a libtpu layout ({generation.name}:{axes})"
+            )
         return TpuSlice(generation, tuple(int(s) for s in generation.layouts[chips].split("x")))
     raise ConfigError(f"{flag}={name} is not a TPU slice name; valid forms: {valid_forms()}")
 
@@ -138,7 +191,9 @@ def compile_devices(tpu: TpuSlice) -> list:
     """libtpu's compile-only devices for the slice (one per chip): XLA's TPU compiler targets
     them from any machine."""
     if not libtpu_installed():
-        raise ConfigError(f"--topology={tpu.accelerator_type} needs libtpu to compile for TPUs: {LIBTPU_INSTALL}")
+        raise ConfigError(
+            f"--topology={tpu.accelerator_type} needs libtpu to compile for TPUs: {LIBTPU_INSTALL}"
+        )
     from jax.experimental import topologies
 
     if not system_accelerators()["tpu"]:
@@ -158,12 +213,19 @@ def compile_devices(tpu: TpuSlice) -> list:
         wrap = tuple(size >= 16 for size in layout3[:2]) + (False,)
     try:
         description = topologies.get_topology_desc(
-            platform="tpu", topology_name=tpu.topology, chip_config_name=tpu.generation.chip_config,
-            chips_per_host_bounds=per_host, num_slices=1, wrap=wrap)
+            platform="tpu",
+            topology_name=tpu.topology,
+            chip_config_name=tpu.generation.chip_config,
+            chips_per_host_bounds=per_host,
+            num_slices=1,
+            wrap=wrap,
+        )
     except Exception as error:  # noqa: BLE001 - libtpu's errors are plain runtime errors
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConfigError(f"--topology={tpu.topology}: libtpu cannot describe this slice ({first}); "
-                          f"valid forms: {valid_forms()}") from None
+        raise ConfigError(
+            f"--topology={tpu.topology}: libtpu cannot describe this slice ({first}); "
+            f"valid forms: {valid_forms()}"
+        ) from None
     return list(description.devices)
 
 
@@ -182,8 +244,12 @@ def describe_main(argv: list[str], resolve_name, usage: str) -> int:
 
 
 def main(argv: list[str]) -> int:
-    return describe_main(argv, resolve, "python -m ctx.topology ACCELERATOR_TYPE [FLAG_NAME]   "
-                                        "(e.g. v5p-256, v5litepod-16, v6e:8x8)")
+    return describe_main(
+        argv,
+        resolve,
+        "python -m ctx.topology ACCELERATOR_TYPE [FLAG_NAME]   "
+        "(e.g. v5p-256, v5litepod-16, v6e:8x8)",
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ prose and code; every 10th topic held out). Model: 2 layers, d_model 128, bytes,
 n_cm = 32, c = 2, conv + attention-reconstruction loss.
 Variants: `:txl` (n_cm = 0 with the same attention length), `:vanilla` (no memory).
 """
+
 from ctx.config import default_config
 
 
@@ -36,6 +37,7 @@ def get_config(variant: str = "ct"):
     elif variant == "vanilla":
         m.memory_length, m.compressed_length = 0, 0
     elif variant != "ct":
-        raise ValueError(f"unknown variant {variant!r} of experiments/demo.py; choose ct, txl or vanilla")
+        raise ValueError(
+            f"unknown variant {variant!r} of experiments/demo.py; choose ct, txl or vanilla"
+        )
     return cfg
-

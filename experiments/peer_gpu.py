@@ -13,6 +13,7 @@ Evaluation: the same sequences under no_grad. bfloat16 runs under torch.autocast
 master weights, as ctx's bf16 configs). The device machine has no network: the package and
 its two pure-Python dependencies travel as wheels (docs/performance.md says how).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,16 +24,29 @@ import time
 import torch
 from compressive_transformer_pytorch import AutoregressiveWrapper, CompressiveTransformer
 
-BENCH = dict(num_tokens=256, dim=256, depth=4, heads=4, seq_len=128, mem_len=128, cmem_len=128, cmem_ratio=4)
+BENCH = dict(
+    num_tokens=256, dim=256, depth=4, heads=4, seq_len=128, mem_len=128, cmem_len=128, cmem_ratio=4
+)
 BATCH, SEGMENTS = 8, 16
-STEADY = 1 + BENCH["cmem_len"] // (BENCH["mem_len"] // BENCH["cmem_ratio"])  # first full-memory segment
+STEADY = 1 + BENCH["cmem_len"] // (
+    BENCH["mem_len"] // BENCH["cmem_ratio"]
+)  # first full-memory segment
 
 
 def peer() -> torch.nn.Module:
-    net = CompressiveTransformer(**BENCH, memory_layers=list(range(1, BENCH["depth"] + 1)),
-                                 enhanced_recurrence=False, gru_gated_residual=False, mogrify_gru=False,
-                                 attn_dropout=0.0, ff_glu=False, ff_dropout=0.0, attn_layer_dropout=0.0,
-                                 reconstruction_attn_dropout=0.0, reconstruction_loss_weight=1.0)
+    net = CompressiveTransformer(
+        **BENCH,
+        memory_layers=list(range(1, BENCH["depth"] + 1)),
+        enhanced_recurrence=False,
+        gru_gated_residual=False,
+        mogrify_gru=False,
+        attn_dropout=0.0,
+        ff_glu=False,
+        ff_dropout=0.0,
+        attn_layer_dropout=0.0,
+        reconstruction_attn_dropout=0.0,
+        reconstruction_loss_weight=1.0,
+    )
     return AutoregressiveWrapper(net)
 
 
@@ -56,7 +70,9 @@ def segment_times(model, sequences, step=None) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
-    parser.add_argument("--sequences", type=int, default=4, help="timed training sequences of 16 segments")
+    parser.add_argument(
+        "--sequences", type=int, default=4, help="timed training sequences of 16 segments"
+    )
     args = parser.parse_args()
     device = torch.device("cuda")
     model = peer().to(device)
@@ -64,7 +80,10 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
 
     def sequences(n):
-        return [torch.randint(0, 256, (BATCH, SEGMENTS * 128 + 1), generator=generator).to(device) for _ in range(n)]
+        return [
+            torch.randint(0, 256, (BATCH, SEGMENTS * 128 + 1), generator=generator).to(device)
+            for _ in range(n)
+        ]
 
     def train_step(loss):
         loss.backward()
@@ -82,11 +101,21 @@ def main() -> None:
             segment_times(model, sequences(1))
             evaluation = segment_times(model, sequences(args.sequences))
     tokens = BATCH * BENCH["seq_len"]
-    print(json.dumps({"peer": "compressive-transformer-pytorch", "dtype": args.dtype,
-                      "device": torch.cuda.get_device_name(), "train_tokens_per_sec": tokens / statistics.median(train),
-                      "eval_tokens_per_sec": tokens / statistics.median(evaluation),
-                      "peak_device_memory_mib": torch.cuda.max_memory_allocated() / 2 ** 20,
-                      "torch": torch.__version__, "segments_timed": len(train)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "peer": "compressive-transformer-pytorch",
+                "dtype": args.dtype,
+                "device": torch.cuda.get_device_name(),
+                "train_tokens_per_sec": tokens / statistics.median(train),
+                "eval_tokens_per_sec": tokens / statistics.median(evaluation),
+                "peak_device_memory_mib": torch.cuda.max_memory_allocated() / 2**20,
+                "torch": torch.__version__,
+                "segments_timed": len(train),
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ CT should solve the m that TXL cannot, and neither the m beyond both.
 
 Token ids: 0 = query, 1..PAYLOADS = payloads, the rest fillers.
 """
+
 from __future__ import annotations
 
 import time
@@ -35,20 +36,48 @@ FILLERS = 16
 VOCAB = 1 + PAYLOADS + FILLERS
 
 
-def recall_config(variant: str, *, segment_length: int = 16, attention_memory: int = 48,
-                  compression_rate: int = 4, d_model: int = 64, steps: int = 1500, batch_size: int = 32,
-                  seed: int = 0) -> ml_collections.ConfigDict:
+def recall_config(
+    variant: str,
+    *,
+    segment_length: int = 16,
+    attention_memory: int = 48,
+    compression_rate: int = 4,
+    d_model: int = 64,
+    steps: int = 1500,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> ml_collections.ConfigDict:
     """One layer. 'ct': n_m = n_s and n_cm = attention_memory - n_s (conv + attention-reconstruction
     loss); 'txl': n_m = attention_memory, n_cm = 0. Both attend over n_s + attention_memory keys."""
     cfg = default_config()
     cfg.seed = seed
     compressed = attention_memory - segment_length if variant == "ct" else 0
-    cfg.model.update(dict(vocab_size=VOCAB, n_layers=1, d_model=d_model, n_heads=4, d_ff=2 * d_model,
-                          segment_length=segment_length, memory_length=attention_memory - compressed,
-                          compressed_length=compressed, compression_rate=compression_rate))
-    cfg.train.update(dict(num_steps=steps, batch_size=batch_size, segments_per_call=10, peak_lr=1e-3,
-                          compress_peak_lr=1e-3, warmup_steps=100, decay_steps=steps, grad_clip=1.0,
-                          compress_grad_clip=1.0))
+    cfg.model.update(
+        dict(
+            vocab_size=VOCAB,
+            n_layers=1,
+            d_model=d_model,
+            n_heads=4,
+            d_ff=2 * d_model,
+            segment_length=segment_length,
+            memory_length=attention_memory - compressed,
+            compressed_length=compressed,
+            compression_rate=compression_rate,
+        )
+    )
+    cfg.train.update(
+        dict(
+            num_steps=steps,
+            batch_size=batch_size,
+            segments_per_call=10,
+            peak_lr=1e-3,
+            compress_peak_lr=1e-3,
+            warmup_steps=100,
+            decay_steps=steps,
+            grad_clip=1.0,
+            compress_grad_clip=1.0,
+        )
+    )
     return cfg
 
 
@@ -60,14 +89,20 @@ def reach_in_segments(model: ml_collections.ConfigDict) -> int:
     return 1 + back // n_s
 
 
-def write_episode(chunk: dict[str, np.ndarray], row: int, first: int, m: int, payload: int,
-                  rng: np.random.Generator) -> None:
+def write_episode(
+    chunk: dict[str, np.ndarray],
+    row: int,
+    first: int,
+    m: int,
+    payload: int,
+    rng: np.random.Generator,
+) -> None:
     """Episode segments first .. first+m-1 of `row` in a [K,B,n_s] chunk (they must fit)."""
     n_s = chunk["tokens"].shape[2]
     tokens = rng.integers(1 + PAYLOADS, VOCAB, size=m * n_s)
     tokens[0] = payload
     tokens[-n_s:] = QUERY
-    chunk["tokens"][first:first + m, row] = tokens.reshape(m, n_s)
+    chunk["tokens"][first : first + m, row] = tokens.reshape(m, n_s)
     chunk["targets"][first + m - 1, row] = payload
     chunk["weights"][first + m - 1, row] = 1.0
     chunk["reset"][first, row] = True
@@ -76,8 +111,14 @@ def write_episode(chunk: dict[str, np.ndarray], row: int, first: int, m: int, pa
 class RecallStream:
     """Rows of back-to-back episodes, each of a length drawn from `lengths`, cut into chunks."""
 
-    def __init__(self, batch_size: int, segment_length: int, lengths: Sequence[int], seed: int) -> None:
-        self.batch_size, self.segment_length, self.lengths = batch_size, segment_length, list(lengths)
+    def __init__(
+        self, batch_size: int, segment_length: int, lengths: Sequence[int], seed: int
+    ) -> None:
+        self.batch_size, self.segment_length, self.lengths = (
+            batch_size,
+            segment_length,
+            list(lengths),
+        )
         self.rng = np.random.default_rng(seed)
         self.pending: list[list[dict[str, np.ndarray]]] = [[] for _ in range(batch_size)]
 
@@ -98,7 +139,9 @@ class RecallStream:
         return chunk
 
 
-def eval_episodes(m: int, total: int, batch_size: int, segment_length: int, seed: int) -> dict[str, np.ndarray]:
+def eval_episodes(
+    m: int, total: int, batch_size: int, segment_length: int, seed: int
+) -> dict[str, np.ndarray]:
     """A [total,B,n_s] chunk whose last m segments hold one episode per row (payloads spread
     evenly); the segments before it are unscored padding, so every m shares one compilation."""
     rng = np.random.default_rng([seed, m])
@@ -116,7 +159,9 @@ def make_recall_eval(model):
         memory = init_memory(model.config, chunk["tokens"].shape[1])
 
         def step(memory, batch):
-            logits, memory, _ = model.apply({"params": params}, batch["tokens"], memory, reset=batch["reset"])
+            logits, memory, _ = model.apply(
+                {"params": params}, batch["tokens"], memory, reset=batch["reset"]
+            )
             return memory, logits
 
         _, logits = jax.lax.scan(step, memory, chunk)
@@ -128,8 +173,12 @@ def make_recall_eval(model):
     return jax.jit(evaluate)
 
 
-def run_recall(config: ml_collections.ConfigDict, train_lengths: Sequence[int], eval_lengths: Sequence[int],
-               eval_batch: int = 256) -> dict[str, Any]:
+def run_recall(
+    config: ml_collections.ConfigDict,
+    train_lengths: Sequence[int],
+    eval_lengths: Sequence[int],
+    eval_batch: int = 256,
+) -> dict[str, Any]:
     """Train on episodes of the given lengths, then score each eval length on fresh episodes."""
     trainer = Trainer(config, model_config_for_run(config, "experiments.recall"))
     K, n_s = config.train.segments_per_call, config.model.segment_length
@@ -146,8 +195,19 @@ def run_recall(config: ml_collections.ConfigDict, train_lengths: Sequence[int], 
     for m in eval_lengths:
         episodes = eval_episodes(m, max(eval_lengths), eval_batch, n_s, config.seed + 7)
         accuracy, nll = jax.device_get(evaluate(state.params, episodes))
-        rows.append({"segments": m, "k_min": (m - 1) * n_s, "k_max": m * n_s - 1,
-                     "accuracy": float(accuracy.mean()), "nll": float(nll.mean()),
-                     "reachable": m <= reach_in_segments(config.model)})
-    return {"rows": rows, "train_loss": losses, "seconds": time.perf_counter() - start,
-            "chance_accuracy": 1 / PAYLOADS}
+        rows.append(
+            {
+                "segments": m,
+                "k_min": (m - 1) * n_s,
+                "k_max": m * n_s - 1,
+                "accuracy": float(accuracy.mean()),
+                "nll": float(nll.mean()),
+                "reachable": m <= reach_in_segments(config.model),
+            }
+        )
+    return {
+        "rows": rows,
+        "train_loss": losses,
+        "seconds": time.perf_counter() - start,
+        "chance_accuracy": 1 / PAYLOADS,
+    }

@@ -10,13 +10,27 @@ says 3). The paper used a 267K-word vocabulary with adaptive inputs; ctx uses a 
 tokenizer, so its perplexity is per subword unless rescaled to words. Batch 128 (64 TPUv3 x 2);
 word-level schedule: 16k warmup, 500k cosine decay; dropout 0.2 (TXL's WT103 script).
 """
+
 from ctx.paper import paper_config
 
 
 def get_config(variant: str = "ct"):
-    cfg = paper_config(variant=variant, n_layers=18, d_model=1024, n_heads=16, d_ff=4096, segment_length=512,
-                       memory_length=512, compressed_length=512, compression_rate=4, vocab_size=32000,
-                       dropout=0.2, batch_size=128, warmup_steps=16_000, decay_steps=500_000)
+    cfg = paper_config(
+        variant=variant,
+        n_layers=18,
+        d_model=1024,
+        n_heads=16,
+        d_ff=4096,
+        segment_length=512,
+        memory_length=512,
+        compressed_length=512,
+        compression_rate=4,
+        vocab_size=32000,
+        dropout=0.2,
+        batch_size=128,
+        warmup_steps=16_000,
+        decay_steps=500_000,
+    )
     cfg.data.dataset = "wt103"
     cfg.data.path = "wikitext-103"
     cfg.data.tokenizer = "wt103_32k.model"

@@ -1,4 +1,5 @@
 """Small builders shared by the tests: tiny configs, models and multi-segment runs."""
+
 from __future__ import annotations
 
 import os
@@ -22,19 +23,33 @@ def script(name: str) -> str:
     return os.path.join(ROOT, "tests", "scripts", name)
 
 
-def run_module(module: str, *args: str, env: dict[str, str] | None = None,
-               timeout: float | None = None) -> subprocess.CompletedProcess:
+def run_module(
+    module: str, *args: str, env: dict[str, str] | None = None, timeout: float | None = None
+) -> subprocess.CompletedProcess:
     """`python -m module args...` from the repository root (the environment: the tests' own,
     CPU only, unless `env`), its output captured as text."""
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT, env=env,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=timeout,
+    )
 
 
-def run_script(name: str, *args: str, env: dict[str, str] | None = None,
-               timeout: float | None = None) -> subprocess.CompletedProcess:
+def run_script(
+    name: str, *args: str, env: dict[str, str] | None = None, timeout: float | None = None
+) -> subprocess.CompletedProcess:
     """A program of tests/scripts/ in a process of its own, as `run_module` runs a module."""
-    return subprocess.run([sys.executable, script(name), *args], capture_output=True, text=True, cwd=ROOT, env=env,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, script(name), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=timeout,
+    )
 
 
 def simulated_devices_env(devices: int, **extra: str) -> dict[str, str]:
@@ -49,15 +64,28 @@ def simulated_devices_env(devices: int, **extra: str) -> dict[str, str]:
     collective still ends the run, after 2 minutes (XLA's default 40 s is short for 8 devices
     on 2 busy cores).
     """
-    flags = (f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices} "
-             "--xla_cpu_collective_call_terminate_timeout_seconds=120")
-    return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PJRT_NPROC=str(8 * devices), **extra)
+    flags = (
+        f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices} "
+        "--xla_cpu_collective_call_terminate_timeout_seconds=120"
+    )
+    return dict(
+        os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PJRT_NPROC=str(8 * devices), **extra
+    )
 
 
 def tiny_model_config(**overrides) -> ctx.ModelConfig:
     """The tiny model of the unit tests (validated, as the entry points make it)."""
-    defaults = dict(vocab_size=32, n_layers=2, d_model=16, n_heads=2, d_ff=32, segment_length=4,
-                    memory_length=4, compressed_length=4, compression_rate=2)
+    defaults = dict(
+        vocab_size=32,
+        n_layers=2,
+        d_model=16,
+        n_heads=2,
+        d_ff=32,
+        segment_length=4,
+        memory_length=4,
+        compressed_length=4,
+        compression_rate=2,
+    )
     defaults.update(overrides)
     return ctx.ModelConfig.from_config(ctx.model_config(**defaults))
 
@@ -82,12 +110,16 @@ def byte_corpus(texts):
     from ctx.data.source import Document, TokenizedCorpus
     from ctx.data.tokenizer import ByteTokenizer
 
-    return TokenizedCorpus.from_documents([Document(str(i), t) for i, t in enumerate(texts)], ByteTokenizer())
+    return TokenizedCorpus.from_documents(
+        [Document(str(i), t) for i, t in enumerate(texts)], ByteTokenizer()
+    )
 
 
 def random_tokens(cfg, batch_size, n_segments, seed=1):
     rng = np.random.default_rng(seed)
-    return rng.integers(0, cfg.vocab_size, (batch_size, n_segments * cfg.segment_length)).astype(np.int32)
+    return rng.integers(0, cfg.vocab_size, (batch_size, n_segments * cfg.segment_length)).astype(
+        np.int32
+    )
 
 
 def run_segments(model, variables, memory, tokens_BT, reset_first=None):
@@ -106,10 +138,21 @@ def run_segments(model, variables, memory, tokens_BT, reset_first=None):
 
 # The demo config shrunk to seconds (tiny model, 2 validation documents), defined once:
 # `tiny_train_config` applies it with a short run, and TINY_CLI_FLAGS passes it to a command.
-TINY = {"model.n_layers": 2, "model.d_model": 32, "model.n_heads": 2, "model.d_ff": 64,
-        "model.segment_length": 8, "model.memory_length": 8, "model.compressed_length": 8,
-        "train.batch_size": 8, "train.segments_per_call": 4, "train.eval_every": 0, "train.warmup_steps": 4,
-        "train.decay_steps": 100, "data.validation_fraction": 0.03}
+TINY = {
+    "model.n_layers": 2,
+    "model.d_model": 32,
+    "model.n_heads": 2,
+    "model.d_ff": 64,
+    "model.segment_length": 8,
+    "model.memory_length": 8,
+    "model.compressed_length": 8,
+    "train.batch_size": 8,
+    "train.segments_per_call": 4,
+    "train.eval_every": 0,
+    "train.warmup_steps": 4,
+    "train.decay_steps": 100,
+    "data.validation_fraction": 0.03,
+}
 TINY_RUN = {"train.num_steps": 8, "train.checkpoint_every": 4}
 TINY_CLI_FLAGS = [f"--config.{key}={value}" for key, value in TINY.items()]
 

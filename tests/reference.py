@@ -3,6 +3,7 @@
 Attention loops over every (query, key) pair and computes each relative distance explicitly
 (docs/paper-notes.md §2), so the vectorised shift trick in ctx.nn.attention is checked against it.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,7 +25,7 @@ def attention(p, x, mem, cmem, mem_mask, cmem_mask):
     N, d = x.shape
     M, C = mem.shape[0], cmem.shape[0]
     H, K = p["query"].shape[1:]
-    q = np.einsum("nd,dhk->nhk", x, p["query"]) * K ** -0.5
+    q = np.einsum("nd,dhk->nhk", x, p["query"]) * K**-0.5
     kv_in = np.concatenate([cmem, mem, x])
     k = np.einsum("td,dhk->thk", kv_in, p["key"])
     v = np.einsum("td,dhk->thk", kv_in, p["value"])
@@ -66,10 +67,13 @@ def reconstruction_loss(p, attention_in, old, compressed):
     """The attention-reconstruction loss of one row: content-only attention of the segment's
     queries over the evicted memories vs over their compression, squared error summed."""
     K = p["query"].shape[2]
-    q = np.einsum("nd,dhk->nhk", attention_in, p["query"]) * K ** -0.5
+    q = np.einsum("nd,dhk->nhk", attention_in, p["query"]) * K**-0.5
 
     def read(memories):
-        k, v = np.einsum("td,dhk->thk", memories, p["key"]), np.einsum("td,dhk->thk", memories, p["value"])
+        k, v = (
+            np.einsum("td,dhk->thk", memories, p["key"]),
+            np.einsum("td,dhk->thk", memories, p["value"]),
+        )
         scores = np.einsum("nhk,thk->hnt", q, k)
         probs = np.exp(scores - scores.max(-1, keepdims=True))
         return np.einsum("hnt,thk->nhk", probs / probs.sum(-1, keepdims=True), v)
@@ -92,8 +96,14 @@ def forward(params, tokens, memory, cfg):
         for layer in range(L):
             p = {k: _layer(v, layer) for k, v in params["layers"].items()}
             attention_in = layer_norm(x, p["ln_attention"]) if cfg.layer_norm == "pre" else x
-            out, _ = attention(p["attention"], attention_in, mem[layer, b], cmem[layer, b],
-                               mem_mask[b], cmem_mask[b])
+            out, _ = attention(
+                p["attention"],
+                attention_in,
+                mem[layer, b],
+                cmem[layer, b],
+                mem_mask[b],
+                cmem_mask[b],
+            )
             if cfg.layer_norm == "pre":
                 x = x + out
                 x = x + _mlp(p, layer_norm(x, p["ln_mlp"]))
@@ -105,7 +115,9 @@ def forward(params, tokens, memory, cfg):
             if n_cm:
                 compressed = compress(p.get("compress"), full[:N], cfg)
                 new_cmem[layer, b] = np.concatenate([cmem[layer, b], compressed])[-n_cm:]
-                squared_error[layer] += reconstruction_loss(p["attention"], attention_in, full[:N], compressed)
+                squared_error[layer] += reconstruction_loss(
+                    p["attention"], attention_in, full[:N], compressed
+                )
         if cfg.layer_norm == "pre":
             x = layer_norm(x, params["ln_final"])
         logits.append(x @ params["logits"]["kernel"] + params["logits"]["bias"])

@@ -1,4 +1,5 @@
 """The vectorised relative attention against a brute-force loop over (query, key) pairs."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,7 +27,9 @@ def _attention_case(C, M, N=4, B=2):
     """A RelativeAttention with non-zero biases (so u, v and the compressed-memory v all
     matter), random inputs, and masks where row 0 is fully valid and row 1 has only its
     newest memory slots valid (as after a recent reset)."""
-    cfg = ModelConfig.from_config(tiny_model_config(segment_length=N, memory_length=M, compressed_length=C))
+    cfg = ModelConfig.from_config(
+        tiny_model_config(segment_length=N, memory_length=M, compressed_length=C)
+    )
     rng = np.random.default_rng(0)
     x = rng.normal(size=(B, N, cfg.d_model)).astype(np.float32)
     mem = rng.normal(size=(B, M, cfg.d_model)).astype(np.float32)
@@ -36,7 +39,9 @@ def _attention_case(C, M, N=4, B=2):
     module = RelativeAttention(cfg)
     mask = attention_mask(jnp.asarray(mem_mask), jnp.asarray(cmem_mask), N)
     variables = module.init(jax.random.key(1), x, mem, cmem, mask)
-    params = jax.tree.map(lambda p: p + 0.1 * rng.normal(size=p.shape).astype(np.float32), variables["params"])
+    params = jax.tree.map(
+        lambda p: p + 0.1 * rng.normal(size=p.shape).astype(np.float32), variables["params"]
+    )
     return module, params, (x, mem, cmem, mask), (mem_mask, cmem_mask)
 
 
@@ -47,16 +52,20 @@ def test_attention_matches_brute_force(C, M):
     attended = module.apply({"params": params}, *inputs)
     out, probs = attended.out, attended.probs
     assert attended.queries.shape[2] == x.shape[1] and attended.keys.shape[2] == C + M + x.shape[1]
-    np.testing.assert_allclose(attended.mass.sum(), 1.0, rtol=1e-5)  # every query's attention is counted once
+    np.testing.assert_allclose(
+        attended.mass.sum(), 1.0, rtol=1e-5
+    )  # every query's attention is counted once
     assert attended.usage is None  # only 'most_used' compression reports it
     p = reference._to_numpy(params)
     for b in range(x.shape[0]):
-        ref_out, ref_probs = reference.attention(p, x[b], mem[b], cmem[b], mem_mask[b], cmem_mask[b])
+        ref_out, ref_probs = reference.attention(
+            p, x[b], mem[b], cmem[b], mem_mask[b], cmem_mask[b]
+        )
         np.testing.assert_allclose(np.asarray(probs[b]), ref_probs, atol=1e-5)
         np.testing.assert_allclose(np.asarray(out[b]), ref_out, rtol=1e-4, atol=1e-5)
     # Invalid memory gets exactly zero attention.
     assert float(jnp.abs(probs[1, :, :, :C][..., ~cmem_mask[1]]).max(initial=0.0)) == 0.0
-    assert float(jnp.abs(probs[1, :, :, C:C + M][..., ~mem_mask[1]]).max(initial=0.0)) == 0.0
+    assert float(jnp.abs(probs[1, :, :, C : C + M][..., ~mem_mask[1]]).max(initial=0.0)) == 0.0
 
 
 @pytest.mark.parametrize("C, M", [(3, 5), (0, 5)])
@@ -70,9 +79,20 @@ def test_attention_gradients_match_the_brute_force(C, M):
     grads = jax.grad(lambda p: (module.apply({"params": p}, *inputs).out * weights).sum())(params)
 
     def reference_loss(p):
-        return sum((reference.attention(p, x[b].astype(np.float64), mem[b].astype(np.float64),
-                                        cmem[b].astype(np.float64), mem_mask[b], cmem_mask[b])[0] * weights[b]).sum()
-                   for b in range(x.shape[0]))
+        return sum(
+            (
+                reference.attention(
+                    p,
+                    x[b].astype(np.float64),
+                    mem[b].astype(np.float64),
+                    cmem[b].astype(np.float64),
+                    mem_mask[b],
+                    cmem_mask[b],
+                )[0]
+                * weights[b]
+            ).sum()
+            for b in range(x.shape[0])
+        )
 
     p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), reference._to_numpy(params))
     names = ["query", "key", "value", "pos_kernel", "u_bias", "v_bias"]
@@ -90,10 +110,13 @@ def test_attention_mask_hand_computed():
     mem_mask = jnp.array([[False, True]])
     cmem_mask = jnp.array([[True]])
     mask = np.asarray(attention_mask(mem_mask, cmem_mask, 3))[0, 0]
-    expected = np.array([
-        # cmem, mem0, mem1, x0, x1, x2
-        [1, 0, 1, 1, 0, 0],
-        [1, 0, 1, 1, 1, 0],
-        [1, 0, 1, 1, 1, 1],
-    ], bool)
+    expected = np.array(
+        [
+            # cmem, mem0, mem1, x0, x1, x2
+            [1, 0, 1, 1, 0, 0],
+            [1, 0, 1, 1, 1, 0],
+            [1, 0, 1, 1, 1, 1],
+        ],
+        bool,
+    )
     np.testing.assert_array_equal(mask, expected)

@@ -1,5 +1,6 @@
 """Where a run runs and what it can reach, said before any work: the backend line, the warning
 for accelerators JAX does not drive, and remote (gs://) paths that cannot be reached."""
+
 import jax
 import pytest
 
@@ -33,19 +34,29 @@ def test_unused_accelerators_are_warned_about_with_the_install_command(monkeypat
 def test_announce_names_the_backend_and_devices(capsys):
     backend.announce("ctx.train")
     out = capsys.readouterr().out
-    assert out == f"ctx.train: jax {jax.__version__} on cpu: {jax.device_count()} device(s) (cpu) in 1 process(es)\n"
+    assert (
+        out
+        == f"ctx.train: jax {jax.__version__} on cpu: {jax.device_count()} device(s) (cpu) in 1 process(es)\n"
+    )
 
 
 def test_local_paths_pass_and_other_schemes_are_refused():
-    remote.check_reachable("/no/such/local/path", "data.path")  # local paths are checked where they are read
+    remote.check_reachable(
+        "/no/such/local/path", "data.path"
+    )  # local paths are checked where they are read
     with pytest.raises(ValueError, match=r"data.path=s3://b/x: the s3:// scheme is not supported"):
         remote.check_reachable("s3://b/x", "data.path")
 
 
 def test_an_unreachable_bucket_is_one_line_naming_the_field(monkeypatch):
-    monkeypatch.setitem(remote.ENDPOINTS, "gs", "storage.ctx-test.invalid")  # never resolves (RFC 6761)
-    with pytest.raises(ValueError, match=r"^--workdir=gs://b/run cannot be reached: no connection to "
-                                         r"storage.ctx-test.invalid") as error:
+    monkeypatch.setitem(
+        remote.ENDPOINTS, "gs", "storage.ctx-test.invalid"
+    )  # never resolves (RFC 6761)
+    with pytest.raises(
+        ValueError,
+        match=r"^--workdir=gs://b/run cannot be reached: no connection to "
+        r"storage.ctx-test.invalid",
+    ) as error:
         remote.check_reachable("gs://b/run", "--workdir", must_exist=False)
     assert "\n" not in str(error.value)
     cfg = tiny_train_config()

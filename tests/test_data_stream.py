@@ -1,4 +1,5 @@
 """Streams: contiguous documents per row, padding, resets, resumable, process-independent."""
+
 import numpy as np
 
 from ctx.data.demo_corpus import demo_documents
@@ -9,8 +10,14 @@ from tests.helpers import byte_corpus
 
 
 def small_corpus():
-    texts = ["first document.", "", "a second, longer document with more bytes in it", "x",
-             "the fourth one", "ünïcode ✓ text"]
+    texts = [
+        "first document.",
+        "",
+        "a second, longer document with more bytes in it",
+        "x",
+        "the fourth one",
+        "ünïcode ✓ text",
+    ]
     return byte_corpus(texts)
 
 
@@ -29,7 +36,7 @@ def test_segments_shift_targets_behind_bos_and_pad_the_last():
     np.testing.assert_array_equal(inputs[1:], tokens[:31])
     np.testing.assert_array_equal(targets, tokens[:32])
     inputs, targets, weights = corpus.segment(1, 1, 32)
-    np.testing.assert_array_equal(inputs[:rest], tokens[31:31 + rest])
+    np.testing.assert_array_equal(inputs[:rest], tokens[31 : 31 + rest])
     np.testing.assert_array_equal(targets[:rest], tokens[32:])
     np.testing.assert_array_equal(weights, [1] * rest + [0] * (32 - rest))
     assert (inputs[rest:] == 0).all() and (targets[rest:] == 0).all()
@@ -72,7 +79,9 @@ def test_stream_resumes_exactly_and_is_independent_of_process_split():
     high = TrainStream(corpus, batch_size=4, segment_length=16, seed=3, rows=[2, 3])
     for expected in a:
         lo, hi = low.next_chunk(7), high.next_chunk(7)
-        np.testing.assert_array_equal(np.concatenate([lo["tokens"], hi["tokens"]], axis=1), expected["tokens"])
+        np.testing.assert_array_equal(
+            np.concatenate([lo["tokens"], hi["tokens"]], axis=1), expected["tokens"]
+        )
         # Each process's saved position covers every row, not only its own.
         assert low.state() == high.state()
     assert low.state() == straight.state()
@@ -119,12 +128,16 @@ def test_eval_chunks_take_as_many_segments_as_the_busiest_balanced_row():
 def test_eval_chunks_halve_the_batch_as_rows_run_out():
     texts = ["x" * 31, "y", "z" * 11, "w"]  # 8, 1, 3 and 1 segments of 4 tokens (with the BOS)
     corpus = byte_corpus(texts)
-    chunks = list(eval_chunks(corpus, batch_size=8, segment_length=4, chunk_size=2, batch_multiple=1))
+    chunks = list(
+        eval_chunks(corpus, batch_size=8, segment_length=4, chunk_size=2, batch_multiple=1)
+    )
     # 4 documents: 8 -> 4 rows at once; after the first chunk only the rows of documents 0 (8
     # segments) and 2 (3) have work: 2 rows; after the second only document 0's: 1 row.
     assert [c["row"].tolist() for c in chunks] == [[0, 1, 2, 3], [0, 1], [0], [0]]
     assert [c["tokens"].shape[1] for c in chunks] == [4, 2, 1, 1]
-    assert [c["document"][:, 0, 0].tolist() for c in chunks] == [[0, 0]] * 4  # row 0 never interrupted
+    assert [c["document"][:, 0, 0].tolist() for c in chunks] == [
+        [0, 0]
+    ] * 4  # row 0 never interrupted
     scored = np.zeros(len(corpus), int)
     for c in chunks:
         np.add.at(scored, c["document"][c["document"] >= 0], 1)

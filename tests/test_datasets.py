@@ -1,4 +1,5 @@
 """Datasets from real files: a PG-19 layout through TFDS, SentencePiece, enwik8, WikiText-103."""
+
 import os
 from pydoc_data.topics import topics
 
@@ -22,10 +23,11 @@ def make_pg19_layout(root):
     for split in ("train", "validation", "test"):
         os.makedirs(root / split)
     (root / "metadata.csv").write_text(
-        '10,A Tale, of Two Commas,1859,http://gutenberg/10\n'
+        "10,A Tale, of Two Commas,1859,http://gutenberg/10\n"
         '11,"Quoted, Title",1900,http://gutenberg/11\n'
-        '12,Plain,1800,http://gutenberg/12\n13,Empty,1801,http://gutenberg/13\n'
-        '14,Tiny,1802,http://gutenberg/14\n20,Valid,1850,http://gutenberg/20\n30,Test,1860,http://gutenberg/30\n')
+        "12,Plain,1800,http://gutenberg/12\n13,Empty,1801,http://gutenberg/13\n"
+        "14,Tiny,1802,http://gutenberg/14\n20,Valid,1850,http://gutenberg/20\n30,Test,1860,http://gutenberg/30\n"
+    )
     (root / "train" / "10.txt").write_text("".join(TEXTS[0:20]))
     (root / "train" / "11.txt").write_text("".join(TEXTS[20:40]))
     (root / "train" / "12.txt").write_bytes("".join(TEXTS[40:60]).encode() + b"\xff\xfe bad bytes")
@@ -86,20 +88,34 @@ def test_pg19_bad_sources_give_clear_errors(tmp_path):
 def test_sentencepiece_cli_trains_a_round_tripping_model(tmp_path):
     root = make_pg19_layout(tmp_path / "pg19")
     prefix = tmp_path / "sp"
-    out = run_module("ctx.data.tokenizer", f"--input={root}", "--vocab_size=600", f"--output={prefix}",
-                     env=dict(os.environ, PYTHONPATH=ROOT))
+    out = run_module(
+        "ctx.data.tokenizer",
+        f"--input={root}",
+        "--vocab_size=600",
+        f"--output={prefix}",
+        env=dict(os.environ, PYTHONPATH=ROOT),
+    )
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "sp.model").exists() and (tmp_path / "sp.vocab").exists()
     tok = SentencePieceTokenizer(str(tmp_path / "sp.model"))
     assert tok.vocab_size == 600
     for text in [TEXTS[5], "  two  spaces\n\n\nthree newlines\t tab ", "unseen: 漢字 ✓ ü"]:
         assert tok.decode(tok.encode(text)) == text
-    corpus = load_corpus(pg19_data_config(root, tmp_path / "cache", str(tmp_path / "sp.model")), "train")
+    corpus = load_corpus(
+        pg19_data_config(root, tmp_path / "cache", str(tmp_path / "sp.model")), "train"
+    )
     assert corpus.tokenizer.fingerprint.startswith("spm-")
     # Bad input: too many pieces for the text, missing input.
-    out = run_module("ctx.data.tokenizer", f"--input={root}", "--vocab_size=900000", f"--output={tmp_path / 'big'}",
-                     env=dict(os.environ, PYTHONPATH=ROOT))
-    assert out.returncode == 2 and "lower --vocab_size" in out.stderr and "Traceback" not in out.stderr
+    out = run_module(
+        "ctx.data.tokenizer",
+        f"--input={root}",
+        "--vocab_size=900000",
+        f"--output={tmp_path / 'big'}",
+        env=dict(os.environ, PYTHONPATH=ROOT),
+    )
+    assert (
+        out.returncode == 2 and "lower --vocab_size" in out.stderr and "Traceback" not in out.stderr
+    )
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_tokenizer(str(tmp_path / "nope.model"))
 
@@ -108,13 +124,24 @@ def test_enwik8_split_keeps_raw_bytes(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     data = rng.integers(0, 256, 1000, dtype=np.uint8).tobytes()
     (tmp_path / "enwik8").write_bytes(data)
-    monkeypatch.setattr(datasets, "ENWIK8_SPLITS", {"train": (0, 900), "validation": (900, 950), "test": (950, 1000)})
+    monkeypatch.setattr(
+        datasets,
+        "ENWIK8_SPLITS",
+        {"train": (0, 900), "validation": (900, 950), "test": (950, 1000)},
+    )
     cfg = ctx_config.default_config().data
-    cfg.dataset, cfg.path, cfg.cache_dir, cfg.piece_bytes = "enwik8", str(tmp_path / "enwik8"), str(tmp_path / "c"), 256
+    cfg.dataset, cfg.path, cfg.cache_dir, cfg.piece_bytes = (
+        "enwik8",
+        str(tmp_path / "enwik8"),
+        str(tmp_path / "c"),
+        256,
+    )
     train = load_corpus(cfg, "train")
     assert len(train) == 4
     np.testing.assert_array_equal(np.asarray(train.flat), np.frombuffer(data[:900], np.uint8))
-    np.testing.assert_array_equal(np.asarray(load_corpus(cfg, "test").flat), np.frombuffer(data[950:], np.uint8))
+    np.testing.assert_array_equal(
+        np.asarray(load_corpus(cfg, "test").flat), np.frombuffer(data[950:], np.uint8)
+    )
     monkeypatch.setattr(datasets, "ENWIK8_SPLITS", {"train": (0, 90_000_000)})
     cfg.cache_dir = str(tmp_path / "c2")
     with pytest.raises(ValueError, match="enwik8 has 100,000,000"):
@@ -131,7 +158,9 @@ def test_wikitext103_articles_are_documents(tmp_path):
     assert len(corpus) == 3
     assert corpus.ids[1:] == ["Title 1", "Title 2"]
     assert "= = Section = =" in corpus.tokenizer.decode(corpus.document(1))
-    assert sum(corpus.num_words) == sum(len(t.split()) for t in [(tmp_path / "wiki.valid.tokens").read_text()])
+    assert sum(corpus.num_words) == sum(
+        len(t.split()) for t in [(tmp_path / "wiki.valid.tokens").read_text()]
+    )
 
 
 def test_unknown_dataset_and_missing_path(tmp_path):
@@ -153,7 +182,11 @@ def test_training_on_a_pg19_layout_with_sentencepiece(tmp_path):
     root = make_pg19_layout(tmp_path / "pg19")
     model_path = train_sentencepiece(str(root), 400, str(tmp_path / "sp"))
     cfg = tiny_train_config(num_steps=4)
-    cfg.data.update(dict(dataset="pg19", path=str(root), cache_dir=str(tmp_path / "cache"), tokenizer=model_path))
+    cfg.data.update(
+        dict(
+            dataset="pg19", path=str(root), cache_dir=str(tmp_path / "cache"), tokenizer=model_path
+        )
+    )
     with pytest.raises(ValueError, match=r"has 400 tokens but model.vocab_size=256"):
         train.train_and_evaluate(cfg, str(tmp_path / "mismatch"))
     assert not (tmp_path / "mismatch").exists()
@@ -168,23 +201,35 @@ def test_inputs_that_leave_nothing_to_work_on_name_what_is_empty_and_the_fix(tmp
     root = make_pg19_layout(tmp_path / "pg19")
     for book in (root / "validation").iterdir():
         book.unlink()
-    with pytest.raises(InputError, match=r"pg19: validation/ holds no books; put the validation split's books"):
+    with pytest.raises(
+        InputError, match=r"pg19: validation/ holds no books; put the validation split's books"
+    ):
         load_corpus(pg19_data_config(root, tmp_path / "c"), "validation")
-    assert len(load_corpus(pg19_data_config(root, tmp_path / "c"), "train")) == 4  # the other splits still prepare
+    assert (
+        len(load_corpus(pg19_data_config(root, tmp_path / "c"), "train")) == 4
+    )  # the other splits still prepare
     (tmp_path / "empty.model").write_bytes(b"")
-    with pytest.raises(InputError, match=r"empty.model is not a SentencePiece model \(the file is empty\); give"):
+    with pytest.raises(
+        InputError, match=r"empty.model is not a SentencePiece model \(the file is empty\); give"
+    ):
         load_tokenizer(str(tmp_path / "empty.model"))
     (tmp_path / "text.model").write_text("not a model")
-    with pytest.raises(InputError, match=r"text.model is not a SentencePiece model \(.*\); give the .model file"):
+    with pytest.raises(
+        InputError, match=r"text.model is not a SentencePiece model \(.*\); give the .model file"
+    ):
         load_tokenizer(str(tmp_path / "text.model"))
     demo = ctx_config.default_config().data
     demo.validation_fraction = 0.0
-    with pytest.raises(InputError, match=r"the demo's validation split has no topics: data.validation_fraction=0.0"):
+    with pytest.raises(
+        InputError, match=r"the demo's validation split has no topics: data.validation_fraction=0.0"
+    ):
         load_corpus(demo, "validation")
     (tmp_path / "wt").mkdir()
     for name in ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens"):
         (tmp_path / "wt" / name).write_text("")
     wt103 = ctx_config.default_config().data
     wt103.dataset, wt103.path, wt103.cache_dir = "wt103", str(tmp_path / "wt"), str(tmp_path / "c")
-    with pytest.raises(InputError, match=r"the test split of data.dataset=wt103 .* wiki.test.tokens is empty"):
+    with pytest.raises(
+        InputError, match=r"the test split of data.dataset=wt103 .* wiki.test.tokens is empty"
+    ):
         load_corpus(wt103, "test")

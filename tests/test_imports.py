@@ -1,6 +1,7 @@
 """The code's structure: the import graph of ctx/ is one-way (no module imports one that imports
 it back), ctx modules are imported at the top of a file (only heavy optional ones may wait for
-first use), and the lint configured in ruff.toml passes."""
+first use), and the lint and the format configured in ruff.toml pass."""
+
 import ast
 import os
 import subprocess
@@ -30,8 +31,12 @@ def _imports(path: str, modules: dict[str, str]) -> list[tuple[str, int, bool]]:
     __init__ files are not nodes (importing ctx.x runs ctx/__init__ either way)."""
     packages = {m for m, p in modules.items() if p.endswith("__init__.py")}
     tree = ast.parse(open(path).read())
-    nested = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
-              for n in ast.walk(f)}
+    nested = {
+        id(n)
+        for f in ast.walk(tree)
+        if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for n in ast.walk(f)
+    }
     found = []
     for node in ast.walk(tree):
         names = []
@@ -47,14 +52,16 @@ def _imports(path: str, modules: dict[str, str]) -> list[tuple[str, int, bool]]:
 
 def test_the_import_graph_has_no_cycle():
     modules = _modules()
-    graph = {m: {name for name, _, _ in _imports(p, modules) if name != m} for m, p in modules.items()}
+    graph = {
+        m: {name for name, _, _ in _imports(p, modules) if name != m} for m, p in modules.items()
+    }
     cycles, state = [], {}
 
     def visit(node, stack):
         state[node] = "open"
         for nxt in sorted(graph[node]):
             if state.get(nxt) == "open":
-                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+                cycles.append(" -> ".join(stack[stack.index(nxt) :] + [nxt]))
             elif nxt not in state:
                 visit(nxt, stack + [nxt])
         state[node] = "done"
@@ -63,21 +70,34 @@ def test_the_import_graph_has_no_cycle():
         if module not in state:
             visit(module, [module])
     assert not cycles, cycles
-    assert "ctx.train" in graph["ctx.bench"] or "ctx.trainer" in graph["ctx.bench"]  # the graph was read
+    assert (
+        "ctx.train" in graph["ctx.bench"] or "ctx.trainer" in graph["ctx.bench"]
+    )  # the graph was read
 
 
 def test_ctx_modules_are_imported_at_the_top_except_heavy_optional_ones():
     modules = _modules()
-    late = [f"{os.path.relpath(p, ROOT)}:{line} imports {name}" for m, p in modules.items()
-            for name, line, inside in _imports(p, modules) if inside and name not in LAZY_ALLOWED]
+    late = [
+        f"{os.path.relpath(p, ROOT)}:{line} imports {name}"
+        for m, p in modules.items()
+        for name, line, inside in _imports(p, modules)
+        if inside and name not in LAZY_ALLOWED
+    ]
     assert not late, late
 
 
-def test_the_lint_passes():
+def test_the_lint_passes_and_the_code_is_formatted():
+    """ruff.toml's lint, and `ruff format` at 100 columns (run `ruff format ctx experiments
+    tests` to fix the second)."""
     ruff = os.path.join(os.path.dirname(sys.executable), "ruff")
-    out = subprocess.run([ruff, "check", "--output-format", "concise", "ctx", "experiments", "tests"],
-                         capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode == 0, out.stdout
+    for command in (["check", "--output-format", "concise"], ["format", "--check"]):
+        out = subprocess.run(
+            [ruff, *command, "ctx", "experiments", "tests"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+        assert out.returncode == 0, out.stdout
 
 
 # What the pure network may import from ctx, and the I/O libraries it must not load.
@@ -87,31 +107,44 @@ NN_MUST_NOT_LOAD = ("orbax", "optax", "tensorflow_datasets", "tensorboardX", "gr
 
 def test_the_network_imports_only_itself_the_config_and_the_errors():
     modules = _modules()
-    outside = [f"{os.path.relpath(p, ROOT)}:{line} imports {name}" for m, p in modules.items()
-               if m.startswith("ctx.nn") for name, line, _ in _imports(p, modules)
-               if not name.startswith(NN_MAY_IMPORT)]
+    outside = [
+        f"{os.path.relpath(p, ROOT)}:{line} imports {name}"
+        for m, p in modules.items()
+        if m.startswith("ctx.nn")
+        for name, line, _ in _imports(p, modules)
+        if not name.startswith(NN_MAY_IMPORT)
+    ]
     assert not outside, outside
     assert any(m.startswith("ctx.nn.") for m in modules)  # the package was read
 
 
 def test_importing_the_network_loads_no_io_library():
-    program = ("import sys, ctx, ctx.nn.transformer, ctx.nn.pallas_tpu; "
-               f"print(sorted({{m.split('.')[0] for m in sys.modules}} & {set(NN_MUST_NOT_LOAD)!r}))")
-    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=ROOT, check=True)
+    program = (
+        "import sys, ctx, ctx.nn.transformer, ctx.nn.pallas_tpu; "
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & {set(NN_MUST_NOT_LOAD)!r}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, cwd=ROOT, check=True
+    )
     assert out.stdout.strip() == "[]", out.stdout
 
 
-@pytest.mark.parametrize("module, must_not_load", [
-    ("ctx.data.tokenizer", ("orbax", "ctx.cli", "ctx.checkpoint", "ctx.train", "ctx.trainer")),
-    ("ctx.data.datasets", ("orbax", "ctx.cli", "ctx.checkpoint", "ctx.train", "ctx.trainer")),
-    ("ctx.evaluate", ("ctx.train", "ctx.trainer", "ctx.run_guard")),
-    ("ctx.sample", ("ctx.train", "ctx.trainer", "ctx.run_guard")),
-    ("ctx.cli", ("orbax", "ctx.checkpoint", "ctx.run_guard", "ctx.data")),
-])
+@pytest.mark.parametrize(
+    "module, must_not_load",
+    [
+        ("ctx.data.tokenizer", ("orbax", "ctx.cli", "ctx.checkpoint", "ctx.train", "ctx.trainer")),
+        ("ctx.data.datasets", ("orbax", "ctx.cli", "ctx.checkpoint", "ctx.train", "ctx.trainer")),
+        ("ctx.evaluate", ("ctx.train", "ctx.trainer", "ctx.run_guard")),
+        ("ctx.sample", ("ctx.train", "ctx.trainer", "ctx.run_guard")),
+        ("ctx.cli", ("orbax", "ctx.checkpoint", "ctx.run_guard", "ctx.data")),
+    ],
+)
 def test_layers_load_nothing_above_them(module, must_not_load):
     """The data layer knows no CLI or checkpoints; evaluation and sampling no training loop."""
     program = f"import sys, {module}; print(sorted(m for m in sys.modules if m.startswith({must_not_load!r})))"
-    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=ROOT, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, cwd=ROOT, check=True
+    )
     assert out.stdout.strip() == "[]", out.stdout
 
 
@@ -125,6 +158,9 @@ def test_importing_ctx_changes_nothing_process_wide():
         "                 [list(logging.getLogger(n).filters) for n in ('absl', 'asyncio', '')])\n"
         "before = state()\n"
         "import ctx, ctx.checkpoint, ctx.train, ctx.evaluate, ctx.sample, ctx.bench, ctx.data.tokenizer\n"
-        "print(before == state())\n")
-    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=ROOT, check=True)
+        "print(before == state())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, cwd=ROOT, check=True
+    )
     assert out.stdout.strip().splitlines()[-1] == "True", out.stdout + out.stderr[-2000:]

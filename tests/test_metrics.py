@@ -1,5 +1,6 @@
 """Metric writing: local workdirs append; remote (object-store) workdirs upload only new rows, at
 most once per interval, so a long run's uploads grow with its rows, not with rows x flushes."""
+
 import json
 import uuid
 
@@ -43,8 +44,14 @@ class Clock:
 
 
 def _row(step: int) -> dict:
-    return {"step": step, "loss": 1.0 / step, "compression_loss": 0.5, "tokens_per_sec": 1234.5,
-            "attention_mass_memory": 0.25, "grad_norm": 0.75}
+    return {
+        "step": step,
+        "loss": 1.0 / step,
+        "compression_loss": 0.5,
+        "tokens_per_sec": 1234.5,
+        "attention_mass_memory": 0.25,
+        "grad_norm": 0.75,
+    }
 
 
 @pytest.fixture
@@ -69,9 +76,13 @@ def test_a_remote_workdir_uploads_each_row_once_and_at_most_once_per_interval(re
     events = [(p, n) for p, n in CountingMemoryFileSystem.written if "/tensorboard/" in p]
     rows_bytes = sum(len(json.dumps(_row(s))) + 1 for s in range(1, steps + 1))
     assert sum(n for _, n in jsonl) == rows_bytes  # every row uploaded exactly once
-    assert len({p for p, _ in CountingMemoryFileSystem.written}) == len(CountingMemoryFileSystem.written)  # no rewrite
+    assert len({p for p, _ in CountingMemoryFileSystem.written}) == len(
+        CountingMemoryFileSystem.written
+    )  # no rewrite
     uploads = len(jsonl)
-    assert steps * 2.3 / (120 + 2.3) <= uploads <= steps * 2.3 / 120 + 4, uploads  # the interval, plus forced ones
+    assert steps * 2.3 / (120 + 2.3) <= uploads <= steps * 2.3 / 120 + 4, (
+        uploads
+    )  # the interval, plus forced ones
     assert len(events) == uploads and all(n > 0 for _, n in events)
     # Rewriting one growing file at each flush would have uploaded ~steps/2 times as much.
     assert sum(n for _, n in CountingMemoryFileSystem.written) < 3 * rows_bytes
@@ -103,13 +114,18 @@ def test_a_local_workdir_appends_to_metrics_jsonl_at_every_flush(tmp_path):
     writer.write({"step": 1, "split": "validation", "loss": 2.0})
     writer.flush()
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line) for line in lines] == [_row(1), {"step": 1, "split": "validation", "loss": 2.0}]
+    assert [json.loads(line) for line in lines] == [
+        _row(1),
+        {"step": 1, "split": "validation", "loss": 2.0},
+    ]
     writer.close()
     again = MetricWriter(str(tmp_path))  # a resumed run appends
     again.write(_row(2))
     again.close()
     assert read_metrics(str(tmp_path))[-1] == _row(2) and len(read_metrics(str(tmp_path))) == 3
-    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir())
+    assert any(
+        p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir()
+    )
 
 
 def test_other_processes_write_nothing(tmp_path):

@@ -1,5 +1,6 @@
 """The quick-start notebook runs headless from top to bottom, and no legend in its figures
 covers another panel or leaves the figure."""
+
 import json
 import os
 
@@ -61,18 +62,37 @@ _pyplot.show = _measured_show
 
 def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     # The kernel trains for a while: there, LLVM's optimisations pay for themselves (~25%).
-    monkeypatch.setenv("XLA_FLAGS", os.environ["XLA_FLAGS"].replace(FAST_COMPILE_XLA_FLAG, "").strip())
+    monkeypatch.setenv(
+        "XLA_FLAGS", os.environ["XLA_FLAGS"].replace(FAST_COMPILE_XLA_FLAG, "").strip()
+    )
     path = os.path.join(ROOT, "experiments", "notebooks", "quickstart.ipynb")
     notebook = nbformat.read(path, as_version=4)
-    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), \
+    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), (
         "store the notebook without outputs"
+    )
     notebook.cells.insert(0, nbformat.v4.new_code_cell(FIGURE_CHECK))
-    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": ROOT}}).execute()
-    outputs = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
+    NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": ROOT}}
+    ).execute()
+    outputs = "".join(
+        o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs
+    )
     assert "bits/byte" in outputs and "max pooling" in outputs
     assert "The with statement is used to" in outputs
-    images = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+    images = [
+        o
+        for c in notebook.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+        if "image/png" in o.get("data", {})
+    ]
     assert len(images) >= 2
-    checks = [json.loads(line.split("LEGEND CHECK ", 1)[1]) for line in outputs.splitlines() if "LEGEND CHECK" in line]
-    assert sum(check["figures"] for check in checks) >= 2  # the figures were measured before they were shown
+    checks = [
+        json.loads(line.split("LEGEND CHECK ", 1)[1])
+        for line in outputs.splitlines()
+        if "LEGEND CHECK" in line
+    ]
+    assert (
+        sum(check["figures"] for check in checks) >= 2
+    )  # the figures were measured before they were shown
     assert [problem for check in checks for problem in check["overlaps"]] == []

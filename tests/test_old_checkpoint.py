@@ -1,6 +1,7 @@
 """A checkpoint written by an earlier version of the model code (tests/data/checkpoint_v1, made by
 tests/data/make_checkpoint_v1.py at commit 4388e5c) still restores, evaluates to the same
 numbers and resumes training: refactors of the model keep its parameter and state trees."""
+
 import json
 import os
 import shutil
@@ -21,14 +22,23 @@ FIXTURE = os.path.join(ROOT, OUT)
 
 def test_old_checkpoint_has_the_parameter_tree_of_todays_model():
     cfg = config()
-    restored = restore_for_inference(cfg, FIXTURE, None, make_mesh(cfg.mesh, jax.devices()[:1]), resolved(cfg))
+    restored = restore_for_inference(
+        cfg, FIXTURE, None, make_mesh(cfg.mesh, jax.devices()[:1]), resolved(cfg)
+    )
     model_cfg = ctx.ModelConfig.from_config(cfg.model)
     model = ctx.CompressiveTransformer(model_cfg)
-    fresh = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, model_cfg.segment_length), jnp.int32),
-                                              ctx.init_memory(model_cfg, 1))["params"])
+    fresh = jax.eval_shape(
+        lambda: model.init(
+            jax.random.key(0),
+            jnp.zeros((1, model_cfg.segment_length), jnp.int32),
+            ctx.init_memory(model_cfg, 1),
+        )["params"]
+    )
 
     def shapes(tree):
-        return {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+        return {
+            jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(tree)
+        }
 
     assert shapes(restored.params) == shapes(fresh)
     assert restored.step == 4

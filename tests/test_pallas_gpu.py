@@ -3,6 +3,7 @@ tiles; its backward writes every entry of the band gradient exactly once; `auto`
 Triton can tile the config; and its programs (the kernel at the PG-19 shape, a whole training
 chunk) lower for CUDA on this CPU machine. (Its numbers against the reference:
 tests/test_fused_attention.py; model-level equality with xla: tests/test_attention_impl.py.)"""
+
 import dataclasses
 import re
 
@@ -37,31 +38,53 @@ def test_the_backward_writes_every_band_gradient_entry_exactly_once(n_cmem, n_me
     for query_block in range(N // b):
         counts = np.zeros((b, P), int)
         query = query_block * b + np.arange(b)[:, None]
-        stores = [pallas_gpu.band_columns(query, np.asarray(lay.virtual_key(j * b + np.arange(b)[None])),
-                                          lay) for j in range(lay.key_blocks_seen_by(query_block))]
+        stores = [
+            pallas_gpu.band_columns(
+                query, np.asarray(lay.virtual_key(j * b + np.arange(b)[None])), lay
+            )
+            for j in range(lay.key_blocks_seen_by(query_block))
+        ]
         for first, length in lay.unread_virtual_keys:
-            stores += [pallas_gpu.band_columns(query, first + t * b + np.arange(b)[None], lay)
-                       for t in range(length // b)]
+            stores += [
+                pallas_gpu.band_columns(query, first + t * b + np.arange(b)[None], lay)
+                for t in range(length // b)
+            ]
         for column in stores:
             inside = (column >= 0) & (column < P)
-            np.add.at(counts, (np.broadcast_to(query - query_block * b, column.shape)[inside], column[inside]), 1)
+            np.add.at(
+                counts,
+                (np.broadcast_to(query - query_block * b, column.shape)[inside], column[inside]),
+                1,
+            )
         assert (counts == 1).all(), (query_block, np.argwhere(counts != 1)[:5])
 
 
 def test_auto_picks_the_gpu_kernel_on_nvidia_gpus_where_triton_can_tile_the_config():
     def resolved(kind="NVIDIA H100 80GB HBM3", impl="auto", **fields):
-        return resolve_attention(ModelConfig(attention_impl=impl, **fields), "gpu", kind).attention_impl
+        return resolve_attention(
+            ModelConfig(attention_impl=impl, **fields), "gpu", kind
+        ).attention_impl
 
     assert resolved() == resolved(dropout=0.1) == resolved(compression="most_used") == "pallas_gpu"
     assert resolved(d_model=48, n_heads=2) == "cudnn"  # head dim 24: not a power of two
-    assert resolved(segment_length=8, memory_length=8, dropout=0.1) == "xla"  # tiles under 16, and dropout
+    assert (
+        resolved(segment_length=8, memory_length=8, dropout=0.1) == "xla"
+    )  # tiles under 16, and dropout
     assert resolved("AMD Instinct MI300X") == "cudnn"
-    with pytest.raises(ValueError, match=r"pallas_gpu' cannot run this config: segment_length \(8\) and "
-                       r"memory_length \+ compressed_length \(16\) must be multiples of 16"):
+    with pytest.raises(
+        ValueError,
+        match=r"pallas_gpu' cannot run this config: segment_length \(8\) and "
+        r"memory_length \+ compressed_length \(16\) must be multiples of 16",
+    ):
         resolved(impl="pallas_gpu", segment_length=8, memory_length=8, compressed_length=8)
-    with pytest.raises(ValueError, match="pallas_gpu' is a Triton kernel for NVIDIA GPUs, and this is TPU v5"):
+    with pytest.raises(
+        ValueError, match="pallas_gpu' is a Triton kernel for NVIDIA GPUs, and this is TPU v5"
+    ):
         resolve_attention(ModelConfig(attention_impl="pallas_gpu"), "tpu", "TPU v5")
-    assert resolve_attention(ModelConfig(attention_impl="pallas_gpu"), "cpu", "cpu").attention_impl == "pallas_gpu"
+    assert (
+        resolve_attention(ModelConfig(attention_impl="pallas_gpu"), "cpu", "cpu").attention_impl
+        == "pallas_gpu"
+    )
 
 
 def _triton_kernels(text: str) -> list[str]:
@@ -76,18 +99,26 @@ def test_the_kernel_lowers_for_cuda_at_the_pg19_shape():
     T, P = C + M + N, C + M + 2 * N
     shapes = [(H, B, N, K), (H, K), (H, B, T, K), (H, B, T, K), (H, 2, K), (H, P, K)]
     abstract = [jax.ShapeDtypeStruct(shape, jnp.bfloat16) for shape in shapes] + [
-        jax.ShapeDtypeStruct((B, T), jnp.bool_)]
+        jax.ShapeDtypeStruct((B, T), jnp.bool_)
+    ]
 
     def loss(*args):
-        out, _, usage = flash_attention(pallas_gpu.KERNELS, AttentionOperands(*args), C, M, (C, C + N), 0.1,
-                                        jnp.int32(7))
+        out, _, usage = flash_attention(
+            pallas_gpu.KERNELS, AttentionOperands(*args), C, M, (C, C + N), 0.1, jnp.int32(7)
+        )
         return jnp.sum(out.astype(jnp.float32)), usage
 
-    lowered = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)), has_aux=True)).trace(*abstract).lower(
-        lowering_platforms=("cuda",))
+    lowered = (
+        jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)), has_aux=True))
+        .trace(*abstract)
+        .lower(lowering_platforms=("cuda",))
+    )
     assert sorted(_triton_kernels(lowered.as_text())) == [
-        "relative_attention_forward_gpu", "relative_attention_key_usage_gpu",
-        "relative_attention_key_value_gradient_gpu", "relative_attention_query_gradient_gpu"]
+        "relative_attention_forward_gpu",
+        "relative_attention_key_usage_gpu",
+        "relative_attention_key_value_gradient_gpu",
+        "relative_attention_query_gradient_gpu",
+    ]
 
 
 @pytest.mark.slow
@@ -99,12 +130,19 @@ def test_a_training_chunk_with_the_gpu_kernel_lowers_for_cuda():
     cfg.model.attention_impl = "pallas_gpu"
     _, lowered = aot._lower(cfg, aot.Target.local(), lowering_platforms=("cuda",))
     kernels = _triton_kernels(lowered.as_text())
-    assert set(kernels) == {"relative_attention_forward_gpu", "relative_attention_key_value_gradient_gpu",
-                            "relative_attention_query_gradient_gpu"}
+    assert set(kernels) == {
+        "relative_attention_forward_gpu",
+        "relative_attention_key_value_gradient_gpu",
+        "relative_attention_query_gradient_gpu",
+    }
 
 
 def test_the_self_check_runs_the_gpu_kernel_at_the_configs_layout():
     cfg = resolve_attention(ModelConfig.from_config(demo.get_config().model), "cpu")
-    result = selfcheck.run_self_check(dataclasses.replace(cfg, attention_impl="pallas_gpu", dropout=0.1))
+    result = selfcheck.run_self_check(
+        dataclasses.replace(cfg, attention_impl="pallas_gpu", dropout=0.1)
+    )
     assert result["ok"], {k: c for k, c in result["checks"].items() if not c["ok"]}
-    assert {"dropout_mask_probe", "gradient_tables_dropout", "attention_mass"} <= set(result["checks"])
+    assert {"dropout_mask_probe", "gradient_tables_dropout", "attention_mass"} <= set(
+        result["checks"]
+    )

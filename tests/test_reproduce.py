@@ -1,5 +1,6 @@
 """The small reproduction suite: the recall task's layout by hand, and the suite end to end at
 smoke scale (tiny models; the real figures come from `--scale=full`, see the README)."""
+
 import json
 
 import numpy as np
@@ -22,7 +23,9 @@ def test_episode_layout():
     assert (chunk["targets"][3, 1] == 5).all() and (chunk["weights"][3, 1] == 1).all()
     assert chunk["weights"].sum() == 4  # nothing else is scored
     assert chunk["reset"][:, 1].tolist() == [False, True, False, False]
-    assert (chunk["tokens"][:, 0] == 0).all() and not chunk["reset"][:, 0].any()  # other row untouched
+    assert (chunk["tokens"][:, 0] == 0).all() and not chunk["reset"][
+        :, 0
+    ].any()  # other row untouched
     # The query at position i of the last segment is (m - 1) * n_s + i tokens after the payload.
     assert np.flatnonzero(tokens == recall.QUERY)[0] == (3 - 1) * 4
 
@@ -40,7 +43,9 @@ def test_stream_rows_are_back_to_back_episodes_across_chunks():
             payload = joined["tokens"][start, row, 0]
             assert 1 <= payload <= recall.PAYLOADS
             assert (joined["targets"][end - 1, row] == payload).all()
-            assert (joined["weights"][end - 1, row] == 1).all() and joined["weights"][start:end - 1, row].sum() == 0
+            assert (joined["weights"][end - 1, row] == 1).all() and joined["weights"][
+                start : end - 1, row
+            ].sum() == 0
 
 
 def test_reach_in_segments_by_hand():
@@ -68,14 +73,27 @@ def test_small_suite_writes_table_json_and_plots_and_resumes(tmp_path):
     assert run_suite(tmp_path, "--seeds=1", "--ablation=conv:attention") == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results) >= {"recall", "ablation", "prose", "range", "hardware", "wall_seconds"}
-    assert [r["segments"] for r in results["recall"]["ct"]["rows"]] == list(reproduce.RECALL_EVAL_LENGTHS)
+    assert [r["segments"] for r in results["recall"]["ct"]["rows"]] == list(
+        reproduce.RECALL_EVAL_LENGTHS
+    )
     assert all(0 <= r["accuracy"]["mean"] <= 1 for r in results["recall"]["txl"]["rows"])
-    assert results["ablation"][0]["bits_per_byte"]["n"] == 1 and results["ablation"][0]["bits_per_byte"]["mean"] > 0
-    assert results["prose"]["ct"]["compressed_length"] > 0 and results["prose"]["txl"]["compressed_length"] == 0
+    assert (
+        results["ablation"][0]["bits_per_byte"]["n"] == 1
+        and results["ablation"][0]["bits_per_byte"]["mean"] > 0
+    )
+    assert (
+        results["prose"]["ct"]["compressed_length"] > 0
+        and results["prose"]["txl"]["compressed_length"] == 0
+    )
     for row in results["range"]:
         assert row["measured"] == row["derived"], row
     table = (tmp_path / "results.md").read_text()
-    for heading in ("Long-range recall", "Compression function", "CT against TXL on prose", "Temporal range"):
+    for heading in (
+        "Long-range recall",
+        "Compression function",
+        "CT against TXL on prose",
+        "Temporal range",
+    ):
         assert heading in table
     for plot in ("recall.png", "ablation.png", "loss_by_position.png"):
         assert (tmp_path / plot).stat().st_size > 1000
@@ -88,11 +106,14 @@ def test_small_suite_writes_table_json_and_plots_and_resumes(tmp_path):
     assert rerun[0]["bits_per_byte"] == results["ablation"][0]["bits_per_byte"]
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--parts=recall,speed"], "unknown ['speed']"),
-    (["--ablation=conv:none"], "--ablation=conv:none: choose entries from"),
-    (["--seeds=0"], "--seeds=0 must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--parts=recall,speed"], "unknown ['speed']"),
+        (["--ablation=conv:none"], "--ablation=conv:none: choose entries from"),
+        (["--seeds=0"], "--seeds=0 must be at least 1"),
+    ],
+)
 def test_bad_flags_are_one_line_errors(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_:
         run_suite(tmp_path / "out", *flags)

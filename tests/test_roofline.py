@@ -1,6 +1,7 @@
 """ctx.roofline against hand-computed costs: a compiled program's operations (a dot fusion and
 an elementwise fusion), a Mosaic kernel's declared cost read from its backend config, and the
 GPU kernels' declared FLOPs and bytes (ctx.nn.pallas_gpu.declared_cost) counted by hand."""
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -13,8 +14,12 @@ PEAK, BANDWIDTH = 1e12, 1e9
 
 def test_a_compiled_program_costs_its_dot_flops_and_each_operations_bytes():
     M, K, N = 64, 32, 16
-    text = jax.jit(lambda x, y: jnp.tanh(x @ y) + 1).lower(
-        jnp.zeros((M, K), jnp.float32), jnp.zeros((K, N), jnp.float32)).compile().as_text()
+    text = (
+        jax.jit(lambda x, y: jnp.tanh(x @ y) + 1)
+        .lower(jnp.zeros((M, K), jnp.float32), jnp.zeros((K, N), jnp.float32))
+        .compile()
+        .as_text()
+    )
     cost = roofline.program_cost(text, PEAK, BANDWIDTH)
     assert [o["opcode"] for o in cost["operations"]] == ["fusion", "fusion"]
     by_flops = sorted(cost["operations"], key=lambda o: -o["flops"])
@@ -27,12 +32,16 @@ def test_a_compiled_program_costs_its_dot_flops_and_each_operations_bytes():
 
 
 def test_a_mosaic_kernel_is_charged_the_cost_it_declares():
-    config = ('{"custom_call_config": {"body": "x", "cost_estimate":{"flops":"5000","transcendentals":"0",'
-              '"bytes_accessed":"7000"}}}')
-    text = ("HloModule m\n\nENTRY %main (p0: f32[8,128]) -> f32[8,128] {\n"
-            "  %p0 = f32[8,128]{1,0} parameter(0)\n"
-            '  ROOT %kernel = f32[8,128]{1,0} custom-call(%p0), custom_call_target="tpu_custom_call", '
-            f"backend_config={config}\n}}\n")
+    config = (
+        '{"custom_call_config": {"body": "x", "cost_estimate":{"flops":"5000","transcendentals":"0",'
+        '"bytes_accessed":"7000"}}}'
+    )
+    text = (
+        "HloModule m\n\nENTRY %main (p0: f32[8,128]) -> f32[8,128] {\n"
+        "  %p0 = f32[8,128]{1,0} parameter(0)\n"
+        '  ROOT %kernel = f32[8,128]{1,0} custom-call(%p0), custom_call_target="tpu_custom_call", '
+        f"backend_config={config}\n}}\n"
+    )
     (op,) = roofline.program_cost(text, PEAK, BANDWIDTH)["operations"]
     assert (op["flops"], op["bytes"], op["cost_from"]) == (5000.0, 7000.0, "declared")
     assert op["seconds"] == pytest.approx(7000 / BANDWIDTH)
@@ -46,14 +55,21 @@ def test_the_gpu_kernels_declare_their_tiles_flops_and_bytes():
     q, band, visible, k = (s, (H, B, N, K)), (s, (H, B, N, P)), (4, (B, T)), (s, (H, B, T, K))
     seeds, stats = (4, (2,)), (4, (H, B, N))
     tiles = 8 * 16 + 8 * 9 // 2
-    flops, moved = pallas_gpu.declared_cost("relative_attention_forward_gpu", [seeds, q, band, visible, k, k])
+    flops, moved = pallas_gpu.declared_cost(
+        "relative_attention_forward_gpu", [seeds, q, band, visible, k, k]
+    )
     assert flops == 2 * 2 * tiles * b * b * K
     assert moved == tiles * (2 * b * K * s + b * b * s) + 2 * N * K * s + 4 * N * 5
     operands = [seeds, q, band, visible, k, k, stats, stats, q]
     key_value = pallas_gpu.declared_cost("relative_attention_key_value_gradient_gpu", operands)[0]
     assert key_value == 4 * 2 * tiles * b * b * K
-    assert pallas_gpu.declared_cost("relative_attention_query_gradient_gpu", operands)[0] == 3 * 2 * tiles * b * b * K
-    usage_flops, _ = pallas_gpu.declared_cost("relative_attention_key_usage_gpu", [q, band, visible, k, stats])
+    assert (
+        pallas_gpu.declared_cost("relative_attention_query_gradient_gpu", operands)[0]
+        == 3 * 2 * tiles * b * b * K
+    )
+    usage_flops, _ = pallas_gpu.declared_cost(
+        "relative_attention_key_usage_gpu", [q, band, visible, k, stats]
+    )
     assert usage_flops == 2 * N * N * K  # every query against the N evicted keys, once
     assert pallas_gpu.declared_cost("some_other_kernel", operands) is None
 
@@ -69,8 +85,10 @@ def test_a_convolution_counts_only_the_window_positions_that_read_input():
 
 def test_tiled_layouts_move_their_padding():
     """f32[8,8,512,1] in TPU's T(8,128) tiles is stored as [8,8,512,128]: 128x the bytes."""
-    text = ("HloModule m\n\nENTRY %main (p0: f32[8,8,512,1]) -> f32[8,8,512,1] {\n"
-            "  %p0 = f32[8,8,512,1]{3,2,1,0:T(8,128)} parameter(0)\n"
-            "  ROOT %c = f32[8,8,512,1]{3,2,1,0:T(8,128)} copy(%p0)\n}\n")
+    text = (
+        "HloModule m\n\nENTRY %main (p0: f32[8,8,512,1]) -> f32[8,8,512,1] {\n"
+        "  %p0 = f32[8,8,512,1]{3,2,1,0:T(8,128)} parameter(0)\n"
+        "  ROOT %c = f32[8,8,512,1]{3,2,1,0:T(8,128)} copy(%p0)\n}\n"
+    )
     (op,) = roofline.program_cost(text, PEAK, BANDWIDTH)["operations"]
     assert op["bytes"] == 2 * 4 * 8 * 8 * 512 * 128

@@ -1,4 +1,5 @@
 """Training: metrics contract, exact resume, device-count invariance, bad input."""
+
 import os
 import subprocess
 import sys
@@ -9,7 +10,14 @@ import pytest
 
 from ctx import train
 from ctx.optim import learning_rate, make_optimizer
-from tests.helpers import ROOT, read_metrics, resolved, run_script, simulated_devices_env, tiny_train_config
+from tests.helpers import (
+    ROOT,
+    read_metrics,
+    resolved,
+    run_script,
+    simulated_devices_env,
+    tiny_train_config,
+)
 
 # Whole programs (subprocesses, training runs, many compiles): the slow tier.
 pytestmark = pytest.mark.slow
@@ -21,6 +29,7 @@ def train_rows(workdir):
 
 def params_of(workdir, step=None, cfg=None):
     from ctx.checkpoint import Checkpointer
+
     cfg = cfg or tiny_train_config()
     trainer = train.Trainer(cfg, resolved(cfg))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), 10)
@@ -34,14 +43,25 @@ def test_train_writes_metrics_checkpoints_and_validation(tmp_path):
     result = train.train_and_evaluate(tiny_train_config(), workdir)
     rows = train_rows(workdir)
     assert [r["step"] for r in rows] == list(range(1, 9))
-    for key in ("loss", "compression_loss", "tokens_per_sec", "num_devices", "grad_norm", "learning_rate"):
+    for key in (
+        "loss",
+        "compression_loss",
+        "tokens_per_sec",
+        "num_devices",
+        "grad_norm",
+        "learning_rate",
+    ):
         assert all(np.isfinite(r[key]) for r in rows), key
     assert rows[0]["num_devices"] == 1
     assert abs(rows[0]["loss"] - np.log(256)) < 1.0  # starts near uniform over bytes
     assert rows[1]["compression_loss"] > 0  # memory filled after the first segment
     validation = [r for r in read_metrics(workdir) if r.get("split") == "validation"]
-    assert len(validation) == 1 and validation[0]["step"] == 8 and validation[0]["bits_per_byte"] > 0
-    assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()) == [4, 8]
+    assert (
+        len(validation) == 1 and validation[0]["step"] == 8 and validation[0]["bits_per_byte"] > 0
+    )
+    assert sorted(
+        int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()
+    ) == [4, 8]
     assert result["validation"]["bits_per_byte"] == validation[0]["bits_per_byte"]
     assert os.listdir(os.path.join(workdir, "tensorboard"))
 
@@ -63,21 +83,31 @@ def test_resume_follows_the_same_trajectory_bitwise(tmp_path, variant):
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     train.train_and_evaluate(variant(tiny_train_config(num_steps=8)), straight)
     train.train_and_evaluate(variant(tiny_train_config(num_steps=4)), split)
-    train.train_and_evaluate(variant(tiny_train_config(num_steps=8)), split)  # a larger num_steps continues
+    train.train_and_evaluate(
+        variant(tiny_train_config(num_steps=8)), split
+    )  # a larger num_steps continues
     a, b = train_rows(straight), train_rows(split)
     assert [r["step"] for r in b] == list(range(1, 9))  # the resumed run appended
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
     assert [r["compression_loss"] for r in a] == [r["compression_loss"] for r in b]
-    (sa, da), (sb, db) = params_of(straight, cfg=variant(tiny_train_config())), \
-        params_of(split, cfg=variant(tiny_train_config()))
+    (sa, da), (sb, db) = (
+        params_of(straight, cfg=variant(tiny_train_config())),
+        params_of(split, cfg=variant(tiny_train_config())),
+    )
     jax.tree.map(np.testing.assert_array_equal, sa, sb)
     assert da == db
 
 
 def test_learning_rate_schedule_and_accumulation():
-    cfg = tiny_train_config(init_lr=1e-6, peak_lr=3e-4, end_lr=1e-6, warmup_steps=10, decay_steps=100)
+    cfg = tiny_train_config(
+        init_lr=1e-6, peak_lr=3e-4, end_lr=1e-6, warmup_steps=10, decay_steps=100
+    )
     lr = learning_rate(cfg.train, cfg.train.peak_lr)
-    assert np.isclose(lr(0), 1e-6) and np.isclose(lr(10), 3e-4) and np.isclose(lr(110), 1e-6, rtol=1e-3)
+    assert (
+        np.isclose(lr(0), 1e-6)
+        and np.isclose(lr(10), 3e-4)
+        and np.isclose(lr(110), 1e-6, rtol=1e-3)
+    )
     assert lr(5) < lr(10) and lr(60) < lr(10)
     # Accumulation: one update per segment until accumulate_after, then every 4 segments.
     cfg.train.accumulate_after, cfg.train.accumulate_every = 2, 4
@@ -128,8 +158,12 @@ def test_eight_devices_give_the_same_losses_and_resume_on_one(tmp_path, one_devi
     rows1, rows8 = train_rows(one), train_rows(eight)
     assert [r["step"] for r in rows8] == list(range(1, 9))
     np.testing.assert_allclose([r["loss"] for r in rows8], [r["loss"] for r in rows1], rtol=1e-5)
-    np.testing.assert_allclose([r["compression_loss"] for r in rows8],
-                               [r["compression_loss"] for r in rows1], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(
+        [r["compression_loss"] for r in rows8],
+        [r["compression_loss"] for r in rows1],
+        rtol=1e-4,
+        atol=1e-7,
+    )
 
 
 def test_bad_input_leaves_no_workdir(tmp_path):
@@ -166,7 +200,9 @@ def test_resuming_with_a_different_model_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("field, value", [("train.batch_size", 4), ("model.memory_length", 16)])
-def test_resuming_into_another_memory_or_batch_shape_is_refused_and_the_checkpoint_kept(tmp_path, field, value):
+def test_resuming_into_another_memory_or_batch_shape_is_refused_and_the_checkpoint_kept(
+    tmp_path, field, value
+):
     """A changed batch or memory length is not damage: one line names the field and the fix, and
     on_corrupt_checkpoint=previous moves nothing aside (it used to rename good checkpoints)."""
     workdir = str(tmp_path / "run")
@@ -175,7 +211,10 @@ def test_resuming_into_another_memory_or_batch_shape_is_refused_and_the_checkpoi
     cfg = tiny_train_config(num_steps=8, on_corrupt_checkpoint="previous")
     section, name = field.split(".")
     cfg[section][name] = value
-    with pytest.raises(ValueError, match=rf"{field}: checkpoint 8, config {value}\); resume with --config.{field}=8"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{field}: checkpoint 8, config {value}\); resume with --config.{field}=8",
+    ):
         train.train_and_evaluate(cfg, workdir)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
 
@@ -184,7 +223,10 @@ def test_cli_reports_bad_config_in_one_line(tmp_path):
     workdir = tmp_path / "cli"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     for args, expected in [
-        (["--config.model.n_heads=3"], "model.d_model (128) must be divisible by model.n_heads (3)"),
+        (
+            ["--config.model.n_heads=3"],
+            "model.d_model (128) must be divisible by model.n_heads (3)",
+        ),
         (["--config.model.no_such_field=3"], "no_such_field"),
         ([], "--workdir is required"),
     ]:

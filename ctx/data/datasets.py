@@ -6,6 +6,7 @@ pieces of `data.piece_bytes` bytes that act as documents) or 'wt103' (a folder w
 wiki.{train,valid,test}.tokens, one document per article). Splits other than the demo's are
 tokenized once per tokenizer into `data.cache_dir` and memory-mapped afterwards.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,9 +21,16 @@ from ctx.errors import InputError, MissingInput
 from ctx.remote import check_reachable
 
 DATASETS = ("demo", "pg19", "enwik8", "wt103")
-ENWIK8_SPLITS = {"train": (0, 90_000_000), "validation": (90_000_000, 95_000_000),
-                 "test": (95_000_000, 100_000_000)}
-WT103_FILES = {"train": "wiki.train.tokens", "validation": "wiki.valid.tokens", "test": "wiki.test.tokens"}
+ENWIK8_SPLITS = {
+    "train": (0, 90_000_000),
+    "validation": (90_000_000, 95_000_000),
+    "test": (95_000_000, 100_000_000),
+}
+WT103_FILES = {
+    "train": "wiki.train.tokens",
+    "validation": "wiki.valid.tokens",
+    "test": "wiki.test.tokens",
+}
 _WT103_TITLE = re.compile(r"^ = [^=].* = $")
 
 
@@ -38,11 +46,15 @@ PG19_WORDS = {"validation": (50, 3_007_061), "test": (100, 6_966_499)}
 def check_data_config(data_cfg: Any, split: str) -> None:
     """Errors a user can fix, found before anything is read or written."""
     if data_cfg.dataset not in DATASETS:
-        raise InputError(f"data.dataset={data_cfg.dataset!r} is unknown; choose one of {list(DATASETS)}")
+        raise InputError(
+            f"data.dataset={data_cfg.dataset!r} is unknown; choose one of {list(DATASETS)}"
+        )
     if split not in SPLITS:
         raise InputError(f"split {split!r} does not exist; choose one of {list(SPLITS)}")
     if data_cfg.dataset != "demo" and not data_cfg.path:
-        raise InputError(f"data.path is empty; set --config.data.path to the {data_cfg.dataset} files")
+        raise InputError(
+            f"data.path is empty; set --config.data.path to the {data_cfg.dataset} files"
+        )
     if data_cfg.dataset != "demo":
         check_reachable(data_cfg.path, "data.path")  # gs:// paths: one line, before any work
     if data_cfg.get("tokenizer", "bytes") != "bytes":
@@ -55,19 +67,30 @@ def load_corpus(data_cfg: Any, split: str, progress: bool = False) -> TokenizedC
     check_data_config(data_cfg, split)
     tokenizer = load_tokenizer(data_cfg.tokenizer)
     if data_cfg.dataset == "demo":
-        empty = (f"the demo's {split} split has no topics: data.validation_fraction="
-                 f"{data_cfg.validation_fraction} must be above 0 and below 1")
-        return TokenizedCorpus.from_documents(demo_documents(split, data_cfg.validation_fraction), tokenizer,
-                                              empty=empty)
-    documents = {"pg19": lambda: _pg19_documents(data_cfg, split),
-                 "enwik8": lambda: _enwik8_documents(data_cfg.path, split, data_cfg.piece_bytes),
-                 "wt103": lambda: _wt103_documents(data_cfg.path, split)}[data_cfg.dataset]
+        empty = (
+            f"the demo's {split} split has no topics: data.validation_fraction="
+            f"{data_cfg.validation_fraction} must be above 0 and below 1"
+        )
+        return TokenizedCorpus.from_documents(
+            demo_documents(split, data_cfg.validation_fraction), tokenizer, empty=empty
+        )
+    documents = {
+        "pg19": lambda: _pg19_documents(data_cfg, split),
+        "enwik8": lambda: _enwik8_documents(data_cfg.path, split, data_cfg.piece_bytes),
+        "wt103": lambda: _wt103_documents(data_cfg.path, split),
+    }[data_cfg.dataset]
     if data_cfg.dataset == "pg19":  # prepare (and check the split) before naming the cache
         _pg19_source(data_cfg, split)
-    key = hashlib.sha256(f"{os.path.abspath(data_cfg.path) if '://' not in data_cfg.path else data_cfg.path}|"
-                         f"{data_cfg.get('piece_bytes', 0)}".encode()).hexdigest()[:12]
-    path = os.path.join(cache_dir(data_cfg), "tokens", f"{data_cfg.dataset}-{key}-{split}-{tokenizer.fingerprint}")
-    return TokenizedCorpus.cached(path, documents, tokenizer, progress, empty=_empty_split(data_cfg, split))
+    key = hashlib.sha256(
+        f"{os.path.abspath(data_cfg.path) if '://' not in data_cfg.path else data_cfg.path}|"
+        f"{data_cfg.get('piece_bytes', 0)}".encode()
+    ).hexdigest()[:12]
+    path = os.path.join(
+        cache_dir(data_cfg), "tokens", f"{data_cfg.dataset}-{key}-{split}-{tokenizer.fingerprint}"
+    )
+    return TokenizedCorpus.cached(
+        path, documents, tokenizer, progress, empty=_empty_split(data_cfg, split)
+    )
 
 
 def _empty_split(data_cfg: Any, split: str) -> str:
@@ -91,7 +114,10 @@ def _pg19_documents(data_cfg: Any, split: str) -> Iterator[Document]:
     books = sorted((int(ex["book_id"]), i) for i, ex in enumerate(_iterate(source)))
     for book_id, i in books:  # in book-id order, whatever order TFDS stored them in
         text = source[i]["book_text"]
-        yield Document(str(book_id), text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text)
+        yield Document(
+            str(book_id),
+            text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text,
+        )
 
 
 def _iterate(source):
@@ -105,20 +131,24 @@ def _enwik8_documents(path: str, split: str, piece_bytes: int) -> Iterator[Docum
     size = os.path.getsize(path)
     start, end = ENWIK8_SPLITS[split]
     if size < end:
-        raise InputError(f"{path} has {size:,} bytes; enwik8 has 100,000,000 (first 90M train, "
-                         "next 5M validation, last 5M test)")
+        raise InputError(
+            f"{path} has {size:,} bytes; enwik8 has 100,000,000 (first 90M train, "
+            "next 5M validation, last 5M test)"
+        )
     with open(path, "rb") as f:
         f.seek(start)
         data = f.read(end - start)
     for i in range(0, len(data), piece_bytes):
         # enwik8 is modelled as raw bytes: surrogateescape keeps every byte, valid UTF-8 or not.
-        yield Document(f"{split}-{i}", data[i:i + piece_bytes].decode("utf-8", "surrogateescape"))
+        yield Document(f"{split}-{i}", data[i : i + piece_bytes].decode("utf-8", "surrogateescape"))
 
 
 def _wt103_documents(folder: str, split: str) -> Iterator[Document]:
     path = os.path.join(folder, WT103_FILES[split])
     if not os.path.isfile(path):
-        raise MissingInput(f"{path} does not exist (WikiText-103 has {', '.join(WT103_FILES.values())})")
+        raise MissingInput(
+            f"{path} does not exist (WikiText-103 has {', '.join(WT103_FILES.values())})"
+        )
     article, title = [], None
     with open(path, encoding="utf-8") as f:
         for line in f:

@@ -1,5 +1,6 @@
 """The demo corpus: the Python standard library's own documentation topics (real English
 prose about Python, shipped with every CPython as `pydoc_data.topics`, no download)."""
+
 from __future__ import annotations
 
 from ctx.data.source import Document

@@ -11,6 +11,7 @@ This one takes the source as an argument: a local folder with the layout
 or `gs://deepmind-gutenberg` itself (epath reads gs:// through gcsfs; `pip install gcsfs`
 and credentials needed). Prepared files go to a cache folder keyed by the source.
 """
+
 from __future__ import annotations
 
 import csv
@@ -28,7 +29,11 @@ from ctx.errors import InputError, MissingInput
 
 def _books(folder: epath.Path) -> list[epath.Path]:
     """The split folder's books, <id>.txt, in name order (anything else there is not a book)."""
-    return sorted(p for p in folder.glob("*.txt") if p.name[:-len(".txt")].isdigit()) if folder.is_dir() else []
+    return (
+        sorted(p for p in folder.glob("*.txt") if p.name[: -len(".txt")].isdigit())
+        if folder.is_dir()
+        else []
+    )
 
 
 def parse_metadata(text: str) -> dict[int, dict[str, str]]:
@@ -38,7 +43,9 @@ def parse_metadata(text: str) -> dict[int, dict[str, str]]:
         if not fields or not "".join(fields).strip():
             continue
         if len(fields) < 4 or not fields[0].strip().isdigit():
-            raise InputError(f"metadata.csv line {number}: expected `id,short_title,date,link`, got {fields!r}")
+            raise InputError(
+                f"metadata.csv line {number}: expected `id,short_title,date,link`, got {fields!r}"
+            )
         book_id, *title, date, link = fields
         rows[int(book_id)] = {"title": ",".join(title), "date": date, "link": link}
     return rows
@@ -46,12 +53,16 @@ def parse_metadata(text: str) -> dict[int, dict[str, str]]:
 
 def check_layout(source: epath.Path) -> None:
     if not source.exists():
-        raise MissingInput(f"data.path={source} does not exist; it must hold metadata.csv and "
-                                "train/, validation/, test/ (the gs://deepmind-gutenberg layout)")
+        raise MissingInput(
+            f"data.path={source} does not exist; it must hold metadata.csv and "
+            "train/, validation/, test/ (the gs://deepmind-gutenberg layout)"
+        )
     if not source.is_dir():
         raise InputError(f"data.path={source} is not a directory")
     if not (source / "metadata.csv").exists():
-        raise MissingInput(f"data.path={source} has no metadata.csv (rows `id,short_title,date,link`)")
+        raise MissingInput(
+            f"data.path={source} has no metadata.csv (rows `id,short_title,date,link`)"
+        )
 
 
 class CtxPg19(tfds.core.GeneratorBasedBuilder):
@@ -65,10 +76,17 @@ class CtxPg19(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict({
-                "book_text": tfds.features.Text(), "book_id": np.int32, "book_title": np.str_,
-                "publication_date": np.str_, "book_link": np.str_}),
-            homepage="https://github.com/deepmind/pg19")
+            features=tfds.features.FeaturesDict(
+                {
+                    "book_text": tfds.features.Text(),
+                    "book_id": np.int32,
+                    "book_title": np.str_,
+                    "publication_date": np.str_,
+                    "book_link": np.str_,
+                }
+            ),
+            homepage="https://github.com/deepmind/pg19",
+        )
 
     def _split_generators(self, dl_manager):
         del dl_manager  # the source is read directly
@@ -76,16 +94,27 @@ class CtxPg19(tfds.core.GeneratorBasedBuilder):
         metadata = parse_metadata((self._source / "metadata.csv").read_text())
         # A split folder without books is left out (TFDS refuses a split with no examples);
         # asking for it is then the error `load_split` gives.
-        return {split: self._generate_examples(self._source / split, metadata)
-                for split in SPLITS if _books(self._source / split)}
+        return {
+            split: self._generate_examples(self._source / split, metadata)
+            for split in SPLITS
+            if _books(self._source / split)
+        }
 
     def _generate_examples(self, folder: epath.Path, metadata):
         for path in _books(folder):
-            book_id = int(path.name[:-len(".txt")])
+            book_id = int(path.name[: -len(".txt")])
             meta = metadata.get(book_id, {"title": "", "date": "", "link": ""})
             text = path.read_bytes().decode("utf-8", errors="replace").strip()
-            yield book_id, {"book_text": text, "book_id": book_id, "book_title": meta["title"],
-                            "publication_date": meta["date"], "book_link": meta["link"]}
+            yield (
+                book_id,
+                {
+                    "book_text": text,
+                    "book_id": book_id,
+                    "book_title": meta["title"],
+                    "publication_date": meta["date"],
+                    "book_link": meta["link"],
+                },
+            )
 
 
 def prepared_dir(source: str, cache_dir: str) -> str:
@@ -97,11 +126,17 @@ def load_split(source: str, split: str, cache_dir: str):
     """The split as a random-access data source of examples (prepared once per source)."""
     check_layout(epath.Path(source))
     if (epath.Path(source) / split).is_dir() and not _books(epath.Path(source) / split):
-        raise InputError(f"data.path={source}: {split}/ holds no books; put the {split} split's books there "
-                         "as <id>.txt (the gs://deepmind-gutenberg layout)")
-    builder = CtxPg19(source=source, data_dir=prepared_dir(source, cache_dir), file_format="array_record")
+        raise InputError(
+            f"data.path={source}: {split}/ holds no books; put the {split} split's books there "
+            "as <id>.txt (the gs://deepmind-gutenberg layout)"
+        )
+    builder = CtxPg19(
+        source=source, data_dir=prepared_dir(source, cache_dir), file_format="array_record"
+    )
     builder.download_and_prepare()
     if split not in builder.info.splits:
-        raise InputError(f"split {split!r} is not in {source} (found: {sorted(builder.info.splits)}); "
-                         "add the folder or pick another --split")
+        raise InputError(
+            f"split {split!r} is not in {source} (found: {sorted(builder.info.splits)}); "
+            "add the folder or pick another --split"
+        )
     return builder.as_data_source(split=split)

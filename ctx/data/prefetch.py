@@ -5,6 +5,7 @@ Chunk lengths are a deterministic function of the step, so the producer thread f
 them on its own; with each chunk it hands over the stream position *after* that chunk,
 which is what a checkpoint written after consuming the chunk must record.
 """
+
 from __future__ import annotations
 
 import queue
@@ -15,12 +16,19 @@ from ctx.data.stream import Chunk, TrainStream
 
 
 class ChunkPrefetcher:
-    def __init__(self, stream: TrainStream, first_step: int, last_step: int,
-                 chunk_length: Callable[[int], int], depth: int = 2) -> None:
+    def __init__(
+        self,
+        stream: TrainStream,
+        first_step: int,
+        last_step: int,
+        chunk_length: Callable[[int], int],
+        depth: int = 2,
+    ) -> None:
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._produce, args=(stream, first_step, last_step, chunk_length),
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._produce, args=(stream, first_step, last_step, chunk_length), daemon=True
+        )
         self._thread.start()
 
     def _produce(self, stream, step, last_step, chunk_length) -> None:

@@ -8,6 +8,7 @@ Row r's k-th document is entry r + B*k of the infinite sequence of epochs (each 
 permutation of the corpus), so the batches depend only on the seed and the global batch
 size, never on how many processes produce the rows.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -27,15 +28,26 @@ SEGMENT_KEYS = ("tokens", "targets", "weights", "reset")
 
 def empty_chunk(G: int, B: int, n_s: int, reset: bool) -> Chunk:
     """Zero tokens/targets/weights [G,B,n_s] (weight 0 = padding) and reset [G,B]."""
-    return {"tokens": np.zeros((G, B, n_s), np.int32), "targets": np.zeros((G, B, n_s), np.int32),
-            "weights": np.zeros((G, B, n_s), np.float32), "reset": np.full((G, B), reset)}
+    return {
+        "tokens": np.zeros((G, B, n_s), np.int32),
+        "targets": np.zeros((G, B, n_s), np.int32),
+        "weights": np.zeros((G, B, n_s), np.float32),
+        "reset": np.full((G, B), reset),
+    }
 
 
 class TrainStream:
     """Infinite training segments for the global rows `rows` (default: all of them)."""
 
-    def __init__(self, corpus: TokenizedCorpus, batch_size: int, segment_length: int, seed: int,
-                 shuffle: bool = True, rows: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        corpus: TokenizedCorpus,
+        batch_size: int,
+        segment_length: int,
+        seed: int,
+        shuffle: bool = True,
+        rows: Sequence[int] | None = None,
+    ) -> None:
         self.corpus, self.batch_size, self.segment_length = corpus, batch_size, segment_length
         self.seed, self.shuffle = seed, shuffle
         self.rows = list(range(batch_size) if rows is None else rows)
@@ -46,8 +58,11 @@ class TrainStream:
     def _order(self, epoch: int) -> np.ndarray:
         if epoch not in self._orders:
             n = len(self.corpus)
-            self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(n)
-                            if self.shuffle else np.arange(n)}
+            self._orders = {
+                epoch: np.random.default_rng([self.seed, epoch]).permutation(n)
+                if self.shuffle
+                else np.arange(n)
+            }
         return self._orders[epoch]
 
     def document_of(self, row: int) -> int:
@@ -56,14 +71,21 @@ class TrainStream:
 
     def state(self) -> dict:
         """JSON-serialisable position of every row (saved in checkpoints)."""
-        return {"docs_done": list(self.docs_done), "next_segment": list(self.next_segment),
-                "seed": self.seed, "batch_size": self.batch_size, "shuffle": self.shuffle}
+        return {
+            "docs_done": list(self.docs_done),
+            "next_segment": list(self.next_segment),
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "shuffle": self.shuffle,
+        }
 
     def restore(self, state: dict) -> None:
         if state["batch_size"] != self.batch_size or state["seed"] != self.seed:
-            raise InputError(f"the saved data position is for batch_size={state['batch_size']}, "
-                             f"seed={state['seed']}; this run has batch_size={self.batch_size}, "
-                             f"seed={self.seed}: resume with the same train.batch_size and seed")
+            raise InputError(
+                f"the saved data position is for batch_size={state['batch_size']}, "
+                f"seed={state['seed']}; this run has batch_size={self.batch_size}, "
+                f"seed={self.seed}: resume with the same train.batch_size and seed"
+            )
         self.docs_done, self.next_segment = list(state["docs_done"]), list(state["next_segment"])
 
     def next_chunk(self, num_segments: int) -> Chunk:
@@ -82,8 +104,9 @@ class TrainStream:
                 doc, j = self.document_of(row), self.next_segment[row]
                 if row in local:
                     b = local[row]
-                    chunk["tokens"][k, b], chunk["targets"][k, b], chunk["weights"][k, b] = \
+                    chunk["tokens"][k, b], chunk["targets"][k, b], chunk["weights"][k, b] = (
                         self.corpus.segment(doc, j, n_s)
+                    )
                     chunk["reset"][k, b] = j == 0
                 if j + 1 == self.corpus.num_segments(doc, n_s):
                     self.docs_done[row], self.next_segment[row] = self.docs_done[row] + 1, 0
@@ -103,15 +126,22 @@ def balanced_rows(segments_per_document: Sequence[int], batch_size: int) -> list
     """
     loads = [(0, row) for row in range(batch_size)]
     rows: list[list[int]] = [[] for _ in range(batch_size)]
-    for doc in sorted(range(len(segments_per_document)), key=lambda d: (-segments_per_document[d], d)):
+    for doc in sorted(
+        range(len(segments_per_document)), key=lambda d: (-segments_per_document[d], d)
+    ):
         load, row = heapq.heappop(loads)
         rows[row].append(doc)
         heapq.heappush(loads, (load + segments_per_document[doc], row))
     return rows
 
 
-def eval_chunks(corpus: TokenizedCorpus, batch_size: int, segment_length: int, chunk_size: int,
-                batch_multiple: int = 0) -> Iterator[Chunk]:
+def eval_chunks(
+    corpus: TokenizedCorpus,
+    batch_size: int,
+    segment_length: int,
+    chunk_size: int,
+    batch_multiple: int = 0,
+) -> Iterator[Chunk]:
     """Every document exactly once, from empty memory, rows assigned by `balanced_rows`.
 
     Rows that run out get empty segments (weight 0, reset). Besides the training keys each
@@ -127,24 +157,33 @@ def eval_chunks(corpus: TokenizedCorpus, batch_size: int, segment_length: int, c
     (`ctx.nn.memory.select_rows`); halving bounds the batch sizes, so the compiles, to log2(B).
     """
     n_s = segment_length
-    documents = balanced_rows([corpus.num_segments(doc, n_s) for doc in range(len(corpus))], batch_size)
-    plans = [[(doc, j) for doc in docs for j in range(corpus.num_segments(doc, n_s))]  # per global row
-             for docs in documents]
+    documents = balanced_rows(
+        [corpus.num_segments(doc, n_s) for doc in range(len(corpus))], batch_size
+    )
+    plans = [
+        [(doc, j) for doc in docs for j in range(corpus.num_segments(doc, n_s))]  # per global row
+        for docs in documents
+    ]
     total = max(len(plan) for plan in plans)
     rows = list(range(batch_size))
     for start in range(0, total, chunk_size):
         if batch_multiple:
             rows = _rows_with_work(rows, [len(plans[row]) > start for row in rows], batch_multiple)
         G, B = chunk_size, len(rows)
-        chunk = {**empty_chunk(G, B, n_s, reset=True),  # rows that ran out stay empty and reset
-                 "document": np.full((G, B, n_s), -1, np.int32), "position": np.zeros((G, B, n_s), np.int32),
-                 "row": np.asarray(rows, np.int32)}
+        chunk = {
+            **empty_chunk(G, B, n_s, reset=True),  # rows that ran out stay empty and reset
+            "document": np.full((G, B, n_s), -1, np.int32),
+            "position": np.zeros((G, B, n_s), np.int32),
+            "row": np.asarray(rows, np.int32),
+        }
         for k in range(G):
             for b, row in enumerate(rows):
                 if start + k >= len(plans[row]):
                     continue
                 doc, j = plans[row][start + k]
-                chunk["tokens"][k, b], chunk["targets"][k, b], chunk["weights"][k, b] = corpus.segment(doc, j, n_s)
+                chunk["tokens"][k, b], chunk["targets"][k, b], chunk["weights"][k, b] = (
+                    corpus.segment(doc, j, n_s)
+                )
                 chunk["reset"][k, b] = j == 0
                 chunk["document"][k, b] = np.where(chunk["weights"][k, b] > 0, doc, -1)
                 chunk["position"][k, b] = j * n_s + np.arange(n_s)
@@ -159,4 +198,4 @@ def _rows_with_work(rows: list[int], busy: list[bool], batch_multiple: int) -> l
     if size == len(rows):
         return rows
     idle = [row for row, b in zip(rows, busy) if not b]
-    return sorted([row for row, b in zip(rows, busy) if b] + idle[:size - needed])
+    return sorted([row for row, b in zip(rows, busy) if b] + idle[: size - needed])

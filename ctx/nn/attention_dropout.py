@@ -4,6 +4,7 @@ mask from indices, nothing of the mask reaches HBM, and every implementation tha
 weights (the TPU and GPU kernels, and the XLA reference of `ctx.nn.attention_reference`)
 draws the very same mask on every backend. Integer hashing is ordinary vector code that Mosaic,
 Triton and Pallas' interpreter all run alike (the TPU's hardware PRNG has no interpreter here)."""
+
 from __future__ import annotations
 
 import jax
@@ -19,7 +20,9 @@ def _mix(x: jax.Array) -> jax.Array:
     return x ^ jax.lax.shift_right_logical(x, 16)
 
 
-def kept_weights(row_seed: jax.Array, head: jax.Array, query: jax.Array, key: jax.Array, rate: float) -> jax.Array:
+def kept_weights(
+    row_seed: jax.Array, head: jax.Array, query: jax.Array, key: jax.Array, rate: float
+) -> jax.Array:
     """Whether the attention weight of (row, head, query, key) survives dropout at `rate`: a
     counter-based hash of the four, so the backward (and a reference in XLA ops) regenerates
     the forward's mask from indices alone. `row_seed` is per batch row (`row_seeds`); the
@@ -33,4 +36,7 @@ def kept_weights(row_seed: jax.Array, head: jax.Array, query: jax.Array, key: ja
 def row_seeds(seed: jax.Array, batch: int) -> jax.Array:
     """[B] int32 seeds of the batch rows from one dropout seed, made before the kernel is split
     across devices, so a row's mask does not depend on which device holds it."""
-    return _mix(jnp.asarray(seed, jnp.int32) ^ _mix(jnp.arange(batch, dtype=jnp.int32) + jnp.int32(0x3C6EF372)))
+    return _mix(
+        jnp.asarray(seed, jnp.int32)
+        ^ _mix(jnp.arange(batch, dtype=jnp.int32) + jnp.int32(0x3C6EF372))
+    )

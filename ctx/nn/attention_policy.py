@@ -5,6 +5,7 @@ kernels' own limits stay beside them (`pallas_tpu.FIRST_TPU_GENERATION`,
 `pallas_gpu.layout_problem`); this module reads no process state: the entry points pass the
 device (`ctx.backend.resolve_attention_here`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,16 +37,22 @@ def resolve_attention(cfg: ModelConfig, platform: str, device_kind: str = "") ->
     generation = tpu_generation(device_kind) if platform == "tpu" else None
     too_old = generation is not None and generation < FIRST_TPU_GENERATION
     if cfg.attention_impl == "pallas_tpu" and too_old:
-        raise ConfigError(f"model.attention_impl='pallas_tpu' needs TPU v{FIRST_TPU_GENERATION} or later (its "
-                          f"strided lane rotation does not lower on {device_kind}); use attention_impl='xla' or 'auto'")
+        raise ConfigError(
+            f"model.attention_impl='pallas_tpu' needs TPU v{FIRST_TPU_GENERATION} or later (its "
+            f"strided lane rotation does not lower on {device_kind}); use attention_impl='xla' or 'auto'"
+        )
     gpu_problem = pallas_gpu.layout_problem(cfg)
     if cfg.attention_impl == "pallas_gpu":
         if platform == "tpu" or (platform == "gpu" and _is_amd(device_kind)):
-            raise ConfigError(f"model.attention_impl='pallas_gpu' is a Triton kernel for NVIDIA GPUs, and this is "
-                              f"{device_kind or platform}; use attention_impl='auto'")
+            raise ConfigError(
+                f"model.attention_impl='pallas_gpu' is a Triton kernel for NVIDIA GPUs, and this is "
+                f"{device_kind or platform}; use attention_impl='auto'"
+            )
         if platform == "gpu" and gpu_problem:
-            raise ConfigError(f"model.attention_impl='pallas_gpu' cannot run this config: {gpu_problem}; use "
-                              "attention_impl='xla' or 'auto'")
+            raise ConfigError(
+                f"model.attention_impl='pallas_gpu' cannot run this config: {gpu_problem}; use "
+                "attention_impl='xla' or 'auto'"
+            )
     if cfg.attention_impl != "auto":
         return cfg
     if platform == "gpu":

@@ -5,6 +5,7 @@ with the name `compress` inside every layer so its parameters (per layer, stacke
 layer scan) are selected by that path component. Inputs are always stop-gradient-ed by
 the caller, so only the compression loss can train these parameters.
 """
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -19,13 +20,13 @@ def strided_conv(x_BND: jax.Array, kernel_WDD: jax.Array) -> jax.Array:
     """Conv1D with kernel = stride = c (W = c) and no padding, as one GEMM: [B, N/c, c*d] @ [c*d, d]."""
     B, N, D = x_BND.shape
     c = kernel_WDD.shape[0]
-    groups = x_BND[:, :N // c * c].reshape(B, N // c, c * D)
+    groups = x_BND[:, : N // c * c].reshape(B, N // c, c * D)
     return groups @ kernel_WDD.reshape(c * D, -1).astype(x_BND.dtype)
 
 
 def causal_dilated_conv(x_BND: jax.Array, kernel_WDD: jax.Array, rate: int) -> jax.Array:
     """Kernel-2 (W = 2) conv with dilation `rate`, left-padded with zeros: y[t] = x[t-rate] W0 + x[t] W1."""
-    shifted = jnp.pad(x_BND, ((0, 0), (rate, 0), (0, 0)))[:, :x_BND.shape[1]]
+    shifted = jnp.pad(x_BND, ((0, 0), (rate, 0), (0, 0)))[:, : x_BND.shape[1]]
     kernel = kernel_WDD.astype(x_BND.dtype)
     return shifted @ kernel[0] + x_BND @ kernel[1]
 
@@ -37,7 +38,9 @@ class Compressor(nn.Module):
 
     def setup(self) -> None:
         cfg, d = self.cfg, self.cfg.d_model
-        init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2)
+        init = nn.initializers.variance_scaling(
+            1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2
+        )
         if cfg.compression == "dilated_conv":
             self.dilated = [self.param(f"dilated_{r}", init, (2, d, d)) for r in cfg.dilation_rates]
         if cfg.compression in ("conv", "dilated_conv"):

@@ -12,6 +12,7 @@ k and v [H,B,T,K] of [cmem; mem; segment], the projected tables [H,P,K] and thei
 [H,R,K] as `ctx.nn.relative_position.position_scores` takes them, and `visible` [B,T] (whether
 each key holds a valid slot).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -75,8 +76,9 @@ class KeyLayout:
         (`visible`, nonzero), and in the segment no key after the query's own."""
         return (visible != 0) & (key - (self.n_cmem + self.n_mem) <= query)
 
-    def dropout_scale(self, row_seed: jax.Array, head: jax.Array, query: jax.Array,
-                      key: jax.Array) -> jax.Array | None:
+    def dropout_scale(
+        self, row_seed: jax.Array, head: jax.Array, query: jax.Array, key: jax.Array
+    ) -> jax.Array | None:
         """0 for the dropped weights of (row, head, query, key), 1/(1-rate) for the kept ones,
         broadcast over the indices; None without dropout. A backward hashes once and scales both
         the weights and their gradient."""
@@ -91,7 +93,9 @@ def dropped(weights: jax.Array, scale: jax.Array | None) -> jax.Array:
     return weights if scale is None else weights * scale
 
 
-def range_masses(p: jax.Array, key: jax.Array, lane: jax.Array, ranges: tuple[tuple[int, int], ...]) -> jax.Array:
+def range_masses(
+    p: jax.Array, key: jax.Array, lane: jax.Array, ranges: tuple[tuple[int, int], ...]
+) -> jax.Array:
     """[queries, lanes]: row sums of a tile's (unnormalised) probabilities p over the keys of
     each range, range r in the lanes where `lane` == r: the attention each query gives the
     compressed memory, the memory and the segment, as a running softmax accumulates it."""
@@ -120,9 +124,15 @@ class FusedKernels(NamedTuple):
     check_usage_keys: Callable[[tuple[int, int], KeyLayout], None] | None = None
 
 
-def flash_attention(kernels: FusedKernels, operands: AttentionOperands, n_cmem: int, n_mem: int,
-                    usage_keys: tuple[int, int] | None = None, dropout: float = 0.0,
-                    dropout_seed: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+def flash_attention(
+    kernels: FusedKernels,
+    operands: AttentionOperands,
+    n_cmem: int,
+    n_mem: int,
+    usage_keys: tuple[int, int] | None = None,
+    dropout: float = 0.0,
+    dropout_seed: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """The fused attention of `operands` by `kernels`: the output [H,B,N,K]; the attention each
     query gives the compressed memory, the memory and the segment, [H,B,N,3]; and, for keys
     `usage_keys` = (first, end) when given, the attention each of them receives summed over the

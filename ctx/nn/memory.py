@@ -7,6 +7,7 @@ Evaluation also carries the memories' keys and values (parameters are fixed ther
 need not be projected again each segment); they are optional fields of the same pytree, so
 resets and row selection treat them with the memories they were projected from.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
@@ -58,7 +59,9 @@ class Memory:
         return LayerMemory(mem=self.mem, cmem=self.cmem, keys=self.keys, values=self.values)
 
     def with_layers(self, layers: LayerMemory) -> Memory:
-        return self.replace(mem=layers.mem, cmem=layers.cmem, keys=layers.keys, values=layers.values)
+        return self.replace(
+            mem=layers.mem, cmem=layers.cmem, keys=layers.keys, values=layers.values
+        )
 
     def without_keys_values(self) -> Memory:
         return self.replace(keys=None, values=None)
@@ -79,8 +82,13 @@ def init_memory(cfg: ModelConfig, batch_size: int, dtype: Any = None) -> Memory:
 def _map_rows(memory: Memory, fn: Callable[[jax.Array, int], jax.Array]) -> Memory:
     """Apply fn(array, its batch axis) to every array of `memory` (the carried keys/values too)."""
     batch_axis = {"mem": 1, "cmem": 1, "mem_mask": 0, "cmem_mask": 0, "keys": 2, "values": 2}
-    return memory.replace(**{name: fn(getattr(memory, name), axis) for name, axis in batch_axis.items()
-                             if getattr(memory, name) is not None})
+    return memory.replace(
+        **{
+            name: fn(getattr(memory, name), axis)
+            for name, axis in batch_axis.items()
+            if getattr(memory, name) is not None
+        }
+    )
 
 
 def reset_rows(memory: Memory, reset: jax.Array | None) -> Memory:
@@ -121,8 +129,9 @@ def shift_in(old: jax.Array, new: jax.Array, axis: int = 1) -> jax.Array:
     return keep_newest(full, old.shape[axis], axis)
 
 
-def advance_memory_kv(kv_HBSK: jax.Array, segment_HBNK: jax.Array, compressed_HBEK: jax.Array | None,
-                      n_cmem: int) -> jax.Array:
+def advance_memory_kv(
+    kv_HBSK: jax.Array, segment_HBNK: jax.Array, compressed_HBEK: jax.Array | None, n_cmem: int
+) -> jax.Array:
     """Keys (or values) [H,B,n_cm+n_m,K] of [cmem; mem] after one segment: the memory part
     advances as `fifo_update` advances the memory (the segment's own keys enter), the
     compressed part as cmem does (the new slots' keys enter)."""

@@ -9,6 +9,7 @@ the backward, so on CPUs these copies cost as much as the arithmetic. Each op he
 what its backward formula needs and nothing else: the probabilities, the ReLU output
 (which the next matmul's weight gradient keeps anyway), the normalised input (fp32) and 1/σ.
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -62,7 +63,9 @@ def _relu_backward(y, g):
 relu.defvjp(_relu_forward, _relu_backward)
 
 
-def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, dtype: Any) -> jax.Array:
+def layer_norm(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, dtype: Any
+) -> jax.Array:
     """(x - mean) / sqrt(var + epsilon) · scale + bias over the last axis, computed in fp32 and
     returned in `dtype`."""
     return _layer_norm(x, scale, bias, epsilon, jnp.dtype(dtype), x.dtype)
@@ -89,8 +92,11 @@ def _layer_norm_backward(epsilon, dtype, x_dtype, residuals, g):
     d_scale = jnp.sum(g32 * normalised, axis=batch_axes).astype(scale.dtype)
     d_bias = jnp.sum(g32, axis=batch_axes).astype(scale.dtype)
     g_hat = g32 * _last_axis(scale, g.ndim)
-    d_x = inv_std * (g_hat - jnp.mean(g_hat, axis=-1, keepdims=True)
-                     - normalised * jnp.mean(g_hat * normalised, axis=-1, keepdims=True))
+    d_x = inv_std * (
+        g_hat
+        - jnp.mean(g_hat, axis=-1, keepdims=True)
+        - normalised * jnp.mean(g_hat * normalised, axis=-1, keepdims=True)
+    )
     return d_x.astype(x_dtype), d_scale, d_bias
 
 

@@ -20,6 +20,7 @@ Products take the compute dtype with float32 accumulation and the softmax is flo
 the attention kernel. On a TPU backend the kernel lowers through Mosaic; on any other it runs
 in Pallas interpret mode (same kernel, same numbers), so CPU tests check the code a TPU runs.
 """
+
 from __future__ import annotations
 
 import functools
@@ -92,12 +93,14 @@ def _backward_kernel(operands: _CompressedGradient, dkc_ref, dvc_ref):
     read, p = _read(q, k, v)
     d_read = operands.difference[...] * operands.scale[0:1, 0:1]  # the compressed read's gradient
     d_low = d_read.astype(v.dtype)
-    dvc_ref[...] += jax.lax.dot_general(p.astype(v.dtype), d_low, (((0,), (0,)), ((), ())),
-                                        preferred_element_type=jnp.float32)
+    dvc_ref[...] += jax.lax.dot_general(
+        p.astype(v.dtype), d_low, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+    )
     dp = jax.lax.dot_general(d_low, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     ds = p * (dp - jnp.sum(d_read * read, axis=-1, keepdims=True))
-    dkc_ref[...] += jax.lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
-                                        preferred_element_type=jnp.float32)
+    dkc_ref[...] += jax.lax.dot_general(
+        ds.astype(q.dtype), q, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+    )
 
 
 def _evicted_keys(n_keys: int, first: int, count: int, K: int) -> tuple[pl.BlockSpec, slice]:
@@ -105,8 +108,12 @@ def _evicted_keys(n_keys: int, first: int, count: int, K: int) -> tuple[pl.Block
     exactly them where they start on a multiple of their count, else all keys (the evicted
     rows then taken in VMEM)."""
     if first % count == 0:
-        return pl.BlockSpec((None, None, count, K), lambda h, b, i: (h, b, first // count, 0)), slice(0, count)
-    return pl.BlockSpec((None, None, n_keys, K), lambda h, b, i: (h, b, 0, 0)), slice(first, first + count)
+        return pl.BlockSpec(
+            (None, None, count, K), lambda h, b, i: (h, b, first // count, 0)
+        ), slice(0, count)
+    return pl.BlockSpec((None, None, n_keys, K), lambda h, b, i: (h, b, 0, 0)), slice(
+        first, first + count
+    )
 
 
 def _forward_call(reads: _Reads, first: int, count: int, interpret: bool):
@@ -119,16 +126,25 @@ def _forward_call(reads: _Reads, first: int, count: int, interpret: bool):
     compressed = pl.BlockSpec((None, None, E, K), lambda h, b, i: (h, b, 0, 0))
     rows = H * B
     cost = pl.CostEstimate(
-        flops=4 * rows * N * K * (count + E), transcendentals=rows * N * (count + E),
-        bytes_accessed=rows * (N * K * (item + 4) + 2 * K * item * (keys.block_shape[2] + E)))
+        flops=4 * rows * N * K * (count + E),
+        transcendentals=rows * N * (count + E),
+        bytes_accessed=rows * (N * K * (item + 4) + 2 * K * item * (keys.block_shape[2] + E)),
+    )
     return pl.pallas_call(
-        functools.partial(_forward_kernel, evicted=evicted), grid=(H, B, N // bq),
+        functools.partial(_forward_kernel, evicted=evicted),
+        grid=(H, B, N // bq),
         in_specs=[_Reads(queries, keys, keys, compressed, compressed)],
         out_specs=[queries, pl.BlockSpec((None, None, 1, _LANES), lambda h, b, i: (h, b, 0, i))],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, jnp.float32),
-                   jax.ShapeDtypeStruct((H, B, 1, _LANES * (N // bq)), jnp.float32)],
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel")),
-        cost_estimate=cost, interpret=interpret, name="reconstruction_reads_forward",
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, jnp.float32),
+            jax.ShapeDtypeStruct((H, B, 1, _LANES * (N // bq)), jnp.float32),
+        ],
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel")
+        ),
+        cost_estimate=cost,
+        interpret=interpret,
+        name="reconstruction_reads_forward",
     )(reads)
 
 
@@ -140,17 +156,32 @@ def _backward_call(operands: _CompressedGradient, interpret: bool):
     queries = pl.BlockSpec((None, None, bq, K), lambda h, b, i: (h, b, i, 0))
     compressed = pl.BlockSpec((None, None, E, K), lambda h, b, i: (h, b, 0, 0))
     rows = H * B
-    cost = pl.CostEstimate(flops=10 * rows * N * K * E, transcendentals=rows * N * E,
-                           bytes_accessed=rows * (N * K * (item + 4) + E * K * (2 * item + 8)))
+    cost = pl.CostEstimate(
+        flops=10 * rows * N * K * E,
+        transcendentals=rows * N * E,
+        bytes_accessed=rows * (N * K * (item + 4) + E * K * (2 * item + 8)),
+    )
     shape = jax.ShapeDtypeStruct(kc.shape, jnp.float32)
     return pl.pallas_call(
-        _backward_kernel, grid=(H, B, N // bq),
-        in_specs=[_CompressedGradient(queries, compressed, compressed, queries,
-                                      pl.BlockSpec((1, _LANES), lambda h, b, i: (0, 0)))],
+        _backward_kernel,
+        grid=(H, B, N // bq),
+        in_specs=[
+            _CompressedGradient(
+                queries,
+                compressed,
+                compressed,
+                queries,
+                pl.BlockSpec((1, _LANES), lambda h, b, i: (0, 0)),
+            )
+        ],
         out_specs=[compressed, compressed],
         out_shape=[shape, shape],
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-        cost_estimate=cost, interpret=interpret, name="reconstruction_reads_backward",
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary")
+        ),
+        cost_estimate=cost,
+        interpret=interpret,
+        name="reconstruction_reads_backward",
     )(operands)
 
 
@@ -162,12 +193,25 @@ def _constants(q, k, v, kc, vc):
 
 def _reads(q, k, v, kc, vc, first, count):
     """The forward kernel, once per device: (difference [H,B,N,K], per-tile sums of squares)."""
-    return on_platform(_forward_call, (_Reads(q, k, v, kc, vc),), (_READS_BATCH_AXES,), "tpu", first=first, count=count)
+    return on_platform(
+        _forward_call,
+        (_Reads(q, k, v, kc, vc),),
+        (_READS_BATCH_AXES,),
+        "tpu",
+        first=first,
+        count=count,
+    )
 
 
-def reconstruction_difference(q_HBNK: jax.Array, k_HBTK: jax.Array, v_HBTK: jax.Array, first_evicted: int,
-                              n_evicted: int, compressed_k_HBEK: jax.Array, compressed_v_HBEK: jax.Array
-                              ) -> jax.Array:
+def reconstruction_difference(
+    q_HBNK: jax.Array,
+    k_HBTK: jax.Array,
+    v_HBTK: jax.Array,
+    first_evicted: int,
+    n_evicted: int,
+    compressed_k_HBEK: jax.Array,
+    compressed_v_HBEK: jax.Array,
+) -> jax.Array:
     """softmax(q·kᵀ)·v over the evicted keys k[first_evicted : first_evicted + n_evicted] minus
     the same over the compressed keys, per head, row and query: [H,B,N,K] float32 (the kernel's
     forward, for inspection: `reconstruction_loss` is what trains)."""
@@ -175,8 +219,15 @@ def reconstruction_difference(q_HBNK: jax.Array, k_HBTK: jax.Array, v_HBTK: jax.
     return _reads(*args, first_evicted, n_evicted)[0]
 
 
-def reconstruction_loss(q_HBNK: jax.Array, k_HBTK: jax.Array, v_HBTK: jax.Array, first_evicted: int,
-                        n_evicted: int, compressed_k_HBEK: jax.Array, compressed_v_HBEK: jax.Array) -> jax.Array:
+def reconstruction_loss(
+    q_HBNK: jax.Array,
+    k_HBTK: jax.Array,
+    v_HBTK: jax.Array,
+    first_evicted: int,
+    n_evicted: int,
+    compressed_k_HBEK: jax.Array,
+    compressed_v_HBEK: jax.Array,
+) -> jax.Array:
     """The attention-reconstruction loss, the mean square of `reconstruction_difference`, as
     `ctx.nn.losses` computes it in XLA. The queries and the evicted keys and values are held
     constant (stop_gradient): only the compressed keys and values get a gradient."""
@@ -191,7 +242,12 @@ def _loss(q, k, v, kc, vc, first, count):
 
 def _forward(q, k, v, kc, vc, first, count):
     difference, squares = _reads(q, k, v, kc, vc, first, count)
-    return jnp.sum(squares) / difference.size, (q, kc, vc, checkpoint_name(difference, KERNEL_OUTPUTS))
+    return jnp.sum(squares) / difference.size, (
+        q,
+        kc,
+        vc,
+        checkpoint_name(difference, KERNEL_OUTPUTS),
+    )
 
 
 def _backward(first, count, residuals, d_loss):
@@ -199,8 +255,12 @@ def _backward(first, count, residuals, d_loss):
     # loss = mean((read_old - read_compressed)^2): the compressed read's gradient is
     # -2 (read_old - read_compressed) / size, times the loss's cotangent.
     scale = jnp.full((1, _LANES), -2.0 / difference.size, jnp.float32) * d_loss
-    dkc, dvc = on_platform(_backward_call, (_CompressedGradient(q, kc, vc, difference, scale),),
-                           (_GRADIENT_BATCH_AXES,), "tpu")
+    dkc, dvc = on_platform(
+        _backward_call,
+        (_CompressedGradient(q, kc, vc, difference, scale),),
+        (_GRADIENT_BATCH_AXES,),
+        "tpu",
+    )
     return None, None, None, dkc.astype(kc.dtype), dvc.astype(vc.dtype)
 
 

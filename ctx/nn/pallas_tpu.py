@@ -46,6 +46,7 @@ topology on a CPU machine lowers the Mosaic kernel. XLA cannot partition a Mosai
 a mesh (the trainer and evaluation trace with their abstract mesh) it runs in a `shard_map` over
 the batch rows.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,8 +58,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from ctx.nn.fused_attention import (AttentionOperands, FusedKernels, KeyLayout, dropped, output_delta,
-                                    range_masses)
+from ctx.nn.fused_attention import (
+    AttentionOperands,
+    FusedKernels,
+    KeyLayout,
+    dropped,
+    output_delta,
+    range_masses,
+)
 from ctx.nn.ops import MASKED_LOGIT
 from ctx.nn.pallas_launch import on_platform
 
@@ -112,7 +119,9 @@ class Tiling(KeyLayout):
     @property
     def aligned(self) -> bool:
         """Whether every window starts on a sublane group (the tiles are TPU-sized)."""
-        return all(x % 8 == 0 for x in (self.n_queries, self.query_block, self.key_block, self.n_cmem))
+        return all(
+            x % 8 == 0 for x in (self.n_queries, self.query_block, self.key_block, self.n_cmem)
+        )
 
     def padded_rows(self, rows: int) -> int:
         """Table rows with zeros after the last, so the windows of the future keys (masked)
@@ -200,8 +209,9 @@ def _skew(band, tiling: Tiling):
     hundreds of rolls per tile is so large that XLA:CPU's loader of a cached executable
     overflows its stack (a segfault on the second run of the same program)."""
     if not tiling.interpret:
-        return pltpu.roll(band, tiling.window - tiling.query_block + 1, 1, stride=1,
-                          stride_axis=0)[:, :tiling.key_block]
+        return pltpu.roll(band, tiling.window - tiling.query_block + 1, 1, stride=1, stride_axis=0)[
+            :, : tiling.key_block
+        ]
     rows = jax.lax.broadcasted_iota(jnp.int32, (tiling.query_block, tiling.key_block), 0)
     columns = jax.lax.broadcasted_iota(jnp.int32, (tiling.query_block, tiling.key_block), 1)
     return jnp.take_along_axis(band, columns + tiling.query_block - 1 - rows, axis=1)
@@ -222,10 +232,15 @@ def _reverse_rows(x: jax.Array, tiling: Tiling, dtype) -> jax.Array:
     if tiling.interpret:
         return jnp.flip(x, 0).astype(dtype)
     n = x.shape[0]
-    exchange = (jax.lax.broadcasted_iota(jnp.int32, (n, n), 0) + jax.lax.broadcasted_iota(jnp.int32, (n, n), 1)
-                == n - 1).astype(x.dtype)
+    exchange = (
+        jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
+        + jax.lax.broadcasted_iota(jnp.int32, (n, n), 1)
+        == n - 1
+    ).astype(x.dtype)
     precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
-    return jnp.dot(exchange, x, precision=precision, preferred_element_type=jnp.float32).astype(dtype)
+    return jnp.dot(exchange, x, precision=precision, preferred_element_type=jnp.float32).astype(
+        dtype
+    )
 
 
 def _unskew_reversed(grad, tiling: Tiling):
@@ -236,8 +251,10 @@ def _unskew_reversed(grad, tiling: Tiling):
     the forward's row-strided rotation (stride 1; Mosaic rotates 32-bit values only, so in
     float32). Interpreted, the same values by a gather."""
     bq, bk, window = tiling.query_block, tiling.key_block, tiling.window
-    padded = jnp.concatenate([_reverse_rows(grad, tiling, jnp.float32), jnp.zeros((bq, window - bk), jnp.float32)],
-                             axis=1)
+    padded = jnp.concatenate(
+        [_reverse_rows(grad, tiling, jnp.float32), jnp.zeros((bq, window - bk), jnp.float32)],
+        axis=1,
+    )
     if not tiling.interpret:
         return pltpu.roll(padded, 0, 1, stride=1, stride_axis=0)
     rows = jax.lax.broadcasted_iota(jnp.int32, (bq, window), 0)
@@ -246,8 +263,18 @@ def _unskew_reversed(grad, tiling: Tiling):
     return jnp.where((source >= 0) & (source < bk), gathered, jnp.zeros_like(gathered))
 
 
-def _position_gradient(grad, q, inputs: _Inputs, into: _PositionGradients, *, rows, first_query, first_virtual_key,
-                       table, tiling: Tiling):
+def _position_gradient(
+    grad,
+    q,
+    inputs: _Inputs,
+    into: _PositionGradients,
+    *,
+    rows,
+    first_query,
+    first_virtual_key,
+    table,
+    tiling: Tiling,
+):
     """Accumulate the gradients of one table's part of a tile's position term, (q + v)·R[window]
     skewed, from its logits' gradient `grad` [bq, bk] (compute dtype): the queries' (rows
     reversed within the query block, as `_unskew_reversed` leaves them), the window's table rows,
@@ -258,9 +285,12 @@ def _position_gradient(grad, q, inputs: _Inputs, into: _PositionGradients, *, ro
     dq = jnp.dot(band_grad, window, preferred_element_type=jnp.float32)
     into.dq[rows, :] += dq
     v_row = jnp.where(table == 0, inputs.v_biases[0:1, :], inputs.v_biases[1:2, :])
-    into.dtables[window_rows, :] += jax.lax.dot_general(band_grad, _reverse_rows(q + v_row, tiling, q.dtype),
-                                                        (((0,), (0,)), ((), ())),
-                                                        preferred_element_type=jnp.float32)
+    into.dtables[window_rows, :] += jax.lax.dot_general(
+        band_grad,
+        _reverse_rows(q + v_row, tiling, q.dtype),
+        (((0,), (0,)), ((), ())),
+        preferred_element_type=jnp.float32,
+    )
     which = jax.lax.broadcasted_iota(jnp.int32, into.dv_biases.shape, 0) == table
     into.dv_biases[...] += jnp.where(which, jnp.sum(dq, axis=0, keepdims=True), 0.0)
 
@@ -273,7 +303,9 @@ def _skewed_window(q, v_row, tables_ref, first_query, first_virtual_key, tiling:
     query i, so the window starts at vj0 + N - q0 - bq and row i of the tile needs its
     columns from bq-1-i on: a rotation by i more per row."""
     window = tables_ref[_window_rows(first_query, first_virtual_key, tiling), :].astype(q.dtype)
-    band = jax.lax.dot_general(q + v_row, window, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    band = jax.lax.dot_general(
+        q + v_row, window, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+    )
     return _skew(band, tiling)
 
 
@@ -282,27 +314,44 @@ def _logits(inputs: _Inputs, query_block, key_block, tiling: Tiling):
     and the content queries q + u."""
     q = inputs.q[...]
     content_q = q + inputs.u[...]
-    s = jax.lax.dot_general(content_q, inputs.k[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    s = jax.lax.dot_general(
+        content_q, inputs.k[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+    )
     first_query, first_key = query_block * tiling.query_block, key_block * tiling.key_block
     shape = (tiling.query_block, tiling.key_block)
     key = first_key + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
     C, gap, v_biases = tiling.n_cmem, tiling.virtual_key_gap, inputs.v_biases
     if not C:
-        position = _skewed_window(q, v_biases[0:1, :], inputs.tables, first_query, first_key, tiling)
+        position = _skewed_window(
+            q, v_biases[0:1, :], inputs.tables, first_query, first_key, tiling
+        )
     elif tiling.straddles:
-        position = jnp.where(key < C,
-                             _skewed_window(q, v_biases[0:1, :], inputs.tables, first_query, first_key, tiling),
-                             _skewed_window(q, v_biases[1:2, :], inputs.tables, first_query, first_key + gap, tiling))
+        position = jnp.where(
+            key < C,
+            _skewed_window(q, v_biases[0:1, :], inputs.tables, first_query, first_key, tiling),
+            _skewed_window(
+                q, v_biases[1:2, :], inputs.tables, first_query, first_key + gap, tiling
+            ),
+        )
     else:
         in_memory = first_key >= C
-        position = _skewed_window(q, jnp.where(in_memory, v_biases[1:2, :], v_biases[0:1, :]), inputs.tables,
-                                  first_query, first_key + jnp.where(in_memory, gap, 0), tiling)
+        position = _skewed_window(
+            q,
+            jnp.where(in_memory, v_biases[1:2, :], v_biases[0:1, :]),
+            inputs.tables,
+            first_query,
+            first_key + jnp.where(in_memory, gap, 0),
+            tiling,
+        )
     query = first_query + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
-    return jnp.where(tiling.sees(inputs.visible[...], query, key), s + position, MASKED_LOGIT), content_q
+    return jnp.where(
+        tiling.sees(inputs.visible[...], query, key), s + position, MASKED_LOGIT
+    ), content_q
 
 
-def _forward_kernel(seed_ref, inputs: _Inputs, outputs: _ForwardOutputs, scratch: _ForwardScratch, *,
-                    tiling: Tiling):
+def _forward_kernel(
+    seed_ref, inputs: _Inputs, outputs: _ForwardOutputs, scratch: _ForwardScratch, *, tiling: Tiling
+):
     key_block = pl.program_id(3)
 
     @pl.when(key_block == 0)
@@ -318,10 +367,15 @@ def _forward_kernel(seed_ref, inputs: _Inputs, outputs: _ForwardOutputs, scratch
     p = jnp.exp(s - new_max)
     rescale = jnp.exp(previous - new_max)
     scratch.row_sum[...] = rescale * scratch.row_sum[...] + jnp.sum(p, axis=-1, keepdims=True)
-    weights = dropped(p, _dropout_scale(seed_ref, pl.program_id(2) * tiling.query_block,
-                                        key_block * tiling.key_block, tiling))
-    scratch.acc[...] = rescale * scratch.acc[...] + jnp.dot(weights.astype(inputs.v.dtype), inputs.v[...],
-                                                            preferred_element_type=jnp.float32)
+    weights = dropped(
+        p,
+        _dropout_scale(
+            seed_ref, pl.program_id(2) * tiling.query_block, key_block * tiling.key_block, tiling
+        ),
+    )
+    scratch.acc[...] = rescale * scratch.acc[...] + jnp.dot(
+        weights.astype(inputs.v.dtype), inputs.v[...], preferred_element_type=jnp.float32
+    )
     scratch.row_max[...] = new_max
     # The range masses from the same unnormalised probabilities, rescaled like the row sum.
     key = key_block * tiling.key_block + jax.lax.broadcasted_iota(jnp.int32, p.shape, 1)
@@ -359,12 +413,21 @@ def _usage_kernel(inputs: _Inputs, lse_ref, usage_ref, *, tiling: Tiling, first_
     def _start():
         usage_ref[...] = jnp.zeros(usage_ref.shape, jnp.float32)
 
-    p, _ = _probabilities(inputs, _columns(lse_ref), query_block, pl.program_id(2) + first_key_block, tiling)
+    p, _ = _probabilities(
+        inputs, _columns(lse_ref), query_block, pl.program_id(2) + first_key_block, tiling
+    )
     usage_ref[...] += jnp.sum(p, axis=0, keepdims=True)
 
 
-def _backward_kernel(seed_ref, inputs: _Inputs, statistics: _Statistics, grads: _Gradients,
-                     scratch: _BackwardScratch, *, tiling: Tiling):
+def _backward_kernel(
+    seed_ref,
+    inputs: _Inputs,
+    statistics: _Statistics,
+    grads: _Gradients,
+    scratch: _BackwardScratch,
+    *,
+    tiling: Tiling,
+):
     query_block, key_block = pl.program_id(3), pl.program_id(2)
     first_of_row = (query_block == 0) & (key_block == 0)
 
@@ -388,21 +451,34 @@ def _backward_kernel(seed_ref, inputs: _Inputs, statistics: _Statistics, grads: 
     dout = statistics.dout[...]
     first_query, first_key = query_block * tiling.query_block, key_block * tiling.key_block
     scale = _dropout_scale(seed_ref, first_query, first_key, tiling)
-    scratch.dv[...] += jax.lax.dot_general(dropped(p, scale).astype(dout.dtype), dout,
-                                           (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    dp = jax.lax.dot_general(dout, inputs.v[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    scratch.dv[...] += jax.lax.dot_general(
+        dropped(p, scale).astype(dout.dtype),
+        dout,
+        (((0,), (0,)), ((), ())),
+        preferred_element_type=jnp.float32,
+    )
+    dp = jax.lax.dot_general(
+        dout, inputs.v[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+    )
     ds = p * (dropped(dp, scale) - lse_and_delta[:, 1:2])
     ds_low = ds.astype(content_q.dtype)
-    scratch.dk[...] += jax.lax.dot_general(ds_low, content_q, (((0,), (0,)), ((), ())),
-                                           preferred_element_type=jnp.float32)
+    scratch.dk[...] += jax.lax.dot_general(
+        ds_low, content_q, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+    )
     rows = pl.ds(pl.multiple_of(first_query, tiling.query_block), tiling.query_block)
     dq_content = jnp.dot(ds_low, inputs.k[...], preferred_element_type=jnp.float32)
     scratch.dq[rows, :] += dq_content
     grads.du[...] += jnp.sum(dq_content, axis=0, keepdims=True)  # u is in the content term only
     # The same gradient is the position term's: back through the skew to the table's window.
-    position = functools.partial(_position_gradient, q=inputs.q[...], inputs=inputs,
-                                 into=_PositionGradients(scratch.dq_position, grads.dtables, grads.dv_biases),
-                                 rows=rows, first_query=first_query, tiling=tiling)
+    position = functools.partial(
+        _position_gradient,
+        q=inputs.q[...],
+        inputs=inputs,
+        into=_PositionGradients(scratch.dq_position, grads.dtables, grads.dv_biases),
+        rows=rows,
+        first_query=first_query,
+        tiling=tiling,
+    )
     C, gap = tiling.n_cmem, tiling.virtual_key_gap
     if not C:
         position(ds_low, first_virtual_key=first_key, table=0)
@@ -413,8 +489,11 @@ def _backward_kernel(seed_ref, inputs: _Inputs, statistics: _Statistics, grads: 
         position(jnp.where(key < C, zero, ds_low), first_virtual_key=first_key + gap, table=1)
     else:
         in_memory = first_key >= C
-        position(ds_low, first_virtual_key=first_key + jnp.where(in_memory, gap, 0),
-                 table=in_memory.astype(jnp.int32))
+        position(
+            ds_low,
+            first_virtual_key=first_key + jnp.where(in_memory, gap, 0),
+            table=in_memory.astype(jnp.int32),
+        )
 
     @pl.when(query_block == pl.num_programs(3) - 1)
     def _finish():
@@ -429,7 +508,9 @@ def _backward_kernel(seed_ref, inputs: _Inputs, statistics: _Statistics, grads: 
         grads.dq[...] = scratch.dq[...].astype(grads.dq.dtype)
 
 
-def _cost(q, tiling: Tiling, table_rows: int, kind: str, n_keys: int, n_ranges: int = 0) -> pl.CostEstimate:
+def _cost(
+    q, tiling: Tiling, table_rows: int, kind: str, n_keys: int, n_ranges: int = 0
+) -> pl.CostEstimate:
     """What one call over `n_keys` keys moves between HBM and VMEM and computes. A block whose
     index does not change along the inner grid axis is fetched once; the others once per outer
     block. The table (float32) and biases are fetched once per head. Forward: q once, k, v and
@@ -449,23 +530,37 @@ def _cost(q, tiling: Tiling, table_rows: int, kind: str, n_keys: int, n_ranges: 
     tables = H * (table_rows * K * 4 + 2 * K * item)
     position = (tiling.window / bk) * (2 if tiling.straddles else 1)
     per_row, gemms = {
-        "forward": (N * K * item + (N // bq) * (2 * T * K * item + T * 4) + N * K * item + N * 4 * (1 + n_ranges),
-                    2 + position),
-        "backward": ((T // bk) * (2 * N * K * item + 2 * N * 4) + N * K * item + T * 4 + 4 * T * K * item,
-                     5 + 3 * position + (2 if tiling.straddles else 1) * (bq / K + bq / bk)),
+        "forward": (
+            N * K * item
+            + (N // bq) * (2 * T * K * item + T * 4)
+            + N * K * item
+            + N * 4 * (1 + n_ranges),
+            2 + position,
+        ),
+        "backward": (
+            (T // bk) * (2 * N * K * item + 2 * N * 4) + N * K * item + T * 4 + 4 * T * K * item,
+            5 + 3 * position + (2 if tiling.straddles else 1) * (bq / K + bq / bk),
+        ),
         "usage": ((T // bk) * (N * K * item + N * 4) + T * K * item + 2 * T * 4, 1 + position),
     }[kind]
     if kind == "backward":  # the u, table and bias gradients, written once per head
         tables += H * (table_rows + 3) * K * 4
-    return pl.CostEstimate(flops=int(2 * gemms * rows * N * T * K), transcendentals=rows * N * T,
-                           bytes_accessed=int(rows * per_row + tables))
+    return pl.CostEstimate(
+        flops=int(2 * gemms * rows * N * T * K),
+        transcendentals=rows * N * T,
+        bytes_accessed=int(rows * per_row + tables),
+    )
 
 
 # Heads, batch rows and the outer block axis are independent; the inner one is a reduction.
-_SEMANTICS = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+_SEMANTICS = pltpu.CompilerParams(
+    dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
+)
 # The backward's query gradients accumulate over both block axes of a (head, row), the table
 # and bias gradients over the head's rows too, each in one resident block.
-_BACKWARD_SEMANTICS = pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary", "arbitrary"))
+_BACKWARD_SEMANTICS = pltpu.CompilerParams(
+    dimension_semantics=("parallel", "arbitrary", "arbitrary", "arbitrary")
+)
 
 
 # The blocks' index maps, over (head h, row b, query block i, key block j).
@@ -489,7 +584,9 @@ def _query_statistics(h, b, i, j):  # the query block's statistics, as rows
     return h, b, 0, i
 
 
-def _grid(q, k, tables, tiling: Tiling, queries_outer: bool, key_blocks: tuple[int, int] | None = None):
+def _grid(
+    q, k, tables, tiling: Tiling, queries_outer: bool, key_blocks: tuple[int, int] | None = None
+):
     """The grid (h, b, outer block, inner block), the block specs of the attention operands
     (`_Inputs`), and `on_grid`, which turns an index map of (h, b, query block i, key block j)
     into the grid's. The forward streams key blocks past each query block, the backward and the
@@ -503,14 +600,19 @@ def _grid(q, k, tables, tiling: Tiling, queries_outer: bool, key_blocks: tuple[i
         def grid_index(h, b, x, y, *prefetched):  # prefetched: the row seeds, not used here
             i, j = (x, y) if queries_outer else (y, x)
             return index(h, b, i, j + first)
+
         return grid_index
 
     keys = pl.BlockSpec((None, None, bk, K), on_grid(_key_rows))
-    specs = _Inputs(q=pl.BlockSpec((None, None, bq, K), on_grid(_query_rows)),
-                    u=pl.BlockSpec((None, 1, K), on_grid(_whole_head)),
-                    v_biases=pl.BlockSpec((None, 2, K), on_grid(_whole_head)),
-                    tables=pl.BlockSpec((None,) + tables.shape[1:], on_grid(_whole_head)),
-                    visible=pl.BlockSpec((None, 1, bk), on_grid(_key_validity)), k=keys, v=keys)
+    specs = _Inputs(
+        q=pl.BlockSpec((None, None, bq, K), on_grid(_query_rows)),
+        u=pl.BlockSpec((None, 1, K), on_grid(_whole_head)),
+        v_biases=pl.BlockSpec((None, 2, K), on_grid(_whole_head)),
+        tables=pl.BlockSpec((None,) + tables.shape[1:], on_grid(_whole_head)),
+        visible=pl.BlockSpec((None, 1, bk), on_grid(_key_validity)),
+        k=keys,
+        v=keys,
+    )
     grid = (H, B, N // bq, end - first) if queries_outer else (H, B, end - first, N // bq)
     return grid, specs, on_grid
 
@@ -535,52 +637,107 @@ def _forward_call(inputs: _Inputs, seeds, tiling: Tiling, interpret: bool) -> _F
     q, n_ranges = inputs.q, len(tiling.ranges)
     grid, specs, on_grid = _grid(q, inputs.k, inputs.tables, tiling, queries_outer=True)
     bq, K = tiling.query_block, q.shape[3]
-    kernel, prefetched = _with_seeds(functools.partial(_forward_kernel, tiling=tiling), seeds, tiling)
+    kernel, prefetched = _with_seeds(
+        functools.partial(_forward_kernel, tiling=tiling), seeds, tiling
+    )
     return pl.pallas_call(
-        kernel, grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=len(prefetched), grid=grid, in_specs=[specs],
-            out_specs=[_ForwardOutputs(specs.q, _statistics(1, tiling, on_grid),
-                                       _statistics(n_ranges, tiling, on_grid))],
-            scratch_shapes=[_ForwardScratch(pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
-                                            pltpu.VMEM((bq, K), jnp.float32),
-                                            pltpu.VMEM((bq, n_ranges), jnp.float32))]),
-        out_shape=[_ForwardOutputs(jax.ShapeDtypeStruct(q.shape, q.dtype),
-                                   *(jax.ShapeDtypeStruct(q.shape[:2] + (n, q.shape[2]), jnp.float32)
-                                     for n in (1, n_ranges)))],
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=len(prefetched),
+            grid=grid,
+            in_specs=[specs],
+            out_specs=[
+                _ForwardOutputs(
+                    specs.q, _statistics(1, tiling, on_grid), _statistics(n_ranges, tiling, on_grid)
+                )
+            ],
+            scratch_shapes=[
+                _ForwardScratch(
+                    pltpu.VMEM((bq, 1), jnp.float32),
+                    pltpu.VMEM((bq, 1), jnp.float32),
+                    pltpu.VMEM((bq, K), jnp.float32),
+                    pltpu.VMEM((bq, n_ranges), jnp.float32),
+                )
+            ],
+        ),
+        out_shape=[
+            _ForwardOutputs(
+                jax.ShapeDtypeStruct(q.shape, q.dtype),
+                *(
+                    jax.ShapeDtypeStruct(q.shape[:2] + (n, q.shape[2]), jnp.float32)
+                    for n in (1, n_ranges)
+                ),
+            )
+        ],
         compiler_params=_SEMANTICS,
-        cost_estimate=_cost(q, tiling, inputs.tables.shape[1], "forward", inputs.k.shape[2], n_ranges),
-        interpret=interpret, name="relative_attention_forward",
+        cost_estimate=_cost(
+            q, tiling, inputs.tables.shape[1], "forward", inputs.k.shape[2], n_ranges
+        ),
+        interpret=interpret,
+        name="relative_attention_forward",
     )(*prefetched, inputs)[0]
 
 
-def _backward_call(inputs: _Inputs, seeds, statistics: _Statistics, tiling: Tiling, interpret: bool) -> _Gradients:
+def _backward_call(
+    inputs: _Inputs, seeds, statistics: _Statistics, tiling: Tiling, interpret: bool
+) -> _Gradients:
     tiling = dataclasses.replace(tiling, interpret=interpret)
     q, k, v, tables = inputs.q, inputs.k, inputs.v, inputs.tables
     grid, specs, on_grid = _grid(q, k, tables, tiling, queries_outer=False)
     bk, K, H = tiling.key_block, q.shape[3], q.shape[0]
 
     def per_row(*shape):  # one block per (head, row), in VMEM across the row's key and query blocks
-        return pl.BlockSpec((None, None) + shape, on_grid(lambda h, b, i, j: (h, b) + (0,) * len(shape)))
+        return pl.BlockSpec(
+            (None, None) + shape, on_grid(lambda h, b, i, j: (h, b) + (0,) * len(shape))
+        )
 
     def per_head(*shape):  # one block per head, over all its rows (of this device)
-        return pl.BlockSpec((None, None) + shape, on_grid(lambda h, b, i, j: (h, 0) + (0,) * len(shape)))
+        return pl.BlockSpec(
+            (None, None) + shape, on_grid(lambda h, b, i, j: (h, 0) + (0,) * len(shape))
+        )
 
-    kernel, prefetched = _with_seeds(functools.partial(_backward_kernel, tiling=tiling), seeds, tiling)
+    kernel, prefetched = _with_seeds(
+        functools.partial(_backward_kernel, tiling=tiling), seeds, tiling
+    )
     return pl.pallas_call(
-        kernel, grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=len(prefetched), grid=grid,
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=len(prefetched),
+            grid=grid,
             in_specs=[specs, _Statistics(_statistics(2, tiling, on_grid), specs.q)],
-            out_specs=[_Gradients(per_row(q.shape[2], K), per_head(1, K), per_head(tables.shape[1], K),
-                                  per_head(2, K), specs.k, specs.v)],
-            scratch_shapes=[_BackwardScratch(pltpu.VMEM((bk, K), jnp.float32), pltpu.VMEM((bk, K), jnp.float32),
-                                             pltpu.VMEM(q.shape[2:], jnp.float32),
-                                             pltpu.VMEM(q.shape[2:], jnp.float32))]),
-        out_shape=[_Gradients(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((H, 1, 1, K), jnp.float32),
-                              jax.ShapeDtypeStruct((H, 1) + tables.shape[1:], jnp.float32),
-                              jax.ShapeDtypeStruct((H, 1, 2, K), jnp.float32),
-                              jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))],
-        compiler_params=_BACKWARD_SEMANTICS, cost_estimate=_cost(q, tiling, tables.shape[1], "backward", k.shape[2]),
-        interpret=interpret, name="relative_attention_backward",
+            out_specs=[
+                _Gradients(
+                    per_row(q.shape[2], K),
+                    per_head(1, K),
+                    per_head(tables.shape[1], K),
+                    per_head(2, K),
+                    specs.k,
+                    specs.v,
+                )
+            ],
+            scratch_shapes=[
+                _BackwardScratch(
+                    pltpu.VMEM((bk, K), jnp.float32),
+                    pltpu.VMEM((bk, K), jnp.float32),
+                    pltpu.VMEM(q.shape[2:], jnp.float32),
+                    pltpu.VMEM(q.shape[2:], jnp.float32),
+                )
+            ],
+        ),
+        out_shape=[
+            _Gradients(
+                jax.ShapeDtypeStruct(q.shape, q.dtype),
+                jax.ShapeDtypeStruct((H, 1, 1, K), jnp.float32),
+                jax.ShapeDtypeStruct((H, 1) + tables.shape[1:], jnp.float32),
+                jax.ShapeDtypeStruct((H, 1, 2, K), jnp.float32),
+                jax.ShapeDtypeStruct(k.shape, k.dtype),
+                jax.ShapeDtypeStruct(v.shape, v.dtype),
+            )
+        ],
+        compiler_params=_BACKWARD_SEMANTICS,
+        cost_estimate=_cost(q, tiling, tables.shape[1], "backward", k.shape[2]),
+        interpret=interpret,
+        name="relative_attention_backward",
     )(*prefetched, inputs, statistics)[0]
 
 
@@ -593,15 +750,20 @@ def _usage_call(inputs: _Inputs, lse, tiling: Tiling, key_blocks: tuple[int, int
     over the queries."""
     tiling = dataclasses.replace(tiling, interpret=interpret)
     q = inputs.q
-    grid, specs, on_grid = _grid(q, inputs.k, inputs.tables, tiling, queries_outer=False, key_blocks=key_blocks)
+    grid, specs, on_grid = _grid(
+        q, inputs.k, inputs.tables, tiling, queries_outer=False, key_blocks=key_blocks
+    )
     n_keys = (key_blocks[1] - key_blocks[0]) * tiling.key_block
     return pl.pallas_call(
-        functools.partial(_usage_kernel, tiling=tiling, first_key_block=key_blocks[0]), grid=grid,
+        functools.partial(_usage_kernel, tiling=tiling, first_key_block=key_blocks[0]),
+        grid=grid,
         in_specs=[specs._replace(v=None), _statistics(1, tiling, on_grid)],
         out_specs=pl.BlockSpec((None, None, 1, tiling.key_block), _key_usage_block),
         out_shape=jax.ShapeDtypeStruct(q.shape[:2] + (1, n_keys), jnp.float32),
-        compiler_params=_SEMANTICS, cost_estimate=_cost(q, tiling, inputs.tables.shape[1], "usage", n_keys),
-        interpret=interpret, name="relative_attention_key_usage",
+        compiler_params=_SEMANTICS,
+        cost_estimate=_cost(q, tiling, inputs.tables.shape[1], "usage", n_keys),
+        interpret=interpret,
+        name="relative_attention_key_usage",
     )(inputs, lse)
 
 
@@ -614,40 +776,77 @@ def _kernel_inputs(operands: AttentionOperands, tiling: Tiling) -> _Inputs:
     v_biases = operands.v_biases
     vb = v_biases if v_biases.shape[1] == 2 else jnp.concatenate([v_biases, v_biases], axis=1)
     table = jnp.pad(r.astype(jnp.float32), ((0, 0), (0, tiling.padded_rows(rows) - rows), (0, 0)))
-    return _Inputs(q, operands.u[:, None, :].astype(q.dtype), vb.astype(q.dtype), table,
-                   operands.visible.astype(jnp.int32)[:, None, :], operands.k, operands.v)
+    return _Inputs(
+        q,
+        operands.u[:, None, :].astype(q.dtype),
+        vb.astype(q.dtype),
+        table,
+        operands.visible.astype(jnp.int32)[:, None, :],
+        operands.k,
+        operands.v,
+    )
 
 
-def _forward(operands: AttentionOperands, seeds: jax.Array, keys: KeyLayout, usage_keys: tuple[int, int] | None):
+def _forward(
+    operands: AttentionOperands,
+    seeds: jax.Array,
+    keys: KeyLayout,
+    usage_keys: tuple[int, int] | None,
+):
     tiling = Tiling.of(keys, operands.k.shape[2])
     inputs = _kernel_inputs(operands, tiling)
-    outputs = on_platform(_forward_call, (inputs, seeds), (_INPUT_BATCH_AXES, _SEEDS_BATCH_AXIS), "tpu",
-                          tiling=tiling)
+    outputs = on_platform(
+        _forward_call, (inputs, seeds), (_INPUT_BATCH_AXES, _SEEDS_BATCH_AXIS), "tpu", tiling=tiling
+    )
     masses = jnp.swapaxes(outputs.masses, 2, 3)
     usage = None
     if usage_keys is not None:
         first, end = usage_keys
         blocks = (first // tiling.key_block, -(-end // tiling.key_block))
-        covered = on_platform(_usage_call, (inputs._replace(v=None), outputs.lse),
-                              (_INPUT_BATCH_AXES._replace(v=None), 1), "tpu", tiling=tiling, key_blocks=blocks)
+        covered = on_platform(
+            _usage_call,
+            (inputs._replace(v=None), outputs.lse),
+            (_INPUT_BATCH_AXES._replace(v=None), 1),
+            "tpu",
+            tiling=tiling,
+            key_blocks=blocks,
+        )
         offset = blocks[0] * tiling.key_block
-        usage = covered[:, :, 0, first - offset:end - offset]
+        usage = covered[:, :, 0, first - offset : end - offset]
     return (outputs.out, masses, usage), outputs.lse
 
 
-def _backward(operands: AttentionOperands, seeds: jax.Array, keys: KeyLayout, out: jax.Array, lse: jax.Array,
-              dout: jax.Array) -> AttentionOperands:
+def _backward(
+    operands: AttentionOperands,
+    seeds: jax.Array,
+    keys: KeyLayout,
+    out: jax.Array,
+    lse: jax.Array,
+    dout: jax.Array,
+) -> AttentionOperands:
     tiling = Tiling.of(keys, operands.k.shape[2])
-    statistics = _Statistics(jnp.concatenate([lse, output_delta(out, dout)[:, :, None, :]], axis=2), dout)
+    statistics = _Statistics(
+        jnp.concatenate([lse, output_delta(out, dout)[:, :, None, :]], axis=2), dout
+    )
     inputs = _kernel_inputs(operands, tiling)
-    grads = on_platform(_backward_call, (inputs, seeds, statistics),
-                        (_INPUT_BATCH_AXES, _SEEDS_BATCH_AXIS, _STATISTICS_BATCH_AXES), "tpu", tiling=tiling)
+    grads = on_platform(
+        _backward_call,
+        (inputs, seeds, statistics),
+        (_INPUT_BATCH_AXES, _SEEDS_BATCH_AXIS, _STATISTICS_BATCH_AXES),
+        "tpu",
+        tiling=tiling,
+    )
     # The u, table and bias gradients come summed over each device's rows: [H, devices, ...].
     du = jnp.sum(grads.du, axis=(1, 2)).astype(operands.u.dtype)
-    dtables = jnp.sum(grads.dtables, axis=1)[:, :operands.tables.shape[1]].astype(operands.tables.dtype)
-    dv_biases = jnp.sum(grads.dv_biases, axis=1)[:, :operands.v_biases.shape[1]].astype(operands.v_biases.dtype)
-    return AttentionOperands(q=grads.dq, u=du, k=grads.dk, v=grads.dv, v_biases=dv_biases, tables=dtables,
-                             visible=None)
+    dtables = jnp.sum(grads.dtables, axis=1)[:, : operands.tables.shape[1]].astype(
+        operands.tables.dtype
+    )
+    dv_biases = jnp.sum(grads.dv_biases, axis=1)[:, : operands.v_biases.shape[1]].astype(
+        operands.v_biases.dtype
+    )
+    return AttentionOperands(
+        q=grads.dq, u=du, k=grads.dk, v=grads.dv, v_biases=dv_biases, tables=dtables, visible=None
+    )
 
 
 # The TPU kernels, for `ctx.nn.fused_attention.flash_attention`: any range of keys reports its usage.

@@ -9,6 +9,7 @@ compressed memory, as if it came directly before the segment. The projected tabl
 distances in descending order and the compressed memory's is laid before the memory's, so one
 GEMM and one relative shift serve both.
 """
+
 from __future__ import annotations
 
 import jax
@@ -36,8 +37,13 @@ def relative_shift(x_NP: jax.Array) -> jax.Array:
     return shifted.reshape(*lead, N, P)
 
 
-def position_band(q_HBNK: jax.Array, v_biases_HRK: jax.Array, r_HPK: jax.Array, n_cmem: int,
-                  batch_major: bool = False) -> jax.Array:
+def position_band(
+    q_HBNK: jax.Array,
+    v_biases_HRK: jax.Array,
+    r_HPK: jax.Array,
+    n_cmem: int,
+    batch_major: bool = False,
+) -> jax.Array:
     """(q + v)·R against the distances, before the relative shift: [H,B,N,P] (batch_major:
     [B,H,N,P]), column p holding the tables' row p.
 
@@ -47,20 +53,33 @@ def position_band(q_HBNK: jax.Array, v_biases_HRK: jax.Array, r_HPK: jax.Array, 
     kept for the backward pass instead of one per bias) and v·R is a [H,P] row."""
     N = q_HBNK.shape[2]
     bounds = (0, n_cmem + N, r_HPK.shape[1]) if n_cmem else (0, r_HPK.shape[1])
-    bias_HP = jnp.concatenate([jnp.einsum("hk,hpk->hp", v_biases_HRK[:, t], r_HPK[:, lo:hi])
-                               for t, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))], axis=-1)
-    spec, bias_rows = (("hbnk,hpk->bhnp", bias_HP[None, :, None, :]) if batch_major
-                       else ("hbnk,hpk->hbnp", bias_HP[:, None, None, :]))
+    bias_HP = jnp.concatenate(
+        [
+            jnp.einsum("hk,hpk->hp", v_biases_HRK[:, t], r_HPK[:, lo:hi])
+            for t, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))
+        ],
+        axis=-1,
+    )
+    spec, bias_rows = (
+        ("hbnk,hpk->bhnp", bias_HP[None, :, None, :])
+        if batch_major
+        else ("hbnk,hpk->hbnp", bias_HP[:, None, None, :])
+    )
     return jnp.einsum(spec, q_HBNK, r_HPK) + bias_rows
 
 
-def position_scores(q_HBNK: jax.Array, v_biases_HRK: jax.Array, r_HPK: jax.Array, n_cmem: int,
-                    batch_major: bool = False) -> jax.Array:
+def position_scores(
+    q_HBNK: jax.Array,
+    v_biases_HRK: jax.Array,
+    r_HPK: jax.Array,
+    n_cmem: int,
+    batch_major: bool = False,
+) -> jax.Array:
     """(q + v)·R shifted onto the keys: [H,B,N,C+M+N] (batch_major: [B,H,N,C+M+N]), from
     `position_band`. The shifted columns C .. C+N (the cmem table's distances below n_cmem,
     which no key has) are dropped."""
     N = q_HBNK.shape[2]
     shifted = relative_shift(position_band(q_HBNK, v_biases_HRK, r_HPK, n_cmem, batch_major))
     if n_cmem:
-        shifted = jnp.concatenate([shifted[..., :n_cmem], shifted[..., n_cmem + N:]], axis=-1)
+        shifted = jnp.concatenate([shifted[..., :n_cmem], shifted[..., n_cmem + N :]], axis=-1)
     return shifted

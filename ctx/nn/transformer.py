@@ -12,6 +12,7 @@ Shape letters, in names like `x_BND` (as in nanodo) and throughout ctx, each wit
   F d_ff              V vocabulary               G segments per jitted call (train.segments_per_call)
   R position tables (1, or 2 with compressed memory)  W kernel width of a compression conv (c, or 2)
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -27,7 +28,15 @@ from ctx.errors import InputError
 from ctx.nn import losses, pallas_reconstruction
 from ctx.nn.attention import AttentionOut, LayerCache, RelativeAttention, attention_mask, head_major
 from ctx.nn.compression import Compressor
-from ctx.nn.memory import LayerMemory, Memory, advance_memory_kv, fifo_update, reset_rows, shift_in, update_masks
+from ctx.nn.memory import (
+    LayerMemory,
+    Memory,
+    advance_memory_kv,
+    fifo_update,
+    reset_rows,
+    shift_in,
+    update_masks,
+)
 from ctx.nn.ops import LayerNorm, relu
 from ctx.nn.pallas_launch import KERNEL_INPUTS, KERNEL_OUTPUTS
 
@@ -39,7 +48,8 @@ REMAT_POLICIES = {
     # and inputs (else their head-major copies are made again).
     "dots": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-        jax.checkpoint_policies.save_only_these_names(KERNEL_OUTPUTS, KERNEL_INPUTS)),
+        jax.checkpoint_policies.save_only_these_names(KERNEL_OUTPUTS, KERNEL_INPUTS),
+    ),
 }
 
 
@@ -57,7 +67,6 @@ class SegmentAux:
     def compression_loss(self) -> jax.Array:
         """The auxiliary loss training adds: the mean over layers."""
         return self.compression_loss_per_layer.mean()
-
 
 
 @flax.struct.dataclass
@@ -89,8 +98,12 @@ class Block(nn.Module):
         if cfg.compresses:
             self.compress = Compressor(cfg)
 
-    def _residual(self, x_BND: jax.Array, attend: Callable[[jax.Array], tuple[jax.Array, Rest]],
-                  deterministic: bool) -> tuple[jax.Array, jax.Array, Rest]:
+    def _residual(
+        self,
+        x_BND: jax.Array,
+        attend: Callable[[jax.Array], tuple[jax.Array, Rest]],
+        deterministic: bool,
+    ) -> tuple[jax.Array, jax.Array, Rest]:
         """The layer around an attention call `attend(input) -> (output, rest)`; returns
         (x, the attention's input, rest)."""
         dropout = partial(self.dropout, deterministic=deterministic)
@@ -107,7 +120,9 @@ class Block(nn.Module):
         y = self.ln_attention(x_BND + dropout(out))
         return self.ln_mlp(y + dropout(mlp(y))), x_BND, rest
 
-    def _compress(self, evicted_BND: jax.Array, attended: AttentionOut) -> tuple[jax.Array, jax.Array]:
+    def _compress(
+        self, evicted_BND: jax.Array, attended: AttentionOut
+    ) -> tuple[jax.Array, jax.Array]:
         """Compress the evicted memories and compute the compression loss. `attended.usage`:
         the attention each evicted entry got, over heads and queries (for 'most_used'). The
         evicted entries are rows n_cm .. n_cm+n_s of the attention's [cmem; mem; segment] keys
@@ -117,28 +132,37 @@ class Block(nn.Module):
         compressed_BED = self.compress(evicted_BND, attended.usage)
         if cfg.compression_loss == "attention":
             C, N = cfg.compressed_length, cfg.segment_length
-            compressed_kv = tuple(map(head_major, self.attention.keys_values(compressed_BED, stop_gradient=True)))
+            compressed_kv = tuple(
+                map(head_major, self.attention.keys_values(compressed_BED, stop_gradient=True))
+            )
             if cfg.fused_reconstruction_loss:
                 loss = pallas_reconstruction.reconstruction_loss(
-                    attended.queries, attended.keys, attended.values, C, N, *compressed_kv)
+                    attended.queries, attended.keys, attended.values, C, N, *compressed_kv
+                )
             else:
-                loss = losses.attention_reconstruction_loss(losses.reconstruction_difference(
-                    attended.queries, attended.keys, attended.values, C, N, *compressed_kv))
+                loss = losses.attention_reconstruction_loss(
+                    losses.reconstruction_difference(
+                        attended.queries, attended.keys, attended.values, C, N, *compressed_kv
+                    )
+                )
         elif cfg.compression_loss == "autoencoder":
             loss = losses.autoencoder_loss(evicted_BND, self.compress.decode(compressed_BED))
         else:
             loss = jnp.zeros((), jnp.float32)
         return jax.lax.stop_gradient(compressed_BED), loss
 
-    def segment(self, x_BND: jax.Array, layer: LayerMemory, mask_B1NT: jax.Array,
-                deterministic: bool) -> tuple[jax.Array, tuple[LayerMemory, SegmentAux]]:
+    def segment(
+        self, x_BND: jax.Array, layer: LayerMemory, mask_B1NT: jax.Array, deterministic: bool
+    ) -> tuple[jax.Array, tuple[LayerMemory, SegmentAux]]:
         """One segment through this layer: (x, (this layer's next memory, its aux)). Carried
         keys/values (`layer.keys`) are used instead of projecting the memories, and advanced."""
         cfg = self.cfg
         carried = None if layer.keys is None else (layer.keys, layer.values)
 
         def attend(a_BND):
-            attended = self.attention(a_BND, layer.mem, layer.cmem, mask_B1NT, carried, deterministic)
+            attended = self.attention(
+                a_BND, layer.mem, layer.cmem, mask_B1NT, carried, deterministic
+            )
             return attended.out, attended
 
         x_BND, attention_in_BND, attended = self._residual(x_BND, attend, deterministic)
@@ -150,14 +174,22 @@ class Block(nn.Module):
         C, M = layer.cmem.shape[1], layer.mem.shape[1]
         next_layer = LayerMemory(mem=new_mem_BMD, cmem=new_cmem_BCD)
         if carried is not None:
-            compressed_kv = ((None, None) if compressed_BED is None
-                             else map(head_major, self.attention.keys_values(compressed_BED)))
-            keys, values = (advance_memory_kv(kv, full[:, :, C + M:], new, C)
-                            for kv, full, new in zip(carried, (attended.keys, attended.values), compressed_kv))
+            compressed_kv = (
+                (None, None)
+                if compressed_BED is None
+                else map(head_major, self.attention.keys_values(compressed_BED))
+            )
+            keys, values = (
+                advance_memory_kv(kv, full[:, :, C + M :], new, C)
+                for kv, full, new in zip(carried, (attended.keys, attended.values), compressed_kv)
+            )
             next_layer = next_layer.replace(keys=keys, values=values)
         if attended.probs is not None:  # the fused kernels form none
             self.sow("intermediates", "attention_probs", jax.lax.stop_gradient(attended.probs))
-        return x_BND, (next_layer, SegmentAux(compression_loss_per_layer=loss, attention_mass=attended.mass))
+        return x_BND, (
+            next_layer,
+            SegmentAux(compression_loss_per_layer=loss, attention_mass=attended.mass),
+        )
 
     def memory_keys_values(self, carry: None, layer: LayerMemory) -> tuple[None, LayerMemory]:
         """This layer's memories with their keys and values."""
@@ -168,19 +200,26 @@ class Block(nn.Module):
         """This layer's decode cache for a new segment after memories `layer`."""
         cfg = self.cfg
         _, with_kv = self.memory_keys_values(carry, layer)
-        pad_HBNK = jnp.zeros(with_kv.keys.shape[:2] + (cfg.segment_length,) + with_kv.keys.shape[3:],
-                             with_kv.keys.dtype)
+        pad_HBNK = jnp.zeros(
+            with_kv.keys.shape[:2] + (cfg.segment_length,) + with_kv.keys.shape[3:],
+            with_kv.keys.dtype,
+        )
         pos_table, cmem_pos_table = self.attention.position_tables()
-        return carry, LayerCache(keys=jnp.concatenate([with_kv.keys, pad_HBNK], axis=2),
-                                 values=jnp.concatenate([with_kv.values, pad_HBNK], axis=2),
-                                 pos_table=pos_table, cmem_pos_table=cmem_pos_table)
+        return carry, LayerCache(
+            keys=jnp.concatenate([with_kv.keys, pad_HBNK], axis=2),
+            values=jnp.concatenate([with_kv.values, pad_HBNK], axis=2),
+            pos_table=pos_table,
+            cmem_pos_table=cmem_pos_table,
+        )
 
-    def decode(self, x_B1D: jax.Array, layer: LayerCache, shared: tuple[jax.Array, jax.Array]
-               ) -> tuple[jax.Array, LayerCache]:
+    def decode(
+        self, x_B1D: jax.Array, layer: LayerCache, shared: tuple[jax.Array, jax.Array]
+    ) -> tuple[jax.Array, LayerCache]:
         """One token through this layer; `shared` is (mask [B,1,T], the token's offset in its segment)."""
         mask_B1T, position = shared
-        x_B1D, _, layer = self._residual(x_B1D, lambda a: self.attention.decode(a, layer, mask_B1T, position),
-                                         deterministic=True)
+        x_B1D, _, layer = self._residual(
+            x_B1D, lambda a: self.attention.decode(a, layer, mask_B1T, position), deterministic=True
+        )
         return x_B1D, layer
 
 
@@ -193,14 +232,28 @@ def layer_stack(cfg: ModelConfig) -> type[nn.Module]:
         # would merge the recomputation back into the forward pass: remat needs its barriers
         # there. A scanned stack keeps them apart by the loop, and barriers would only cost.
         unrolled = cfg.layers_per_scan_iteration >= cfg.n_layers
-        block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=unrolled,
-                         static_argnums=(4,), methods=["segment"])  # (self, x, layer, mask, deterministic)
-    scan = dict(variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True, "dropout": True},
-                length=cfg.n_layers, unroll=cfg.layers_per_scan_iteration)
-    return nn.scan(block, methods={"segment": dict(scan, in_axes=(0, nn.broadcast, nn.broadcast)),
-                                   "memory_keys_values": dict(scan, in_axes=0),
-                                   "prefill": dict(scan, in_axes=0),
-                                   "decode": dict(scan, in_axes=(0, nn.broadcast))})
+        block = nn.remat(
+            Block,
+            policy=REMAT_POLICIES[cfg.remat],
+            prevent_cse=unrolled,
+            static_argnums=(4,),
+            methods=["segment"],
+        )  # (self, x, layer, mask, deterministic)
+    scan = dict(
+        variable_axes={"params": 0, "intermediates": 0},
+        split_rngs={"params": True, "dropout": True},
+        length=cfg.n_layers,
+        unroll=cfg.layers_per_scan_iteration,
+    )
+    return nn.scan(
+        block,
+        methods={
+            "segment": dict(scan, in_axes=(0, nn.broadcast, nn.broadcast)),
+            "memory_keys_values": dict(scan, in_axes=0),
+            "prefill": dict(scan, in_axes=0),
+            "decode": dict(scan, in_axes=(0, nn.broadcast)),
+        },
+    )
 
 
 # Vocabularies smaller than this embed by a one-hot matmul (bytes, small BPE); larger ones gather.
@@ -249,8 +302,13 @@ class CompressiveTransformer(nn.Module):
             x_BND = self.ln_final(x_BND)
         return self.logits(x_BND).astype(jnp.float32)
 
-    def __call__(self, tokens_BN: jax.Array, memory: Memory, reset: jax.Array | None = None,
-                 deterministic: bool = True) -> tuple[jax.Array, Memory, SegmentAux]:
+    def __call__(
+        self,
+        tokens_BN: jax.Array,
+        memory: Memory,
+        reset: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> tuple[jax.Array, Memory, SegmentAux]:
         """One segment: (logits [B,n_s,V], next memory, aux), rows in `reset` starting afresh.
 
         A memory that carries its keys and values (`with_memory_keys_values`) is read without
@@ -258,8 +316,10 @@ class CompressiveTransformer(nn.Module):
         this (parameters are fixed there); training cannot."""
         cfg = self.config
         if tokens_BN.ndim != 2 or tokens_BN.shape[1] != cfg.segment_length:
-            raise InputError(f"tokens must be int [batch, segment_length={cfg.segment_length}], "
-                             f"got shape {tokens_BN.shape}")
+            raise InputError(
+                f"tokens must be int [batch, segment_length={cfg.segment_length}], "
+                f"got shape {tokens_BN.shape}"
+            )
         memory = reset_rows(memory, reset)
         x_BND = self.embed_dropout(self.embed(tokens_BN), deterministic=deterministic)
         mask_B1NT = attention_mask(memory.mem_mask, memory.cmem_mask, cfg.segment_length)
@@ -276,14 +336,21 @@ class CompressiveTransformer(nn.Module):
     def prefill(self, memory: Memory) -> DecodeCache:
         """The decode cache for sampling the segment that follows `memory`."""
         _, layers = self.layers.prefill(None, memory.without_keys_values().layers)
-        return DecodeCache(layers=layers, memory_mask=jnp.concatenate([memory.cmem_mask, memory.mem_mask], axis=1),
-                           position=jnp.zeros((), jnp.int32))
+        return DecodeCache(
+            layers=layers,
+            memory_mask=jnp.concatenate([memory.cmem_mask, memory.mem_mask], axis=1),
+            position=jnp.zeros((), jnp.int32),
+        )
 
     def decode(self, token_B1: jax.Array, cache: DecodeCache) -> tuple[jax.Array, DecodeCache]:
         """One token per row [B,1] at offset `cache.position` of the current segment:
         (logits [B,1,V], the cache with its keys and values)."""
         N = self.config.segment_length
-        segment_mask = jnp.broadcast_to(jnp.arange(N) <= cache.position, (cache.memory_mask.shape[0], N))
+        segment_mask = jnp.broadcast_to(
+            jnp.arange(N) <= cache.position, (cache.memory_mask.shape[0], N)
+        )
         mask_B1T = jnp.concatenate([cache.memory_mask, segment_mask], axis=1)[:, None]
-        x_B1D, layers = self.layers.decode(self.embed(token_B1), cache.layers, (mask_B1T, cache.position))
+        x_B1D, layers = self.layers.decode(
+            self.embed(token_B1), cache.layers, (mask_B1T, cache.position)
+        )
         return self._logits(x_B1D), cache.replace(layers=layers, position=cache.position + 1)

@@ -3,6 +3,7 @@ was at commit 4388e5c (before the model's typed entry points), with the evaluati
 of its checkpoint. tests/test_old_checkpoint.py proves that later code restores, evaluates and
 resumes it unchanged. Run once from the repository root; never regenerate it with newer code.
 """
+
 import json
 import os
 import shutil

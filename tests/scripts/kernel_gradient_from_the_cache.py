@@ -3,6 +3,7 @@ compiled through JAX's persistent compilation cache in CACHE_DIR; prints its sum
 
     python tests/scripts/kernel_gradient_from_the_cache.py CACHE_DIR
 """
+
 import os
 import sys
 

@@ -3,6 +3,7 @@
 
     python tests/scripts/print_model_config.py --config=experiments/pg19.py [--config.model.x=y ...]
 """
+
 import os
 import sys
 
@@ -14,4 +15,8 @@ from ctx.cli import FLAGS, define_config_flags  # noqa: E402
 from ctx.config import ModelConfig  # noqa: E402
 
 define_config_flags()
-app.run(lambda argv: print(repr(FLAGS.config.model.attention_dropout), ModelConfig.from_config(FLAGS.config.model)))
+app.run(
+    lambda argv: print(
+        repr(FLAGS.config.model.attention_dropout), ModelConfig.from_config(FLAGS.config.model)
+    )
+)

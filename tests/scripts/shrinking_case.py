@@ -1,4 +1,5 @@
 """The batch-shrinking evaluation case of tests/test_evaluate.py, on this process's devices, as JSON."""
+
 import json
 
 from tests.test_evaluate import shrinking_case

@@ -4,6 +4,7 @@ interpreted kernel uses instead; prints one JSON line {config: [band shape, shif
 (configs whose tiles are alike share one check).
 Run without the persistent compilation cache: an interpreted strided roll is one roll per row.
 """
+
 import dataclasses
 import importlib
 import json
@@ -36,9 +37,15 @@ for task in ("pg19", "enwik8", "wt103"):
         def kernel(band_ref, out_ref, lay=lay):
             out_ref[...] = _skew(band_ref[...], lay)  # the TPU branch: pltpu.roll(stride=1)
 
-        on_tpu = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((lay.query_block, lay.key_block), jnp.float32),
-                                interpret=True)(band)
+        on_tpu = pl.pallas_call(
+            kernel,
+            out_shape=jax.ShapeDtypeStruct((lay.query_block, lay.key_block), jnp.float32),
+            interpret=True,
+        )(band)
         gathered = _skew(band, dataclasses.replace(lay, interpret=True))
-        results[f"{task}:{variant}"] = [[lay.query_block, lay.window], lay.window - lay.query_block + 1,
-                                        float(np.abs(np.asarray(on_tpu) - np.asarray(gathered)).max())]
+        results[f"{task}:{variant}"] = [
+            [lay.query_block, lay.window],
+            lay.window - lay.query_block + 1,
+            float(np.abs(np.asarray(on_tpu) - np.asarray(gathered)).max()),
+        ]
 print(json.dumps(results))

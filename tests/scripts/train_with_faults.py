@@ -9,6 +9,7 @@ checkpointer), sigterm_during_save (SIGTERM then), sigterm_during_validation (SI
 the validation at STEP starts), sigterm_after_step (SIGTERM after the chunk ending at STEP,
 once the loop has decided not to stop). --distributed joins a jax.distributed run on localhost.
 """
+
 import os
 import signal
 import sys
@@ -44,8 +45,12 @@ def main(argv: list[str]) -> int:
     options = dict(a[2:].split("=", 1) for a in rest if a.startswith("--"))
     if "distributed" in options:
         port, processes, process_id = (int(x) for x in options["distributed"].split(":"))
-        distributed.initialize(f"127.0.0.1:{port}", processes, process_id, heartbeat_timeout_seconds=10)
-    cfg = tiny_train_config(num_steps=int(num_steps), checkpoint_every=int(checkpoint_every), segments_per_call=2)
+        distributed.initialize(
+            f"127.0.0.1:{port}", processes, process_id, heartbeat_timeout_seconds=10
+        )
+    cfg = tiny_train_config(
+        num_steps=int(num_steps), checkpoint_every=int(checkpoint_every), segments_per_call=2
+    )
     for override in (a for a in rest if not a.startswith("--")):
         key, value = override.removeprefix("train.").split("=")
         cfg.train[key] = type(cfg.train[key])(value)
