@@ -23,7 +23,7 @@ from ctx.distributed import (
     lost_processes,
     use_the_cpu_where_nothing_else_is,
 )
-from ctx.errors import InputError, UserError
+from ctx.errors import InputError, Interrupted, UserError
 
 FLAGS = flags.FLAGS
 
@@ -106,6 +106,12 @@ def run_main(main: Callable[[], None], needs_config: bool = True) -> None:
                 FLAGS.heartbeat_timeout_seconds,
             )
         main()
+    except KeyboardInterrupt as interrupt:  # Ctrl-C: one line, what was kept, no traceback
+        kept = (
+            str(interrupt) if isinstance(interrupt, Interrupted) else "nothing of this run is kept"
+        )
+        print(f"interrupted: {kept}", file=sys.stderr)
+        sys.exit(130)
     except Exception as error:  # noqa: BLE001 - every failure of a CLI ends as one line
         if "--verbose" in sys.argv or "--verbose=true" in sys.argv:
             raise

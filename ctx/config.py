@@ -31,6 +31,10 @@ LEARNED_COMPRESSIONS = ("conv", "dilated_conv")
 # as one scanned layer and skips the scan's stacked copies of what the backward pass keeps;
 # deeper ones would make compile time grow with depth (docs/performance.md has the figures).
 UNROLL_LAYERS_UP_TO = 4
+# Token ids, positions, lengths and step counters are int32 on every device: a larger value
+# would overflow inside a jitted program (JAX refuses it with its own words, far from the field).
+INT32_MAX = 2**31 - 1
+INT32_REASON = "token ids, lengths and steps are int32 in the compiled programs"
 
 
 class ConfigError(UserError, ValueError):
@@ -223,6 +227,10 @@ def validate_model(cfg: Any) -> None:
             f"model.{name} must be an integer, got {value!r}",
         )
         _require(value >= 0, f"model.{name} must not be negative, got {value}")
+        _require(
+            value <= INT32_MAX,
+            f"model.{name} must be at most {INT32_MAX}: {INT32_REASON}, got {value}",
+        )
     for name in ("n_layers", "d_model", "n_heads", "d_ff", "segment_length", "compression_rate"):
         _require(g(name) > 0, f"model.{name} must be positive, got 0")
     unroll = g("scan_unroll")
@@ -410,6 +418,10 @@ def validate(cfg: Any) -> None:
         _require(
             isinstance(value, int) and not isinstance(value, bool) and value >= 0,
             f"train.{name} must be a non-negative integer, got {value!r}",
+        )
+        _require(
+            value <= INT32_MAX,
+            f"train.{name} must be at most {INT32_MAX}: {INT32_REASON}, got {value}",
         )
     for name in (
         "batch_size",

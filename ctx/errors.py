@@ -20,3 +20,7 @@ class MissingInput(UserError, FileNotFoundError):
 
 class TrainingDiverged(UserError, FloatingPointError):
     """The loss or a gradient became non-finite; the last good checkpoint is kept."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with what the command kept and how to go on (the commands print it in one line)."""

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
 from ctx.backend import announce, model_config_for_run
 from ctx.cli import FLAGS, define_config_flags, run_main
@@ -36,6 +37,7 @@ from ctx.nn import losses
 from ctx.nn.memory import init_memory, select_rows
 from ctx.nn.transformer import CompressiveTransformer
 from ctx.progress import progress as progress_bar
+from ctx.remote import check_output
 from ctx.restore import restore_for_inference
 from ctx.sharding import (
     check_batch_fits,
@@ -292,10 +294,9 @@ def format_report(report: dict[str, Any]) -> str:
 def _read_report(path: str) -> dict[str, Any]:
     """An earlier `--output` report, for --compare: readable, JSON, with loss by position."""
     try:
-        with open(path) as f:
-            report = json.load(f)
+        report = json.loads(epath.Path(path).read_text())
     except OSError as error:
-        raise MissingInput(f"--compare={path} cannot be read ({error.strerror})") from None
+        raise MissingInput(f"--compare={path} cannot be read ({error.strerror or error})") from None
     except json.JSONDecodeError as error:
         raise InputError(
             f"--compare={path} is not a JSON report ({error.msg} at line {error.lineno})"
@@ -313,8 +314,8 @@ def main() -> None:
     if not FLAGS.workdir:
         raise InputError("--workdir is required (the training run to evaluate)")
     announce("ctx.evaluate")
-    if FLAGS.output and not os.path.isdir(os.path.dirname(os.path.abspath(FLAGS.output))):
-        raise MissingInput(f"--output={FLAGS.output}: its folder does not exist")
+    if FLAGS.output:
+        check_output(FLAGS.output, "--output")
     others = [_read_report(path) for path in FLAGS.compare]  # before the split is evaluated
     report = evaluate_checkpoint(
         FLAGS.config,
@@ -328,8 +329,7 @@ def main() -> None:
         return
     print(format_report(report))
     if FLAGS.output:
-        with open(FLAGS.output, "w") as f:
-            json.dump(report, f, indent=1)
+        epath.Path(FLAGS.output).write_text(json.dumps(report, indent=1))
         plot = os.path.splitext(FLAGS.output)[0] + ".png"
         plot_loss_by_position([report] + others, plot)
         print(f"wrote {FLAGS.output} and {plot}")

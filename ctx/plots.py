@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
+from etils import epath
 
 from ctx.nn.memory import KEY_KINDS
 
@@ -49,7 +50,8 @@ def plot_loss_by_position(
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with epath.Path(path).open("wb") as f:  # a local or gs:// path
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
 
 

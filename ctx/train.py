@@ -33,11 +33,11 @@ from ctx.data.prefetch import ChunkPrefetcher
 from ctx.data.stream import TrainStream
 from ctx.data.tokenizer import check_vocab
 from ctx.distributed import any_process
-from ctx.errors import InputError, TrainingDiverged
+from ctx.errors import InputError, Interrupted, TrainingDiverged
 from ctx.evaluate import evaluate_corpus, make_eval_chunk_fn
 from ctx.metrics import MetricWriter
 from ctx.progress import progress
-from ctx.remote import check_reachable
+from ctx.remote import check_workdir
 from ctx.run_guard import StopRequest, WorkdirLock
 from ctx.sharding import device_chunk, process_rows, replicated
 from ctx.trainer import Trainer
@@ -83,9 +83,7 @@ def train_and_evaluate(
     """
     validate(config)
     config = with_global_batch(config, jax.device_count())
-    check_reachable(workdir, "--workdir", must_exist=False)
-    if epath.Path(workdir).exists() and not epath.Path(workdir).is_dir():
-        raise InputError(f"--workdir={workdir} exists and is not a directory")
+    check_workdir(workdir, "--workdir")
     is_main = jax.process_index() == 0
     model_cfg = model_config_for_run(config, "ctx.train", check=attention_selfcheck)
     if (
@@ -334,6 +332,14 @@ def _run(
             if stopping and at.step < num_steps:
                 preempted = True
                 break
+    except KeyboardInterrupt:
+        checkpointer.wait()
+        kept = checkpointer.latest_step()
+        raise Interrupted(
+            f"checkpoint {kept} in {checkpointer.directory} is kept; the same command resumes from it"
+            if kept is not None
+            else f"no checkpoint was written yet in {workdir}; the same command starts from step 0"
+        ) from None
     finally:
         chunks.close()
         if bar is not None:

@@ -3,7 +3,11 @@ exit status 2; anything else is a bug: one line too, naming its type, exit 1 (--
 tests/test_reliability.py). --help lists the flags and exits 0."""
 
 import os
+import re
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -13,7 +17,7 @@ from ctx.compat import CheckpointMismatch
 from ctx.config import ConfigError
 from ctx.errors import InputError, MissingInput, TrainingDiverged, UserError
 from ctx.run_guard import WorkdirLocked
-from tests.helpers import run_module
+from tests.helpers import ROOT, TINY_CLI_FLAGS, run_module, script
 
 
 def run(monkeypatch, capsys, main, *argv):
@@ -113,3 +117,110 @@ def test_a_workdir_that_cannot_be_created_is_the_users_one_line(tmp_path):
         f"error: --workdir={tmp_path / 'a_file' / 'run'} cannot be created "
         "(Not a directory); choose a folder this user can write\n"
     )
+
+
+def test_a_value_beyond_the_models_int32_limit_is_the_users_one_line_before_any_library_sees_it():
+    out = run_module(
+        "ctx.train",
+        "--config=experiments/demo.py",
+        "--config.model.vocab_size=100000000000",
+        "--workdir=/nonexistent/never-created",
+    )
+    assert out.returncode == 2 and out.stderr == (
+        "error: model.vocab_size must be at most 2147483647: token ids, lengths and steps are "
+        "int32 in the compiled programs, got 100000000000\n"
+    )
+
+
+@pytest.mark.slow  # a training run
+def test_ctrl_c_during_training_is_one_line_saying_which_checkpoint_is_kept(tmp_path):
+    """SIGINT (Ctrl-C) once checkpoint 4 exists: no traceback, the step kept and how to resume,
+    exit status 130; the same command then resumes from it."""
+    workdir = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "ctx.train",
+        "--config=experiments/demo.py",
+        *TINY_CLI_FLAGS,
+        "--config.train.checkpoint_every=4",
+        f"--workdir={workdir}",
+    ]
+    run = subprocess.Popen(
+        [*command, "--config.train.num_steps=100000"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not (workdir / "checkpoints" / "4").is_dir() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=300)
+    lines = [line for line in stderr.strip().splitlines() if not line.startswith("train:")]
+    assert run.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    assert re.fullmatch(
+        rf"interrupted: checkpoint (\d+) in {workdir}/checkpoints is kept; the same "
+        r"command resumes from it",
+        lines[-1],
+    ), lines
+    kept = int(re.search(r"checkpoint (\d+)", lines[-1]).group(1))
+    resumed = subprocess.run(
+        [*command, f"--config.train.num_steps={kept + 4}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert f"Resumed from checkpoint {kept} in {workdir}/checkpoints" in resumed.stdout
+
+
+def _user_namespaces_work() -> bool:
+    done = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True
+    )
+    return done.returncode == 0
+
+
+@pytest.mark.skipif(
+    not _user_namespaces_work(),
+    reason="this kernel forbids unprivileged user namespaces (unshare), needed to mount a "
+    "read-only tmpfs (a root user writes anywhere else)",
+)
+@pytest.mark.parametrize(
+    "module, flag",
+    [("ctx.train", "--workdir=FOLDER/run"), ("ctx.evaluate", "--output=FOLDER/report.json")],
+)
+def test_a_workdir_or_output_on_a_read_only_file_system_is_one_line_and_nothing_changes(
+    tmp_path, module, flag
+):
+    folder = tmp_path / "read_only"
+    done = subprocess.run(
+        [
+            "unshare",
+            "--user",
+            "--map-root-user",
+            "--mount",
+            script("in_a_read_only_folder.sh"),
+            str(folder),
+            sys.executable,
+            "-m",
+            module,
+            "--config=experiments/demo.py",
+            f"--workdir={tmp_path / 'elsewhere'}",
+            flag.replace("FOLDER", str(folder)),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    named = flag.split("=")[0]
+    assert (tmp_path / "read_only.rc").read_text().strip() == "2"
+    assert (tmp_path / "read_only.err").read_text() == (
+        f"error: {named}={flag.split('=')[1].replace('FOLDER', str(folder))}: {folder} cannot be "
+        "written (a read-only file system); nothing was changed\n"
+    )
+    assert (tmp_path / "read_only.kept").read_text().split() == ["before"]

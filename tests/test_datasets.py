@@ -1,7 +1,6 @@
 """Datasets from real files: a PG-19 layout through TFDS, SentencePiece, enwik8, WikiText-103."""
 
 import os
-from pydoc_data.topics import topics
 
 import numpy as np
 import pytest
@@ -12,31 +11,7 @@ from ctx.data.datasets import load_corpus
 from ctx.data.pg19 import parse_metadata
 from ctx.data.tokenizer import SentencePieceTokenizer, load_tokenizer
 from ctx.errors import InputError
-from tests.helpers import ROOT, run_module
-
-TEXTS = [topics[k] for k in sorted(topics)]
-
-
-def make_pg19_layout(root):
-    """Real prose as books, with the awkward cases: commas in titles, an empty book, a book
-    shorter than a segment, bytes that are not UTF-8, and a stray non-book file."""
-    for split in ("train", "validation", "test"):
-        os.makedirs(root / split)
-    (root / "metadata.csv").write_text(
-        "10,A Tale, of Two Commas,1859,http://gutenberg/10\n"
-        '11,"Quoted, Title",1900,http://gutenberg/11\n'
-        "12,Plain,1800,http://gutenberg/12\n13,Empty,1801,http://gutenberg/13\n"
-        "14,Tiny,1802,http://gutenberg/14\n20,Valid,1850,http://gutenberg/20\n30,Test,1860,http://gutenberg/30\n"
-    )
-    (root / "train" / "10.txt").write_text("".join(TEXTS[0:20]))
-    (root / "train" / "11.txt").write_text("".join(TEXTS[20:40]))
-    (root / "train" / "12.txt").write_bytes("".join(TEXTS[40:60]).encode() + b"\xff\xfe bad bytes")
-    (root / "train" / "13.txt").write_text("")
-    (root / "train" / "14.txt").write_text("Hi.")
-    (root / "train" / "notes.md").write_text("not a book")
-    (root / "validation" / "20.txt").write_text("".join(TEXTS[60:70]))
-    (root / "test" / "30.txt").write_text("".join(TEXTS[70:79]))
-    return root
+from tests.helpers import ROOT, TEXTS, make_pg19_layout, run_module
 
 
 def pg19_data_config(root, cache, tokenizer="bytes"):

@@ -10,9 +10,12 @@ tokenized once per tokenizer into `data.cache_dir` and memory-mapped afterwards.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 from typing import Any, Iterator
+
+from etils import epath
 
 from ctx.data.demo_corpus import demo_documents
 from ctx.data.source import SPLITS, Document, TokenizedCorpus
@@ -59,7 +62,7 @@ def check_data_config(data_cfg: Any, split: str) -> None:
         check_reachable(data_cfg.path, "data.path")  # gs:// paths: one line, before any work
     if data_cfg.get("tokenizer", "bytes") != "bytes":
         check_reachable(data_cfg.tokenizer, "data.tokenizer")
-    if data_cfg.dataset in ("enwik8", "wt103") and not os.path.exists(data_cfg.path):
+    if data_cfg.dataset in ("enwik8", "wt103") and not epath.Path(data_cfg.path).exists():
         raise MissingInput(f"data.path={data_cfg.path} does not exist")
 
 
@@ -126,16 +129,17 @@ def _iterate(source):
 
 
 def _enwik8_documents(path: str, split: str, piece_bytes: int) -> Iterator[Document]:
-    if os.path.isdir(path):
-        path = os.path.join(path, "enwik8")
-    size = os.path.getsize(path)
+    path = epath.Path(path)  # a local or gs:// path
+    if path.is_dir():
+        path = path / "enwik8"
+    size = path.stat().length
     start, end = ENWIK8_SPLITS[split]
     if size < end:
         raise InputError(
             f"{path} has {size:,} bytes; enwik8 has 100,000,000 (first 90M train, "
             "next 5M validation, last 5M test)"
         )
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         f.seek(start)
         data = f.read(end - start)
     for i in range(0, len(data), piece_bytes):
@@ -144,13 +148,13 @@ def _enwik8_documents(path: str, split: str, piece_bytes: int) -> Iterator[Docum
 
 
 def _wt103_documents(folder: str, split: str) -> Iterator[Document]:
-    path = os.path.join(folder, WT103_FILES[split])
-    if not os.path.isfile(path):
+    path = epath.Path(folder) / WT103_FILES[split]  # a local or gs:// folder
+    if not path.is_file():
         raise MissingInput(
             f"{path} does not exist (WikiText-103 has {', '.join(WT103_FILES.values())})"
         )
     article, title = [], None
-    with open(path, encoding="utf-8") as f:
+    with path.open("rb") as raw, io.TextIOWrapper(raw, encoding="utf-8") as f:
         for line in f:
             if _WT103_TITLE.match(line.rstrip("\n")):
                 if title is not None:  # lines before the first title belong to the first article
