@@ -248,6 +248,7 @@ def _run(
         rows=process_rows(config.train.batch_size),
     )
     at = _restore_or_start(config, workdir, trainer, checkpointer, stream, tokenizer)
+    writer.start_at(at.step)  # rows an earlier run wrote past this step are superseded
     eval_fn = make_eval_chunk_fn(trainer.model, trainer.mesh)  # compiled once for every validation
 
     def validate(params):

