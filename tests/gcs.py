@@ -145,7 +145,8 @@ class FaultProxy:
 
     def __init__(self, target: str) -> None:
         self.target = urllib.parse.urlsplit(target)
-        self.fault: tuple[re.Pattern, str] | None = None
+        self.fault: tuple[re.Pattern, str, int] | None = None
+        self.matched = 0  # requests that matched the fault's pattern
         self.faulted = 0  # requests the fault hit
         proxy = self
 
@@ -158,7 +159,7 @@ class FaultProxy:
             def _any(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 fault = proxy.fault
-                if fault and fault[0].search(urllib.parse.unquote(self.path)):
+                if fault and fault[0].search(urllib.parse.unquote(self.path)) and proxy.hit(fault):
                     proxy.faulted += 1
                     if fault[1] == "drop_after":
                         proxy.forward(self, body)
@@ -196,9 +197,15 @@ class FaultProxy:
         connection.close()
         return response.status, response.getheaders(), data
 
-    def fail(self, pattern: str, how: str = "503") -> None:
-        """Requests matching `pattern` fail `how` ('503', '429', 'drop_before', 'drop_after')."""
-        self.fault = (re.compile(pattern), how)
+    def fail(self, pattern: str, how: str = "503", every: int = 1) -> None:
+        """Requests matching `pattern` fail `how` ('503', '429', 'drop_before', 'drop_after'):
+        all of them, or every `every`-th (a share of them, the same ones on every run)."""
+        self.fault = (re.compile(pattern), how, every)
+        self.matched = 0
+
+    def hit(self, fault) -> bool:
+        self.matched += 1
+        return self.matched % fault[2] == 0
 
     def heal(self) -> None:
         self.fault = None

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ctx.data.tokenizer import train_sentencepiece
-from tests.gcs import GcsServer
+from tests.gcs import FaultProxy, GcsServer
 from tests.helpers import ROOT, TINY_CLI_FLAGS, make_pg19_layout, run_module, run_script
 
 # Whole programs against a server process: the slow tier.
@@ -104,6 +104,37 @@ def test_pg19_enwik8_wikitext103_and_a_sentencepiece_model_read_from_gs(gcs, tmp
         "enwik8": (1, True),
         "wt103": (3, True),
     }
+
+
+def test_dropped_requests_of_every_kind_leave_the_run_an_undisturbed_run_makes(gcs):
+    """Every 4th request of a run (checkpoint writes and reads, metric parts, listings) dropped
+    before the server sees it: the clients retry, and the run ends with the losses of the same
+    run without faults, every metric row once, its checkpoints committed."""
+    proxy = FaultProxy(gcs.url)
+    try:
+        command(gcs, "ctx.train", "--config.train.num_steps=8", f"--workdir={gcs.path('clean')}")
+        proxy.fail(r"faulted/", "drop_before", every=4)
+        out = run_module(
+            *["ctx.train", *RUN, "--config.train.num_steps=8"],
+            f"--workdir={gcs.path('faulted')}",
+            env=gcs.env(proxy.url) | {"PYTHONPATH": ROOT},
+            timeout=900,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert proxy.faulted > 10
+    finally:
+        proxy.stop()
+    rows = {}
+    for run in ("clean", "faulted"):
+        metrics = run_script("read_metrics.py", gcs.path(run), env=gcs.env() | {"PYTHONPATH": ROOT})
+        rows[run] = [(r["step"], r.get("split"), r["loss"]) for r in json.loads(metrics.stdout)]
+    assert rows["faulted"] == rows["clean"] and [
+        step for step, split, _ in rows["clean"] if not split
+    ] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert {
+        "faulted/checkpoints/4/commit_success.txt",
+        "faulted/checkpoints/8/commit_success.txt",
+    } <= set(gcs.names("faulted/checkpoints/"))
 
 
 def test_a_metrics_outage_loses_no_row_and_writes_none_twice(tmp_path):
