@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from pydoc_data.topics import topics
 from jax.extend import core as jax_core
 
 import ctx
+from ctx import evaluate
 from ctx.backend import resolve_attention_here
+from ctx.data.tokenizer import ByteTokenizer
+from ctx.sharding import make_mesh
 
 # The repository root: where `python -m ctx.*` subprocesses run.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -216,3 +221,34 @@ def make_pg19_layout(root):
     (root / "validation" / "20.txt").write_text("".join(TEXTS[60:70]))
     (root / "test" / "30.txt").write_text("".join(TEXTS[70:79]))
     return root
+
+
+def shrinking_case() -> dict:
+    """24 documents on 16 rows, one segment per chunk: longest first, rows 0-3 get one document
+    of 3 segments, rows 4-11 two of 2 and rows 12-15 one of 2. For the last segment only rows
+    4-11 have work, so the batch halves to them: on 8 devices, gathered from 16 rows over the
+    shards to one row per device. Untrained tiny model."""
+    cfg = tiny_model_config(vocab_size=ByteTokenizer.vocab_size)
+    texts = [f"{i:02d} 3 segs.." for i in range(4)] + [
+        f"{i:02d} two." for i in range(20)
+    ]  # 11 and 7 bytes
+    corpus = byte_corpus(texts)
+    model, variables, _ = build(cfg)
+    mesh = make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)))
+    compiled, sizes = evaluate.make_eval_chunk_fn(model), []
+
+    def recording(params, memory, chunk):
+        sizes.append(memory.batch_size)
+        return compiled(params, memory, chunk)
+
+    run = functools.partial(
+        evaluate.evaluate_corpus, model, variables["params"], corpus, mesh, 16, 1
+    )
+    shrunk, full = run(chunk_fn=recording), run(shrink_batch=False)
+    return {
+        "devices": mesh.size,
+        "sizes": sizes,
+        "shrunk": [d["nll"] for d in shrunk["per_document"]],
+        "full": [d["nll"] for d in full["per_document"]],
+        "tokens": [d["tokens"] for d in full["per_document"]],
+    }

@@ -1,6 +1,5 @@
 """Evaluation: exact against a naive per-document loop, invariant to batch and devices."""
 
-import functools
 import gc
 import json
 import os
@@ -10,20 +9,17 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 import ctx
 from ctx import evaluate, train
 from ctx.data.datasets import load_corpus
-from ctx.data.tokenizer import ByteTokenizer
 from ctx.nn import losses
-from ctx.sharding import make_mesh
 from tests.helpers import (
+    shrinking_case,
     ROOT,
     build,
-    byte_corpus,
     dot_generals,
     read_metrics,
     resolved,
@@ -112,37 +108,6 @@ def test_any_batch_size_gives_the_same_totals(trained_run, batch_size):
     report = evaluate.evaluate_checkpoint(cfg, trained_run, "validation")
     assert report["tokens"] == base["tokens"] and report["documents"] == base["documents"]
     assert report["total_nll"] == pytest.approx(base["total_nll"], rel=1e-5)
-
-
-def shrinking_case() -> dict:
-    """24 documents on 16 rows, one segment per chunk: longest first, rows 0-3 get one document
-    of 3 segments, rows 4-11 two of 2 and rows 12-15 one of 2. For the last segment only rows
-    4-11 have work, so the batch halves to them: on 8 devices, gathered from 16 rows over the
-    shards to one row per device. Untrained tiny model."""
-    cfg = tiny_model_config(vocab_size=ByteTokenizer.vocab_size)
-    texts = [f"{i:02d} 3 segs.." for i in range(4)] + [
-        f"{i:02d} two." for i in range(20)
-    ]  # 11 and 7 bytes
-    corpus = byte_corpus(texts)
-    model, variables, _ = build(cfg)
-    mesh = make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)))
-    compiled, sizes = evaluate.make_eval_chunk_fn(model), []
-
-    def recording(params, memory, chunk):
-        sizes.append(memory.batch_size)
-        return compiled(params, memory, chunk)
-
-    run = functools.partial(
-        evaluate.evaluate_corpus, model, variables["params"], corpus, mesh, 16, 1
-    )
-    shrunk, full = run(chunk_fn=recording), run(shrink_batch=False)
-    return {
-        "devices": mesh.size,
-        "sizes": sizes,
-        "shrunk": [d["nll"] for d in shrunk["per_document"]],
-        "full": [d["nll"] for d in full["per_document"]],
-        "tokens": [d["tokens"] for d in full["per_document"]],
-    }
 
 
 def test_shrinking_the_batch_keeps_every_documents_result_on_one_and_eight_devices():

@@ -2,6 +2,6 @@
 
 import json
 
-from tests.test_evaluate import shrinking_case
+from tests.helpers import shrinking_case
 
 print(json.dumps(shrinking_case()))
