@@ -10,6 +10,7 @@ import fcntl
 import os
 import signal
 import threading
+from typing import Any
 
 from ctx.errors import UserError
 from ctx.remote import is_remote
@@ -52,18 +53,25 @@ class WorkdirLock:
 
 
 class StopRequest:
-    """Turns SIGTERM into a flag the loop checks between chunks (main thread only)."""
+    """Turns SIGTERM, and a first Ctrl-C (SIGINT), into a flag the loop checks between chunks
+    (main thread only): the chunk finishes and a checkpoint is written, rather than a
+    KeyboardInterrupt landing inside the checkpointer's threads. A second Ctrl-C interrupts at
+    once (`interrupted` says a Ctrl-C asked)."""
 
     def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
+        self.requested = self.interrupted = False
+        self._previous: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
+        if signum == signal.SIGINT:
+            self.interrupted = True
+            signal.signal(signal.SIGINT, self._previous[signal.SIGINT])  # the next one is at once
 
     def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}

@@ -333,7 +333,7 @@ def _run(
             if stopping and at.step < num_steps:
                 preempted = True
                 break
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second Ctrl-C: at once, with what is committed
         checkpointer.wait()
         kept = checkpointer.latest_step()
         raise Interrupted(
@@ -347,6 +347,11 @@ def _run(
             bar.close()
         checkpointer.close()
         writer.close()
+    if preempted and stop.interrupted:  # the first Ctrl-C: the chunk finished and was saved
+        raise Interrupted(
+            f"stopped at step {at.step}; checkpoint {at.step} is saved in {checkpointer.directory}: "
+            "the same command resumes from it"
+        )
     if validation is None and not preempted:  # already at num_steps: report on the restored state
         validation = validate(at.state.params)
     return {

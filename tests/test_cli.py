@@ -133,9 +133,10 @@ def test_a_value_beyond_the_models_int32_limit_is_the_users_one_line_before_any_
 
 
 @pytest.mark.slow  # a training run
-def test_ctrl_c_during_training_is_one_line_saying_which_checkpoint_is_kept(tmp_path):
-    """SIGINT (Ctrl-C) once checkpoint 4 exists: no traceback, the step kept and how to resume,
-    exit status 130; the same command then resumes from it."""
+def test_ctrl_c_during_training_saves_the_step_and_says_so_in_one_line(tmp_path):
+    """A first SIGINT (Ctrl-C) once checkpoint 4 exists: the chunk finishes, its step is saved, no
+    traceback (nothing interrupted inside the checkpointer), one line saying which step and how
+    to resume, exit status 130; the same command then resumes from it."""
     workdir = tmp_path / "run"
     command = [
         sys.executable,
@@ -160,20 +161,22 @@ def test_ctrl_c_during_training_is_one_line_saying_which_checkpoint_is_kept(tmp_
     _, stderr = run.communicate(timeout=300)
     lines = [line for line in stderr.strip().splitlines() if not line.startswith("train:")]
     assert run.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
-    assert re.fullmatch(
-        rf"interrupted: checkpoint (\d+) in {workdir}/checkpoints is kept; the same "
-        r"command resumes from it",
+    saved = re.fullmatch(
+        rf"interrupted: stopped at step (\d+); checkpoint \1 is saved in {workdir}/"
+        r"checkpoints: the same command resumes from it",
         lines[-1],
-    ), lines
-    kept = int(re.search(r"checkpoint (\d+)", lines[-1]).group(1))
+    )
+    assert saved and len(lines) == 1, lines
+    step = int(saved.group(1))
+    assert (workdir / "checkpoints" / str(step)).is_dir()
     resumed = subprocess.run(
-        [*command, f"--config.train.num_steps={kept + 4}"],
+        [*command, f"--config.train.num_steps={step + 4}"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert f"Resumed from checkpoint {kept} in {workdir}/checkpoints" in resumed.stdout
+    assert f"Resumed from checkpoint {step} in {workdir}/checkpoints" in resumed.stdout
 
 
 def _user_namespaces_work() -> bool:
