@@ -47,14 +47,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from ctx.config import ModelConfig
-from ctx.nn.fused_attention import (
-    AttentionOperands,
-    FusedKernels,
-    KeyLayout,
-    dropped,
-    output_delta,
-    range_masses,
-)
+from ctx.nn.fused_attention import AttentionOperands, FusedKernels, KeyLayout
+from ctx.nn.fused_attention import dropped, output_delta, range_masses
 from ctx.nn.ops import MASKED_LOGIT
 from ctx.nn.pallas_launch import on_platform
 from ctx.nn.relative_position import position_band
@@ -198,6 +192,7 @@ class _Tile(NamedTuple):
 _INPUT_BATCH_AXES = _Inputs(content_q=1, band=1, visible=0, k=1, v=1)
 _STATISTICS_BATCH_AXES = _Statistics(lse=1, delta=1, dout=1)
 _SEEDS_BATCH_AXIS = 0
+_USAGE_AXES = (_INPUT_BATCH_AXES._replace(v=None), 1)  # the usage kernel reads no v; lse
 
 
 def band_columns(query: jax.Array, virtual_key: jax.Array, tiling: Tiling) -> jax.Array:
@@ -638,12 +633,7 @@ def _kernel_inputs(operands: AttentionOperands, keys: KeyLayout):
     return inputs, band_vjp
 
 
-def _forward(
-    operands: AttentionOperands,
-    seeds: jax.Array,
-    keys: KeyLayout,
-    usage_keys: tuple[int, int] | None,
-):
+def _forward(operands: AttentionOperands, seeds, keys: KeyLayout, usage_keys):
     tiling = Tiling.of(keys, operands.k.shape[2])
     inputs, _ = _kernel_inputs(operands, keys)
     outputs = on_platform(
@@ -655,24 +645,12 @@ def _forward(
     )
     evicted = None
     if usage_keys is not None:
-        evicted = on_platform(
-            _key_usage_call,
-            (inputs._replace(v=None), outputs.lse),
-            (_INPUT_BATCH_AXES._replace(v=None), 1),
-            "cuda",
-            tiling=tiling,
-        )
+        usage_operands = (inputs._replace(v=None), outputs.lse)
+        evicted = on_platform(_key_usage_call, usage_operands, _USAGE_AXES, "cuda", tiling=tiling)
     return (outputs.out, outputs.masses[..., : len(keys.ranges)], evicted), outputs.lse
 
 
-def _backward(
-    operands: AttentionOperands,
-    seeds: jax.Array,
-    keys: KeyLayout,
-    out: jax.Array,
-    lse: jax.Array,
-    dout: jax.Array,
-) -> AttentionOperands:
+def _backward(operands: AttentionOperands, seeds, keys: KeyLayout, out, lse, dout):
     tiling = Tiling.of(keys, operands.k.shape[2])
     inputs, band_vjp = _kernel_inputs(operands, keys)
     statistics = _Statistics(lse, output_delta(out, dout), dout)

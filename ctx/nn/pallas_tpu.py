@@ -58,14 +58,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from ctx.nn.fused_attention import (
-    AttentionOperands,
-    FusedKernels,
-    KeyLayout,
-    dropped,
-    output_delta,
-    range_masses,
-)
+from ctx.nn.fused_attention import AttentionOperands, FusedKernels, KeyLayout
+from ctx.nn.fused_attention import dropped, output_delta, range_masses
 from ctx.nn.ops import MASKED_LOGIT
 from ctx.nn.pallas_launch import on_platform
 
@@ -189,6 +183,7 @@ class _PositionGradients(NamedTuple):
 _INPUT_BATCH_AXES = _Inputs(q=1, u=None, v_biases=None, tables=None, visible=0, k=1, v=1)
 _STATISTICS_BATCH_AXES = _Statistics(lse_and_delta=1, dout=1)
 _SEEDS_BATCH_AXIS = 0
+_USAGE_AXES = (_INPUT_BATCH_AXES._replace(v=None), 1)  # the usage kernel reads no v; lse
 
 
 def _dropout_scale(seed_ref, first_query, first_key, tiling: Tiling) -> jax.Array | None:
@@ -787,12 +782,7 @@ def _kernel_inputs(operands: AttentionOperands, tiling: Tiling) -> _Inputs:
     )
 
 
-def _forward(
-    operands: AttentionOperands,
-    seeds: jax.Array,
-    keys: KeyLayout,
-    usage_keys: tuple[int, int] | None,
-):
+def _forward(operands: AttentionOperands, seeds, keys: KeyLayout, usage_keys):
     tiling = Tiling.of(keys, operands.k.shape[2])
     inputs = _kernel_inputs(operands, tiling)
     outputs = on_platform(
@@ -803,27 +793,16 @@ def _forward(
     if usage_keys is not None:
         first, end = usage_keys
         blocks = (first // tiling.key_block, -(-end // tiling.key_block))
+        usage_operands = (inputs._replace(v=None), outputs.lse)
         covered = on_platform(
-            _usage_call,
-            (inputs._replace(v=None), outputs.lse),
-            (_INPUT_BATCH_AXES._replace(v=None), 1),
-            "tpu",
-            tiling=tiling,
-            key_blocks=blocks,
+            _usage_call, usage_operands, _USAGE_AXES, "tpu", tiling=tiling, key_blocks=blocks
         )
         offset = blocks[0] * tiling.key_block
         usage = covered[:, :, 0, first - offset : end - offset]
     return (outputs.out, masses, usage), outputs.lse
 
 
-def _backward(
-    operands: AttentionOperands,
-    seeds: jax.Array,
-    keys: KeyLayout,
-    out: jax.Array,
-    lse: jax.Array,
-    dout: jax.Array,
-) -> AttentionOperands:
+def _backward(operands: AttentionOperands, seeds, keys: KeyLayout, out, lse, dout):
     tiling = Tiling.of(keys, operands.k.shape[2])
     statistics = _Statistics(
         jnp.concatenate([lse, output_delta(out, dout)[:, :, None, :]], axis=2), dout
