@@ -296,6 +296,7 @@ class Checkpointer:
         decision is taken together, so all of them restore the same step: a step that only some
         list is not used, and a step that one cannot read is unread by all.
         """
+        self._set_aside_uncommitted()
         steps = sorted(self.all_steps(), reverse=True)
         listed_everywhere = smallest_on_any_process(steps[0] if steps else -1)
         steps = [s for s in steps if s <= listed_everywhere]
@@ -329,21 +330,42 @@ class Checkpointer:
             )
         return None
 
-    def _set_aside(self, step: int) -> None:
-        """Rename a damaged step out of orbax's sight (kept for inspection, never deleted); the
-        first process renames it, and every process then lists the steps again."""
+    def _set_aside(self, step: int, kind: str = "corrupt") -> None:
+        """Rename a damaged or uncommitted step out of orbax's sight, as `kind`-STEP (kept for
+        inspection, never deleted); the first process renames it, and every process then lists
+        the steps again."""
         if jax.process_index() == 0:
-            self._rename_aside(step)
-        wait_for_all_processes(f"ctx-set-aside-{step}")
+            self._rename_aside(step, kind)
+        wait_for_all_processes(f"ctx-set-aside-{kind}-{step}")
         self.reload()
 
-    def _rename_aside(self, step: int) -> None:
+    def _set_aside_uncommitted(self) -> None:
+        """Step folders without orbax's commit (on gs://, no commit marker: a save that did not
+        finish, or whose last reply was lost) are named and set aside before any step is read,
+        so none is read and a later save of the same step starts clean. The first process
+        renames them; every process then lists the steps again."""
+        if jax.process_index() == 0:
+            folder = epath.Path(self.directory)
+            names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+            committed = set(self.all_steps())
+            for step in sorted(int(n) for n in names if n.isdigit() and int(n) not in committed):
+                self._rename_aside(step, "uncommitted")
+                print(
+                    f"warning: checkpoint folder {self.directory}/{step} was never committed (a "
+                    f"save that did not finish); moved it to {self.directory}/uncommitted-{step}, "
+                    "unread",
+                    flush=True,
+                )
+        wait_for_all_processes("ctx-set-aside-uncommitted")
+        self.reload()
+
+    def _rename_aside(self, step: int, kind: str) -> None:
         source = epath.Path(self.directory) / str(step)
-        target = epath.Path(self.directory) / f"corrupt-{step}"
+        target = epath.Path(self.directory) / f"{kind}-{step}"
         if target.exists():
             target = (
                 epath.Path(self.directory)
-                / f"corrupt-{step}-{len(list(epath.Path(self.directory).iterdir()))}"
+                / f"{kind}-{step}-{len(list(epath.Path(self.directory).iterdir()))}"
             )
         source.rename(target)
 

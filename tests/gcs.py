@@ -109,6 +109,11 @@ class GcsServer:
         listing = json.loads(self._request("GET", f"/storage/v1/b/{self.bucket}/o?{query}"))
         return sorted(item["name"] for item in listing.get("items", []))
 
+    def delete(self, name: str) -> None:
+        self._request(
+            "DELETE", f"/storage/v1/b/{self.bucket}/o/{urllib.parse.quote(name, safe='')}"
+        )
+
     def read(self, name: str) -> bytes:
         quoted = urllib.parse.quote(name, safe="")
         return self._request("GET", f"/storage/v1/b/{self.bucket}/o/{quoted}?alt=media")

@@ -59,6 +59,27 @@ def test_train_resume_evaluate_and_sample_on_a_gs_workdir(gcs):
     assert sampled.stdout.startswith("The") and len(sampled.stdout.encode()) > 3
 
 
+def test_a_step_never_committed_is_named_and_set_aside_and_the_run_resumes_before_it(gcs):
+    """Checkpoint 8 without its commit marker (a save whose last write never finished, or whose
+    reply was lost): the rerun names it, moves it aside unread, says it resumes from 4, and
+    saves 8 again whole."""
+    workdir = gcs.path("run")
+    command(gcs, "ctx.train", "--config.train.num_steps=8", f"--workdir={workdir}")
+    gcs.delete("run/checkpoints/8/commit_success.txt")
+    rerun = command(gcs, "ctx.train", "--config.train.num_steps=12", f"--workdir={workdir}")
+    assert (
+        f"warning: checkpoint folder {workdir}/checkpoints/8 was never committed (a save that did "
+        f"not finish); moved it to {workdir}/checkpoints/uncommitted-8, unread" in rerun.stdout
+    )
+    assert f"Resumed from checkpoint 4 in {workdir}/checkpoints" in rerun.stdout
+    names = set(gcs.names("run/checkpoints/"))
+    assert any(name.startswith("run/checkpoints/uncommitted-8/") for name in names)
+    assert {
+        "run/checkpoints/8/commit_success.txt",
+        "run/checkpoints/12/commit_success.txt",
+    } <= names
+
+
 def test_pg19_enwik8_wikitext103_and_a_sentencepiece_model_read_from_gs(gcs, tmp_path):
     pg19 = make_pg19_layout(tmp_path / "pg19")
     model = train_sentencepiece(str(pg19), 400, str(tmp_path / "sp"))
