@@ -65,9 +65,11 @@ class MetricWriter:
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def start_at(self, step: int) -> None:
-        """The run writes from `step` on (its restored step, or 0): its first row is preceded by
-        a marker that supersedes the rows an earlier run wrote past `step`."""
-        self._start_at = step
+        """The run writes from `step` on (its restored step, or 0). Where an earlier run left
+        rows, the first row is preceded by a marker that supersedes those past `step` (a fresh
+        workdir gets none, so its metrics.jsonl holds metric rows only)."""
+        if self.enabled and _has_rows(self._workdir):
+            self._start_at = step
 
     def write(self, row: dict[str, Any]) -> None:
         """One row: `step` plus scalars; a `split` key prefixes the TensorBoard tags."""
@@ -166,6 +168,11 @@ class MetricWriter:
             flush=True,
         )
         return path
+
+
+def _has_rows(workdir: str) -> bool:
+    fs, root = fsspec.core.url_to_fs(workdir)
+    return fs.exists(f"{root}/metrics.jsonl") or fs.exists(f"{root}/metrics")
 
 
 def _part_name(rows: list[dict[str, Any]]) -> str:

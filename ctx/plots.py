@@ -134,7 +134,7 @@ def plot_losses(metrics: list[dict[str, Any]], ax=None):
 
     own_figure = ax is None
     ax = ax or plt.subplots(figsize=(6, 3.5))[1]
-    rows = [r for r in metrics if "split" not in r]
+    rows = [r for r in metrics if "split" not in r and "loss" in r]  # training rows
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="LM loss (nats/token)")
     valid = [r for r in metrics if r.get("split") == "validation"]
     if valid:
