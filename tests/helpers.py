@@ -44,6 +44,15 @@ def run_module(
     )
 
 
+def user_namespaces_work() -> bool:
+    """Whether this kernel lets an unprivileged process make a user and mount namespace
+    (`unshare`), where the tests mount real small or read-only file systems."""
+    done = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True
+    )
+    return done.returncode == 0
+
+
 def run_script(
     name: str, *args: str, env: dict[str, str] | None = None, timeout: float | None = None
 ) -> subprocess.CompletedProcess:

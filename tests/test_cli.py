@@ -17,7 +17,7 @@ from ctx.compat import CheckpointMismatch
 from ctx.config import ConfigError
 from ctx.errors import InputError, MissingInput, TrainingDiverged, UserError
 from ctx.run_guard import WorkdirLocked
-from tests.helpers import ROOT, TINY_CLI_FLAGS, run_module, script
+from tests.helpers import ROOT, TINY_CLI_FLAGS, run_module, script, user_namespaces_work
 
 
 def run(monkeypatch, capsys, main, *argv):
@@ -179,15 +179,8 @@ def test_ctrl_c_during_training_saves_the_step_and_says_so_in_one_line(tmp_path)
     assert f"Resumed from checkpoint {step} in {workdir}/checkpoints" in resumed.stdout
 
 
-def _user_namespaces_work() -> bool:
-    done = subprocess.run(
-        ["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True
-    )
-    return done.returncode == 0
-
-
 @pytest.mark.skipif(
-    not _user_namespaces_work(),
+    not user_namespaces_work(),
     reason="this kernel forbids unprivileged user namespaces (unshare), needed to mount a "
     "read-only tmpfs (a root user writes anywhere else)",
 )

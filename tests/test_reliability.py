@@ -12,7 +12,15 @@ import numpy as np
 import pytest
 
 from ctx import train
-from tests.helpers import ROOT, TINY_CLI_FLAGS, read_metrics, run_module, script, tiny_train_config
+from tests.helpers import (
+    ROOT,
+    TINY_CLI_FLAGS,
+    read_metrics,
+    run_module,
+    script,
+    tiny_train_config,
+    user_namespaces_work,
+)
 
 # Whole programs (subprocesses, training runs, many compiles): the slow tier.
 pytestmark = pytest.mark.slow
@@ -340,18 +348,9 @@ def test_a_checkpoint_write_the_file_system_refuses_ends_in_one_line_and_loses_n
     assert sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())[-1] == 12
 
 
-def _user_namespaces_work() -> bool:
-    return (
-        subprocess.run(
-            ["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True
-        ).returncode
-        == 0
-    )
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(
-    not _user_namespaces_work(),
+    not user_namespaces_work(),
     reason="this kernel forbids unprivileged user namespaces (unshare), needed to mount a small "
     "tmpfs; the file-size-limit test above covers the same refused-write path",
 )
